@@ -1,0 +1,414 @@
+//! Host backend: allreduce of host memory among the ranks of one node through POSIX shared
+//! memory.
+//!
+//! ## Segment layout (one per node, created by local rank 0)
+//! ```text
+//! flags   [n]          one u64 per rank, 128-byte apart: the last barrier step it reached
+//! desc    [2][n]       call descriptors (length, dtype, algorithm, call number)
+//! input   [2][n][C]    each rank's copy of its input chunk
+//! shards  [2][C]       reduced shards of the current chunk (two-shot, gather)
+//! ```
+//! `C` is `TPCOMM_HOST_CHUNK_BYTES`; longer messages are reduced chunk by chunk.
+//!
+//! ## Protocol
+//! Every rank counts barrier steps `s = 1, 2, ...` (monotonic, never reset, identical on all
+//! ranks because every rank makes the same calls). A barrier is: store `s` into my flag with
+//! release order, then wait until every peer's flag is `>= s` with acquire order.
+//!
+//! **The one rule that makes buffer reuse safe:** data written before barrier `s` and read after
+//! it lives in buffer `[s % 2]`. A reader finishes reading before it stores `s + 1`; a writer
+//! writes `[s % 2]` again only before barrier `s + 2`, which it reaches after waiting for every
+//! `s + 1`. So no rank overwrites what a peer may still read, with no extra barrier.
+//!
+//! Sums run over ranks `0..n-1` in that order in [`Element::Acc`], rounded once, so every rank
+//! gets the same bits from either algorithm and for every chunking.
+
+use crate::dispatch::Algo;
+use crate::dtype::Element;
+use crate::error::{Error, Result};
+use crate::shm::ShmSegment;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+const FLAG_STRIDE: usize = 128;
+const DESC_STRIDE: usize = 64;
+/// Shards are cut at multiples of this many bytes so ranks never share a cache line.
+const SHARD_ALIGN: usize = 64;
+/// Elements reduced per accumulator block (kept in registers/L1, lets the compiler vectorise).
+const BLOCK: usize = 512;
+
+/// What a rank says about its call, compared across ranks at the first barrier of every call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+struct CallDesc {
+    call: u64,
+    len: u64,
+    dtype: u32,
+    algo: u32,
+}
+
+/// Shared-memory allreduce among the ranks of one node.
+pub struct HostAllreduce {
+    seg: ShmSegment,
+    rank: usize,
+    n: usize,
+    /// Global rank of every local rank, for error messages.
+    global_ranks: Vec<usize>,
+    chunk: usize,
+    step: u64,
+    calls: u64,
+    timeout: Duration,
+    poisoned: Option<String>,
+}
+
+impl HostAllreduce {
+    /// Bytes of shared memory a node of `n` ranks needs with `chunk`-byte slots.
+    pub fn segment_bytes(n: usize, chunk: usize) -> usize {
+        n * FLAG_STRIDE + 2 * n * DESC_STRIDE + 2 * n * chunk + 2 * chunk
+    }
+
+    /// Map the node's segment. `rank`/`n` are local to the node; `global_ranks[i]` is the
+    /// communicator rank of local rank `i`. Local rank 0 must have created `seg` zero-filled.
+    pub fn new(
+        seg: ShmSegment,
+        rank: usize,
+        global_ranks: Vec<usize>,
+        chunk: usize,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let n = global_ranks.len();
+        if rank >= n || chunk % SHARD_ALIGN != 0 || seg.len() < Self::segment_bytes(n, chunk) {
+            return Err(Error::Internal(format!(
+                "host segment {} of {} bytes does not fit {n} ranks of {chunk}-byte chunks",
+                seg.name(),
+                seg.len()
+            )));
+        }
+        Ok(HostAllreduce { seg, rank, n, global_ranks, chunk, step: 0, calls: 0, timeout, poisoned: None })
+    }
+
+    fn flag(&self, r: usize) -> &AtomicU64 {
+        // SAFETY: inside the segment, 128-byte aligned (the mapping is page aligned).
+        unsafe { &*(self.seg.as_ptr().add(r * FLAG_STRIDE) as *const AtomicU64) }
+    }
+
+    fn desc_ptr(&self, parity: u64, r: usize) -> *mut CallDesc {
+        let off = self.n * FLAG_STRIDE + (parity as usize * self.n + r) * DESC_STRIDE;
+        // SAFETY: inside the segment (checked in `new`).
+        unsafe { self.seg.as_ptr().add(off) as *mut CallDesc }
+    }
+
+    fn input_ptr(&self, parity: u64, r: usize) -> *mut u8 {
+        let off = self.n * FLAG_STRIDE + 2 * self.n * DESC_STRIDE + (parity as usize * self.n + r) * self.chunk;
+        // SAFETY: inside the segment (checked in `new`).
+        unsafe { self.seg.as_ptr().add(off) }
+    }
+
+    fn shard_ptr(&self, parity: u64) -> *mut u8 {
+        let off =
+            self.n * FLAG_STRIDE + 2 * self.n * DESC_STRIDE + 2 * self.n * self.chunk + parity as usize * self.chunk;
+        // SAFETY: inside the segment (checked in `new`).
+        unsafe { self.seg.as_ptr().add(off) }
+    }
+
+    /// Parity of the next barrier step: the buffer set written now and read after it.
+    fn next_parity(&self) -> u64 {
+        (self.step + 1) % 2
+    }
+
+    /// Ranks on the node.
+    pub fn local_size(&self) -> usize {
+        self.n
+    }
+
+    /// Elements of `T` per chunk.
+    pub fn chunk_elems<T: Element>(&self) -> usize {
+        self.chunk / std::mem::size_of::<T>()
+    }
+
+    fn check_usable(&self) -> Result<()> {
+        match &self.poisoned {
+            Some(cause) => Err(Error::Poisoned { cause: cause.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    fn poison(&mut self, err: Error) -> Error {
+        if err.desynchronizes() && self.poisoned.is_none() {
+            self.poisoned = Some(err.to_string());
+        }
+        err
+    }
+
+    /// Publish step `s` and wait for every peer to reach it. Spins briefly, then yields, then
+    /// sleeps, so it stays correct and does not livelock when ranks outnumber cores.
+    fn barrier(&mut self, what: &'static str) -> Result<()> {
+        self.step += 1;
+        let s = self.step;
+        // Release: everything this rank wrote into the segment before is visible to a peer
+        // that reads flag >= s with acquire.
+        self.flag(self.rank).store(s, Ordering::Release);
+        let start = Instant::now();
+        for p in 0..self.n {
+            if p == self.rank {
+                continue;
+            }
+            let flag = self.flag(p);
+            let mut spins = 0u32;
+            while flag.load(Ordering::Acquire) < s {
+                spins += 1;
+                if spins < 4096 {
+                    std::hint::spin_loop();
+                    continue;
+                }
+                let waited = start.elapsed();
+                if waited > self.timeout {
+                    return Err(self.poison(Error::PeerTimeout { op: what, peer: Some(self.global_ranks[p]), waited }));
+                }
+                if waited < Duration::from_millis(2) {
+                    std::thread::yield_now();
+                } else {
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Write this call's descriptor for the coming barrier.
+    fn publish_desc(&mut self, len: usize, dtype: u32, algo: Algo) -> CallDesc {
+        self.calls += 1;
+        let d = CallDesc { call: self.calls, len: len as u64, dtype, algo: algo as u32 };
+        // SAFETY: my own descriptor slot of the next parity; peers read it only after the barrier.
+        unsafe { self.desc_ptr(self.next_parity(), self.rank).write_volatile(d) };
+        d
+    }
+
+    /// After the barrier: every rank's descriptor must equal mine.
+    fn check_descs(&mut self, mine: CallDesc, op: &'static str) -> Result<()> {
+        let parity = self.step % 2;
+        for p in 0..self.n {
+            // SAFETY: written by p before the barrier we just passed (acquire on its flag).
+            let theirs = unsafe { self.desc_ptr(parity, p).read_volatile() };
+            if theirs != mine {
+                let err = Error::Mismatch {
+                    op,
+                    detail: format!(
+                        "rank {} made call #{} with {} elements (dtype code {}, algo {}), rank {} made call #{} with {} elements (dtype code {}, algo {})",
+                        self.global_ranks[p], theirs.call, theirs.len, theirs.dtype, describe_algo(theirs.algo),
+                        self.global_ranks[self.rank], mine.call, mine.len, mine.dtype, describe_algo(mine.algo),
+                    ),
+                };
+                return Err(self.poison(err));
+            }
+        }
+        Ok(())
+    }
+
+    /// Allreduce (sum) of `input` into `output` with `algo` (one of the host algorithms).
+    /// `input = None` reduces `output` in place.
+    ///
+    /// # Collective
+    /// Every rank of the node, same length, dtype and algorithm.
+    pub fn all_reduce<T: Element>(&mut self, input: Option<&[T]>, output: &mut [T], algo: Algo) -> Result<()> {
+        self.check_usable()?;
+        let op = "host allreduce";
+        if let Some(input) = input {
+            if input.len() != output.len() {
+                return Err(Error::invalid(op, format!("input has {} elements, output {}", input.len(), output.len())));
+            }
+        }
+        if !matches!(algo, Algo::HostOneShot | Algo::HostTwoShot) {
+            return Err(Error::Internal(format!("host backend asked to run {algo}")));
+        }
+        let len = output.len();
+        let per_chunk = self.chunk_elems::<T>();
+        let mut offset = 0;
+        let mut first = true;
+        // A zero-length call still takes one step, so ranks that disagree about the length
+        // find out instead of drifting apart.
+        while first || offset < len {
+            let m = per_chunk.min(len - offset);
+            let src: *const T = match input {
+                Some(x) => x[offset..offset + m].as_ptr(),
+                None => output[offset..offset + m].as_ptr(),
+            };
+            let desc = first.then(|| self.publish_desc(len, T::DTYPE.code(), algo));
+            // My input chunk goes into input[parity][me]; peers read it after the barrier.
+            let parity = self.next_parity();
+            // SAFETY: `m` elements fit the chunk slot; src is valid for m elements.
+            unsafe {
+                std::ptr::copy_nonoverlapping(src as *const u8, self.input_ptr(parity, self.rank), m * size_of::<T>())
+            };
+            self.barrier("host allreduce: inputs published")?;
+            if let Some(desc) = desc {
+                self.check_descs(desc, op)?;
+            }
+            let out = &mut output[offset..offset + m];
+            match algo {
+                Algo::HostOneShot => self.reduce_range(parity, 0..m, out),
+                _ => {
+                    // Reduce-scatter: I reduce my shard into shards[next parity].
+                    let shard = shard_range::<T>(m, self.n, self.rank);
+                    let sp = self.next_parity();
+                    // SAFETY: the shard buffer holds a whole chunk; my range is mine alone.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut((self.shard_ptr(sp) as *mut T).add(shard.start), shard.len())
+                    };
+                    self.reduce_range(parity, shard, dst);
+                    self.barrier("host allreduce: shards reduced")?;
+                    // All-gather: every shard is complete after the barrier.
+                    // SAFETY: m elements of the shard buffer, written before the barrier.
+                    unsafe { std::ptr::copy_nonoverlapping(self.shard_ptr(sp) as *const T, out.as_mut_ptr(), m) };
+                }
+            }
+            offset += m;
+            first = false;
+        }
+        Ok(())
+    }
+
+    /// `dst = sum over ranks (in order) of input[parity][r][range]`.
+    fn reduce_range<T: Element>(&self, parity: u64, range: Range<usize>, dst: &mut [T]) {
+        debug_assert_eq!(range.len(), dst.len());
+        let srcs: Vec<&[T]> = (0..self.n)
+            .map(|r| {
+                // SAFETY: rank r wrote at least range.end elements before the barrier we passed.
+                unsafe {
+                    std::slice::from_raw_parts((self.input_ptr(parity, r) as *const T).add(range.start), range.len())
+                }
+            })
+            .collect();
+        reduce_rank_order(&srcs, dst);
+    }
+
+    /// Each local rank contributes `buf[ranges[rank]]`; afterwards every rank's `buf` holds all
+    /// the ranges. Ranges must be disjoint and the same on every rank.
+    ///
+    /// # Collective
+    /// Every rank of the node, same length and ranges.
+    pub fn all_gather_ranges<T: Element>(&mut self, buf: &mut [T], ranges: &[Range<usize>]) -> Result<()> {
+        self.check_usable()?;
+        if ranges.len() != self.n || ranges.iter().any(|r| r.end > buf.len() || r.start > r.end) {
+            return Err(Error::Internal(format!("gather ranges {ranges:?} do not fit {} elements", buf.len())));
+        }
+        let per_chunk = self.chunk_elems::<T>();
+        let mut offset = 0;
+        let mut first = true;
+        while first || offset < buf.len() {
+            let chunk = offset..(offset + per_chunk).min(buf.len());
+            let desc = first.then(|| self.publish_desc(buf.len(), T::DTYPE.code(), Algo::HostTwoShot));
+            let parity = self.next_parity();
+            let mine = intersect(&ranges[self.rank], &chunk);
+            // SAFETY: the shard buffer holds a whole chunk; my range is mine alone.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    buf[mine.clone()].as_ptr(),
+                    (self.shard_ptr(parity) as *mut T).add(mine.start - chunk.start),
+                    mine.len(),
+                )
+            };
+            self.barrier("host gather: ranges published")?;
+            if let Some(desc) = desc {
+                self.check_descs(desc, "host gather")?;
+            }
+            for (r, range) in ranges.iter().enumerate() {
+                let part = intersect(range, &chunk);
+                if r != self.rank && !part.is_empty() {
+                    // SAFETY: written by rank r before the barrier.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            (self.shard_ptr(parity) as *const T).add(part.start - chunk.start),
+                            buf[part.clone()].as_mut_ptr(),
+                            part.len(),
+                        )
+                    };
+                }
+            }
+            offset = chunk.end;
+            first = false;
+        }
+        Ok(())
+    }
+}
+
+fn describe_algo(code: u32) -> &'static str {
+    Algo::ALL.iter().find(|a| **a as u32 == code).map_or("?", |a| a.as_str())
+}
+
+fn intersect(a: &Range<usize>, b: &Range<usize>) -> Range<usize> {
+    let start = a.start.max(b.start);
+    start..a.end.min(b.end).max(start)
+}
+
+/// Shard `rank` of `len` elements split over `n` ranks: cut at 64-byte multiples, the remainder
+/// spread over the first shards, never a tail dropped.
+pub fn shard_range<T>(len: usize, n: usize, rank: usize) -> Range<usize> {
+    let unit = (SHARD_ALIGN / size_of::<T>()).max(1);
+    let units = len.div_ceil(unit);
+    let (base, extra) = (units / n, units % n);
+    let first_unit = rank * base + rank.min(extra);
+    let my_units = base + usize::from(rank < extra);
+    let start = (first_unit * unit).min(len);
+    start..((first_unit + my_units) * unit).min(len)
+}
+
+/// `dst[i] = srcs[0][i] + srcs[1][i] + ...` in that order in `T::Acc`, rounded once.
+fn reduce_rank_order<T: Element>(srcs: &[&[T]], dst: &mut [T]) {
+    let mut acc = [T::Acc::default(); BLOCK];
+    let mut start = 0;
+    while start < dst.len() {
+        let m = BLOCK.min(dst.len() - start);
+        let acc = &mut acc[..m];
+        for (a, x) in acc.iter_mut().zip(&srcs[0][start..start + m]) {
+            *a = x.to_acc();
+        }
+        for src in &srcs[1..] {
+            add_into(acc, &src[start..start + m]);
+        }
+        for (d, a) in dst[start..start + m].iter_mut().zip(acc.iter()) {
+            *d = T::from_acc(*a);
+        }
+        start += m;
+    }
+}
+
+#[inline(always)]
+fn add_into<T: Element>(acc: &mut [T::Acc], src: &[T]) {
+    for (a, x) in acc.iter_mut().zip(src) {
+        *a += x.to_acc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_cover_everything_once() {
+        for len in [0usize, 1, 15, 16, 17, 1000, 4099] {
+            for n in 1..=8 {
+                let mut next = 0;
+                for r in 0..n {
+                    let s = shard_range::<f32>(len, n, r);
+                    assert_eq!(s.start, next, "len {len} n {n} r {r}");
+                    assert!(s.start % 16 == 0 || s.start == len);
+                    next = s.end;
+                }
+                assert_eq!(next, len);
+            }
+        }
+    }
+
+    #[test]
+    fn block_reduction_matches_reference() {
+        let a: Vec<f32> = (0..1500).map(|i| (i as f32).sin() * 1e3).collect();
+        let b: Vec<f32> = (0..1500).map(|i| (i as f32).cos() * 1e-3).collect();
+        let c: Vec<f32> = (0..1500).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut out = vec![f32::NAN; 1500];
+        reduce_rank_order(&[&a[..], &b[..], &c[..]], &mut out);
+        let want = crate::dtype::reference_sum(&[&a[..], &b[..], &c[..]]);
+        assert!(out.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()));
+    }
+}

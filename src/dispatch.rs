@@ -1,0 +1,169 @@
+//! The dispatch table: which algorithm serves a call.
+//!
+//! The [`crate::Communicator`] describes each call as a [`Request`] (bytes, dtype, world size,
+//! node layout, memory kind) and asks [`DispatchTable::choose`]. This is the only place that
+//! decides between backends; backends never know of each other. `TPCOMM_ALGO` (or
+//! [`crate::Config::algo`]) forces one algorithm; a forced algorithm that cannot serve the call is
+//! an error naming the variable, never a silent fallback.
+
+use crate::config::Config;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use std::fmt;
+use std::str::FromStr;
+
+/// An allreduce algorithm. The names are those of `TPCOMM_ALGO` and `allreduce_perf --algo`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Algo {
+    /// Host memory, one shared-memory round: every rank reads every rank's input.
+    HostOneShot,
+    /// Host memory, reduce-scatter then all-gather through shared memory.
+    HostTwoShot,
+}
+
+impl Algo {
+    /// Every algorithm, in a fixed order.
+    pub const ALL: &'static [Algo] = &[Algo::HostOneShot, Algo::HostTwoShot];
+
+    /// The name used by `TPCOMM_ALGO` and `--algo`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Algo::HostOneShot => "host_oneshot",
+            Algo::HostTwoShot => "host_twoshot",
+        }
+    }
+
+    /// The kind of memory the algorithm reduces.
+    pub const fn memory(self) -> Memory {
+        match self {
+            Algo::HostOneShot | Algo::HostTwoShot => Memory::Host,
+        }
+    }
+}
+
+impl fmt::Display for Algo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Algo {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Algo::ALL.iter().copied().find(|a| a.as_str() == s).ok_or_else(|| {
+            let names: Vec<&str> = Algo::ALL.iter().map(|a| a.as_str()).collect();
+            format!("auto or one of {}", names.join(", "))
+        })
+    }
+}
+
+/// Where the buffers of a call live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Memory {
+    /// Ordinary host memory.
+    Host,
+    /// CUDA device memory.
+    Device,
+}
+
+/// What the dispatch table knows about one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request {
+    /// Bytes per rank.
+    pub bytes: usize,
+    /// Element type.
+    pub dtype: DType,
+    /// Ranks in the communicator.
+    pub world_size: usize,
+    /// Nodes the ranks span.
+    pub nodes: usize,
+    /// Kind of memory.
+    pub memory: Memory,
+}
+
+/// Size thresholds between algorithms, from defaults and `TPCOMM_*` overrides.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DispatchTable {
+    /// Largest host message (bytes per rank) reduced one-shot.
+    pub host_oneshot_max_bytes: usize,
+    forced: Option<Algo>,
+}
+
+/// Default host one-shot limit: below it one barrier beats two (measured in bench/RESULTS.md).
+const HOST_ONESHOT_MAX_BYTES: usize = 32 << 10;
+
+impl DispatchTable {
+    /// The table for a configuration.
+    pub fn new(config: &Config) -> Self {
+        DispatchTable {
+            host_oneshot_max_bytes: config.host_oneshot_max_bytes.unwrap_or(HOST_ONESHOT_MAX_BYTES),
+            forced: config.algo,
+        }
+    }
+
+    /// The algorithm for `req`.
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] when a forced algorithm cannot serve this kind of memory.
+    pub fn choose(&self, req: &Request) -> Result<Algo> {
+        if let Some(algo) = self.forced {
+            if algo.memory() != req.memory {
+                return Err(Error::Unsupported {
+                    what: format!("TPCOMM_ALGO={algo} for {:?} memory", req.memory),
+                    reason: format!("{algo} reduces {:?} memory only; unset TPCOMM_ALGO", algo.memory()),
+                });
+            }
+            return Ok(algo);
+        }
+        match req.memory {
+            Memory::Host if req.bytes <= self.host_oneshot_max_bytes => Ok(Algo::HostOneShot),
+            Memory::Host => Ok(Algo::HostTwoShot),
+            Memory::Device => Err(Error::Unsupported {
+                what: "allreduce of device memory".into(),
+                reason: "no GPU backend is built into this version".into(),
+            }),
+        }
+    }
+}
+
+impl fmt::Display for DispatchTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(algo) = self.forced {
+            return writeln!(f, "# every call: {algo} (forced by TPCOMM_ALGO)");
+        }
+        writeln!(f, "# host memory:   bytes <= {:>10}: {}", self.host_oneshot_max_bytes, Algo::HostOneShot)?;
+        writeln!(f, "# host memory:   bytes >  {:>10}: {}", self.host_oneshot_max_bytes, Algo::HostTwoShot)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(bytes: usize) -> Request {
+        Request { bytes, dtype: DType::F32, world_size: 4, nodes: 1, memory: Memory::Host }
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for a in Algo::ALL {
+            assert_eq!(a.as_str().parse::<Algo>().unwrap(), *a);
+        }
+    }
+
+    #[test]
+    fn host_sizes_pick_by_threshold() {
+        let t = DispatchTable::new(&Config { host_oneshot_max_bytes: Some(1000), ..Config::default() });
+        assert_eq!(t.choose(&host(0)).unwrap(), Algo::HostOneShot);
+        assert_eq!(t.choose(&host(1000)).unwrap(), Algo::HostOneShot);
+        assert_eq!(t.choose(&host(1001)).unwrap(), Algo::HostTwoShot);
+    }
+
+    #[test]
+    fn forced_algorithm_wins_and_is_checked() {
+        let t = DispatchTable::new(&Config { algo: Some(Algo::HostTwoShot), ..Config::default() });
+        assert_eq!(t.choose(&host(8)).unwrap(), Algo::HostTwoShot);
+        let dev = Request { memory: Memory::Device, ..host(8) };
+        assert!(matches!(t.choose(&dev), Err(Error::Unsupported { .. })));
+    }
+}

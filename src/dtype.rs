@@ -1,0 +1,233 @@
+//! Element types tpcomm reduces, and how each one is summed.
+//!
+//! Every backend sums element `i` over ranks in absolute rank order `0..n-1` in a wider
+//! accumulator ([`Element::Acc`]: `f32` for 16- and 32-bit floats, `f64` for `f64`) and rounds
+//! once at the end. That fixed order is what makes results bitwise identical on every rank.
+
+use half::{bf16, f16};
+use std::fmt;
+use std::str::FromStr;
+
+/// The runtime tag of an element type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    /// IEEE binary32.
+    F32,
+    /// IEEE binary64.
+    F64,
+    /// IEEE binary16.
+    F16,
+    /// bfloat16.
+    BF16,
+}
+
+impl DType {
+    /// Every dtype, in a fixed order.
+    pub const ALL: [DType; 4] = [DType::F32, DType::F64, DType::F16, DType::BF16];
+
+    /// Bytes per element.
+    pub const fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F64 => 8,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+
+    /// The name used in benchmark output and on the command line (nccl-tests spelling).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            DType::F32 => "float",
+            DType::F64 => "double",
+            DType::F16 => "half",
+            DType::BF16 => "bfloat16",
+        }
+    }
+
+    /// A stable small integer, used in call descriptors exchanged between ranks.
+    pub(crate) const fn code(self) -> u32 {
+        match self {
+            DType::F32 => 1,
+            DType::F64 => 2,
+            DType::F16 => 3,
+            DType::BF16 => 4,
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for DType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "float" | "f32" | "float32" => Ok(DType::F32),
+            "double" | "f64" | "float64" => Ok(DType::F64),
+            "half" | "f16" | "float16" => Ok(DType::F16),
+            "bfloat16" | "bf16" => Ok(DType::BF16),
+            _ => Err(format!("unknown dtype {s:?}: expected float, double, half or bfloat16")),
+        }
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for f64 {}
+    impl Sealed for half::f16 {}
+    impl Sealed for half::bf16 {}
+}
+
+/// A floating-point accumulator (`f32` or `f64`).
+pub trait Accumulator:
+    Copy + Default + std::ops::Add<Output = Self> + std::ops::AddAssign + PartialEq + fmt::Debug + 'static
+{
+}
+impl Accumulator for f32 {}
+impl Accumulator for f64 {}
+
+/// An element type tpcomm can reduce. Sealed: implemented for `f32`, `f64`, [`half::f16`] and
+/// [`half::bf16`].
+pub trait Element: sealed::Sealed + Copy + Send + Sync + Default + PartialEq + fmt::Debug + 'static {
+    /// The runtime tag.
+    const DTYPE: DType;
+    /// The accumulator summed in.
+    type Acc: Accumulator;
+    /// Widen to the accumulator (exact).
+    fn to_acc(self) -> Self::Acc;
+    /// Round the accumulator to the element type (round to nearest even).
+    fn from_acc(acc: Self::Acc) -> Self;
+    /// Widen to f64 (exact), for references and printing.
+    fn to_f64(self) -> f64;
+    /// Round an f64 to this type (used to make test inputs).
+    fn from_f64(x: f64) -> Self;
+}
+
+impl Element for f32 {
+    const DTYPE: DType = DType::F32;
+    type Acc = f32;
+    #[inline(always)]
+    fn to_acc(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_acc(acc: f32) -> Self {
+        acc
+    }
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    fn from_f64(x: f64) -> Self {
+        x as f32
+    }
+}
+
+impl Element for f64 {
+    const DTYPE: DType = DType::F64;
+    type Acc = f64;
+    #[inline(always)]
+    fn to_acc(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn from_acc(acc: f64) -> Self {
+        acc
+    }
+    fn to_f64(self) -> f64 {
+        self
+    }
+    fn from_f64(x: f64) -> Self {
+        x
+    }
+}
+
+impl Element for f16 {
+    const DTYPE: DType = DType::F16;
+    type Acc = f32;
+    #[inline(always)]
+    fn to_acc(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn from_acc(acc: f32) -> Self {
+        f16::from_f32(acc)
+    }
+    fn to_f64(self) -> f64 {
+        self.to_f64()
+    }
+    fn from_f64(x: f64) -> Self {
+        f16::from_f64(x)
+    }
+}
+
+impl Element for bf16 {
+    const DTYPE: DType = DType::BF16;
+    type Acc = f32;
+    #[inline(always)]
+    fn to_acc(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn from_acc(acc: f32) -> Self {
+        bf16::from_f32(acc)
+    }
+    fn to_f64(self) -> f64 {
+        self.to_f64()
+    }
+    fn from_f64(x: f64) -> Self {
+        bf16::from_f64(x)
+    }
+}
+
+/// The exact reference every backend must match bit for bit: `sum(inputs[r][i] for r in 0..n)`
+/// in rank order in the accumulator, rounded once.
+pub fn reference_sum<T: Element>(inputs: &[&[T]]) -> Vec<T> {
+    let len = inputs.first().map_or(0, |x| x.len());
+    (0..len)
+        .map(|i| {
+            let mut acc = T::Acc::default();
+            for (r, x) in inputs.iter().enumerate() {
+                if r == 0 {
+                    acc = x[i].to_acc();
+                } else {
+                    acc += x[i].to_acc();
+                }
+            }
+            T::from_acc(acc)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dtype_names_round_trip() {
+        for d in DType::ALL {
+            assert_eq!(d.as_str().parse::<DType>().unwrap(), d);
+        }
+        assert!("int8".parse::<DType>().is_err());
+    }
+
+    #[test]
+    fn reference_sums_in_rank_order_with_one_rounding() {
+        // 1 + 2^-24 + 2^-24 in f32: rank order gives 1.0 (each add rounds back), a
+        // different association would give 1 + 2^-23.
+        let a = [1.0f32];
+        let b = [2f32.powi(-24)];
+        let r = reference_sum(&[&a[..], &b[..], &b[..]]);
+        assert_eq!(r[0].to_bits(), 1.0f32.to_bits());
+        // bf16 inputs are summed in f32 and rounded once: 1 + 3 * 2^-9 is not representable
+        // in bf16 (8 bits of mantissa), the f32 sum is exact and rounds to 1 + 2^-7.
+        let one = [bf16::from_f32(1.0)];
+        let small = [bf16::from_f32(2f32.powi(-9))];
+        let r = reference_sum(&[&one[..], &small[..], &small[..], &small[..]]);
+        assert_eq!(r[0], bf16::from_f32(1.0 + 3.0 * 2f32.powi(-9)));
+        assert_eq!(r[0].to_f32(), 1.0 + 2f32.powi(-7));
+    }
+}

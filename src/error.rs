@@ -1,0 +1,150 @@
+//! The one error type of the crate.
+//!
+//! Every fallible call returns [`Result<T>`]. Each variant names what went wrong and, where the
+//! caller can act on it, what to do. Errors are never fatal to the process: MPI and CUDA failures
+//! are turned into values. After an error that leaves peers out of step (a timeout, a mismatched
+//! call) the communicator is *poisoned*: later calls return [`Error::Poisoned`] instead of
+//! hanging or corrupting data.
+
+use std::fmt;
+use std::time::Duration;
+
+/// Result with [`Error`] as the error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in tpcomm.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// An argument of this call is wrong on this rank (lengths, alignment, pointers).
+    InvalidArgument {
+        /// The operation that was called.
+        op: &'static str,
+        /// What is wrong and what to do.
+        detail: String,
+    },
+    /// A `TPCOMM_*` environment variable or a [`crate::Config`] field holds a value tpcomm does not accept.
+    Config {
+        /// The variable (or field) name.
+        key: &'static str,
+        /// The value that was given.
+        value: String,
+        /// What is accepted.
+        expected: String,
+    },
+    /// Ranks made different calls (different lengths, dtypes or algorithms) in the same position.
+    /// Every rank that took part sees this error; the communicator is poisoned afterwards.
+    Mismatch {
+        /// The operation.
+        op: &'static str,
+        /// Which rank differs, and how.
+        detail: String,
+    },
+    /// A peer did not arrive at a synchronisation point within `TPCOMM_TIMEOUT_MS`.
+    /// Usually a rank skipped a collective call, crashed, or is stuck elsewhere.
+    PeerTimeout {
+        /// The operation and the step that waited.
+        op: &'static str,
+        /// Rank (in the communicator) of the first peer that was missing, where known.
+        peer: Option<usize>,
+        /// How long this rank waited.
+        waited: Duration,
+    },
+    /// An earlier error left the ranks out of step; this communicator cannot be used any more.
+    /// Create a new one (collectively) after fixing the cause.
+    Poisoned {
+        /// The first error, as text.
+        cause: String,
+    },
+    /// The request is valid but cannot be served here (topology, world size, missing library).
+    Unsupported {
+        /// What was asked for.
+        what: String,
+        /// Why it cannot run, and what would make it run.
+        reason: String,
+    },
+    /// An operating-system call failed (shared memory, files).
+    System {
+        /// The call and its object, e.g. `shm_open /tpcomm.123`.
+        op: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A CUDA driver call failed.
+    Cuda {
+        /// The operation.
+        op: &'static str,
+        /// The driver's error.
+        source: cudarc::driver::DriverError,
+    },
+    /// Run-time compilation of a kernel failed; the log and the options are kept.
+    Compile {
+        /// Kernel family.
+        kernel: String,
+        /// Compiler log and options.
+        log: String,
+    },
+    /// An MPI operation failed or MPI is not usable as needed.
+    Mpi(String),
+    /// A bug in tpcomm: please report it with the message.
+    Internal(String),
+}
+
+impl Error {
+    /// Shorthand for [`Error::InvalidArgument`].
+    pub(crate) fn invalid(op: &'static str, detail: impl Into<String>) -> Self {
+        Error::InvalidArgument { op, detail: detail.into() }
+    }
+
+    /// Shorthand for [`Error::System`] from the last OS error.
+    pub(crate) fn last_os(op: impl Into<String>) -> Self {
+        Error::System { op: op.into(), source: std::io::Error::last_os_error() }
+    }
+
+    /// True for errors after which the ranks may be out of step (the communicator gets poisoned).
+    pub fn desynchronizes(&self) -> bool {
+        matches!(self, Error::PeerTimeout { .. } | Error::Mismatch { .. } | Error::Poisoned { .. })
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::InvalidArgument { op, detail } => write!(f, "{op}: invalid argument: {detail}"),
+            Error::Config { key, value, expected } => {
+                write!(f, "invalid {key}={value:?}: expected {expected}")
+            }
+            Error::Mismatch { op, detail } => write!(
+                f,
+                "{op}: ranks made mismatched calls: {detail} (every rank must make the same \
+                 collective calls in the same order with the same lengths and dtypes)"
+            ),
+            Error::PeerTimeout { op, peer, waited } => write!(
+                f,
+                "{op}: timed out after {} ms waiting for {} (did it skip a collective call or \
+                 die? raise TPCOMM_TIMEOUT_MS if it is only slow)",
+                waited.as_millis(),
+                peer.map_or("a peer".to_string(), |p| format!("rank {p}"))
+            ),
+            Error::Poisoned { cause } => {
+                write!(f, "communicator is unusable after an earlier error ({cause}); create a new one")
+            }
+            Error::Unsupported { what, reason } => write!(f, "{what} is not supported: {reason}"),
+            Error::System { op, source } => write!(f, "{op}: {source}"),
+            Error::Cuda { op, source } => write!(f, "{op}: CUDA error {source:?}"),
+            Error::Compile { kernel, log } => write!(f, "compiling kernel {kernel} failed:\n{log}"),
+            Error::Mpi(msg) => write!(f, "MPI: {msg}"),
+            Error::Internal(msg) => write!(f, "internal error in tpcomm (please report): {msg}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::System { source, .. } => Some(source),
+            Error::Cuda { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}

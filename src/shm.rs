@@ -1,0 +1,131 @@
+//! POSIX shared memory: an owning mapping of a named segment.
+//!
+//! One rank of a node creates the segment and the others open it by name; the creator unlinks
+//! the name once everybody has opened it, so nothing is left in `/dev/shm` even after a crash
+//! later on. The pages are reserved with `posix_fallocate` at creation, so a full `/dev/shm`
+//! is a clean error here instead of a `SIGBUS` in the middle of a collective.
+
+use crate::error::{Error, Result};
+use std::ffi::CString;
+
+/// A mapped shared-memory segment, unmapped on drop.
+pub struct ShmSegment {
+    ptr: *mut u8,
+    len: usize,
+    name: String,
+}
+
+// SAFETY: the mapping is plain memory shared between processes; tpcomm synchronises every
+// access to it with its own flag protocol.
+unsafe impl Send for ShmSegment {}
+
+impl ShmSegment {
+    /// Create a new segment of `len` bytes (zero-filled) under `name` (`/something`).
+    pub fn create(name: &str, len: usize) -> Result<Self> {
+        Self::map(name, len, true)
+    }
+
+    /// Open a segment another process created.
+    pub fn open(name: &str, len: usize) -> Result<Self> {
+        Self::map(name, len, false)
+    }
+
+    /// Remove the name (mappings stay valid until dropped).
+    pub fn unlink(&self) -> Result<()> {
+        let cname = CString::new(self.name.as_str()).expect("segment names have no NUL");
+        // SAFETY: cname is a valid C string.
+        if unsafe { libc::shm_unlink(cname.as_ptr()) } != 0 {
+            return Err(Error::last_os(format!("shm_unlink {}", self.name)));
+        }
+        Ok(())
+    }
+
+    fn map(name: &str, len: usize, create: bool) -> Result<Self> {
+        let cname = CString::new(name).map_err(|_| Error::Internal(format!("bad shm name {name:?}")))?;
+        let flags = if create { libc::O_CREAT | libc::O_EXCL | libc::O_RDWR } else { libc::O_RDWR };
+        // SAFETY: cname is a valid C string; the result is checked.
+        let fd = unsafe { libc::shm_open(cname.as_ptr(), flags, 0o600) };
+        if fd < 0 {
+            return Err(Error::last_os(format!("shm_open {name}")));
+        }
+        let result = (|| {
+            if create {
+                // SAFETY: fd is an open shared-memory object.
+                if unsafe { libc::ftruncate(fd, len as libc::off_t) } != 0 {
+                    return Err(Error::last_os(format!("ftruncate {name} to {len} bytes")));
+                }
+                // SAFETY: as above; reserves the pages so later touches cannot SIGBUS.
+                let rc = unsafe { libc::posix_fallocate(fd, 0, len as libc::off_t) };
+                if rc != 0 {
+                    return Err(Error::System {
+                        op: format!("reserving {len} bytes of /dev/shm for {name} (is /dev/shm big enough?)"),
+                        source: std::io::Error::from_raw_os_error(rc),
+                    });
+                }
+            }
+            // SAFETY: mapping a shared object of at least `len` bytes; checked below.
+            let ptr = unsafe {
+                libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0)
+            };
+            if ptr == libc::MAP_FAILED {
+                return Err(Error::last_os(format!("mmap {name} ({len} bytes)")));
+            }
+            Ok(ptr as *mut u8)
+        })();
+        // SAFETY: fd is open; the mapping (if any) keeps the object alive.
+        unsafe { libc::close(fd) };
+        if result.is_err() && create {
+            // SAFETY: valid C string; best effort cleanup of what we created.
+            unsafe { libc::shm_unlink(cname.as_ptr()) };
+        }
+        Ok(ShmSegment { ptr: result?, len, name: name.to_string() })
+    }
+
+    /// Start of the mapping (page aligned).
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True for a zero-length mapping (never made by tpcomm).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The segment's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for ShmSegment {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len are the mapping made in `map`; nothing uses it after drop.
+        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_open_share_and_unlink() {
+        let name = format!("/tpcomm-test-{}", std::process::id());
+        let a = ShmSegment::create(&name, 8192).unwrap();
+        let b = ShmSegment::open(&name, 8192).unwrap();
+        a.unlink().unwrap();
+        // SAFETY: both map the same 8192 bytes.
+        unsafe {
+            assert_eq!(*b.as_ptr().add(4000), 0, "fresh segments are zero-filled");
+            *a.as_ptr().add(4000) = 42;
+            assert_eq!(*b.as_ptr().add(4000), 42);
+        }
+        assert!(ShmSegment::open(&name, 8192).is_err(), "name is gone after unlink");
+        assert!(ShmSegment::create("/tpcomm bad\0name", 10).is_err());
+    }
+}
