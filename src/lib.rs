@@ -36,6 +36,7 @@ pub mod error;
 pub mod hierarchy;
 pub mod shm;
 pub mod topology;
+pub mod verify;
 
 pub use communicator::Communicator;
 pub use config::Config;

@@ -1,0 +1,291 @@
+//! Integration tests of the host backend as real MPI jobs.
+//!
+//! Run by plain `cargo test`: this binary (harness = false) is the launcher. For each case it
+//! starts itself under `mpiexec -n k` with `TPCOMMTEST_CASE` set; the copies it starts are the
+//! ranks, which run the case and exit non-zero on any failure. Every job runs under a
+//! wall-clock limit, so a protocol bug fails the test instead of hanging it. The launcher ends
+//! with `N passed, M failed`.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use tpcomm::verify::{count_wrong, expected_hierarchical_sum, fill_rank_input, poison, rank_input, SplitMix64};
+use tpcomm::{bf16, f16, Algo, Communicator, Config, Element, Error};
+
+const CASE_VAR: &str = "TPCOMMTEST_CASE";
+const JOB_LIMIT: Duration = Duration::from_secs(240);
+
+fn main() {
+    match std::env::var(CASE_VAR) {
+        Ok(case) => std::process::exit(worker(&case)),
+        Err(_) => launcher(),
+    }
+}
+
+// ---------------------------------------------------------------- launcher
+
+struct Job {
+    case: &'static str,
+    ranks: usize,
+    env: &'static [(&'static str, &'static str)],
+}
+
+fn launcher() {
+    let mut jobs = Vec::new();
+    for ranks in 1..=4 {
+        jobs.push(Job { case: "exact", ranks, env: &[] });
+        // Small chunks: long messages cross many chunk boundaries and buffer parities.
+        jobs.push(Job { case: "exact", ranks, env: &[("TPCOMM_HOST_CHUNK_BYTES", "4096")] });
+    }
+    for ranks in 2..=4 {
+        jobs.push(Job {
+            case: "exact",
+            ranks,
+            env: &[("TPCOMM_FAKE_NODES", "2"), ("TPCOMM_HOST_CHUNK_BYTES", "8192")],
+        });
+        jobs.push(Job { case: "mismatched_lengths", ranks, env: &[("TPCOMM_TIMEOUT_MS", "20000")] });
+        jobs.push(Job { case: "rank_skips_call", ranks, env: &[("TPCOMM_TIMEOUT_MS", "1500")] });
+        jobs.push(Job { case: "input_output_lengths_differ", ranks, env: &[("TPCOMM_TIMEOUT_MS", "1500")] });
+    }
+    jobs.push(Job { case: "exact", ranks: 4, env: &[("TPCOMM_FAKE_NODES", "4")] });
+    jobs.push(Job {
+        case: "rank_skips_call",
+        ranks: 4,
+        env: &[("TPCOMM_TIMEOUT_MS", "1500"), ("TPCOMM_FAKE_NODES", "2")],
+    });
+    jobs.push(Job { case: "invalid_config", ranks: 1, env: &[("TPCOMM_ALGO", "fastest")] });
+    jobs.push(Job { case: "invalid_config", ranks: 1, env: &[("TPCOMM_TIMEOUT_MS", "-3")] });
+    jobs.push(Job { case: "invalid_config", ranks: 1, env: &[("TPCOMM_NO_SUCH_KNOB", "1")] });
+
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let (mut passed, mut failed) = (0, 0);
+    for job in jobs.iter().filter(|j| filter.as_deref().is_none_or(|f| j.case.contains(f))) {
+        let name = format!("{} ranks={} {:?}", job.case, job.ranks, job.env);
+        let start = Instant::now();
+        match run_job(job) {
+            Ok(()) => {
+                passed += 1;
+                println!("ok     {name} ({:.1} s)", start.elapsed().as_secs_f64());
+            }
+            Err(log) => {
+                failed += 1;
+                println!("FAILED {name}\n{log}");
+            }
+        }
+    }
+    println!("{passed} passed, {failed} failed");
+    if failed > 0 {
+        std::process::exit(1);
+    }
+}
+
+fn mpiexec() -> Command {
+    let exe = std::env::var("MPIEXEC").unwrap_or_else(|_| "mpiexec".into());
+    let mut cmd = Command::new(&exe);
+    let version = Command::new(&exe).arg("--version").output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+    let version = version.unwrap_or_default();
+    if version.contains("Open MPI") || version.contains("OpenRTE") || version.contains("open-mpi") {
+        // More ranks than cores, and root (containers, CI): Open MPI refuses both by default.
+        cmd.arg("--oversubscribe");
+        cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+        cmd.env("OMPI_MCA_btl_vader_single_copy_mechanism", "none");
+    }
+    cmd
+}
+
+fn run_job(job: &Job) -> Result<(), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut cmd = mpiexec();
+    cmd.arg("-n").arg(job.ranks.to_string()).arg(exe);
+    cmd.env(CASE_VAR, job.case).env("TPCOMMTEST_RANKS", job.ranks.to_string());
+    for (k, v) in job.env {
+        cmd.env(k, v);
+    }
+    let log = std::env::temp_dir().join(format!("tpcomm-test-{}-{}.log", std::process::id(), job.case));
+    let file = std::fs::File::create(&log).map_err(|e| e.to_string())?;
+    let mut child = cmd
+        .stdout(Stdio::from(file.try_clone().map_err(|e| e.to_string())?))
+        .stderr(Stdio::from(file))
+        .spawn()
+        .map_err(|e| format!("cannot start mpiexec (install Open MPI: apt-get install openmpi-bin): {e}"))?;
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            break Some(status);
+        }
+        if start.elapsed() > JOB_LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let output = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    match status {
+        Some(s) if s.success() => Ok(()),
+        Some(s) => Err(format!("exit status {s}\n{output}")),
+        None => Err(format!("killed after {} s (hang)\n{output}", JOB_LIMIT.as_secs())),
+    }
+}
+
+// ---------------------------------------------------------------- ranks
+
+/// Runs one case on this rank; returns the process exit code.
+fn worker(case: &str) -> i32 {
+    let universe = mpi::initialize().expect("MPI initialises once");
+    let world = universe.world();
+    let config = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            // The only case that expects this is invalid_config.
+            if case == "invalid_config" && matches!(e, Error::Config { .. }) {
+                println!("rank ok: configuration refused: {e}");
+                return 0;
+            }
+            println!("FAIL: configuration: {e}");
+            return 1;
+        }
+    };
+    if case == "invalid_config" {
+        println!("FAIL: the invalid configuration was accepted: {config:?}");
+        return 1;
+    }
+    let comm = match Communicator::new(&world, config) {
+        Ok(c) => c,
+        Err(e) => {
+            println!("FAIL: Communicator::new: {e}");
+            return 1;
+        }
+    };
+    let result = match case {
+        "exact" => exact(&comm),
+        "mismatched_lengths" => mismatched_lengths(&comm),
+        "rank_skips_call" => rank_skips_call(&comm),
+        "input_output_lengths_differ" => input_output_lengths_differ(&comm),
+        other => Err(format!("unknown case {other}")),
+    };
+    match result {
+        Ok(summary) => {
+            println!("rank {} ok: {summary}", comm.rank());
+            0
+        }
+        Err(msg) => {
+            println!("FAIL rank {}: {msg}", comm.rank());
+            1
+        }
+    }
+}
+
+/// Sizes from 0 elements to several MiB: edge cases plus random ones.
+fn sizes(seed: u64) -> Vec<usize> {
+    let mut rng = SplitMix64::new(seed, 99);
+    let mut v = vec![0, 1, 2, 3, 7, 15, 16, 17, 63, 64, 65, 1023, 4097, 1 << 16, (3 << 20) / 4 + 5];
+    v.extend((0..6).map(|_| rng.below(1 << 14) as usize));
+    v.extend((0..3).map(|_| rng.below(3 << 20) as usize));
+    v
+}
+
+fn exact(comm: &Communicator) -> Result<String, String> {
+    let mut checks = 0;
+    for dtype_case in 0..4 {
+        checks += match dtype_case {
+            0 => exact_for::<f32>(comm)?,
+            1 => exact_for::<f64>(comm)?,
+            2 => exact_for::<f16>(comm)?,
+            _ => exact_for::<bf16>(comm)?,
+        };
+    }
+    Ok(format!("{checks} results bit-exact"))
+}
+
+fn exact_for<T: Element>(comm: &Communicator) -> Result<usize, String> {
+    let (rank, n) = (comm.rank(), comm.size());
+    let rank_to_node = comm.bootstrap().rank_to_node.clone();
+    let mut checks = 0;
+    // The same seed on every rank: sizes agree, inputs differ by rank.
+    let base_seed = 0x5eed ^ (n as u64) << 8 ^ T::DTYPE as u64;
+    for (i, &len) in sizes(base_seed).iter().enumerate() {
+        // Large messages once per dtype and algorithm is plenty; keep the job quick.
+        let algos: &[Option<Algo>] = if len > 1 << 18 {
+            &[Some(Algo::HostTwoShot)]
+        } else {
+            &[None, Some(Algo::HostOneShot), Some(Algo::HostTwoShot)]
+        };
+        for (a, algo) in algos.iter().enumerate() {
+            for in_place in [false, true] {
+                let seed = base_seed.wrapping_mul(31).wrapping_add((i * 8 + a * 2 + in_place as usize) as u64);
+                let input: Vec<T> = rank_input(seed, rank, len);
+                let mut out = vec![poison::<T>(); len];
+                let res = match (algo, in_place) {
+                    (None, false) => comm.all_reduce_host(&input, &mut out),
+                    (None, true) => {
+                        out.copy_from_slice(&input);
+                        comm.all_reduce_host_in_place(&mut out)
+                    }
+                    (Some(algo), false) => comm.all_reduce_host_using(*algo, Some(&input), &mut out),
+                    (Some(algo), true) => {
+                        fill_rank_input(seed, rank, &mut out);
+                        comm.all_reduce_host_using(*algo, None, &mut out)
+                    }
+                };
+                res.map_err(|e| format!("{} len {len} algo {algo:?} in_place {in_place}: {e}", T::DTYPE))?;
+                let want: Vec<T> = expected_hierarchical_sum(seed, &rank_to_node, len);
+                let wrong = count_wrong(&out, &want);
+                if wrong > 0 {
+                    let first = out.iter().zip(&want).position(|(a, b)| !tpcomm::verify::same_bits(*a, *b)).unwrap();
+                    return Err(format!(
+                        "{} len {len} algo {algo:?} in_place {in_place}: {wrong} wrong elements, first at {first}: got {:?} want {:?}",
+                        T::DTYPE, out[first], want[first]
+                    ));
+                }
+                checks += 1;
+            }
+        }
+    }
+    Ok(checks)
+}
+
+fn mismatched_lengths(comm: &Communicator) -> Result<String, String> {
+    let len = if comm.rank() == 1 { 1000 } else { 999 };
+    let input: Vec<f32> = rank_input(1, comm.rank(), len);
+    let mut out = vec![0.0f32; len];
+    match comm.all_reduce_host(&input, &mut out) {
+        Err(Error::Mismatch { detail, .. }) if detail.contains("1000") && detail.contains("999") => {}
+        other => return Err(format!("expected a Mismatch naming both lengths, got {other:?}")),
+    }
+    match comm.all_reduce_host(&input, &mut out) {
+        Err(Error::Poisoned { .. }) => Ok("mismatch reported, then poisoned".into()),
+        other => Err(format!("expected Poisoned after the mismatch, got {other:?}")),
+    }
+}
+
+fn rank_skips_call(comm: &Communicator) -> Result<String, String> {
+    let skipper = comm.size() - 1;
+    let input: Vec<f32> = rank_input(2, comm.rank(), 4096);
+    let mut out = vec![0.0f32; 4096];
+    // One good call first, so the skipped one is not the first.
+    comm.all_reduce_host(&input, &mut out).map_err(|e| format!("first call: {e}"))?;
+    if comm.rank() == skipper {
+        return Ok("skipped the second call".into());
+    }
+    let start = Instant::now();
+    match comm.all_reduce_host(&input, &mut out) {
+        Err(Error::PeerTimeout { peer: Some(p), .. }) if p == skipper => {
+            Ok(format!("timed out naming rank {p} after {:.2} s", start.elapsed().as_secs_f64()))
+        }
+        // A rank on another pretend node waits in the cross-node leg or on a node peer that
+        // itself timed out; it must still end in a timeout, not hang.
+        Err(Error::PeerTimeout { .. }) if comm.bootstrap().nodes > 1 => Ok("timed out".into()),
+        other => Err(format!("expected PeerTimeout naming rank {skipper}, got {other:?}")),
+    }
+}
+
+fn input_output_lengths_differ(comm: &Communicator) -> Result<String, String> {
+    let input: Vec<f32> = rank_input(3, comm.rank(), 64);
+    let mut out = vec![0.0f32; if comm.rank() == 0 { 65 } else { 64 }];
+    match (comm.rank(), comm.all_reduce_host(&input, &mut out)) {
+        (0, Err(Error::InvalidArgument { detail, .. })) => Ok(format!("refused: {detail}")),
+        (r, Err(Error::PeerTimeout { peer: Some(0), .. })) if r != 0 => Ok("timed out waiting for rank 0".into()),
+        (_, other) => Err(format!("unexpected {other:?}")),
+    }
+}
