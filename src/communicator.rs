@@ -53,7 +53,7 @@ impl Communicator {
         if config.debug {
             eprintln!("tpcomm: {}", boot.summary());
         }
-        let table = DispatchTable::new(&config);
+        let table = DispatchTable::new(&config, boot.size);
         Ok(Communicator { boot, config, table, state: Mutex::new(State { host, cross, poisoned: None }) })
     }
 

@@ -81,7 +81,8 @@ pub struct Request {
     pub memory: Memory,
 }
 
-/// Size thresholds between algorithms, from defaults and `TPCOMM_*` overrides.
+/// Size thresholds between algorithms for one world size, from defaults and `TPCOMM_*`
+/// overrides.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DispatchTable {
     /// Largest host message (bytes per rank) reduced one-shot.
@@ -89,14 +90,18 @@ pub struct DispatchTable {
     forced: Option<Algo>,
 }
 
-/// Default host one-shot limit: below it one barrier beats two (measured in bench/RESULTS.md).
-const HOST_ONESHOT_MAX_BYTES: usize = 32 << 10;
+/// Host one-shot limit times the world size. One-shot makes every rank read all `n` inputs,
+/// two-shot reads each input once but pays a second barrier; at 2 ranks they cross near
+/// 256 KiB (bench/RESULTS.md), and one-shot's reads grow with `n`.
+const HOST_ONESHOT_BYTES_TIMES_RANKS: usize = 512 << 10;
 
 impl DispatchTable {
-    /// The table for a configuration.
-    pub fn new(config: &Config) -> Self {
+    /// The table for a configuration and a world size.
+    pub fn new(config: &Config, world_size: usize) -> Self {
         DispatchTable {
-            host_oneshot_max_bytes: config.host_oneshot_max_bytes.unwrap_or(HOST_ONESHOT_MAX_BYTES),
+            host_oneshot_max_bytes: config
+                .host_oneshot_max_bytes
+                .unwrap_or(HOST_ONESHOT_BYTES_TIMES_RANKS / world_size.max(1)),
             forced: config.algo,
         }
     }
@@ -153,15 +158,23 @@ mod tests {
 
     #[test]
     fn host_sizes_pick_by_threshold() {
-        let t = DispatchTable::new(&Config { host_oneshot_max_bytes: Some(1000), ..Config::default() });
+        let t = DispatchTable::new(&Config { host_oneshot_max_bytes: Some(1000), ..Config::default() }, 4);
         assert_eq!(t.choose(&host(0)).unwrap(), Algo::HostOneShot);
         assert_eq!(t.choose(&host(1000)).unwrap(), Algo::HostOneShot);
         assert_eq!(t.choose(&host(1001)).unwrap(), Algo::HostTwoShot);
     }
 
     #[test]
+    fn default_host_limit_shrinks_with_ranks() {
+        let two = DispatchTable::new(&Config::default(), 2).host_oneshot_max_bytes;
+        let eight = DispatchTable::new(&Config::default(), 8).host_oneshot_max_bytes;
+        assert_eq!(two, 256 << 10);
+        assert_eq!(eight, 64 << 10);
+    }
+
+    #[test]
     fn forced_algorithm_wins_and_is_checked() {
-        let t = DispatchTable::new(&Config { algo: Some(Algo::HostTwoShot), ..Config::default() });
+        let t = DispatchTable::new(&Config { algo: Some(Algo::HostTwoShot), ..Config::default() }, 4);
         assert_eq!(t.choose(&host(8)).unwrap(), Algo::HostTwoShot);
         let dev = Request { memory: Memory::Device, ..host(8) };
         assert!(matches!(t.choose(&dev), Err(Error::Unsupported { .. })));

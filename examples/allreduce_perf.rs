@@ -1,0 +1,302 @@
+//! # allreduce_perf: the nccl-tests `all_reduce_perf` of tpcomm
+//!
+//! **Objective**: time allreduce over a sweep of message sizes and check every result, printing
+//! the table nccl-tests prints (time, algorithm bandwidth, bus bandwidth = algbw * 2(n-1)/n,
+//! wrong elements), plus `MPI_Allreduce` timed in the same run for comparison.
+//!
+//! **Usage**: `mpirun -n 4 target/release/examples/allreduce_perf -b 8 -e 64M -f 2`
+//!
+//! Flags (nccl-tests spelling): `-b` min bytes, `-e` max bytes, `-f` step factor, `-n` iterations,
+//! `-w` warm-up iterations, `-d` datatype (float, double, half, bfloat16), `-c` check (0/1).
+//! tpcomm's own: `--algo NAME` forces an algorithm (`auto` = dispatch table), `--compare mpi|none`,
+//! `--show-dispatch`, `--show-config`.
+//!
+//! Times are the median over iterations of each rank's per-call time, then the maximum over
+//! ranks. `#wrong` counts elements whose bits differ from the exact rank-order sum, over all
+//! ranks; the program exits non-zero if any is wrong.
+
+use mpi::collective::SystemOperation;
+use mpi::topology::SimpleCommunicator;
+use mpi::traits::Communicator as _;
+use mpi::traits::*;
+use std::io::Write;
+use std::time::Instant;
+use tpcomm::verify::{count_wrong, expected_hierarchical_sum, fill_rank_input, poison};
+use tpcomm::{bf16, f16, Algo, Communicator, Config, DType, Element};
+
+struct Options {
+    min_bytes: usize,
+    max_bytes: usize,
+    factor: usize,
+    iters: usize,
+    warmup: usize,
+    dtype: DType,
+    check: bool,
+    algo: Option<Algo>,
+    compare_mpi: bool,
+    show_dispatch: bool,
+    show_config: bool,
+}
+
+const USAGE: &str = "usage: allreduce_perf [-b MINBYTES] [-e MAXBYTES] [-f FACTOR] [-n ITERS] [-w WARMUP] \
+[-d float|double|half|bfloat16] [-c 0|1] [--algo NAME|auto] [--compare mpi|none] [--show-dispatch] [--show-config]
+sizes take K, M, G suffixes; run under mpirun";
+
+fn parse_bytes(s: &str) -> Result<usize, String> {
+    let (digits, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    digits.parse::<usize>().map(|d| d * mult).map_err(|_| format!("bad size {s:?}"))
+}
+
+fn parse_args() -> Result<Options, String> {
+    let mut o = Options {
+        min_bytes: 8,
+        max_bytes: 64 << 20,
+        factor: 2,
+        iters: 20,
+        warmup: 5,
+        dtype: DType::F32,
+        check: true,
+        algo: None,
+        compare_mpi: true,
+        show_dispatch: false,
+        show_config: false,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value\n{USAGE}"));
+        match flag.as_str() {
+            "-b" | "--minbytes" => o.min_bytes = parse_bytes(&value()?)?,
+            "-e" | "--maxbytes" => o.max_bytes = parse_bytes(&value()?)?,
+            "-f" | "--stepfactor" => o.factor = value()?.parse().map_err(|_| "bad -f")?,
+            "-n" | "--iters" => o.iters = value()?.parse().map_err(|_| "bad -n")?,
+            "-w" | "--warmup_iters" => o.warmup = value()?.parse().map_err(|_| "bad -w")?,
+            "-d" | "--datatype" => o.dtype = value()?.parse()?,
+            "-c" | "--check" => o.check = value()? != "0",
+            "--algo" => {
+                o.algo = match value()?.as_str() {
+                    "auto" => None,
+                    name => Some(name.parse().map_err(|e| format!("--algo: {e}"))?),
+                }
+            }
+            "--compare" => {
+                o.compare_mpi = match value()?.as_str() {
+                    "mpi" => true,
+                    "none" => false,
+                    other => return Err(format!("--compare {other}: expected mpi or none")),
+                }
+            }
+            "--show-dispatch" => o.show_dispatch = true,
+            "--show-config" => o.show_config = true,
+            "-h" | "--help" => return Err(USAGE.to_string()),
+            other => return Err(format!("unknown flag {other}\n{USAGE}")),
+        }
+    }
+    if o.factor < 2 || o.iters == 0 || o.min_bytes > o.max_bytes {
+        return Err(format!("need -f >= 2, -n >= 1 and -b <= -e\n{USAGE}"));
+    }
+    Ok(o)
+}
+
+fn main() {
+    let universe = mpi::initialize().expect("MPI initialises once");
+    let world = universe.world();
+    let root = world.rank() == 0;
+    let fail = |msg: String| -> ! {
+        if root {
+            eprintln!("allreduce_perf: {msg}");
+        }
+        std::process::exit(2)
+    };
+    let opts = parse_args().unwrap_or_else(|e| fail(e));
+    let config = Config::from_env().unwrap_or_else(|e| fail(e.to_string()));
+    let comm = Communicator::new(&world, config).unwrap_or_else(|e| fail(e.to_string()));
+    let wrong = match opts.dtype {
+        DType::F32 => run::<f32>(&comm, &world, &opts, Some(mpi_f32)),
+        DType::F64 => run::<f64>(&comm, &world, &opts, Some(mpi_f64)),
+        DType::F16 => run::<f16>(&comm, &world, &opts, None),
+        DType::BF16 => run::<bf16>(&comm, &world, &opts, None),
+    };
+    match wrong {
+        Ok(0) => {}
+        Ok(n) => fail(format!("{n} wrong elements")),
+        Err(e) => fail(e.to_string()),
+    }
+}
+
+type MpiAllreduce<T> = fn(&SimpleCommunicator, &[T], &mut [T]);
+
+fn mpi_f32(w: &SimpleCommunicator, x: &[f32], y: &mut [f32]) {
+    w.all_reduce_into(x, y, SystemOperation::sum());
+}
+
+fn mpi_f64(w: &SimpleCommunicator, x: &[f64], y: &mut [f64]) {
+    w.all_reduce_into(x, y, SystemOperation::sum());
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Median per-call time in microseconds on this rank, maximum over ranks.
+fn time_calls(world: &SimpleCommunicator, warmup: usize, iters: usize, mut call: impl FnMut()) -> f64 {
+    for _ in 0..warmup {
+        call();
+    }
+    world.barrier();
+    let samples: Vec<f64> = (0..iters)
+        .map(|_| {
+            let t = Instant::now();
+            call();
+            t.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    let mine = median(samples);
+    let mut worst = 0.0f64;
+    world.all_reduce_into(&mine, &mut worst, SystemOperation::max());
+    worst
+}
+
+fn run<T: Element>(
+    comm: &Communicator,
+    world: &SimpleCommunicator,
+    o: &Options,
+    mpi: Option<MpiAllreduce<T>>,
+) -> tpcomm::Result<usize> {
+    let (rank, n) = (comm.rank(), comm.size());
+    let root = rank == 0;
+    let boot = comm.bootstrap();
+    if root {
+        println!(
+            "# tpcomm allreduce_perf: ranks {n} nodes {} minBytes {} maxBytes {} step: {}(factor) warmup iters: {} iters: {} validation: {} memory: host",
+            boot.nodes, o.min_bytes, o.max_bytes, o.factor, o.warmup, o.iters, u8::from(o.check)
+        );
+        if o.show_config {
+            print!(
+                "#\n# Configuration\n{}",
+                comm.config().dump().lines().map(|l| format!("#  {l}\n")).collect::<String>()
+            );
+        }
+        if o.show_dispatch {
+            print!("#\n# Dispatch table\n{}", comm.dispatch_table());
+        }
+        println!("#\n#  Layout: {}", boot.summary());
+        println!("#");
+        println!("#{:>62}out-of-place{:>26}in-place{:>22}MPI_Allreduce", "", "", "");
+        println!(
+            "#{:>11}  {:>12}  {:>8}  {:>6}  {:>6}  {:>7}  {:>6}  {:>6}  {:>6}  {:>7}  {:>6}  {:>6}  {:>6}  {:>8}  {:>6}  algo",
+            "size", "count", "type", "redop", "root", "time", "algbw", "busbw", "#wrong", "time", "algbw", "busbw", "#wrong", "time", "ratio"
+        );
+        println!(
+            "#{:>11}  {:>12}  {:>8}  {:>6}  {:>6}  {:>7}  {:>6}  {:>6}  {:>6}  {:>7}  {:>6}  {:>6}  {:>6}  {:>8}  {:>6}",
+            "(B)", "(elements)", "", "", "", "(us)", "(GB/s)", "(GB/s)", "", "(us)", "(GB/s)", "(GB/s)", "", "(us)", "mpi/tp"
+        );
+    }
+    let bus_factor = if n > 1 { 2.0 * (n - 1) as f64 / n as f64 } else { 1.0 };
+    let (mut total_wrong, mut busbw_sum, mut rows) = (0usize, 0.0f64, 0usize);
+    let mut bytes = o.min_bytes;
+    loop {
+        let count = bytes / size_of::<T>();
+        let size = count * size_of::<T>();
+        let algo = match o.algo {
+            Some(a) => a,
+            None => comm.host_algo::<T>(count)?,
+        };
+        let seed = 0xa11 ^ (size as u64);
+        let mut input = vec![T::default(); count];
+        fill_rank_input(seed, rank, &mut input);
+        let mut output = vec![poison::<T>(); count];
+        let expected: Vec<T> =
+            if o.check { expected_hierarchical_sum(seed, &boot.rank_to_node, count) } else { Vec::new() };
+
+        // Out of place: time, then one checked call into a poisoned output.
+        let mut err = None;
+        let t_oop = time_calls(world, o.warmup, o.iters, || {
+            if let Err(e) = comm.all_reduce_host_using(algo, Some(&input), &mut output) {
+                err.get_or_insert(e);
+            }
+        });
+        if let Some(e) = err.take() {
+            return Err(e);
+        }
+        let mut wrong_oop = 0;
+        if o.check {
+            output.fill(poison());
+            comm.all_reduce_host_using(algo, Some(&input), &mut output)?;
+            wrong_oop = count_wrong(&output, &expected);
+        }
+
+        // In place: the buffer keeps being summed while timing; refilled for the checked call.
+        output.copy_from_slice(&input);
+        let t_ip = time_calls(world, o.warmup, o.iters, || {
+            if let Err(e) = comm.all_reduce_host_using(algo, None, &mut output) {
+                err.get_or_insert(e);
+            }
+        });
+        if let Some(e) = err.take() {
+            return Err(e);
+        }
+        let mut wrong_ip = 0;
+        if o.check {
+            output.copy_from_slice(&input);
+            comm.all_reduce_host_using(algo, None, &mut output)?;
+            wrong_ip = count_wrong(&output, &expected);
+        }
+
+        let t_mpi = (o.compare_mpi && mpi.is_some()).then(|| {
+            let f = mpi.expect("checked");
+            time_calls(world, o.warmup, o.iters, || f(world, &input, &mut output))
+        });
+
+        let mut wrong = [wrong_oop as u64, wrong_ip as u64];
+        let mut wrong_all = [0u64; 2];
+        world.all_reduce_into(&wrong[..], &mut wrong_all[..], SystemOperation::sum());
+        wrong.copy_from_slice(&wrong_all);
+        total_wrong += (wrong[0] + wrong[1]) as usize;
+        let algbw = |t: f64| if t > 0.0 { size as f64 / t / 1e3 } else { 0.0 };
+        busbw_sum += (algbw(t_oop) + algbw(t_ip)) * bus_factor;
+        rows += 2;
+        if root {
+            let (mpi_t, ratio) = match t_mpi {
+                Some(t) => (format!("{t:8.2}"), format!("{:6.2}", t / t_oop)),
+                None => (format!("{:>8}", "n/a"), format!("{:>6}", "n/a")),
+            };
+            let chk = |w: u64| if o.check { w.to_string() } else { "N/A".to_string() };
+            println!(
+                "{:>12}  {:>12}  {:>8}  {:>6}  {:>6}  {:7.2}  {:6.2}  {:6.2}  {:>6}  {:7.2}  {:6.2}  {:6.2}  {:>6}  {}  {}  {}",
+                size,
+                count,
+                T::DTYPE.as_str(),
+                "sum",
+                -1,
+                t_oop,
+                algbw(t_oop),
+                algbw(t_oop) * bus_factor,
+                chk(wrong[0]),
+                t_ip,
+                algbw(t_ip),
+                algbw(t_ip) * bus_factor,
+                chk(wrong[1]),
+                mpi_t,
+                ratio,
+                algo
+            );
+            let _ = std::io::stdout().flush();
+        }
+        if bytes >= o.max_bytes {
+            break;
+        }
+        bytes = (bytes * o.factor).min(o.max_bytes);
+    }
+    if root {
+        println!("# Out of bounds values : {total_wrong} {}", if total_wrong == 0 { "OK" } else { "FAILED" });
+        println!("# Avg bus bandwidth    : {:.4}", busbw_sum / rows.max(1) as f64);
+        println!("#");
+    }
+    Ok(total_wrong)
+}

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The project's test command: installs missing system packages, checks formatting and lints,
+# runs every unit, integration (MPI jobs of 1-4 ranks) and doc test, then runs the example
+# programs under mpirun as self-checking smoke tests. Exits non-zero on any failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash mpirun-scripts/setup.sh
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --all-targets --quiet -- -D warnings
+echo "== cargo test"
+cargo test 2>&1
+echo "== examples under mpirun"
+cargo build --release --examples --quiet
+for n in 1 2 3; do
+  timeout 120 bash mpirun-scripts/mpirun.sh -n $n target/release/examples/hello_allreduce
+  timeout 300 bash mpirun-scripts/mpirun.sh -n $n target/release/examples/allreduce_perf -b 8 -e 1M -f 8 -n 5 -w 1 >/tmp/tpcomm-perf-$n.log \
+    || { cat /tmp/tpcomm-perf-$n.log; exit 1; }
+  tail -3 /tmp/tpcomm-perf-$n.log
+done
+echo "examples: 6 passed, 0 failed"
