@@ -3,7 +3,8 @@
 //!
 //! ## Segment layout (one per node, created by local rank 0)
 //! ```text
-//! flags   [n]          one u64 per rank, 128-byte apart: the last barrier step it reached
+//! flags   [n]          per rank, 128 bytes apart: the last barrier step it reached (u64),
+//!                      and 64 bytes further the number of peers sleeping on that flag
 //! desc    [2][n]       call descriptors (length, dtype, algorithm, call number)
 //! input   [2][n][C]    each rank's copy of its input chunk
 //! shards  [2][C]       reduced shards of the current chunk (two-shot, gather)
@@ -28,10 +29,18 @@ use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::shm::ShmSegment;
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 const FLAG_STRIDE: usize = 128;
+/// Offset, within a rank's flag line, of the count of peers sleeping on that flag.
+const SLEEPERS_OFFSET: usize = 64;
+/// Busy polls of a peer's flag before yielding, when every rank has a core of its own.
+const SPINS_BEFORE_SLEEP: u32 = 2048;
+/// Yields of the core before sleeping on a peer's flag.
+const YIELDS_BEFORE_SLEEP: u32 = 16;
+/// Longest single sleep; a safety net, since every store that a sleeper waits for wakes it.
+const MAX_SLEEP: Duration = Duration::from_millis(1);
 const DESC_STRIDE: usize = 64;
 /// Shards are cut at multiples of this many bytes so ranks never share a cache line.
 const SHARD_ALIGN: usize = 64;
@@ -59,6 +68,8 @@ pub struct HostAllreduce {
     step: u64,
     calls: u64,
     timeout: Duration,
+    /// Busy polls before yielding: none when the node's ranks outnumber its cores.
+    spins_before_sleep: u32,
     poisoned: Option<String>,
 }
 
@@ -85,7 +96,20 @@ impl HostAllreduce {
                 seg.len()
             )));
         }
-        Ok(HostAllreduce { seg, rank, n, global_ranks, chunk, step: 0, calls: 0, timeout, poisoned: None })
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+        let spins_before_sleep = if n > cores { 0 } else { SPINS_BEFORE_SLEEP };
+        Ok(HostAllreduce {
+            seg,
+            rank,
+            n,
+            global_ranks,
+            chunk,
+            step: 0,
+            calls: 0,
+            timeout,
+            spins_before_sleep,
+            poisoned: None,
+        })
     }
 
     fn flag(&self, r: usize) -> &AtomicU64 {
@@ -141,14 +165,27 @@ impl HostAllreduce {
         err
     }
 
-    /// Publish step `s` and wait for every peer to reach it. Spins briefly, then yields, then
-    /// sleeps, so it stays correct and does not livelock when ranks outnumber cores.
+    /// Number of ranks asleep on rank `r`'s flag (on its own cache line, away from the flag).
+    fn sleepers(&self, r: usize) -> &AtomicU32 {
+        // SAFETY: inside the segment, 64 bytes past rank r's flag, 4-byte aligned.
+        unsafe { &*(self.seg.as_ptr().add(r * FLAG_STRIDE + SLEEPERS_OFFSET) as *const AtomicU32) }
+    }
+
+    /// Publish step `s` and wait for every peer to reach it. Spins briefly, then sleeps on the
+    /// peer's flag (a futex on Linux, woken by the peer's store), so it stays fast and does not
+    /// livelock when ranks outnumber cores. Bounded by the timeout.
     fn barrier(&mut self, what: &'static str) -> Result<()> {
         self.step += 1;
         let s = self.step;
-        // Release: everything this rank wrote into the segment before is visible to a peer
-        // that reads flag >= s with acquire.
-        self.flag(self.rank).store(s, Ordering::Release);
+        // SeqCst (so also release): everything this rank wrote into the segment before is
+        // visible to a peer that reads flag >= s with acquire. The store is ordered before the
+        // sleepers load below, and a sleeper's registration before its flag load, so either the
+        // sleeper sees `s` or this rank sees the sleeper and wakes it: no lost wake-up.
+        let mine = self.flag(self.rank);
+        mine.store(s, Ordering::SeqCst);
+        if self.sleepers(self.rank).load(Ordering::SeqCst) > 0 {
+            wake_all(mine);
+        }
         let start = Instant::now();
         for p in 0..self.n {
             if p == self.rank {
@@ -158,19 +195,26 @@ impl HostAllreduce {
             let mut spins = 0u32;
             while flag.load(Ordering::Acquire) < s {
                 spins += 1;
-                if spins < 4096 {
+                if spins < self.spins_before_sleep {
                     std::hint::spin_loop();
+                    continue;
+                }
+                if spins < self.spins_before_sleep + YIELDS_BEFORE_SLEEP {
+                    // The peer may be waiting for this core: give it away before sleeping.
+                    std::thread::yield_now();
                     continue;
                 }
                 let waited = start.elapsed();
                 if waited > self.timeout {
                     return Err(self.poison(Error::PeerTimeout { op: what, peer: Some(self.global_ranks[p]), waited }));
                 }
-                if waited < Duration::from_millis(2) {
-                    std::thread::yield_now();
-                } else {
-                    std::thread::sleep(Duration::from_micros(50));
+                let sleepers = self.sleepers(p);
+                sleepers.fetch_add(1, Ordering::SeqCst);
+                let seen = flag.load(Ordering::SeqCst);
+                if seen < s {
+                    wait_while_equal(flag, seen, (self.timeout - waited).min(MAX_SLEEP));
                 }
+                sleepers.fetch_sub(1, Ordering::SeqCst);
             }
         }
         Ok(())
@@ -331,6 +375,45 @@ impl HostAllreduce {
         }
         Ok(())
     }
+}
+
+/// The 32-bit futex word of a flag: its low half.
+#[cfg(target_os = "linux")]
+fn futex_word(flag: &AtomicU64) -> *const u32 {
+    let p = flag as *const AtomicU64 as *const u32;
+    // SAFETY: both halves lie inside the 8-byte flag.
+    if cfg!(target_endian = "big") {
+        unsafe { p.add(1) }
+    } else {
+        p
+    }
+}
+
+/// Sleep until `flag` may differ from `seen` (or `timeout` passes, or a spurious wake-up).
+fn wait_while_equal(flag: &AtomicU64, seen: u64, timeout: Duration) {
+    #[cfg(target_os = "linux")]
+    {
+        let ts = libc::timespec { tv_sec: timeout.as_secs() as _, tv_nsec: timeout.subsec_nanos() as _ };
+        // SAFETY: a shared (not private) futex wait on a word of the mapped segment; the kernel
+        // returns at once if the word no longer holds `seen`, so a wake-up cannot be lost.
+        unsafe { libc::syscall(libc::SYS_futex, futex_word(flag), libc::FUTEX_WAIT, seen as u32, &ts as *const _) };
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (flag, seen);
+        std::thread::sleep(timeout.min(Duration::from_micros(50)));
+    }
+}
+
+/// Wake every process sleeping on `flag`.
+fn wake_all(flag: &AtomicU64) {
+    #[cfg(target_os = "linux")]
+    // SAFETY: a shared futex wake on a word of the mapped segment.
+    unsafe {
+        libc::syscall(libc::SYS_futex, futex_word(flag), libc::FUTEX_WAKE, i32::MAX)
+    };
+    #[cfg(not(target_os = "linux"))]
+    let _ = flag;
 }
 
 fn describe_algo(code: u32) -> &'static str {
