@@ -1,7 +1,7 @@
 //! The [`Communicator`]: bootstraps over MPI, owns one object per backend, routes each call.
 
 use crate::backend::host::HostAllreduce;
-use crate::bootstrap::{broadcast_bytes, Bootstrap};
+use crate::bootstrap::{all_gather_bytes, broadcast_bytes, Bootstrap};
 use crate::config::Config;
 use crate::dispatch::{Algo, DispatchTable, Memory, Request};
 use crate::dtype::Element;
@@ -48,6 +48,7 @@ impl Communicator {
     /// See `examples/hello_allreduce.rs`.
     pub fn new<C: mpi::traits::Communicator>(comm: &C, config: Config) -> Result<Self> {
         let boot = Bootstrap::new(comm, config.fake_nodes)?;
+        check_same_config(&boot, &config)?;
         let host = open_host_segment(&boot, &config)?;
         let cross = if boot.nodes > 1 { Some(CrossNode::new(&boot)?) } else { None };
         if config.debug {
@@ -179,6 +180,29 @@ impl State {
         cross.sum_across_nodes(&mut output[cross.my_shard(len)], timeout)?;
         self.host.all_gather_ranges(output, &cross.shard_ranges(len))
     }
+}
+
+/// Every rank must run with the same configuration (differing chunk sizes or algorithms would
+/// make ranks disagree about shared memory). Every rank compares every configuration with rank
+/// 0's, so all of them fail together and name the same rank.
+fn check_same_config(boot: &Bootstrap, config: &Config) -> Result<()> {
+    let all = all_gather_bytes(boot.world(), config.dump().as_bytes());
+    for (rank, theirs) in all.iter().enumerate().skip(1) {
+        if *theirs != all[0] {
+            let (a, b) = (String::from_utf8_lossy(&all[0]), String::from_utf8_lossy(theirs));
+            let differs: Vec<String> = a
+                .lines()
+                .zip(b.lines())
+                .filter(|(x, y)| x != y)
+                .map(|(x, y)| format!("rank 0: {} / rank {rank}: {}", x.trim_end(), y.trim_end()))
+                .collect();
+            return Err(Error::Mismatch {
+                op: "Communicator::new",
+                detail: format!("ranks run with different TPCOMM_* settings: {}", differs.join("; ")),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Local rank 0 creates the node's segment and broadcasts its name; the others open it; after

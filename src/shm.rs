@@ -49,6 +49,20 @@ impl ShmSegment {
             return Err(Error::last_os(format!("shm_open {name}")));
         }
         let result = (|| {
+            if !create {
+                // A segment shorter than expected would SIGBUS on first touch: refuse it here.
+                // SAFETY: fd is open; st is written by fstat.
+                let mut st: libc::stat = unsafe { std::mem::zeroed() };
+                if unsafe { libc::fstat(fd, &mut st) } != 0 {
+                    return Err(Error::last_os(format!("fstat {name}")));
+                }
+                if (st.st_size as u64) < len as u64 {
+                    return Err(Error::Internal(format!(
+                        "shared-memory segment {name} has {} bytes, {len} expected",
+                        st.st_size
+                    )));
+                }
+            }
             if create {
                 // SAFETY: fd is an open shared-memory object.
                 if unsafe { libc::ftruncate(fd, len as libc::off_t) } != 0 {
@@ -126,6 +140,10 @@ mod tests {
             assert_eq!(*b.as_ptr().add(4000), 42);
         }
         assert!(ShmSegment::open(&name, 8192).is_err(), "name is gone after unlink");
+        let short = format!("/tpcomm-test-short-{}", std::process::id());
+        let s = ShmSegment::create(&short, 4096).unwrap();
+        assert!(ShmSegment::open(&short, 8192).is_err(), "a short segment is refused, not mapped");
+        s.unlink().unwrap();
         assert!(ShmSegment::create("/tpcomm bad\0name", 10).is_err());
     }
 }

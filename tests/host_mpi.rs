@@ -52,6 +52,7 @@ fn launcher() {
         ranks: 4,
         env: &[("TPCOMM_TIMEOUT_MS", "1500"), ("TPCOMM_FAKE_NODES", "2")],
     });
+    jobs.push(Job { case: "different_config_per_rank", ranks: 3, env: &[] });
     jobs.push(Job { case: "invalid_config", ranks: 1, env: &[("TPCOMM_ALGO", "fastest")] });
     jobs.push(Job { case: "invalid_config", ranks: 1, env: &[("TPCOMM_TIMEOUT_MS", "-3")] });
     jobs.push(Job { case: "invalid_config", ranks: 1, env: &[("TPCOMM_NO_SUCH_KNOB", "1")] });
@@ -150,6 +151,9 @@ fn worker(case: &str) -> i32 {
         println!("FAIL: the invalid configuration was accepted: {config:?}");
         return 1;
     }
+    if case == "different_config_per_rank" {
+        return different_config_per_rank(&world, config);
+    }
     let comm = match Communicator::new(&world, config) {
         Ok(c) => c,
         Err(e) => {
@@ -243,6 +247,30 @@ fn exact_for<T: Element>(comm: &Communicator) -> Result<usize, String> {
         }
     }
     Ok(checks)
+}
+
+/// Rank 2 runs with another chunk size: every rank must refuse to build the communicator.
+fn different_config_per_rank(world: &mpi::topology::SimpleCommunicator, mut config: Config) -> i32 {
+    use mpi::traits::Communicator as _;
+    if world.rank() == 2 {
+        config.host_chunk_bytes *= 2;
+    }
+    match Communicator::new(world, config) {
+        Err(Error::Mismatch { detail, .. })
+            if detail.contains("rank 2") && detail.contains("TPCOMM_HOST_CHUNK_BYTES") =>
+        {
+            println!("rank {} ok: refused: {detail}", world.rank());
+            0
+        }
+        Err(e) => {
+            println!("FAIL rank {}: expected a Mismatch naming rank 2, got {e}", world.rank());
+            1
+        }
+        Ok(_) => {
+            println!("FAIL rank {}: a communicator was built with differing configurations", world.rank());
+            1
+        }
+    }
 }
 
 fn mismatched_lengths(comm: &Communicator) -> Result<String, String> {
