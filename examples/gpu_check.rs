@@ -56,33 +56,49 @@ fn value<T: Element>(seed: u64, r: usize, i: usize) -> T {
     }
 }
 
-fn gen<T: Element>(seed: u64, r: usize, len: usize) -> Vec<T> {
-    (0..len).map(|i| value(seed, r, i)).collect()
+/// Inputs repeat with this prime period, so the reference over all ranks costs n * PERIOD
+/// sums whatever the length (64 MiB messages at 8 ranks stay cheap to check). A prime period
+/// puts different values in every lane, vector, block and shard position.
+const PERIOD: usize = 65521;
+
+/// Every rank's input for one seed: rank `r`'s element `i` is `tables[r][(i + shift) % p]`.
+struct Inputs<T> {
+    tables: Vec<Vec<T>>,
+    shift: usize,
+    /// `reference_sum` over the ranks' tables: the expected result at `(i + shift) % p`.
+    reference: Vec<T>,
 }
 
-/// Compare `out` with `reference_sum` over every rank's input, chunk by chunk (bounded memory).
-/// Returns the number of elements whose bits differ and a description of the first.
-fn verify<T: Element>(seed: u64, n: usize, out: &[T]) -> (usize, String) {
-    const CHUNK: usize = 1 << 16;
-    let mut wrong = 0;
-    let mut first = String::new();
-    let mut start = 0;
-    while start < out.len() {
-        let end = (start + CHUNK).min(out.len());
-        let inputs: Vec<Vec<T>> = (0..n).map(|r| (start..end).map(|i| value::<T>(seed, r, i)).collect()).collect();
-        let refs: Vec<&[T]> = inputs.iter().map(|v| &v[..]).collect();
-        let expect = reference_sum(&refs);
-        for (k, (o, e)) in out[start..end].iter().zip(&expect).enumerate() {
+impl<T: Element> Inputs<T> {
+    fn new(seed: u64, n: usize, len: usize) -> Self {
+        let p = len.clamp(1, PERIOD);
+        let tables: Vec<Vec<T>> = (0..n).map(|r| (0..p).map(|k| value(seed, r, k)).collect()).collect();
+        let refs: Vec<&[T]> = tables.iter().map(|t| &t[..]).collect();
+        let reference = reference_sum(&refs);
+        Inputs { tables, shift: (splitmix(seed) % p as u64) as usize, reference }
+    }
+
+    fn rank_input(&self, r: usize, len: usize) -> Vec<T> {
+        let t = &self.tables[r];
+        (0..len).map(|i| t[(i + self.shift) % t.len()]).collect()
+    }
+
+    /// Elements of `out` whose bits differ from the reference, and the first of them.
+    fn verify(&self, out: &[T]) -> (usize, String) {
+        let p = self.reference.len();
+        let mut wrong = 0;
+        let mut first = String::new();
+        for (i, o) in out.iter().enumerate() {
+            let e = self.reference[(i + self.shift) % p];
             if o.to_f64().to_bits() != e.to_f64().to_bits() {
                 if wrong == 0 {
-                    first = format!("element {}: got {:?} expected {:?}", start + k, o, e);
+                    first = format!("element {i}: got {o:?} expected {e:?}");
                 }
                 wrong += 1;
             }
         }
-        start = end;
+        (wrong, first)
     }
-    (wrong, first)
 }
 
 struct Tally {
@@ -150,8 +166,8 @@ fn read<T: Dev>(stream: &Arc<CudaStream>, src: &cudarc::driver::CudaView<'_, T>)
     Ok(host)
 }
 
-fn check_out<T: Dev>(c: &Ctx, seed: u64, got: &[T]) -> Result<()> {
-    let (wrong, first) = verify(seed, c.n, got);
+fn check_out<T: Dev>(inputs: &Inputs<T>, got: &[T]) -> Result<()> {
+    let (wrong, first) = inputs.verify(got);
     if wrong > 0 {
         return Err(anyhow!("{wrong} of {} elements differ from reference_sum; first: {first}", got.len()));
     }
@@ -161,7 +177,8 @@ fn check_out<T: Dev>(c: &Ctx, seed: u64, got: &[T]) -> Result<()> {
 /// One eager call (registered or staged), in place or not.
 fn eager_case<T: Dev>(c: &mut Ctx, b: &mut Bufs<T>, algo: Algo, path: Path, in_place: bool, len: usize) -> Result<()> {
     let seed = c.next_seed();
-    let x = gen::<T>(seed, c.rank, len);
+    let inputs = Inputs::<T>::new(seed, c.n, len);
+    let x = inputs.rank_input(c.rank, len);
     let s = c.stream.clone();
     let input: &mut CudaSlice<T> = match path {
         Path::Registered => &mut b.shared,
@@ -171,7 +188,7 @@ fn eager_case<T: Dev>(c: &mut Ctx, b: &mut Bufs<T>, algo: Algo, path: Path, in_p
     if in_place {
         c.comm.all_reduce_in_place_using(Some(algo), &mut input.slice_mut(0..len), &s)?;
         let got = read(&s, &input.slice(0..len))?;
-        return check_out(c, seed, &got);
+        return check_out(&inputs, &got);
     }
     poison(&s, &mut b.out.slice_mut(0..len))?;
     if path == Path::Registered {
@@ -180,7 +197,7 @@ fn eager_case<T: Dev>(c: &mut Ctx, b: &mut Bufs<T>, algo: Algo, path: Path, in_p
         c.comm.all_reduce_using(Some(algo), &input.slice(0..len), &mut b.out.slice_mut(0..len), &s)?;
     }
     let got = read(&s, &b.out.slice(0..len))?;
-    check_out(c, seed, &got)
+    check_out(&inputs, &got)
 }
 
 /// Capture one call into a graph, then replay it `replays` times with fresh inputs.
@@ -209,7 +226,8 @@ fn graph_case<T: Dev>(
     };
     for k in 0..replays {
         let seed = c.next_seed();
-        let x = gen::<T>(seed, c.rank, len);
+        let inputs = Inputs::<T>::new(seed, c.n, len);
+        let x = inputs.rank_input(c.rank, len);
         let input: &mut CudaSlice<T> = if path == Path::GraphIpc { &mut b.ipc } else { &mut b.pool };
         s.memcpy_htod(&x, &mut input.slice_mut(0..len))?;
         if !in_place {
@@ -219,7 +237,7 @@ fn graph_case<T: Dev>(
         s.synchronize()?;
         comm.check_device_errors().with_context(|| format!("replay {k}"))?;
         let got = if in_place { read(&s, &input.slice(0..len))? } else { read(&s, &b.out.slice(0..len))? };
-        check_out(c, seed, &got).with_context(|| format!("replay {k}"))?;
+        check_out(&inputs, &got).with_context(|| format!("replay {k}"))?;
     }
     Ok(())
 }
@@ -347,10 +365,10 @@ fn bad_inputs(c: &mut Ctx, tally: &mut Tally, max_bytes: usize) -> Result<()> {
         ),
     );
     // The communicator still works after all of these (they fail before any kernel).
-    let x = gen::<f32>(77, c.rank, 1000);
-    s.memcpy_htod(&x, &mut pool.slice_mut(0..1000))?;
+    let inputs = Inputs::<f32>::new(77, c.n, 1000);
+    s.memcpy_htod(&inputs.rank_input(c.rank, 1000), &mut pool.slice_mut(0..1000))?;
     let r = c.comm.all_reduce(&pool.slice(0..1000), &mut out.slice_mut(0..1000), &s).map_err(anyhow::Error::from);
-    let r = r.and_then(|()| check_out(c, 77, &read(&s, &out.slice(0..1000))?));
+    let r = r.and_then(|()| check_out(&inputs, &read(&s, &out.slice(0..1000))?));
     tally.record("bad: communicator still usable afterwards", r);
     Ok(())
 }
@@ -454,8 +472,8 @@ fn bench(c: &mut Ctx) -> Result<()> {
         let len = bytes / 2;
         let mut shared = c.comm.alloc_shared::<bf16>(len)?;
         let mut out = s.alloc_zeros::<bf16>(len)?;
-        let x = gen::<bf16>(5, c.rank, len);
-        s.memcpy_htod(&x, &mut shared.slice_mut(0..len))?;
+        let inputs = Inputs::<bf16>::new(5, c.n, len);
+        s.memcpy_htod(&inputs.rank_input(c.rank, len), &mut shared.slice_mut(0..len))?;
         for algo in [Algo::OneShot, Algo::TwoShot] {
             let mut eager = Vec::new();
             for i in 0..220 {
@@ -485,7 +503,7 @@ fn bench(c: &mut Ctx) -> Result<()> {
             let per = t0.elapsed().as_secs_f64() * 1e6 / (reps * 10) as f64;
             comm.check_device_errors()?;
             let got = read(&s, &out.slice(0..len))?;
-            check_out(c, 5, &got).context("bench result")?;
+            check_out(&inputs, &got).context("bench result")?;
             if c.rank == 0 {
                 println!("{bytes:>10} {algo:>8} {:>12.2} {per:>12.2}", median(eager));
             }

@@ -31,8 +31,10 @@ export TPCOMM_TIMEOUT_MS=${TPCOMM_TIMEOUT_MS:-60000}
 export GPU_CHECK_REPLAYS=${GPU_CHECK_REPLAYS:-10000}
 
 mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-nvidia-cuda-mps-control -d || { echo "could not start MPS"; exit 2; }
-stop_mps() { echo quit | nvidia-cuda-mps-control >/dev/null 2>&1; }
+stop_mps() {
+    echo quit | nvidia-cuda-mps-control >/dev/null 2>&1
+    for _ in $(seq 50); do pgrep nvidia-cuda-mps >/dev/null || return 0; sleep 0.1; done
+}
 trap stop_mps EXIT
 
 summary="$LOGDIR/summary.txt"
@@ -40,6 +42,9 @@ summary="$LOGDIR/summary.txt"
 failures=0
 for n in $RANKS; do
     log="$LOGDIR/gpu_check_np$n.log"
+    # A fresh MPS server per rank count: a job killed by `timeout` must not leave state behind
+    # that fails the next one.
+    nvidia-cuda-mps-control -d || { echo "could not start MPS"; exit 2; }
     start=$(date +%s)
     timeout -k 10 "$PER_RUN" mpirun --oversubscribe -np "$n" \
         -x CUDA_MPS_PIPE_DIRECTORY -x TPCOMM_CUSTOM_MAX_BYTES -x TPCOMM_CACHE_DIR \
@@ -52,6 +57,7 @@ for n in $RANKS; do
     line="np=$n rc=$rc ${took}s: ${result:-no summary line (see $log)}"
     echo "$line" | tee -a "$summary"
     [ "$rc" -ne 0 ] && failures=$((failures + 1))
+    stop_mps
 done
 echo "rank counts failed: $failures" | tee -a "$summary"
 exit "$failures"

@@ -256,8 +256,9 @@ struct GpuState {
     ctx: Arc<CudaContext>,
     /// Built by the first collective device call.
     custom: Option<CustomAllreduce>,
-    /// Buffers from [`Communicator::alloc_shared`], kept until the communicator goes (peers
-    /// hold mappings of them).
+    /// Buffers from [`Communicator::alloc_shared`] and [`Communicator::alloc_device`], kept
+    /// until the communicator goes: peers may hold mappings of them, and a freed allocation
+    /// whose memory a peer still maps cannot be opened again by that peer.
     shared: Vec<Arc<IpcBuffer>>,
     poisoned: Option<String>,
 }
@@ -617,12 +618,17 @@ impl Communicator {
 
     /// Allocate `len` elements of device memory that can be exported over IPC but is not
     /// registered: allreduces of it are staged, except inside [`Communicator::capture`], where
-    /// the graph reads it in place. Not collective.
+    /// the graph reads it in place. Not collective. As with [`Communicator::alloc_shared`], the
+    /// memory is returned when the communicator is dropped (peers may map it).
     ///
     /// # Errors
     /// [`Error::Cuda`] when allocation fails.
     pub fn alloc_device<T: Element>(&self, len: usize) -> Result<DeviceBuffer<T>> {
-        self.with_gpu(|gpu| DeviceBuffer::new(&gpu.ctx, len))
+        self.with_gpu(|gpu| {
+            let buf = DeviceBuffer::new(&gpu.ctx, len)?;
+            gpu.shared.push(buf.mem.clone());
+            Ok(buf)
+        })
     }
 
     /// Capture the work `body` enqueues on `stream` into a CUDA graph. Allreduces captured read

@@ -16,6 +16,11 @@ use std::sync::Arc;
 /// Bytes of an IPC memory handle.
 pub const IPC_HANDLE_BYTES: usize = 64;
 
+/// [`IpcBuffer`] sizes are rounded up to this granularity. Small `cuMemAlloc` allocations can
+/// share a 2 MiB page; a peer that opened one of them then gets CUDA_ERROR_ALREADY_MAPPED for
+/// the other (seen on H100, CUDA 13.0), so every exported allocation gets pages of its own.
+pub const IPC_GRANULARITY: usize = 2 << 20;
+
 /// An exported IPC memory handle (opaque bytes, sent to peers over MPI).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct IpcHandle(pub [u8; IPC_HANDLE_BYTES]);
@@ -101,8 +106,9 @@ unsafe impl Send for IpcBuffer {}
 unsafe impl Sync for IpcBuffer {}
 
 impl IpcBuffer {
-    /// Allocate `bytes` (at least 1) of device memory in `ctx`. The contents are undefined: call
-    /// [`IpcBuffer::zero`] before peers read flags from it.
+    /// Allocate `bytes` of device memory in `ctx`, rounded up to [`IPC_GRANULARITY`] (at least
+    /// one granule). The contents are undefined: call [`IpcBuffer::zero`] before peers read
+    /// flags from it.
     ///
     /// # Errors
     /// [`Error::Cuda`] when the allocation fails (out of memory).
@@ -110,7 +116,8 @@ impl IpcBuffer {
         ctx.bind_to_thread().map_err(cuda("cuCtxSetCurrent"))?;
         let mut ptr: sys::CUdeviceptr = 0;
         // SAFETY: `ptr` is a valid out parameter.
-        check("cuMemAlloc_v2", unsafe { sys::cuMemAlloc_v2(&mut ptr, bytes.max(1)) })?;
+        let rounded = bytes.max(1).div_ceil(IPC_GRANULARITY) * IPC_GRANULARITY;
+        check("cuMemAlloc_v2", unsafe { sys::cuMemAlloc_v2(&mut ptr, rounded) })?;
         Ok(IpcBuffer { ctx: ctx.clone(), ptr, bytes })
     }
 
