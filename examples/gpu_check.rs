@@ -1,7 +1,7 @@
 //! Self-checking GPU test of the custom CUDA IPC allreduce. Run under mpirun:
 //!
 //! ```text
-//! mpirun -np 4 target/release/examples/gpu_check [--quick] [--bench]
+//! mpirun -np 4 target/release/examples/gpu_check [--quick] [--bench | --bench-only]
 //! ```
 //!
 //! Objective: prove that every device path gives `tpcomm::dtype::reference_sum`'s bits on every
@@ -21,7 +21,7 @@
 //! Every rank's input is a pure function of (seed, rank, index), so every rank computes the
 //! reference over all ranks' inputs. Outputs are poisoned (NaN) before each call; inputs are
 //! never zero. Prints `N passed, M failed` (summed over ranks) and exits non-zero on a failure.
-//! `--bench` adds a latency table (eager and graph replays).
+//! `--bench` adds a latency table (eager and graph replays); `--bench-only` prints only that.
 
 use anyhow::{anyhow, Context, Result};
 use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
@@ -520,7 +520,8 @@ fn main() -> Result<()> {
     let world = universe.world();
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
-    let do_bench = args.iter().any(|a| a == "--bench");
+    let bench_only = args.iter().any(|a| a == "--bench-only");
+    let do_bench = bench_only || args.iter().any(|a| a == "--bench");
     let replays: usize = std::env::var("GPU_CHECK_REPLAYS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
     let config = Config::from_env()?;
     let rank = world.rank() as usize;
@@ -558,6 +559,9 @@ fn main() -> Result<()> {
             ("replays", &mut |c, t| many_replays(c, t, replays)),
         ];
         for (name, step) in steps {
+            if bench_only {
+                break;
+            }
             let t0 = Instant::now();
             let r = step(&mut c, &mut tally);
             tally.record(&format!("step {name} ran to its end"), r);
@@ -570,7 +574,7 @@ fn main() -> Result<()> {
             tally.record("bench", r);
         }
     }
-    if n > 1 {
+    if n > 1 && !bench_only {
         let r = skipped_call(&world, &config, &mut tally);
         tally.record("step timeout ran to its end", r);
         let r = capture_mismatch(&world, &config, &mut tally);

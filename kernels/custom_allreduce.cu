@@ -138,6 +138,16 @@ __device__ __forceinline__ u32 ld_acquire_sys(const u32* addr) {
     return v;
 }
 
+__device__ __forceinline__ void st_relaxed_sys(u32* addr, u32 v) {
+    asm volatile("st.relaxed.sys.global.u32 [%0], %1;" ::"l"(addr), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ u32 ld_relaxed_sys(const u32* addr) {
+    u32 v;
+    asm volatile("ld.relaxed.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(addr) : "memory");
+    return v;
+}
+
 // Data a peer wrote during this launch (two-shot scratch) is read with volatile loads, so no
 // stale copy in this SM's L1 can be returned after the acquire barrier.
 __device__ __forceinline__ Vec16 ld_volatile_v4(const void* addr) {
@@ -158,18 +168,23 @@ __device__ __forceinline__ typename T::Bits ld_volatile_elem(const void* addr) {
 // Barrier between the same block of every rank.
 //
 // Thread p (< WORLD) of block b bumps its private counter for (b, p) to c, stores c into peer
-// p's mailbox[c & 1][b][rank] with release semantics at system scope, then spins until its own
-// mailbox[c & 1][b][p] holds c (acquire, system scope). Every rank makes the same calls with the
-// same grid, so both sides count the same c. Two parities suffice: a peer cannot reach c + 2
-// before we announced c + 1, which we do only after seeing c.
+// p's mailbox[c & 1][b][rank], then spins until its own mailbox[c & 1][b][p] holds c. Every
+// rank makes the same calls with the same grid, so both sides count the same c. Two parities
+// suffice: a peer cannot reach c + 2 before we announced c + 1, which we do only after seeing c.
 //
-// The __syncthreads() before publishes every thread's earlier writes to the signalling thread
-// (CTA scope); the fence plus the release store make them visible to the peer at system scope
-// (cumulativity). The __syncthreads() after hands the acquired view to all threads.
+// PUBLISH = true (two-shot's middle barrier) hands data written in this launch to the peers:
+// the __syncthreads() before collects every thread's writes at CTA scope, the system fence and
+// the release store make them visible at system scope (cumulativity), the acquire load and the
+// __syncthreads() after hand the peers' writes to all our threads.
+// PUBLISH = false (start and end barriers) is a pure rendezvous: what the peers read after the
+// start barrier was written before their kernels began (stream order), and the end barrier only
+// says that every peer's loads of our input have returned. Relaxed accesses suffice there and
+// skip two system-scope fences per barrier.
 //
 // The spin is bounded by `deadline` (globaltimer, ns). On timeout the thread records
 // (barrier, peer, block) into the host-visible error word and the whole block leaves the
 // kernel; the host turns that into Error::PeerTimeout.
+template <bool PUBLISH>
 __device__ __forceinline__ bool barrier(Signal* self, const Ptrs& sigs, int rank, u32 id, u64 deadline,
                                         volatile u64* err, volatile int* failed) {
     __syncthreads();
@@ -178,10 +193,15 @@ __device__ __forceinline__ bool barrier(Signal* self, const Ptrs& sigs, int rank
         const u32 c = self->counter[blockIdx.x][p] + 1;
         self->counter[blockIdx.x][p] = c;
         Signal* peer = (Signal*)sigs.p[p];
-        __threadfence_system();
-        st_release_sys(&peer->mailbox[c & 1][blockIdx.x][rank], c);
+        u32* theirs = &peer->mailbox[c & 1][blockIdx.x][rank];
         const u32* mine = &self->mailbox[c & 1][blockIdx.x][p];
-        while (ld_acquire_sys(mine) != c) {
+        if (PUBLISH) {
+            __threadfence_system();
+            st_release_sys(theirs, c);
+        } else {
+            st_relaxed_sys(theirs, c);
+        }
+        while ((PUBLISH ? ld_acquire_sys(mine) : ld_relaxed_sys(mine)) != c) {
             if (globaltimer() > deadline) {
                 *err = (1ull << 63) | ((u64)id << 32) | ((u64)p << 16) | (u64)blockIdx.x;
                 __threadfence_system();
@@ -231,7 +251,7 @@ __device__ void oneshot(const Ptrs* __restrict__ rd, const Ptrs& sigs, char* out
     const Ptrs in = *rd;
     // Start: every peer's kernel is running, so its input (written by earlier work on its
     // stream) is complete.
-    if (!barrier(self, sigs, rank, TPCOMM_BARRIER_START, deadline, err, &failed)) return;
+    if (!barrier<false>(self, sigs, rank, TPCOMM_BARRIER_START, deadline, err, &failed)) return;
     const u64 nvec = count / T::PER_VEC;
     const u64 tid = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     const u64 stride = (u64)gridDim.x * blockDim.x;
@@ -239,7 +259,7 @@ __device__ void oneshot(const Ptrs* __restrict__ rd, const Ptrs& sigs, char* out
     const u64 j = nvec * T::PER_VEC + tid;
     if (j < count) ((typename T::Bits*)out)[j] = sum_elem<T>(in, j);
     // End: no rank returns (and lets its caller overwrite its input) while a peer still reads it.
-    barrier(self, sigs, rank, TPCOMM_BARRIER_END, deadline, err, &failed);
+    barrier<false>(self, sigs, rank, TPCOMM_BARRIER_END, deadline, err, &failed);
 }
 
 // Shard r of nvec vectors: [start, end), the first nvec % WORLD shards one vector longer.
@@ -267,7 +287,7 @@ __device__ void twoshot(const Ptrs* __restrict__ rd, const Ptrs& sigs, const Ptr
     const u64 deadline = globaltimer() + timeout_ns;
     Signal* self = (Signal*)sigs.p[rank];
     const Ptrs in = *rd;
-    if (!barrier(self, sigs, rank, TPCOMM_BARRIER_START, deadline, err, &failed)) return;
+    if (!barrier<false>(self, sigs, rank, TPCOMM_BARRIER_START, deadline, err, &failed)) return;
     const u64 nvec = count / T::PER_VEC;
     const u64 tid = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     const u64 stride = (u64)gridDim.x * blockDim.x;
@@ -280,7 +300,7 @@ __device__ void twoshot(const Ptrs* __restrict__ rd, const Ptrs& sigs, const Ptr
         if (j < count) ((typename T::Bits*)mine)[j] = sum_elem<T>(in, j);
     }
     // Middle: every shard is reduced and published (release at system scope).
-    if (!barrier(self, sigs, rank, TPCOMM_BARRIER_MID, deadline, err, &failed)) return;
+    if (!barrier<true>(self, sigs, rank, TPCOMM_BARRIER_MID, deadline, err, &failed)) return;
 #pragma unroll 1
     for (int s = 0; s < TPCOMM_WORLD; s++) {
         shard(nvec, s, &s0, &s1);
