@@ -256,6 +256,9 @@ struct GpuState {
     ctx: Arc<CudaContext>,
     /// Built by the first collective device call.
     custom: Option<CustomAllreduce>,
+    /// Why the custom allreduce cannot run on this GPU layout, once found (the same on every
+    /// rank, so later calls fail at once without another collective check).
+    custom_unsupported: Option<String>,
     /// Buffers from [`Communicator::alloc_shared`] and [`Communicator::alloc_device`], kept
     /// until the communicator goes: peers may hold mappings of them, and a freed allocation
     /// whose memory a peer still maps cannot be opened again by that peer.
@@ -346,7 +349,7 @@ impl Communicator {
             }
             let ordinal = crate::topology::local_gpu_index(self.boot.local_rank);
             let ctx = CudaContext::new(ordinal).map_err(crate::cuda::cuda("cuCtxCreate / primary context"))?;
-            *guard = Some(GpuState { ctx, custom: None, shared: Vec::new(), poisoned: None });
+            *guard = Some(GpuState { ctx, custom: None, custom_unsupported: None, shared: Vec::new(), poisoned: None });
         }
         let gpu = guard.as_mut().expect("set above");
         if let Some(cause) = &gpu.poisoned {
@@ -368,6 +371,9 @@ impl Communicator {
         if gpu.custom.is_some() {
             return Ok(());
         }
+        if let Some(reason) = &gpu.custom_unsupported {
+            return Err(Error::Unsupported { what: "custom CUDA IPC allreduce".into(), reason: reason.clone() });
+        }
         if self.boot.nodes > 1 {
             return Err(Error::Unsupported {
                 what: "allreduce of device memory across nodes".into(),
@@ -377,9 +383,9 @@ impl Communicator {
         let node = self.boot.node();
         let layout = crate::topology::gpu_layout(node, &gpu.ctx);
         if let Some(reason) = &layout.unsupported {
-            if self.config.debug {
-                eprintln!("tpcomm: rank {}: custom allreduce unavailable: {reason}", self.boot.rank);
-            }
+            // Logged once per communicator and rank: the caller may fall back silently.
+            eprintln!("tpcomm: rank {}: custom CUDA IPC allreduce unavailable: {reason}", self.boot.rank);
+            gpu.custom_unsupported = Some(reason.clone());
             return Err(Error::Unsupported { what: "custom CUDA IPC allreduce".into(), reason: reason.clone() });
         }
         let opts = CustomOptions {
