@@ -19,8 +19,8 @@
 //!   different numbers of calls (`Error::Mismatch`).
 //!
 //! Every rank's input is a pure function of (seed, rank, index), so every rank computes the
-//! reference over all ranks' inputs. Outputs are poisoned (NaN) before each call; inputs are
-//! never zero. Prints `N passed, M failed` (summed over ranks) and exits non-zero on a failure.
+//! reference over all ranks' inputs. Outputs, and 64 elements after them, are poisoned (NaN)
+//! before each call, and the elements after must still hold the poison; inputs are never zero. Prints `N passed, M failed` (summed over ranks) and exits non-zero on a failure.
 //! `--bench` adds a latency table (eager and graph replays); `--bench-only` prints only that.
 
 use anyhow::{anyhow, Context, Result};
@@ -166,6 +166,30 @@ fn read<T: Dev>(stream: &Arc<CudaStream>, src: &cudarc::driver::CudaView<'_, T>)
     Ok(host)
 }
 
+/// Elements after the message that are poisoned too and must stay untouched.
+const GUARD: usize = 64;
+
+/// Poison up to [`GUARD`] elements of `buf` after the first `len`; returns how many.
+fn guard_poison<T: Dev>(s: &Arc<CudaStream>, buf: &mut CudaSlice<T>, len: usize) -> Result<usize> {
+    let g = GUARD.min(buf.len() - len);
+    if g > 0 {
+        poison(s, &mut buf.slice_mut(len..len + g))?;
+    }
+    Ok(g)
+}
+
+/// Check that the `g` guard elements after `len` still hold the poison.
+fn guard_check<T: Dev>(s: &Arc<CudaStream>, buf: &CudaSlice<T>, len: usize, g: usize) -> Result<()> {
+    if g == 0 {
+        return Ok(());
+    }
+    let after = read(s, &buf.slice(len..len + g))?;
+    match after.iter().position(|x| !x.to_f64().is_nan()) {
+        None => Ok(()),
+        Some(i) => Err(anyhow!("element {} past the end of the message was written ({:?})", len + i, after[i])),
+    }
+}
+
 fn check_out<T: Dev>(inputs: &Inputs<T>, got: &[T]) -> Result<()> {
     let (wrong, first) = inputs.verify(got);
     if wrong > 0 {
@@ -186,18 +210,22 @@ fn eager_case<T: Dev>(c: &mut Ctx, b: &mut Bufs<T>, algo: Algo, path: Path, in_p
     };
     s.memcpy_htod(&x, &mut input.slice_mut(0..len))?;
     if in_place {
+        let g = guard_poison(&s, input, len)?;
         c.comm.all_reduce_in_place_using(Some(algo), &mut input.slice_mut(0..len), &s)?;
         let got = read(&s, &input.slice(0..len))?;
-        return check_out(&inputs, &got);
+        check_out(&inputs, &got)?;
+        return guard_check(&s, input, len, g);
     }
     poison(&s, &mut b.out.slice_mut(0..len))?;
+    let g = guard_poison(&s, &mut b.out, len)?;
     if path == Path::Registered {
         c.comm.all_reduce_registered_using(Some(algo), &input.slice(0..len), &mut b.out.slice_mut(0..len), &s)?;
     } else {
         c.comm.all_reduce_using(Some(algo), &input.slice(0..len), &mut b.out.slice_mut(0..len), &s)?;
     }
     let got = read(&s, &b.out.slice(0..len))?;
-    check_out(&inputs, &got)
+    check_out(&inputs, &got)?;
+    guard_check(&s, &b.out, len, g)
 }
 
 /// Capture one call into a graph, then replay it `replays` times with fresh inputs.
@@ -233,11 +261,14 @@ fn graph_case<T: Dev>(
         if !in_place {
             poison(&s, &mut b.out.slice_mut(0..len))?;
         }
+        let dest: &mut CudaSlice<T> = if in_place { input } else { &mut b.out };
+        let g = guard_poison(&s, dest, len)?;
         graph.launch()?;
         s.synchronize()?;
         comm.check_device_errors().with_context(|| format!("replay {k}"))?;
-        let got = if in_place { read(&s, &input.slice(0..len))? } else { read(&s, &b.out.slice(0..len))? };
+        let got = read(&s, &dest.slice(0..len))?;
         check_out(&inputs, &got).with_context(|| format!("replay {k}"))?;
+        guard_check(&s, dest, len, g).with_context(|| format!("replay {k}"))?;
     }
     Ok(())
 }

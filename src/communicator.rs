@@ -641,7 +641,11 @@ impl Communicator {
     /// their inputs in place where the memory allows it (registered, or from `cuMemAlloc`) and
     /// from the staging buffer otherwise; after capture every rank exchanges the addresses the
     /// captured calls read, so replays need no host work. `stream` must not be the legacy
-    /// default stream.
+    /// default stream. Capture runs in relaxed mode (tpcomm queries pointers during it). With
+    /// cudarc's event tracking on (several streams in use), a buffer last touched on another
+    /// stream makes the captured stream wait on that stream's event, which CUDA may refuse
+    /// during capture: order such work first, or turn tracking off as `examples/gpu_check.rs`
+    /// does.
     ///
     /// After replaying the graph, synchronise the stream and call
     /// [`Communicator::check_device_errors`] to learn of peers that did not arrive.
