@@ -692,6 +692,12 @@ impl Communicator {
         })
     }
 
+    /// Whether this rank's custom allreduce kernels were read from the disk cache
+    /// (`TPCOMM_CACHE_DIR`) instead of compiled; `None` before the first device call.
+    pub fn kernels_from_disk_cache(&self) -> Option<bool> {
+        self.gpu.lock().ok()?.as_ref()?.custom.as_ref().map(|c| c.kernels_from_disk_cache())
+    }
+
     /// Report a peer timeout recorded by device work since the last check (for example by a
     /// graph replay) as [`Error::PeerTimeout`]. Synchronise the stream first.
     ///

@@ -153,6 +153,7 @@ pub struct CustomAllreduce {
     /// address the kernel reads and the reserved row.
     graph_pending: Vec<(u64, usize)>,
     err: HostWord,
+    kernels_from_disk: bool,
     // Dropped last-but-one: peers' mappings close before our own buffers are freed.
     peers: PeerMappings,
     _signal: IpcBuffer,
@@ -207,7 +208,7 @@ impl CustomAllreduce {
         }
         // Every step that can fail on one rank is followed by an agreement, so no rank is left
         // waiting in an exchange the others skipped.
-        let (funcs, max_blocks, signal, scratch, staging) =
+        let (funcs, max_blocks, signal, scratch, staging, kernels_from_disk) =
             agree(comm, Self::prepare(ctx, world, opts), "custom allreduce set-up")?;
 
         let mine = (|| -> Result<Vec<u8>> {
@@ -260,6 +261,7 @@ impl CustomAllreduce {
             registered: Vec::new(),
             graph_pending: Vec::new(),
             err: HostWord::new()?,
+            kernels_from_disk,
             peers,
             _signal: signal,
             _scratch: scratch,
@@ -310,7 +312,7 @@ impl CustomAllreduce {
         signal.zero()?;
         let scratch = IpcBuffer::alloc(ctx, opts.max_bytes)?;
         let staging = IpcBuffer::alloc(ctx, opts.max_bytes)?;
-        Ok((funcs, max_blocks, signal, scratch, staging))
+        Ok((funcs, max_blocks, signal, scratch, staging, cache.disk_hits() > 0))
     }
 
     /// Rank in the custom allreduce's group.
@@ -331,6 +333,11 @@ impl CustomAllreduce {
     /// Most blocks of one launch (after the shared-device cap).
     pub fn max_blocks(&self) -> usize {
         self.max_blocks
+    }
+
+    /// True when the kernels' CUBIN came from the disk cache rather than NVRTC.
+    pub fn kernels_from_disk_cache(&self) -> bool {
+        self.kernels_from_disk
     }
 
     /// Rows of the rank-data table in use.
@@ -657,7 +664,7 @@ impl CustomAllreduce {
 }
 
 /// The fallible part of [`CustomAllreduce::new`] before any exchange.
-type Prepared = (HashMap<(Kernel, DType), CudaFunction>, usize, IpcBuffer, IpcBuffer, IpcBuffer);
+type Prepared = (HashMap<(Kernel, DType), CudaFunction>, usize, IpcBuffer, IpcBuffer, IpcBuffer, bool);
 
 /// Make every rank of `comm` agree whether a step succeeded everywhere, so no rank goes on to
 /// an exchange the others skip. Returns the local error where this rank failed, and

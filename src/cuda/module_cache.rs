@@ -151,6 +151,7 @@ pub struct ModuleCache {
     dir: Option<PathBuf>,
     arch: (i32, i32),
     loaded: Mutex<HashMap<ModuleKey, Arc<CudaModule>>>,
+    disk_hits: std::sync::atomic::AtomicUsize,
 }
 
 impl ModuleCache {
@@ -160,7 +161,18 @@ impl ModuleCache {
     /// [`Error::Cuda`] when the device's compute capability cannot be read.
     pub fn new(ctx: &Arc<CudaContext>, dir: Option<PathBuf>) -> Result<Self> {
         let arch = ctx.compute_capability().map_err(cuda("cuDeviceGetAttribute(compute capability)"))?;
-        Ok(ModuleCache { ctx: ctx.clone(), dir, arch, loaded: Mutex::new(HashMap::new()) })
+        Ok(ModuleCache {
+            ctx: ctx.clone(),
+            dir,
+            arch,
+            loaded: Mutex::new(HashMap::new()),
+            disk_hits: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    /// Modules this cache read from disk instead of compiling.
+    pub fn disk_hits(&self) -> usize {
+        self.disk_hits.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The device architecture kernels are built for.
@@ -179,7 +191,10 @@ impl ModuleCache {
         if let Some(m) = loaded.get(&key) {
             return Ok(m.clone());
         }
-        let (bin, _) = cached_cubin(self.dir.as_deref(), name, src, options, self.arch)?;
+        let (bin, from_disk) = cached_cubin(self.dir.as_deref(), name, src, options, self.arch)?;
+        if from_disk {
+            self.disk_hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let module = self.ctx.load_module(cudarc::nvrtc::Ptx::from_binary(bin)).map_err(cuda("cuModuleLoadData"))?;
         loaded.insert(key, module.clone());
         Ok(module)
