@@ -15,8 +15,8 @@
 //! - graph replays with fresh inputs between replays (10,000 at one small size);
 //! - bad inputs: unregistered pointer on the registered path, oversize, misaligned pointers,
 //!   different input and output lengths, f64;
-//! - a rank that skips a call (the others must get `Error::PeerTimeout`), and ranks capturing
-//!   different numbers of calls (`Error::Mismatch`).
+//! - a rank that skips a call (the others must get `Error::PeerTimeout`), ranks capturing
+//!   different numbers of calls, and ranks passing different lengths (`Error::Mismatch`).
 //!
 //! Every rank's input is a pure function of (seed, rank, index), so every rank computes the
 //! reference over all ranks' inputs. Outputs, and 64 elements after them, are poisoned (NaN)
@@ -468,6 +468,29 @@ fn capture_mismatch(world: &mpi::topology::SimpleCommunicator, config: &Config, 
     Ok(())
 }
 
+/// Ranks passing different lengths must all get Error::Mismatch (from the kernels' call tags)
+/// instead of mixing data. A fresh communicator each time: the error poisons it.
+fn length_mismatch(
+    world: &mpi::topology::SimpleCommunicator,
+    config: &Config,
+    algo: Algo,
+    tally: &mut Tally,
+) -> Result<()> {
+    let rank = world.rank() as usize;
+    let comm = Communicator::new(world, config.clone())?;
+    let ctx = comm.cuda_context()?;
+    let s = ctx.new_stream()?;
+    let inp = s.alloc_zeros::<f32>(1008)?;
+    let mut out = s.alloc_zeros::<f32>(1008)?;
+    // Same grid on every rank (one block), different lengths.
+    let len = if rank == 0 { 1000 } else { 1008 };
+    let r = comm.all_reduce_using(Some(algo), &inp.slice(0..len), &mut out.slice_mut(0..len), &s);
+    let name = format!("mismatch: ranks pass different lengths ({algo})");
+    tally.record(&name, expect_err(r, |e| matches!(e, Error::Mismatch { .. }), "length mismatch"));
+    world.barrier();
+    Ok(())
+}
+
 /// The long graph run: one capture replayed `replays` times with fresh inputs.
 fn many_replays(c: &mut Ctx, tally: &mut Tally, replays: usize) -> Result<()> {
     let len = 3000; // 6000 bytes of bf16: a tail of 0 and an odd number of vectors per rank
@@ -618,6 +641,10 @@ fn main() -> Result<()> {
         tally.record("step timeout ran to its end", r);
         let r = capture_mismatch(&world, &config, &mut tally);
         tally.record("step capture mismatch ran to its end", r);
+        for algo in [Algo::OneShot, Algo::TwoShot] {
+            let r = length_mismatch(&world, &config, algo, &mut tally);
+            tally.record("step length mismatch ran to its end", r);
+        }
     }
     let mine = [tally.passed as u64, tally.failed as u64];
     let mut sum = [0u64; 2];

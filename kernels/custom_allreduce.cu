@@ -32,11 +32,14 @@ typedef unsigned int u32;
 typedef unsigned long long u64;
 
 // One rank's signal area, shared with every peer through IPC.
-// mailbox[parity][block][peer]: the last barrier count `peer` announced to us for `block`.
+// mailbox[parity][block][peer]: the last barrier `peer` announced to us for `block`, as
+//   (call tag << 32) | count in one 64-bit word: the tag (a hash of length, dtype and algorithm
+//   made by the host) travels with the flag, so checking that every rank makes the same call
+//   costs no extra memory traffic or fence.
 // counter[block][peer]: how many barriers our `block` has entered with `peer` (private).
 // Counters only grow and are never reset, so a graph replay continues the sequence.
 struct Signal {
-    u32 mailbox[TPCOMM_PARITIES][TPCOMM_MAX_BLOCKS][TPCOMM_MAX_RANKS];
+    u64 mailbox[TPCOMM_PARITIES][TPCOMM_MAX_BLOCKS][TPCOMM_MAX_RANKS];
     u32 counter[TPCOMM_MAX_BLOCKS][TPCOMM_MAX_RANKS];
 };
 
@@ -128,23 +131,23 @@ __device__ __forceinline__ u64 globaltimer() {
     return t;
 }
 
-__device__ __forceinline__ void st_release_sys(u32* addr, u32 v) {
-    asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(addr), "r"(v) : "memory");
+__device__ __forceinline__ void st_release_sys(u64* addr, u64 v) {
+    asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(addr), "l"(v) : "memory");
 }
 
-__device__ __forceinline__ u32 ld_acquire_sys(const u32* addr) {
-    u32 v;
-    asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(addr) : "memory");
+__device__ __forceinline__ u64 ld_acquire_sys(const u64* addr) {
+    u64 v;
+    asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(addr) : "memory");
     return v;
 }
 
-__device__ __forceinline__ void st_relaxed_sys(u32* addr, u32 v) {
-    asm volatile("st.relaxed.sys.global.u32 [%0], %1;" ::"l"(addr), "r"(v) : "memory");
+__device__ __forceinline__ void st_relaxed_sys(u64* addr, u64 v) {
+    asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(addr), "l"(v) : "memory");
 }
 
-__device__ __forceinline__ u32 ld_relaxed_sys(const u32* addr) {
-    u32 v;
-    asm volatile("ld.relaxed.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(addr) : "memory");
+__device__ __forceinline__ u64 ld_relaxed_sys(const u64* addr) {
+    u64 v;
+    asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(addr) : "memory");
     return v;
 }
 
@@ -181,11 +184,16 @@ __device__ __forceinline__ typename T::Bits ld_volatile_elem(const void* addr) {
 // says that every peer's loads of our input have returned. Relaxed accesses suffice there and
 // skip two system-scope fences per barrier.
 //
+// The announcement carries the call's tag. A peer whose tag differs made another call (other
+// length, dtype or algorithm): the thread records (mismatch, barrier, peer, block) in the error
+// word and the block leaves the kernel before touching any data (the host returns
+// Error::Mismatch). Every rank sees the other's tag, so every rank stops.
+//
 // The spin is bounded by `deadline` (globaltimer, ns). On timeout the thread records
-// (barrier, peer, block) into the host-visible error word and the whole block leaves the
-// kernel; the host turns that into Error::PeerTimeout.
+// (barrier, peer, block) into the host-visible error word unless a mismatch is already there,
+// and the whole block leaves the kernel; the host turns that into Error::PeerTimeout.
 template <bool PUBLISH>
-__device__ __forceinline__ bool barrier(Signal* self, const Ptrs& sigs, int rank, u32 id, u64 deadline,
+__device__ __forceinline__ bool barrier(Signal* self, const Ptrs& sigs, int rank, u32 id, u32 tag, u64 deadline,
                                         volatile u64* err, volatile int* failed) {
     __syncthreads();
     if (threadIdx.x < TPCOMM_WORLD) {
@@ -193,21 +201,28 @@ __device__ __forceinline__ bool barrier(Signal* self, const Ptrs& sigs, int rank
         const u32 c = self->counter[blockIdx.x][p] + 1;
         self->counter[blockIdx.x][p] = c;
         Signal* peer = (Signal*)sigs.p[p];
-        u32* theirs = &peer->mailbox[c & 1][blockIdx.x][rank];
-        const u32* mine = &self->mailbox[c & 1][blockIdx.x][p];
+        u64* theirs = &peer->mailbox[c & 1][blockIdx.x][rank];
+        const u64* mine = &self->mailbox[c & 1][blockIdx.x][p];
+        const u64 word = ((u64)tag << 32) | c;
         if (PUBLISH) {
             __threadfence_system();
-            st_release_sys(theirs, c);
+            st_release_sys(theirs, word);
         } else {
-            st_relaxed_sys(theirs, c);
+            st_relaxed_sys(theirs, word);
         }
-        while ((PUBLISH ? ld_acquire_sys(mine) : ld_relaxed_sys(mine)) != c) {
+        u64 got;
+        while ((u32)(got = (PUBLISH ? ld_acquire_sys(mine) : ld_relaxed_sys(mine))) != c) {
             if (globaltimer() > deadline) {
-                *err = (1ull << 63) | ((u64)id << 32) | ((u64)p << 16) | (u64)blockIdx.x;
+                if (*err == 0) *err = (1ull << 63) | ((u64)id << 32) | ((u64)p << 16) | (u64)blockIdx.x;
                 __threadfence_system();
                 *failed = 1;
                 break;
             }
+        }
+        if ((u32)got == c && (u32)(got >> 32) != tag) {
+            *err = (1ull << 62) | ((u64)id << 32) | ((u64)p << 16) | (u64)blockIdx.x;
+            __threadfence_system();
+            *failed = 1;
         }
     }
     __syncthreads();
@@ -243,7 +258,7 @@ __device__ __forceinline__ typename T::Bits sum_elem(const Ptrs& in, u64 j) {
 // count:   elements; the last count % PER_VEC are summed element by element
 template <typename T>
 __device__ void oneshot(const Ptrs* __restrict__ rd, const Ptrs& sigs, char* out, int rank, u64 count,
-                        u64 timeout_ns, u64* err) {
+                        u64 timeout_ns, u64* err, u32 tag) {
     __shared__ int failed;
     if (threadIdx.x == 0) failed = 0;
     const u64 deadline = globaltimer() + timeout_ns;
@@ -251,7 +266,7 @@ __device__ void oneshot(const Ptrs* __restrict__ rd, const Ptrs& sigs, char* out
     const Ptrs in = *rd;
     // Start: every peer's kernel is running, so its input (written by earlier work on its
     // stream) is complete.
-    if (!barrier<false>(self, sigs, rank, TPCOMM_BARRIER_START, deadline, err, &failed)) return;
+    if (!barrier<false>(self, sigs, rank, TPCOMM_BARRIER_START, tag, deadline, err, &failed)) return;
     const u64 nvec = count / T::PER_VEC;
     const u64 tid = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     const u64 stride = (u64)gridDim.x * blockDim.x;
@@ -259,7 +274,7 @@ __device__ void oneshot(const Ptrs* __restrict__ rd, const Ptrs& sigs, char* out
     const u64 j = nvec * T::PER_VEC + tid;
     if (j < count) ((typename T::Bits*)out)[j] = sum_elem<T>(in, j);
     // End: no rank returns (and lets its caller overwrite its input) while a peer still reads it.
-    barrier<false>(self, sigs, rank, TPCOMM_BARRIER_END, deadline, err, &failed);
+    barrier<false>(self, sigs, rank, TPCOMM_BARRIER_END, tag, deadline, err, &failed);
 }
 
 // Shard r of nvec vectors: [start, end), the first nvec % WORLD shards one vector longer.
@@ -281,13 +296,13 @@ __device__ __forceinline__ void shard(u64 nvec, int r, u64* start, u64* end) {
 // input is last read before the middle barrier.
 template <typename T>
 __device__ void twoshot(const Ptrs* __restrict__ rd, const Ptrs& sigs, const Ptrs& scratch, char* out, int rank,
-                        u64 count, u64 timeout_ns, u64* err) {
+                        u64 count, u64 timeout_ns, u64* err, u32 tag) {
     __shared__ int failed;
     if (threadIdx.x == 0) failed = 0;
     const u64 deadline = globaltimer() + timeout_ns;
     Signal* self = (Signal*)sigs.p[rank];
     const Ptrs in = *rd;
-    if (!barrier<false>(self, sigs, rank, TPCOMM_BARRIER_START, deadline, err, &failed)) return;
+    if (!barrier<false>(self, sigs, rank, TPCOMM_BARRIER_START, tag, deadline, err, &failed)) return;
     const u64 nvec = count / T::PER_VEC;
     const u64 tid = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     const u64 stride = (u64)gridDim.x * blockDim.x;
@@ -300,7 +315,7 @@ __device__ void twoshot(const Ptrs* __restrict__ rd, const Ptrs& sigs, const Ptr
         if (j < count) ((typename T::Bits*)mine)[j] = sum_elem<T>(in, j);
     }
     // Middle: every shard is reduced and published (release at system scope).
-    if (!barrier<true>(self, sigs, rank, TPCOMM_BARRIER_MID, deadline, err, &failed)) return;
+    if (!barrier<true>(self, sigs, rank, TPCOMM_BARRIER_MID, tag, deadline, err, &failed)) return;
 #pragma unroll 1
     for (int s = 0; s < TPCOMM_WORLD; s++) {
         shard(nvec, s, &s0, &s1);
@@ -315,18 +330,18 @@ __device__ void twoshot(const Ptrs* __restrict__ rd, const Ptrs& sigs, const Ptr
 
 // ---------------------------------------------------------------------------------------------
 // Entry points, one per (algorithm, dtype), all with one signature:
-// (rank-data row, signals, scratch, out, rank, count, timeout_ns, error word)
+// (rank-data row, signals, scratch, out, rank, count, timeout_ns, error word, call tag)
 
 #define TPCOMM_ENTRY(NAME, ALGO)                                                                   \
     extern "C" __global__ void __launch_bounds__(TPCOMM_THREADS) NAME(const Ptrs* __restrict__ rd, Ptrs sigs,   \
                                                             Ptrs scratch, char* out, int rank,       \
-                                                            u64 count, u64 timeout_ns, u64* err) {   \
+                                                            u64 count, u64 timeout_ns, u64* err, u32 tag) {   \
         ALGO;                                                                                       \
     }
 
-TPCOMM_ENTRY(oneshot_f32, (oneshot<F32>(rd, sigs, out, rank, count, timeout_ns, err)))
-TPCOMM_ENTRY(oneshot_f16, (oneshot<F16>(rd, sigs, out, rank, count, timeout_ns, err)))
-TPCOMM_ENTRY(oneshot_bf16, (oneshot<BF16>(rd, sigs, out, rank, count, timeout_ns, err)))
-TPCOMM_ENTRY(twoshot_f32, (twoshot<F32>(rd, sigs, scratch, out, rank, count, timeout_ns, err)))
-TPCOMM_ENTRY(twoshot_f16, (twoshot<F16>(rd, sigs, scratch, out, rank, count, timeout_ns, err)))
-TPCOMM_ENTRY(twoshot_bf16, (twoshot<BF16>(rd, sigs, scratch, out, rank, count, timeout_ns, err)))
+TPCOMM_ENTRY(oneshot_f32, (oneshot<F32>(rd, sigs, out, rank, count, timeout_ns, err, tag)))
+TPCOMM_ENTRY(oneshot_f16, (oneshot<F16>(rd, sigs, out, rank, count, timeout_ns, err, tag)))
+TPCOMM_ENTRY(oneshot_bf16, (oneshot<BF16>(rd, sigs, out, rank, count, timeout_ns, err, tag)))
+TPCOMM_ENTRY(twoshot_f32, (twoshot<F32>(rd, sigs, scratch, out, rank, count, timeout_ns, err, tag)))
+TPCOMM_ENTRY(twoshot_f16, (twoshot<F16>(rd, sigs, scratch, out, rank, count, timeout_ns, err, tag)))
+TPCOMM_ENTRY(twoshot_bf16, (twoshot<BF16>(rd, sigs, scratch, out, rank, count, timeout_ns, err, tag)))

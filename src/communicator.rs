@@ -445,7 +445,10 @@ impl Communicator {
     /// [`Error::InvalidArgument`] for different input and output lengths or pointers that are not
     /// 16-byte aligned; [`Error::Unsupported`] for f64, for messages over
     /// `TPCOMM_CUSTOM_MAX_BYTES`, or where the GPUs cannot reach each other;
-    /// [`Error::PeerTimeout`] when a peer does not arrive within `TPCOMM_TIMEOUT_MS`.
+    /// [`Error::PeerTimeout`] when a peer does not arrive within `TPCOMM_TIMEOUT_MS`;
+    /// [`Error::Mismatch`] when ranks pass different lengths, element types or algorithms (the
+    /// kernels compare a tag of the call at every barrier; where the difference also changes
+    /// the grid, the rank with more blocks returns only after its extra blocks time out).
     ///
     /// # Examples
     /// See `examples/gpu_check.rs`.
@@ -702,7 +705,8 @@ impl Communicator {
     /// graph replay) as [`Error::PeerTimeout`]. Synchronise the stream first.
     ///
     /// # Errors
-    /// [`Error::PeerTimeout`]; [`Error::Poisoned`] after an earlier desynchronising error.
+    /// [`Error::PeerTimeout`]; [`Error::Mismatch`] when ranks replayed graphs of different
+    /// calls; [`Error::Poisoned`] after an earlier desynchronising error.
     pub fn check_device_errors(&self) -> Result<()> {
         self.with_gpu(|gpu| match &gpu.custom {
             Some(c) => c.check_error(),

@@ -449,7 +449,9 @@ impl CustomAllreduce {
     /// # Errors
     /// [`Error::InvalidArgument`] for pointers not 16-byte aligned, an unregistered input in
     /// [`Mode::Registered`], or a staged / two-shot message over `max_bytes`;
-    /// [`Error::Unsupported`] for f64; [`Error::PeerTimeout`]; [`Error::Cuda`].
+    /// [`Error::Unsupported`] for f64; [`Error::PeerTimeout`]; [`Error::Mismatch`] when a peer
+    /// made another call (length, dtype or algorithm), found by the kernels' call tags;
+    /// [`Error::Cuda`].
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn all_reduce(
         &mut self,
@@ -547,11 +549,12 @@ impl CustomAllreduce {
         let count = len as u64;
         let timeout_ns = u64::try_from(self.timeout.as_nanos()).unwrap_or(u64::MAX / 2);
         let err = self.err.device_ptr();
+        let tag = protocol::call_tag(count, dtype.code(), kernel as u32);
         let mut launch = stream.launch_builder(func);
         launch.arg(&rd).arg(&self.sigs).arg(&self.scratch_ptrs).arg(&output).arg(&rank).arg(&count);
-        launch.arg(&timeout_ns).arg(&err);
+        launch.arg(&timeout_ns).arg(&err).arg(&tag);
         // SAFETY: the arguments match `(const Ptrs* rd, Ptrs sigs, Ptrs scratch, char* out, int rank,
-        // u64 count, u64 timeout_ns, u64* err)` in kernels/custom_allreduce.cu; `rd` points to a
+        // u64 count, u64 timeout_ns, u64* err, u32 tag)` in kernels/custom_allreduce.cu; `rd` points to a
         // row of the rank-data table, `sigs`/`scratch_ptrs` are live IPC mappings, `output` is
         // valid for `len` elements (caller), `err` is the mapped host word.
         unsafe { launch.launch(cfg) }.map_err(cuda("cuLaunchKernel(custom allreduce)"))?;
@@ -562,16 +565,24 @@ impl CustomAllreduce {
         self.check_error()
     }
 
-    /// Report a barrier timeout recorded by any kernel since the last check as
-    /// [`Error::PeerTimeout`]. Call after synchronising with the stream that ran them (for
-    /// example after replaying a captured graph).
+    /// Report a barrier failure recorded by any kernel since the last check. Call after
+    /// synchronising with the stream that ran them (for example after replaying a captured
+    /// graph).
     ///
     /// # Errors
-    /// [`Error::PeerTimeout`] naming the peer (rank in this group) that did not arrive.
+    /// [`Error::PeerTimeout`] naming the peer (rank in this group) that did not arrive;
+    /// [`Error::Mismatch`] naming a peer that made another call (length, dtype or algorithm).
     pub fn check_error(&self) -> Result<()> {
         let word = self.err.get();
         match protocol::decode_error(word) {
             None => Ok(()),
+            Some(t) if t.kind == protocol::BarrierErrorKind::Mismatch => Err(Error::Mismatch {
+                op: "custom all_reduce",
+                detail: format!(
+                    "rank {} called with another length, dtype or algorithm than rank {} (seen at barrier {})",
+                    t.peer, self.rank, t.barrier
+                ),
+            }),
             Some(t) => Err(Error::PeerTimeout {
                 op: match t.barrier {
                     protocol::BARRIER_START => "custom allreduce: start barrier",
