@@ -25,6 +25,9 @@ pub struct Communicator {
     config: Config,
     table: DispatchTable,
     state: Mutex<State>,
+    /// The GPU side, created on the first device call (`None` until then, and on machines
+    /// without CUDA).
+    gpu: Mutex<Option<GpuState>>,
 }
 
 /// Everything that changes per call, behind the communicator's lock.
@@ -55,7 +58,13 @@ impl Communicator {
             eprintln!("tpcomm: {}", boot.summary());
         }
         let table = DispatchTable::new(&config, boot.size);
-        Ok(Communicator { boot, config, table, state: Mutex::new(State { host, cross, poisoned: None }) })
+        Ok(Communicator {
+            boot,
+            config,
+            table,
+            state: Mutex::new(State { host, cross, poisoned: None }),
+            gpu: Mutex::new(None),
+        })
     }
 
     /// This rank.
@@ -256,4 +265,476 @@ fn open_host_segment(boot: &Bootstrap, config: &Config) -> Result<HostAllreduce>
     }
     let global_ranks: Vec<usize> = (0..boot.size).filter(|&r| boot.rank_to_node[r] == boot.node_index()).collect();
     HostAllreduce::new(seg, boot.local_rank, global_ranks, config.host_chunk_bytes, config.timeout)
+}
+
+// ------------------------------------------------------------------------------------------------
+// Device memory: the custom CUDA IPC allreduce.
+
+use crate::backend::custom::{CustomAllreduce, CustomOptions, Kernel, Mode};
+use crate::cuda::ipc::IpcBuffer;
+use cudarc::driver::{CudaContext, CudaGraph, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceSlice, SyncOnDrop};
+use std::sync::Arc;
+
+/// The GPU side of a communicator.
+struct GpuState {
+    ctx: Arc<CudaContext>,
+    /// Built by the first collective device call.
+    custom: Option<CustomAllreduce>,
+    /// Why the custom allreduce cannot run on this GPU layout, once found (the same on every
+    /// rank, so later calls fail at once without another collective check).
+    custom_unsupported: Option<String>,
+    /// Buffers from [`Communicator::alloc_shared`] and [`Communicator::alloc_device`], kept
+    /// until the communicator goes: peers may hold mappings of them, and a freed allocation
+    /// whose memory a peer still maps cannot be opened again by that peer.
+    shared: Vec<Arc<IpcBuffer>>,
+    poisoned: Option<String>,
+}
+
+/// Device memory from `cuMemAlloc`, usable wherever cudarc takes a [`CudaSlice`] (it derefs to
+/// one). From [`Communicator::alloc_shared`] it is registered with every peer, so allreduces
+/// whose input lies in it copy nothing; from [`Communicator::alloc_device`] it is not, but CUDA
+/// graphs capturing allreduces of it read it in place (it can be exported over IPC, unlike
+/// cudarc's stream-ordered allocations).
+pub struct DeviceBuffer<T> {
+    slice: std::mem::ManuallyDrop<CudaSlice<T>>,
+    mem: Arc<IpcBuffer>,
+}
+
+impl<T> DeviceBuffer<T> {
+    fn new(ctx: &Arc<CudaContext>, len: usize) -> Result<Self> {
+        let mem = Arc::new(IpcBuffer::alloc(ctx, len * size_of::<T>())?);
+        // SAFETY: the allocation holds `len` elements of T and outlives the slice (the Arc is
+        // kept beside it); the slice is leaked, never freed by cudarc, in Drop.
+        let slice = unsafe { ctx.default_stream().upgrade_device_ptr::<T>(mem.ptr(), len) };
+        Ok(DeviceBuffer { slice: std::mem::ManuallyDrop::new(slice), mem })
+    }
+
+    /// The device address of the first element.
+    pub fn device_address(&self) -> u64 {
+        self.mem.ptr()
+    }
+}
+
+impl<T> std::ops::Deref for DeviceBuffer<T> {
+    type Target = CudaSlice<T>;
+    fn deref(&self) -> &CudaSlice<T> {
+        &self.slice
+    }
+}
+
+impl<T> std::ops::DerefMut for DeviceBuffer<T> {
+    fn deref_mut(&mut self) -> &mut CudaSlice<T> {
+        &mut self.slice
+    }
+}
+
+impl<T> DeviceSlice<T> for DeviceBuffer<T> {
+    fn len(&self) -> usize {
+        self.slice.len()
+    }
+    fn stream(&self) -> &Arc<CudaStream> {
+        DeviceSlice::stream(&*self.slice)
+    }
+}
+
+impl<T> DevicePtr<T> for DeviceBuffer<T> {
+    fn device_ptr<'a>(&'a self, stream: &'a CudaStream) -> (cudarc::driver::sys::CUdeviceptr, SyncOnDrop<'a>) {
+        self.slice.device_ptr(stream)
+    }
+}
+
+impl<T> DevicePtrMut<T> for DeviceBuffer<T> {
+    fn device_ptr_mut<'a>(&'a mut self, stream: &'a CudaStream) -> (cudarc::driver::sys::CUdeviceptr, SyncOnDrop<'a>) {
+        self.slice.device_ptr_mut(stream)
+    }
+}
+
+impl<T> Drop for DeviceBuffer<T> {
+    fn drop(&mut self) {
+        // SAFETY: taken once, here; cudarc must not free memory it did not allocate.
+        let slice = unsafe { std::mem::ManuallyDrop::take(&mut self.slice) };
+        let _ = slice.leak();
+    }
+}
+
+impl Communicator {
+    fn gpu_lock(&self) -> Result<std::sync::MutexGuard<'_, Option<GpuState>>> {
+        self.gpu.lock().map_err(|_| Error::Poisoned { cause: "a device call panicked".into() })
+    }
+
+    fn with_gpu<R>(&self, f: impl FnOnce(&mut GpuState) -> Result<R>) -> Result<R> {
+        let mut guard = self.gpu_lock()?;
+        if guard.is_none() {
+            if !crate::cuda::driver_present() {
+                return Err(Error::Unsupported {
+                    what: "allreduce of device memory".into(),
+                    reason: "no CUDA driver library (libcuda) can be loaded on this machine".into(),
+                });
+            }
+            let ordinal = crate::topology::local_gpu_index(self.boot.local_rank);
+            let ctx = CudaContext::new(ordinal).map_err(crate::cuda::cuda("cuCtxCreate / primary context"))?;
+            *guard = Some(GpuState { ctx, custom: None, custom_unsupported: None, shared: Vec::new(), poisoned: None });
+        }
+        let gpu = guard.as_mut().expect("set above");
+        if let Some(cause) = &gpu.poisoned {
+            return Err(Error::Poisoned { cause: cause.clone() });
+        }
+        gpu.ctx.bind_to_thread().map_err(crate::cuda::cuda("cuCtxSetCurrent"))?;
+        let result = f(gpu);
+        if let Err(e) = &result {
+            if e.desynchronizes() && gpu.poisoned.is_none() {
+                gpu.poisoned = Some(e.to_string());
+            }
+        }
+        result
+    }
+
+    /// Build the custom allreduce on first use (collective; every rank reaches it through the
+    /// same collective call).
+    fn ensure_custom(&self, gpu: &mut GpuState) -> Result<()> {
+        if gpu.custom.is_some() {
+            return Ok(());
+        }
+        if let Some(reason) = &gpu.custom_unsupported {
+            return Err(Error::Unsupported { what: "custom CUDA IPC allreduce".into(), reason: reason.clone() });
+        }
+        if self.boot.nodes > 1 {
+            return Err(Error::Unsupported {
+                what: "allreduce of device memory across nodes".into(),
+                reason: "the custom IPC kernels serve one node; no network backend is built in yet".into(),
+            });
+        }
+        let node = self.boot.node();
+        let layout = crate::topology::gpu_layout(node, &gpu.ctx);
+        if let Some(reason) = &layout.unsupported {
+            // Logged once per communicator and rank: the caller may fall back silently.
+            eprintln!("tpcomm: rank {}: custom CUDA IPC allreduce unavailable: {reason}", self.boot.rank);
+            gpu.custom_unsupported = Some(reason.clone());
+            return Err(Error::Unsupported { what: "custom CUDA IPC allreduce".into(), reason: reason.clone() });
+        }
+        let opts = CustomOptions {
+            max_bytes: self.config.custom_max_bytes,
+            timeout: self.config.timeout,
+            ranks_per_device: layout.max_ranks_per_device,
+            cache_dir: Some(self.config.cache_dir.clone().unwrap_or_else(crate::cuda::module_cache::default_cache_dir)),
+        };
+        let custom = CustomAllreduce::new(node, &gpu.ctx, &opts)?;
+        if self.config.debug && self.boot.rank == 0 {
+            eprintln!(
+                "tpcomm: custom allreduce ready: {} ranks, {} per GPU at most, {} blocks max, {} staging bytes",
+                custom.world_size(),
+                layout.max_ranks_per_device,
+                custom.max_blocks(),
+                custom.max_bytes()
+            );
+        }
+        gpu.custom = Some(custom);
+        Ok(())
+    }
+
+    /// The CUDA context of this rank's GPU (`local_rank % devices`), created on first use.
+    /// Allocate buffers and streams from it.
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] when no CUDA driver is present; [`Error::Cuda`].
+    pub fn cuda_context(&self) -> Result<Arc<CudaContext>> {
+        self.with_gpu(|gpu| Ok(gpu.ctx.clone()))
+    }
+
+    /// The algorithm the dispatch table picks for a device call of `len` elements of `T`.
+    ///
+    /// # Errors
+    /// As [`DispatchTable::choose`].
+    pub fn device_algo<T: Element>(&self, len: usize) -> Result<Algo> {
+        self.table.choose(&Request {
+            bytes: len * size_of::<T>(),
+            dtype: T::DTYPE,
+            world_size: self.boot.size,
+            nodes: self.boot.nodes,
+            memory: Memory::Device,
+        })
+    }
+
+    /// Sum `input` over all ranks into `output` (device memory: f32, f16 or bf16), on `stream`.
+    ///
+    /// An input inside a buffer from [`Communicator::alloc_shared`] is read in place by the
+    /// peers; any other input is first copied into this rank's IPC staging buffer. Outside
+    /// stream capture the call waits for the result; while `stream` captures (inside
+    /// [`Communicator::capture`]) it is recorded instead.
+    ///
+    /// # Collective
+    /// Every rank, same length and element type.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for different input and output lengths or pointers that are not
+    /// 16-byte aligned; [`Error::Unsupported`] for f64, for messages over
+    /// `TPCOMM_CUSTOM_MAX_BYTES`, or where the GPUs cannot reach each other;
+    /// [`Error::PeerTimeout`] when a peer does not arrive within `TPCOMM_TIMEOUT_MS`;
+    /// [`Error::Mismatch`] when ranks pass different lengths, element types or algorithms (the
+    /// kernels compare a tag of the call at every barrier; where the difference also changes
+    /// the grid, the rank with more blocks returns only after its extra blocks time out).
+    ///
+    /// # Examples
+    /// See `examples/gpu_check.rs`.
+    pub fn all_reduce<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
+        &self,
+        input: &I,
+        output: &mut O,
+        stream: &Arc<CudaStream>,
+    ) -> Result<()> {
+        self.all_reduce_using(None, input, output, stream)
+    }
+
+    /// As [`Communicator::all_reduce`] with an explicit algorithm ([`Algo::OneShot`] or
+    /// [`Algo::TwoShot`]; `None` asks the dispatch table). For tests and benchmarks.
+    ///
+    /// # Collective
+    /// Every rank, same length, element type and algorithm.
+    ///
+    /// # Errors
+    /// As [`Communicator::all_reduce`]; [`Error::Unsupported`] for a host algorithm.
+    pub fn all_reduce_using<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
+        &self,
+        algo: Option<Algo>,
+        input: &I,
+        output: &mut O,
+        stream: &Arc<CudaStream>,
+    ) -> Result<()> {
+        if input.len() != output.len() {
+            return Err(Error::invalid(
+                "all_reduce",
+                format!("input has {} elements but output has {}", input.len(), output.len()),
+            ));
+        }
+        let len = output.len();
+        let (inp, _read) = input.device_ptr(stream);
+        let (out, _write) = output.device_ptr_mut(stream);
+        self.device_call::<T>(algo, inp, out, len, stream, false)
+    }
+
+    /// As [`Communicator::all_reduce_using`], but the input must lie in a buffer from
+    /// [`Communicator::alloc_shared`]: the zero-copy path only, never staged (the seed's
+    /// `all_reduce` without a staging buffer).
+    ///
+    /// # Collective
+    /// Every rank, same length, element type and algorithm.
+    ///
+    /// # Errors
+    /// As [`Communicator::all_reduce_using`]; [`Error::InvalidArgument`] for an input outside
+    /// registered memory.
+    pub fn all_reduce_registered_using<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
+        &self,
+        algo: Option<Algo>,
+        input: &I,
+        output: &mut O,
+        stream: &Arc<CudaStream>,
+    ) -> Result<()> {
+        if input.len() != output.len() {
+            return Err(Error::invalid(
+                "all_reduce",
+                format!("input has {} elements but output has {}", input.len(), output.len()),
+            ));
+        }
+        let len = output.len();
+        let (inp, _read) = input.device_ptr(stream);
+        let (out, _write) = output.device_ptr_mut(stream);
+        self.device_call::<T>(algo, inp, out, len, stream, true)
+    }
+
+    /// Sum `buf` over all ranks, in place (device memory).
+    ///
+    /// # Collective
+    /// As [`Communicator::all_reduce`].
+    ///
+    /// # Errors
+    /// As [`Communicator::all_reduce`].
+    pub fn all_reduce_in_place<T: Element, B: DevicePtrMut<T>>(
+        &self,
+        buf: &mut B,
+        stream: &Arc<CudaStream>,
+    ) -> Result<()> {
+        self.all_reduce_in_place_using(None, buf, stream)
+    }
+
+    /// As [`Communicator::all_reduce_in_place`] with an explicit algorithm.
+    ///
+    /// # Collective
+    /// Every rank, same length, element type and algorithm.
+    ///
+    /// # Errors
+    /// As [`Communicator::all_reduce_using`].
+    pub fn all_reduce_in_place_using<T: Element, B: DevicePtrMut<T>>(
+        &self,
+        algo: Option<Algo>,
+        buf: &mut B,
+        stream: &Arc<CudaStream>,
+    ) -> Result<()> {
+        let len = buf.len();
+        let (p, _write) = buf.device_ptr_mut(stream);
+        self.device_call::<T>(algo, p, p, len, stream, false)
+    }
+
+    fn device_call<T: Element>(
+        &self,
+        algo: Option<Algo>,
+        input: u64,
+        output: u64,
+        len: usize,
+        stream: &Arc<CudaStream>,
+        registered_only: bool,
+    ) -> Result<()> {
+        let algo = match algo {
+            Some(a) => a,
+            None => self.device_algo::<T>(len)?,
+        };
+        let kernel = match algo {
+            Algo::OneShot => Kernel::OneShot,
+            Algo::TwoShot => Kernel::TwoShot,
+            other => {
+                return Err(Error::Unsupported {
+                    what: format!("algorithm {other} on device memory"),
+                    reason: "pick oneshot or twoshot (or unset TPCOMM_ALGO)".into(),
+                })
+            }
+        };
+        if self.config.debug && self.boot.rank == 0 {
+            eprintln!("tpcomm: device allreduce {len} x {} -> {algo}", T::DTYPE);
+        }
+        self.with_gpu(|gpu| {
+            self.ensure_custom(gpu)?;
+            let ctx = gpu.ctx.clone();
+            let custom = gpu.custom.as_mut().expect("built above");
+            let bytes = len * size_of::<T>();
+            let capturing = stream.capture_status().map_err(crate::cuda::cuda("cuStreamIsCapturing"))?
+                == cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE;
+            let mode = if registered_only || custom.is_registered(input, bytes) {
+                Mode::Registered
+            } else if capturing && crate::cuda::ipc::export(&ctx, input).is_ok() {
+                // Read in place by the graph; peers learn its address after capture.
+                Mode::Registered
+            } else {
+                Mode::Staged
+            };
+            // SAFETY: both pointers come from cudarc slices of `len` elements of T on this
+            // context, kept alive (and their stream order recorded) by the caller's guards.
+            unsafe { custom.all_reduce(stream, kernel, T::DTYPE, input, output, len, mode) }
+        })
+    }
+
+    /// Allocate `len` elements of device memory every peer maps, registered for zero-copy
+    /// allreduces. The memory stays allocated until the communicator is dropped (peers keep it
+    /// mapped), even when the returned buffer is dropped earlier.
+    ///
+    /// # Collective
+    /// Every rank, same `len` and `T`, in the same order.
+    ///
+    /// # Errors
+    /// [`Error::Cuda`] when allocation or IPC fails (on every rank), [`Error::Mismatch`] when
+    /// ranks ask for different sizes.
+    pub fn alloc_shared<T: Element>(&self, len: usize) -> Result<DeviceBuffer<T>> {
+        self.with_gpu(|gpu| {
+            self.ensure_custom(gpu)?;
+            let buf = DeviceBuffer::<T>::new(&gpu.ctx, len);
+            let custom = gpu.custom.as_mut().expect("built above");
+            let (ptr, bytes) = match &buf {
+                Ok(b) => (b.device_address(), len * size_of::<T>()),
+                Err(_) => (0, 0),
+            };
+            // Registration agrees across ranks before it fails, so a local allocation failure
+            // reaches every rank.
+            custom.register_buffer(self.boot.node(), ptr, bytes)?;
+            let buf = buf?;
+            gpu.shared.push(buf.mem.clone());
+            Ok(buf)
+        })
+    }
+
+    /// Allocate `len` elements of device memory that can be exported over IPC but is not
+    /// registered: allreduces of it are staged, except inside [`Communicator::capture`], where
+    /// the graph reads it in place. Not collective. As with [`Communicator::alloc_shared`], the
+    /// memory is returned when the communicator is dropped (peers may map it).
+    ///
+    /// # Errors
+    /// [`Error::Cuda`] when allocation fails.
+    pub fn alloc_device<T: Element>(&self, len: usize) -> Result<DeviceBuffer<T>> {
+        self.with_gpu(|gpu| {
+            let buf = DeviceBuffer::new(&gpu.ctx, len)?;
+            gpu.shared.push(buf.mem.clone());
+            Ok(buf)
+        })
+    }
+
+    /// Capture the work `body` enqueues on `stream` into a CUDA graph. Allreduces captured read
+    /// their inputs in place where the memory allows it (registered, or from `cuMemAlloc`) and
+    /// from the staging buffer otherwise; after capture every rank exchanges the addresses the
+    /// captured calls read, so replays need no host work. `stream` must not be the legacy
+    /// default stream. Capture runs in relaxed mode (tpcomm queries pointers during it). With
+    /// cudarc's event tracking on (several streams in use), a buffer last touched on another
+    /// stream makes the captured stream wait on that stream's event, which CUDA may refuse
+    /// during capture: order such work first, or turn tracking off as `examples/gpu_check.rs`
+    /// does.
+    ///
+    /// After replaying the graph, synchronise the stream and call
+    /// [`Communicator::check_device_errors`] to learn of peers that did not arrive.
+    ///
+    /// # Collective
+    /// Every rank, capturing the same allreduce calls in the same order.
+    ///
+    /// # Errors
+    /// [`Error::Mismatch`] when ranks captured different numbers of allreduces (do not replay);
+    /// the error of `body` or of capture on any rank (every rank then fails).
+    pub fn capture<F>(&self, stream: &Arc<CudaStream>, body: F) -> Result<CudaGraph>
+    where
+        F: FnOnce(&Arc<CudaStream>) -> Result<()>,
+    {
+        self.with_gpu(|gpu| self.ensure_custom(gpu))?;
+        let begun = stream
+            .begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .map_err(crate::cuda::cuda("cuStreamBeginCapture"));
+        let body_result = begun.and_then(|()| {
+            let r = body(stream);
+            let g = stream
+                .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
+                .map_err(crate::cuda::cuda("cuStreamEndCapture / cuGraphInstantiate"));
+            r.and(g)
+        });
+        let ok = u8::from(body_result.is_ok());
+        let mut all_ok = 0u8;
+        self.boot.node().all_reduce_into(&ok, &mut all_ok, mpi::collective::SystemOperation::min());
+        self.with_gpu(|gpu| {
+            let custom = gpu.custom.as_mut().expect("built before capture");
+            if all_ok == 0 {
+                // Nothing will be replayed; forget the calls recorded by this capture.
+                custom.discard_graph_pending();
+                return Err(match body_result {
+                    Err(e) => e,
+                    Ok(_) => Error::Unsupported {
+                        what: "graph capture".into(),
+                        reason: "capture failed on another rank (see its error)".into(),
+                    },
+                });
+            }
+            custom.exchange_graph_buffers(self.boot.node())?;
+            body_result?.ok_or_else(|| Error::invalid("capture", "the body enqueued no work on the stream"))
+        })
+    }
+
+    /// Whether this rank's custom allreduce kernels were read from the disk cache
+    /// (`TPCOMM_CACHE_DIR`) instead of compiled; `None` before the first device call.
+    pub fn kernels_from_disk_cache(&self) -> Option<bool> {
+        self.gpu.lock().ok()?.as_ref()?.custom.as_ref().map(|c| c.kernels_from_disk_cache())
+    }
+
+    /// Report a peer timeout recorded by device work since the last check (for example by a
+    /// graph replay) as [`Error::PeerTimeout`]. Synchronise the stream first.
+    ///
+    /// # Errors
+    /// [`Error::PeerTimeout`]; [`Error::Mismatch`] when ranks replayed graphs of different
+    /// calls; [`Error::Poisoned`] after an earlier desynchronising error.
+    pub fn check_device_errors(&self) -> Result<()> {
+        self.with_gpu(|gpu| match &gpu.custom {
+            Some(c) => c.check_error(),
+            None => Ok(()),
+        })
+    }
 }

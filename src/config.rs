@@ -30,6 +30,11 @@ pub struct Config {
     pub fake_nodes: usize,
     /// Print each dispatch decision and the bootstrap summary on stderr (`TPCOMM_DEBUG`).
     pub debug: bool,
+    /// Where compiled kernels (CUBIN) are cached (`TPCOMM_CACHE_DIR`; `None` = `~/.cache/tpcomm`).
+    pub cache_dir: Option<std::path::PathBuf>,
+    /// Largest device message (bytes per rank) the custom IPC allreduce serves; each rank
+    /// allocates a staging and a scratch buffer of this size (`TPCOMM_CUSTOM_MAX_BYTES`).
+    pub custom_max_bytes: usize,
 }
 
 impl Default for Config {
@@ -41,6 +46,8 @@ impl Default for Config {
             host_chunk_bytes: 1 << 20,
             fake_nodes: 0,
             debug: false,
+            cache_dir: None,
+            custom_max_bytes: 8 << 20,
         }
     }
 }
@@ -142,6 +149,32 @@ const PARAMS: &[Param] = &[
         },
         show: |c| u8::from(c.debug).to_string(),
     },
+    Param {
+        key: "TPCOMM_CACHE_DIR",
+        help: "directory for compiled kernels (default ~/.cache/tpcomm)",
+        set: |c, v| {
+            let v = v.trim();
+            if v.is_empty() {
+                return Err("a directory path".into());
+            }
+            c.cache_dir = Some(std::path::PathBuf::from(v));
+            Ok(())
+        },
+        show: |c| c.cache_dir.as_ref().map_or("default".to_string(), |d| d.display().to_string()),
+    },
+    Param {
+        key: "TPCOMM_CUSTOM_MAX_BYTES",
+        help: "largest device message (bytes) of the custom IPC allreduce; sizes its staging buffers",
+        set: |c, v| {
+            let b = parse_usize(v)?;
+            if b < 4096 || b % 4096 != 0 || b > (1 << 34) {
+                return Err("a multiple of 4096 between 4096 and 16G".into());
+            }
+            c.custom_max_bytes = b;
+            Ok(())
+        },
+        show: |c| c.custom_max_bytes.to_string(),
+    },
 ];
 
 impl Config {
@@ -206,6 +239,8 @@ mod tests {
             ("TPCOMM_HOST_ONESHOT_MAX_BYTES", "0"),
             ("TPCOMM_FAKE_NODES", "2"),
             ("TPCOMM_DEBUG", "1"),
+            ("TPCOMM_CACHE_DIR", "/tmp/kc"),
+            ("TPCOMM_CUSTOM_MAX_BYTES", "64M"),
         ])
         .unwrap();
         assert_eq!(c.timeout, Duration::from_millis(1500));
@@ -214,6 +249,8 @@ mod tests {
         assert_eq!(c.host_oneshot_max_bytes, Some(0));
         assert_eq!(c.fake_nodes, 2);
         assert!(c.debug);
+        assert_eq!(c.cache_dir.as_deref(), Some(std::path::Path::new("/tmp/kc")));
+        assert_eq!(c.custom_max_bytes, 64 << 20);
         let dump = c.dump();
         assert!(dump.contains("TPCOMM_ALGO") && dump.contains("host_twoshot"), "{dump}");
     }
@@ -226,6 +263,8 @@ mod tests {
             ("TPCOMM_ALGO", "fastest"),
             ("TPCOMM_HOST_CHUNK_BYTES", "100"),
             ("TPCOMM_DEBUG", "maybe"),
+            ("TPCOMM_CACHE_DIR", ""),
+            ("TPCOMM_CUSTOM_MAX_BYTES", "1000"),
             ("TPCOMM_TIMEOUTMS", "10"),
         ] {
             let err = Config::from_vars([(k, v)]).unwrap_err();

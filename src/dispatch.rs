@@ -19,17 +19,23 @@ pub enum Algo {
     HostOneShot,
     /// Host memory, reduce-scatter then all-gather through shared memory.
     HostTwoShot,
+    /// Device memory, CUDA IPC: every rank reads every rank's input (small messages).
+    OneShot,
+    /// Device memory, CUDA IPC: reduce-scatter into scratch, then all-gather.
+    TwoShot,
 }
 
 impl Algo {
     /// Every algorithm, in a fixed order.
-    pub const ALL: &'static [Algo] = &[Algo::HostOneShot, Algo::HostTwoShot];
+    pub const ALL: &'static [Algo] = &[Algo::HostOneShot, Algo::HostTwoShot, Algo::OneShot, Algo::TwoShot];
 
     /// The name used by `TPCOMM_ALGO` and `--algo`.
     pub const fn as_str(self) -> &'static str {
         match self {
             Algo::HostOneShot => "host_oneshot",
             Algo::HostTwoShot => "host_twoshot",
+            Algo::OneShot => "oneshot",
+            Algo::TwoShot => "twoshot",
         }
     }
 
@@ -37,6 +43,7 @@ impl Algo {
     pub const fn memory(self) -> Memory {
         match self {
             Algo::HostOneShot | Algo::HostTwoShot => Memory::Host,
+            Algo::OneShot | Algo::TwoShot => Memory::Device,
         }
     }
 }
@@ -87,6 +94,8 @@ pub struct Request {
 pub struct DispatchTable {
     /// Largest host message (bytes per rank) reduced one-shot.
     pub host_oneshot_max_bytes: usize,
+    /// Largest device message (bytes per rank) the custom IPC kernels serve (their staging size).
+    pub custom_max_bytes: usize,
     forced: Option<Algo>,
 }
 
@@ -95,6 +104,17 @@ pub struct DispatchTable {
 /// 256 KiB (bench/RESULTS.md), and one-shot's reads grow with `n`.
 const HOST_ONESHOT_BYTES_TIMES_RANKS: usize = 512 << 10;
 
+/// Largest device message reduced one-shot for `world` ranks: one-shot reads (n-1)*S per rank
+/// against two-shot's ~2(n-1)/n*S plus a second barrier, so the crossover falls as n grows
+/// (H100 NVLink figures of ALGORITHMS.md: 512 KiB at n <= 4, 256 KiB at n = 8).
+pub const fn oneshot_max_bytes(world: usize) -> usize {
+    if world <= 4 {
+        512 << 10
+    } else {
+        256 << 10
+    }
+}
+
 impl DispatchTable {
     /// The table for a configuration and a world size.
     pub fn new(config: &Config, world_size: usize) -> Self {
@@ -102,6 +122,7 @@ impl DispatchTable {
             host_oneshot_max_bytes: config
                 .host_oneshot_max_bytes
                 .unwrap_or(HOST_ONESHOT_BYTES_TIMES_RANKS / world_size.max(1)),
+            custom_max_bytes: config.custom_max_bytes,
             forced: config.algo,
         }
     }
@@ -123,9 +144,19 @@ impl DispatchTable {
         match req.memory {
             Memory::Host if req.bytes <= self.host_oneshot_max_bytes => Ok(Algo::HostOneShot),
             Memory::Host => Ok(Algo::HostTwoShot),
+            Memory::Device if req.nodes > 1 => Err(Error::Unsupported {
+                what: "allreduce of device memory across nodes".into(),
+                reason: "the custom IPC kernels serve one node; no network backend is built in yet".into(),
+            }),
+            Memory::Device if req.bytes <= oneshot_max_bytes(req.world_size) => Ok(Algo::OneShot),
+            Memory::Device if req.bytes <= self.custom_max_bytes => Ok(Algo::TwoShot),
             Memory::Device => Err(Error::Unsupported {
-                what: "allreduce of device memory".into(),
-                reason: "no GPU backend is built into this version".into(),
+                what: format!("allreduce of {} bytes of device memory", req.bytes),
+                reason: format!(
+                    "the custom IPC kernels take at most TPCOMM_CUSTOM_MAX_BYTES={} bytes and no larger-message \
+                     backend is built in yet",
+                    self.custom_max_bytes
+                ),
             }),
         }
     }
@@ -137,7 +168,15 @@ impl fmt::Display for DispatchTable {
             return writeln!(f, "# every call: {algo} (forced by TPCOMM_ALGO)");
         }
         writeln!(f, "# host memory:   bytes <= {:>10}: {}", self.host_oneshot_max_bytes, Algo::HostOneShot)?;
-        writeln!(f, "# host memory:   bytes >  {:>10}: {}", self.host_oneshot_max_bytes, Algo::HostTwoShot)
+        writeln!(f, "# host memory:   bytes >  {:>10}: {}", self.host_oneshot_max_bytes, Algo::HostTwoShot)?;
+        writeln!(
+            f,
+            "# device memory: bytes <= {:>10}: {} (n <= 4; {} at n > 4)",
+            oneshot_max_bytes(4),
+            Algo::OneShot,
+            oneshot_max_bytes(8)
+        )?;
+        writeln!(f, "# device memory: bytes <= {:>10}: {}", self.custom_max_bytes, Algo::TwoShot)
     }
 }
 
@@ -178,5 +217,20 @@ mod tests {
         assert_eq!(t.choose(&host(8)).unwrap(), Algo::HostTwoShot);
         let dev = Request { memory: Memory::Device, ..host(8) };
         assert!(matches!(t.choose(&dev), Err(Error::Unsupported { .. })));
+    }
+
+    #[test]
+    fn device_sizes_follow_the_world_size() {
+        let t = DispatchTable::new(&Config { custom_max_bytes: 8 << 20, ..Config::default() }, 4);
+        let dev = |bytes, world_size| Request { bytes, world_size, memory: Memory::Device, ..host(0) };
+        assert_eq!(t.choose(&dev(512 << 10, 4)).unwrap(), Algo::OneShot);
+        assert_eq!(t.choose(&dev((512 << 10) + 1, 4)).unwrap(), Algo::TwoShot);
+        assert_eq!(t.choose(&dev(256 << 10, 8)).unwrap(), Algo::OneShot);
+        assert_eq!(t.choose(&dev((256 << 10) + 1, 8)).unwrap(), Algo::TwoShot);
+        assert_eq!(t.choose(&dev(8 << 20, 8)).unwrap(), Algo::TwoShot);
+        assert!(matches!(t.choose(&dev((8 << 20) + 1, 8)), Err(Error::Unsupported { .. })));
+        let forced = DispatchTable::new(&Config { algo: Some(Algo::OneShot), ..Config::default() }, 4);
+        assert!(matches!(forced.choose(&host(8)), Err(Error::Unsupported { .. })));
+        assert_eq!(forced.choose(&dev(64 << 20, 2)).unwrap(), Algo::OneShot);
     }
 }

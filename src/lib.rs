@@ -30,6 +30,7 @@ pub mod backend;
 pub mod bootstrap;
 pub mod communicator;
 pub mod config;
+pub mod cuda;
 pub mod dispatch;
 pub mod dtype;
 pub mod error;

@@ -56,7 +56,7 @@ fn nearest(devs: &[(String, PathBuf)], gpu: &Path) -> Option<usize> {
     let mut best: Option<(usize, usize)> = None;
     for (i, (_, path)) in devs.iter().enumerate() {
         let c = common(path);
-        if best.is_none_or(|(_, bc)| c > bc) {
+        if best.map_or(true, |(_, bc)| c > bc) {
             best = Some((i, c));
         }
     }
@@ -100,4 +100,105 @@ mod tests {
         let tmp = std::env::temp_dir().join(format!("tpcomm-no-ib-{}", std::process::id()));
         assert!(network_devices(&tmp).is_empty());
     }
+}
+
+/// How the ranks of one node map onto GPUs, as the custom IPC allreduce needs to know it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuLayout {
+    /// Per rank of the node communicator: index of its GPU among the node's distinct GPUs
+    /// (numbered by first appearance in rank order).
+    pub device_of_rank: Vec<usize>,
+    /// Ranks on the GPU with the most ranks (1 = every rank has its own GPU). Ranks sharing a
+    /// GPU must cap their grids so all their blocks fit at once.
+    pub max_ranks_per_device: usize,
+    /// Why the custom allreduce cannot run on this layout (the same verdict on every rank), or
+    /// `None` when every pair of GPUs used can access each other's memory.
+    pub unsupported: Option<String>,
+}
+
+impl GpuLayout {
+    /// Ranks sharing the GPU of `rank` (itself included).
+    pub fn ranks_on_device_of(&self, rank: usize) -> usize {
+        let d = self.device_of_rank[rank];
+        self.device_of_rank.iter().filter(|&&x| x == d).count()
+    }
+}
+
+/// Identity of a device: its UUID and its PCI bus id.
+fn device_identity(ctx: &cudarc::driver::CudaContext) -> ([u8; 16], String) {
+    let uuid = ctx.uuid().map(|u| u.bytes.map(|b| b as u8)).unwrap_or([0; 16]);
+    let bus = gpu_pci_bus_id(ctx.ordinal()).unwrap_or_default();
+    (uuid, bus)
+}
+
+/// Find which ranks of `node` share a GPU (by device UUID) and whether every pair of distinct
+/// GPUs used can access each other (P2P), for the custom IPC allreduce.
+///
+/// # Collective
+/// Every rank of `node` (one node).
+pub fn gpu_layout<C: mpi::traits::Communicator>(node: &C, ctx: &cudarc::driver::CudaContext) -> GpuLayout {
+    use mpi::collective::SystemOperation;
+    use mpi::traits::*;
+    let (uuid, bus) = device_identity(ctx);
+    let mut mine = uuid.to_vec();
+    mine.extend_from_slice(bus.as_bytes());
+    let all = crate::bootstrap::all_gather_bytes(node, &mine);
+    let ids: Vec<(&[u8], String)> = all
+        .iter()
+        .map(|b| (&b[..16.min(b.len())], String::from_utf8_lossy(b.get(16..).unwrap_or(&[])).into_owned()))
+        .collect();
+    let mut distinct: Vec<&[u8]> = Vec::new();
+    let device_of_rank: Vec<usize> = ids
+        .iter()
+        .map(|(u, _)| {
+            distinct.iter().position(|d| d == u).unwrap_or_else(|| {
+                distinct.push(u);
+                distinct.len() - 1
+            })
+        })
+        .collect();
+    let max_ranks_per_device =
+        (0..distinct.len()).map(|d| device_of_rank.iter().filter(|&&x| x == d).count()).max().unwrap_or(1);
+
+    // Each rank checks that its GPU can reach every other GPU in use; all must agree.
+    let mut problem: Option<String> = None;
+    if uuid == [0; 16] {
+        problem = Some("the driver reports no UUID for this rank's GPU".into());
+    }
+    for (u, peer_bus) in &ids {
+        if problem.is_some() || *u == &uuid[..] {
+            continue;
+        }
+        match p2p_access(ctx, peer_bus) {
+            Ok(true) => {}
+            Ok(false) => {
+                problem = Some(format!("GPU {bus} cannot access GPU {peer_bus} directly (no P2P / NVLink path)"))
+            }
+            Err(e) => problem = Some(format!("cannot check P2P from GPU {bus} to GPU {peer_bus}: {e}")),
+        }
+    }
+    let ok = u8::from(problem.is_none());
+    let mut all_ok = 0u8;
+    node.all_reduce_into(&ok, &mut all_ok, SystemOperation::min());
+    let unsupported = match (all_ok, problem) {
+        (1, _) => None,
+        (_, Some(p)) => Some(p),
+        (_, None) => Some("another rank's GPU lacks P2P access to a GPU in use (see its log)".into()),
+    };
+    GpuLayout { device_of_rank, max_ranks_per_device, unsupported }
+}
+
+/// Whether this context's device can access the device with PCI bus id `peer_bus` directly.
+fn p2p_access(ctx: &cudarc::driver::CudaContext, peer_bus: &str) -> Result<bool, String> {
+    use cudarc::driver::sys;
+    let c = std::ffi::CString::new(peer_bus).map_err(|e| e.to_string())?;
+    let mut peer: sys::CUdevice = 0;
+    // SAFETY: valid out pointer and NUL-terminated id.
+    unsafe { sys::cuDeviceGetByPCIBusId(&mut peer, c.as_ptr()) }
+        .result()
+        .map_err(|e| format!("GPU {peer_bus} is not visible to this process ({e:?})"))?;
+    let mut can = 0;
+    // SAFETY: valid out pointer and device handles.
+    unsafe { sys::cuDeviceCanAccessPeer(&mut can, ctx.cu_device(), peer) }.result().map_err(|e| format!("{e:?}"))?;
+    Ok(can != 0)
 }

@@ -1,0 +1,664 @@
+//! Self-checking GPU test of the custom CUDA IPC allreduce. Run under mpirun:
+//!
+//! ```text
+//! mpirun -np 4 target/release/examples/gpu_check [--quick] [--bench | --bench-only]
+//! ```
+//!
+//! Objective: prove that every device path gives `tpcomm::dtype::reference_sum`'s bits on every
+//! rank, and that bad calls fail with typed errors instead of hanging or corrupting.
+//!
+//! What it checks, for f32, f16 and bf16, sizes from 1 element to 64 MiB (odd counts and tails
+//! that are not a whole 16-byte vector included), forced one-shot and two-shot:
+//! - registered (input from `alloc_shared`), staged (input from cudarc's allocator) and
+//!   graph-captured calls (input from `alloc_device`, read in place by the graph, or from
+//!   cudarc's allocator, staged inside the graph), in place and out of place;
+//! - graph replays with fresh inputs between replays (10,000 at one small size);
+//! - bad inputs: unregistered pointer on the registered path, oversize, misaligned pointers,
+//!   different input and output lengths, f64;
+//! - a rank that skips a call (the others must get `Error::PeerTimeout`), ranks capturing
+//!   different numbers of calls, and ranks passing different lengths (`Error::Mismatch`).
+//!
+//! Every rank's input is a pure function of (seed, rank, index), so every rank computes the
+//! reference over all ranks' inputs. Outputs, and 64 elements after them, are poisoned (NaN)
+//! before each call, and the elements after must still hold the poison; inputs are never zero. Prints `N passed, M failed` (summed over ranks) and exits non-zero on a failure.
+//! `--bench` adds a latency table (eager and graph replays); `--bench-only` prints only that.
+
+use anyhow::{anyhow, Context, Result};
+use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
+use mpi::collective::SystemOperation;
+use mpi::topology::Communicator as _;
+use mpi::traits::*;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tpcomm::dtype::reference_sum;
+use tpcomm::{bf16, f16, Algo, Communicator, Config, Element, Error};
+
+const MIB: usize = 1 << 20;
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// Rank `r`'s element `i` for `seed`: a non-zero value of either sign between 2^-4 and 2^4.
+fn value<T: Element>(seed: u64, r: usize, i: usize) -> T {
+    let h = splitmix(seed ^ ((r as u64) << 48) ^ (i as u64).wrapping_mul(0x2545_f491_4f6c_dd1d));
+    let mant = 0.5 + (h >> 11) as f64 / (1u64 << 53) as f64;
+    let exp = (h & 7) as i32 - 3;
+    let sign = if (h >> 3) & 1 == 1 { -1.0 } else { 1.0 };
+    let v = T::from_f64(sign * mant * 2f64.powi(exp));
+    if v.to_f64() == 0.0 {
+        T::from_f64(0.75)
+    } else {
+        v
+    }
+}
+
+/// Inputs repeat with this prime period, so the reference over all ranks costs n * PERIOD
+/// sums whatever the length (64 MiB messages at 8 ranks stay cheap to check). A prime period
+/// puts different values in every lane, vector, block and shard position.
+const PERIOD: usize = 65521;
+
+/// Every rank's input for one seed: rank `r`'s element `i` is `tables[r][(i + shift) % p]`.
+struct Inputs<T> {
+    tables: Vec<Vec<T>>,
+    shift: usize,
+    /// `reference_sum` over the ranks' tables: the expected result at `(i + shift) % p`.
+    reference: Vec<T>,
+}
+
+impl<T: Element> Inputs<T> {
+    fn new(seed: u64, n: usize, len: usize) -> Self {
+        let p = len.clamp(1, PERIOD);
+        let tables: Vec<Vec<T>> = (0..n).map(|r| (0..p).map(|k| value(seed, r, k)).collect()).collect();
+        let refs: Vec<&[T]> = tables.iter().map(|t| &t[..]).collect();
+        let reference = reference_sum(&refs);
+        Inputs { tables, shift: (splitmix(seed) % p as u64) as usize, reference }
+    }
+
+    fn rank_input(&self, r: usize, len: usize) -> Vec<T> {
+        let t = &self.tables[r];
+        (0..len).map(|i| t[(i + self.shift) % t.len()]).collect()
+    }
+
+    /// Elements of `out` whose bits differ from the reference, and the first of them.
+    fn verify(&self, out: &[T]) -> (usize, String) {
+        let p = self.reference.len();
+        let mut wrong = 0;
+        let mut first = String::new();
+        for (i, o) in out.iter().enumerate() {
+            let e = self.reference[(i + self.shift) % p];
+            if o.to_f64().to_bits() != e.to_f64().to_bits() {
+                if wrong == 0 {
+                    first = format!("element {i}: got {o:?} expected {e:?}");
+                }
+                wrong += 1;
+            }
+        }
+        (wrong, first)
+    }
+}
+
+struct Tally {
+    rank: usize,
+    passed: usize,
+    failed: usize,
+}
+
+impl Tally {
+    fn record(&mut self, name: &str, result: Result<()>) {
+        match result {
+            Ok(()) => self.passed += 1,
+            Err(e) => {
+                self.failed += 1;
+                eprintln!("FAIL rank {}: {name}: {e:#}", self.rank);
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Path {
+    Registered,
+    Staged,
+    GraphIpc,
+    GraphPool,
+}
+
+/// Per-dtype device buffers, allocated once at the largest size.
+struct Bufs<T> {
+    shared: tpcomm::communicator::DeviceBuffer<T>,
+    ipc: tpcomm::communicator::DeviceBuffer<T>,
+    pool: CudaSlice<T>,
+    out: CudaSlice<T>,
+}
+
+trait Dev: Element + DeviceRepr + ValidAsZeroBits {}
+impl<T: Element + DeviceRepr + ValidAsZeroBits> Dev for T {}
+
+struct Ctx<'a> {
+    comm: &'a Communicator,
+    stream: Arc<CudaStream>,
+    n: usize,
+    rank: usize,
+    seed: u64,
+}
+
+impl Ctx<'_> {
+    fn next_seed(&mut self) -> u64 {
+        self.seed += 1;
+        splitmix(self.seed)
+    }
+}
+
+fn poison<T: Dev>(stream: &Arc<CudaStream>, dst: &mut cudarc::driver::CudaViewMut<'_, T>) -> Result<()> {
+    let nan = vec![T::from_f64(f64::NAN); dst.len()];
+    stream.memcpy_htod(&nan, dst)?;
+    Ok(())
+}
+
+fn read<T: Dev>(stream: &Arc<CudaStream>, src: &cudarc::driver::CudaView<'_, T>) -> Result<Vec<T>> {
+    let mut host = vec![T::default(); src.len()];
+    stream.memcpy_dtoh(src, &mut host)?;
+    stream.synchronize()?;
+    Ok(host)
+}
+
+/// Elements after the message that are poisoned too and must stay untouched.
+const GUARD: usize = 64;
+
+/// Poison up to [`GUARD`] elements of `buf` after the first `len`; returns how many.
+fn guard_poison<T: Dev>(s: &Arc<CudaStream>, buf: &mut CudaSlice<T>, len: usize) -> Result<usize> {
+    let g = GUARD.min(buf.len() - len);
+    if g > 0 {
+        poison(s, &mut buf.slice_mut(len..len + g))?;
+    }
+    Ok(g)
+}
+
+/// Check that the `g` guard elements after `len` still hold the poison.
+fn guard_check<T: Dev>(s: &Arc<CudaStream>, buf: &CudaSlice<T>, len: usize, g: usize) -> Result<()> {
+    if g == 0 {
+        return Ok(());
+    }
+    let after = read(s, &buf.slice(len..len + g))?;
+    match after.iter().position(|x| !x.to_f64().is_nan()) {
+        None => Ok(()),
+        Some(i) => Err(anyhow!("element {} past the end of the message was written ({:?})", len + i, after[i])),
+    }
+}
+
+fn check_out<T: Dev>(inputs: &Inputs<T>, got: &[T]) -> Result<()> {
+    let (wrong, first) = inputs.verify(got);
+    if wrong > 0 {
+        return Err(anyhow!("{wrong} of {} elements differ from reference_sum; first: {first}", got.len()));
+    }
+    Ok(())
+}
+
+/// One eager call (registered or staged), in place or not.
+fn eager_case<T: Dev>(c: &mut Ctx, b: &mut Bufs<T>, algo: Algo, path: Path, in_place: bool, len: usize) -> Result<()> {
+    let seed = c.next_seed();
+    let inputs = Inputs::<T>::new(seed, c.n, len);
+    let x = inputs.rank_input(c.rank, len);
+    let s = c.stream.clone();
+    let input: &mut CudaSlice<T> = match path {
+        Path::Registered => &mut b.shared,
+        _ => &mut b.pool,
+    };
+    s.memcpy_htod(&x, &mut input.slice_mut(0..len))?;
+    if in_place {
+        let g = guard_poison(&s, input, len)?;
+        c.comm.all_reduce_in_place_using(Some(algo), &mut input.slice_mut(0..len), &s)?;
+        let got = read(&s, &input.slice(0..len))?;
+        check_out(&inputs, &got)?;
+        return guard_check(&s, input, len, g);
+    }
+    poison(&s, &mut b.out.slice_mut(0..len))?;
+    let g = guard_poison(&s, &mut b.out, len)?;
+    if path == Path::Registered {
+        c.comm.all_reduce_registered_using(Some(algo), &input.slice(0..len), &mut b.out.slice_mut(0..len), &s)?;
+    } else {
+        c.comm.all_reduce_using(Some(algo), &input.slice(0..len), &mut b.out.slice_mut(0..len), &s)?;
+    }
+    let got = read(&s, &b.out.slice(0..len))?;
+    check_out(&inputs, &got)?;
+    guard_check(&s, &b.out, len, g)
+}
+
+/// Capture one call into a graph, then replay it `replays` times with fresh inputs.
+fn graph_case<T: Dev>(
+    c: &mut Ctx,
+    b: &mut Bufs<T>,
+    algo: Algo,
+    path: Path,
+    in_place: bool,
+    len: usize,
+    replays: usize,
+) -> Result<()> {
+    let s = c.stream.clone();
+    let comm = c.comm;
+    let graph = {
+        let input: &mut CudaSlice<T> = if path == Path::GraphIpc { &mut b.ipc } else { &mut b.pool };
+        let out = &mut b.out;
+        comm.capture(&s, |s| {
+            if in_place {
+                comm.all_reduce_in_place_using(Some(algo), &mut input.slice_mut(0..len), s)
+            } else {
+                comm.all_reduce_using(Some(algo), &input.slice(0..len), &mut out.slice_mut(0..len), s)
+            }
+        })
+        .context("capture")?
+    };
+    for k in 0..replays {
+        let seed = c.next_seed();
+        let inputs = Inputs::<T>::new(seed, c.n, len);
+        let x = inputs.rank_input(c.rank, len);
+        let input: &mut CudaSlice<T> = if path == Path::GraphIpc { &mut b.ipc } else { &mut b.pool };
+        s.memcpy_htod(&x, &mut input.slice_mut(0..len))?;
+        if !in_place {
+            poison(&s, &mut b.out.slice_mut(0..len))?;
+        }
+        let dest: &mut CudaSlice<T> = if in_place { input } else { &mut b.out };
+        let g = guard_poison(&s, dest, len)?;
+        graph.launch()?;
+        s.synchronize()?;
+        comm.check_device_errors().with_context(|| format!("replay {k}"))?;
+        let got = read(&s, &dest.slice(0..len))?;
+        check_out(&inputs, &got).with_context(|| format!("replay {k}"))?;
+        guard_check(&s, dest, len, g).with_context(|| format!("replay {k}"))?;
+    }
+    Ok(())
+}
+
+fn lens_for<T: Element>(max_bytes: usize, quick: bool) -> Vec<usize> {
+    let size = std::mem::size_of::<T>();
+    let mut bytes: Vec<usize> =
+        vec![1, 12, 30, 100, 1000, 4096 + 6, 65536 - 2, (256 << 10) + 2, 512 << 10, MIB + 6, 8 * MIB + 2, 64 * MIB];
+    if quick {
+        bytes.retain(|&b| b <= 8 * MIB + 2);
+    }
+    let mut lens: Vec<usize> = bytes.into_iter().filter(|&b| b <= max_bytes).map(|b| (b / size).max(1)).collect();
+    lens.dedup();
+    lens
+}
+
+fn run_dtype<T: Dev>(c: &mut Ctx, tally: &mut Tally, max_bytes: usize, quick: bool) -> Result<()> {
+    let max_len = max_bytes / std::mem::size_of::<T>();
+    let mut b = Bufs {
+        shared: c.comm.alloc_shared::<T>(max_len)?,
+        ipc: c.comm.alloc_device::<T>(max_len)?,
+        pool: c.stream.alloc_zeros::<T>(max_len)?,
+        out: c.stream.alloc_zeros::<T>(max_len)?,
+    };
+    let dt = T::DTYPE;
+    for len in lens_for::<T>(max_bytes, quick) {
+        let big = len * std::mem::size_of::<T>() > 8 * MIB + 16;
+        for algo in [Algo::OneShot, Algo::TwoShot] {
+            for path in [Path::Registered, Path::Staged, Path::GraphIpc, Path::GraphPool] {
+                for in_place in [false, true] {
+                    // At 64 MiB keep one path per algorithm and placement, to fit the time.
+                    if big && !matches!((algo, path), (Algo::OneShot, Path::Registered) | (Algo::TwoShot, Path::Staged))
+                    {
+                        continue;
+                    }
+                    let name = format!("{dt} len={len} {algo} {path:?} in_place={in_place}");
+                    let r = match path {
+                        Path::Registered | Path::Staged => eager_case(c, &mut b, algo, path, in_place, len),
+                        Path::GraphIpc | Path::GraphPool => {
+                            let replays = if len * std::mem::size_of::<T>() <= 4096 { 20 } else { 3 };
+                            graph_case(c, &mut b, algo, path, in_place, len, replays)
+                        }
+                    };
+                    tally.record(&name, r);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn expect_err(r: tpcomm::Result<()>, want: fn(&Error) -> bool, what: &str) -> Result<()> {
+    match r {
+        Ok(()) => Err(anyhow!("{what}: succeeded, an error was expected")),
+        Err(e) if want(&e) => Ok(()),
+        Err(e) => Err(anyhow!("{what}: wrong error: {e}")),
+    }
+}
+
+fn bad_inputs(c: &mut Ctx, tally: &mut Tally, max_bytes: usize) -> Result<()> {
+    let s = c.stream.clone();
+    let mut pool = s.alloc_zeros::<f32>(1024)?;
+    let mut out = s.alloc_zeros::<f32>(1024)?;
+    let inv = |e: &Error| matches!(e, Error::InvalidArgument { .. });
+    tally.record(
+        "bad: unregistered input on the registered path",
+        expect_err(
+            c.comm.all_reduce_registered_using(
+                Some(Algo::OneShot),
+                &pool.slice(0..256),
+                &mut out.slice_mut(0..256),
+                &s,
+            ),
+            inv,
+            "unregistered",
+        ),
+    );
+    tally.record(
+        "bad: misaligned input",
+        expect_err(
+            c.comm.all_reduce_using(Some(Algo::OneShot), &pool.slice(1..257), &mut out.slice_mut(0..256), &s),
+            inv,
+            "misaligned input",
+        ),
+    );
+    tally.record(
+        "bad: misaligned output",
+        expect_err(
+            c.comm.all_reduce_using(Some(Algo::TwoShot), &pool.slice(0..256), &mut out.slice_mut(2..258), &s),
+            inv,
+            "misaligned output",
+        ),
+    );
+    tally.record(
+        "bad: input and output lengths differ",
+        expect_err(
+            c.comm.all_reduce_using(None, &pool.slice(0..256), &mut out.slice_mut(0..255), &s),
+            inv,
+            "length mismatch",
+        ),
+    );
+    let over = max_bytes / 4 + 4;
+    let big_in = s.alloc_zeros::<f32>(over)?;
+    let mut big_out = s.alloc_zeros::<f32>(over)?;
+    tally.record(
+        "bad: staged message over the staging size",
+        expect_err(c.comm.all_reduce_using(Some(Algo::TwoShot), &big_in, &mut big_out, &s), inv, "oversize"),
+    );
+    tally.record(
+        "bad: over the staging size without a forced algorithm",
+        expect_err(
+            c.comm.all_reduce(&big_in, &mut big_out, &s),
+            |e| matches!(e, Error::Unsupported { .. }),
+            "oversize (dispatch)",
+        ),
+    );
+    let d64 = s.alloc_zeros::<f64>(64)?;
+    let mut o64 = s.alloc_zeros::<f64>(64)?;
+    tally.record(
+        "bad: f64",
+        expect_err(
+            c.comm.all_reduce_using(Some(Algo::OneShot), &d64, &mut o64, &s),
+            |e| matches!(e, Error::Unsupported { .. }),
+            "f64",
+        ),
+    );
+    // The communicator still works after all of these (they fail before any kernel).
+    let inputs = Inputs::<f32>::new(77, c.n, 1000);
+    s.memcpy_htod(&inputs.rank_input(c.rank, 1000), &mut pool.slice_mut(0..1000))?;
+    let r = c.comm.all_reduce(&pool.slice(0..1000), &mut out.slice_mut(0..1000), &s).map_err(anyhow::Error::from);
+    let r = r.and_then(|()| check_out(&inputs, &read(&s, &out.slice(0..1000))?));
+    tally.record("bad: communicator still usable afterwards", r);
+    Ok(())
+}
+
+/// A rank that skips a call: the others must see PeerTimeout naming it, within the timeout.
+fn skipped_call(world: &mpi::topology::SimpleCommunicator, config: &Config, tally: &mut Tally) -> Result<()> {
+    let n = world.size() as usize;
+    let rank = world.rank() as usize;
+    let cfg = Config { timeout: Duration::from_millis(1500), ..config.clone() };
+    let comm = Communicator::new(world, cfg)?;
+    let ctx = comm.cuda_context()?;
+    let s = ctx.new_stream()?;
+    let inp = s.alloc_zeros::<f32>(4096)?;
+    let mut out = s.alloc_zeros::<f32>(4096)?;
+    comm.all_reduce_using(Some(Algo::OneShot), &inp, &mut out, &s)?; // every rank: builds the kernels' state
+    if rank == 0 {
+        // The first communicator of this process compiled or loaded the module; this one must
+        // find it in TPCOMM_CACHE_DIR.
+        println!("second communicator: kernels from disk cache: {:?}", comm.kernels_from_disk_cache());
+    }
+    let skipper = n - 1;
+    if rank != skipper {
+        let t0 = Instant::now();
+        let r = comm.all_reduce_using(Some(Algo::TwoShot), &inp, &mut out, &s);
+        let took = t0.elapsed();
+        let check = match r {
+            Err(Error::PeerTimeout { peer: Some(p), .. }) if p == skipper && took < Duration::from_secs(20) => Ok(()),
+            Err(e) => Err(anyhow!("expected PeerTimeout naming rank {skipper}, got: {e} after {took:?}")),
+            Ok(()) => Err(anyhow!("the call succeeded without rank {skipper}")),
+        };
+        tally.record("timeout: a rank skips a call", check);
+        tally.record(
+            "timeout: the communicator is poisoned afterwards",
+            expect_err(
+                comm.all_reduce_using(Some(Algo::OneShot), &inp, &mut out, &s),
+                |e| matches!(e, Error::Poisoned { .. }),
+                "after timeout",
+            ),
+        );
+    }
+    world.barrier();
+    Ok(())
+}
+
+/// Ranks capturing different numbers of calls must all get Error::Mismatch.
+fn capture_mismatch(world: &mpi::topology::SimpleCommunicator, config: &Config, tally: &mut Tally) -> Result<()> {
+    let rank = world.rank() as usize;
+    let comm = Communicator::new(world, config.clone())?;
+    let ctx = comm.cuda_context()?;
+    // SAFETY: this test uses one stream only; capture must not wait on events of other streams.
+    unsafe { ctx.disable_event_tracking() };
+    let s = ctx.new_stream()?;
+    let mut buf = comm.alloc_device::<f32>(4096)?;
+    let calls = if rank == 0 { 2 } else { 1 };
+    let r = comm.capture(&s, |s| {
+        for _ in 0..calls {
+            comm.all_reduce_in_place_using(Some(Algo::OneShot), &mut buf.slice_mut(0..4096), s)?;
+        }
+        Ok(())
+    });
+    tally.record(
+        "graph: ranks captured different numbers of calls",
+        expect_err(r.map(|_| ()), |e| matches!(e, Error::Mismatch { .. }), "capture mismatch"),
+    );
+    world.barrier();
+    Ok(())
+}
+
+/// Ranks passing different lengths must all get Error::Mismatch (from the kernels' call tags)
+/// instead of mixing data. A fresh communicator each time: the error poisons it.
+fn length_mismatch(
+    world: &mpi::topology::SimpleCommunicator,
+    config: &Config,
+    algo: Algo,
+    tally: &mut Tally,
+) -> Result<()> {
+    let rank = world.rank() as usize;
+    let comm = Communicator::new(world, config.clone())?;
+    let ctx = comm.cuda_context()?;
+    let s = ctx.new_stream()?;
+    let inp = s.alloc_zeros::<f32>(1008)?;
+    let mut out = s.alloc_zeros::<f32>(1008)?;
+    // Same grid on every rank (one block), different lengths.
+    let len = if rank == 0 { 1000 } else { 1008 };
+    let r = comm.all_reduce_using(Some(algo), &inp.slice(0..len), &mut out.slice_mut(0..len), &s);
+    let name = format!("mismatch: ranks pass different lengths ({algo})");
+    tally.record(&name, expect_err(r, |e| matches!(e, Error::Mismatch { .. }), "length mismatch"));
+    world.barrier();
+    Ok(())
+}
+
+/// The long graph run: one capture replayed `replays` times with fresh inputs.
+fn many_replays(c: &mut Ctx, tally: &mut Tally, replays: usize) -> Result<()> {
+    let len = 3000; // 6000 bytes of bf16: a tail of 0 and an odd number of vectors per rank
+    let mut b = Bufs::<bf16> {
+        shared: c.comm.alloc_shared(len)?,
+        ipc: c.comm.alloc_device(len)?,
+        pool: c.stream.alloc_zeros(len)?,
+        out: c.stream.alloc_zeros(len)?,
+    };
+    for algo in [Algo::OneShot, Algo::TwoShot] {
+        let t0 = Instant::now();
+        let r = graph_case(c, &mut b, algo, Path::GraphIpc, false, len, replays);
+        if c.rank == 0 {
+            println!("graph replays: {replays} x {algo} bf16 len={len} checked in {:.1} s", t0.elapsed().as_secs_f64());
+        }
+        tally.record(&format!("graph: {replays} replays {algo} bf16 len={len}"), r);
+    }
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// Latency of eager calls (launch + wait) and of graph replays, registered bf16 inputs.
+fn bench(c: &mut Ctx) -> Result<()> {
+    let world = c.comm.bootstrap().world();
+    let s = c.stream.clone();
+    if c.rank == 0 {
+        println!("latency (us per allreduce, bf16, registered input, {} ranks):", c.n);
+        println!("{:>10} {:>8} {:>12} {:>12}", "bytes", "algo", "eager", "graph");
+    }
+    for bytes in [1024usize, 16 << 10, 64 << 10, 256 << 10, MIB, 4 * MIB] {
+        if bytes > c.comm.config().custom_max_bytes {
+            continue;
+        }
+        let len = bytes / 2;
+        let mut shared = c.comm.alloc_shared::<bf16>(len)?;
+        let mut out = s.alloc_zeros::<bf16>(len)?;
+        let inputs = Inputs::<bf16>::new(5, c.n, len);
+        s.memcpy_htod(&inputs.rank_input(c.rank, len), &mut shared.slice_mut(0..len))?;
+        for algo in [Algo::OneShot, Algo::TwoShot] {
+            let mut eager = Vec::new();
+            for i in 0..220 {
+                world.barrier();
+                let t0 = Instant::now();
+                c.comm.all_reduce_using(Some(algo), &shared.slice(0..len), &mut out.slice_mut(0..len), &s)?;
+                if i >= 20 {
+                    eager.push(t0.elapsed().as_secs_f64() * 1e6);
+                }
+            }
+            let comm = c.comm;
+            let graph = comm.capture(&s, |st| {
+                for _ in 0..10 {
+                    comm.all_reduce_using(Some(algo), &shared.slice(0..len), &mut out.slice_mut(0..len), st)?;
+                }
+                Ok(())
+            })?;
+            graph.launch()?;
+            s.synchronize()?;
+            let reps = 200;
+            world.barrier();
+            let t0 = Instant::now();
+            for _ in 0..reps {
+                graph.launch()?;
+            }
+            s.synchronize()?;
+            let per = t0.elapsed().as_secs_f64() * 1e6 / (reps * 10) as f64;
+            comm.check_device_errors()?;
+            let got = read(&s, &out.slice(0..len))?;
+            check_out(&inputs, &got).context("bench result")?;
+            if c.rank == 0 {
+                println!("{bytes:>10} {algo:>8} {:>12.2} {per:>12.2}", median(eager));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One named part of the check.
+type Step<'a> = dyn FnMut(&mut Ctx, &mut Tally) -> Result<()> + 'a;
+
+fn main() -> Result<()> {
+    let universe = mpi::initialize().ok_or_else(|| anyhow!("MPI initialised twice"))?;
+    let world = universe.world();
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let bench_only = args.iter().any(|a| a == "--bench-only");
+    let do_bench = bench_only || args.iter().any(|a| a == "--bench");
+    let replays: usize = std::env::var("GPU_CHECK_REPLAYS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
+    let config = Config::from_env()?;
+    let rank = world.rank() as usize;
+    let n = world.size() as usize;
+    let mut tally = Tally { rank, passed: 0, failed: 0 };
+    let t_start = Instant::now();
+    {
+        let comm = Communicator::new(&world, config.clone())?;
+        let ctx = comm.cuda_context()?;
+        // One stream for everything: graph capture must not wait on other streams' events.
+        // SAFETY: all work of this program is ordered on `stream` or synchronised explicitly.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream()?;
+        if rank == 0 {
+            let nv = tpcomm::cuda::module_cache::nvrtc_version().unwrap_or((0, 0));
+            let cc = ctx.compute_capability()?;
+            println!(
+                "gpu_check: {n} ranks, {} ({}), sm_{}{}, NVRTC {}.{}, kernels as CUBIN, max {} bytes",
+                ctx.name()?,
+                ctx.ordinal(),
+                cc.0,
+                cc.1,
+                nv.0,
+                nv.1,
+                config.custom_max_bytes
+            );
+        }
+        let max_bytes = config.custom_max_bytes;
+        let mut c = Ctx { comm: &comm, stream, n, rank, seed: 1 };
+        let steps: [(&str, &mut Step); 5] = [
+            ("f32", &mut |c, t| run_dtype::<f32>(c, t, max_bytes, quick)),
+            ("f16", &mut |c, t| run_dtype::<f16>(c, t, max_bytes, quick)),
+            ("bf16", &mut |c, t| run_dtype::<bf16>(c, t, max_bytes, quick)),
+            ("bad inputs", &mut |c, t| bad_inputs(c, t, max_bytes)),
+            ("replays", &mut |c, t| many_replays(c, t, replays)),
+        ];
+        for (name, step) in steps {
+            if bench_only {
+                break;
+            }
+            let t0 = Instant::now();
+            let r = step(&mut c, &mut tally);
+            tally.record(&format!("step {name} ran to its end"), r);
+            if rank == 0 {
+                println!("step {name}: {:.1} s", t0.elapsed().as_secs_f64());
+            }
+        }
+        if rank == 0 {
+            println!("first communicator: kernels from disk cache: {:?}", comm.kernels_from_disk_cache());
+        }
+        if do_bench {
+            let r = bench(&mut c);
+            tally.record("bench", r);
+        }
+    }
+    if n > 1 && !bench_only {
+        let r = skipped_call(&world, &config, &mut tally);
+        tally.record("step timeout ran to its end", r);
+        let r = capture_mismatch(&world, &config, &mut tally);
+        tally.record("step capture mismatch ran to its end", r);
+        for algo in [Algo::OneShot, Algo::TwoShot] {
+            let r = length_mismatch(&world, &config, algo, &mut tally);
+            tally.record("step length mismatch ran to its end", r);
+        }
+    }
+    let mine = [tally.passed as u64, tally.failed as u64];
+    let mut sum = [0u64; 2];
+    world.all_reduce_into(&mine[..], &mut sum[..], SystemOperation::sum());
+    if rank == 0 {
+        println!(
+            "gpu_check {n} ranks: {} passed, {} failed ({:.1} s)",
+            sum[0],
+            sum[1],
+            t_start.elapsed().as_secs_f64()
+        );
+    }
+    if sum[1] > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
+}

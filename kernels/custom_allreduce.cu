@@ -1,0 +1,347 @@
+// Custom allreduce over CUDA IPC: one-shot and two-shot, f32 / f16 / bf16.
+//
+// Self-contained on purpose: no CUDA headers (NVRTC on users' machines may have none), so
+// 16-bit floats are converted with inline PTX `cvt` and bit shifts.
+//
+// Compiled at run time with these defines (from src/cuda/protocol.rs, never hard-coded here):
+//   TPCOMM_WORLD        ranks of this module (1..=TPCOMM_MAX_RANKS); 1 makes the kernels a copy
+//   TPCOMM_MAX_RANKS    row width of the rank-data table and of the signal mailboxes
+//   TPCOMM_MAX_BLOCKS   blocks the signal area has counters for
+//   TPCOMM_PARITIES     mailbox generations (2)
+//   TPCOMM_VEC_BYTES    bytes per vector access (16)
+//   TPCOMM_THREADS      threads per block of every launch
+//   TPCOMM_BARRIER_*    barrier ids reported in the error word
+//
+// Results: element i is sum(x_r[i] for r = 0..WORLD-1) in that order, in fp32, rounded once,
+// the first term taken as is (not 0 + x_0, which would turn -0 into +0). Both algorithms and
+// every grid size give the same bits, and the same bits as tpcomm::dtype::reference_sum.
+
+#if !defined(TPCOMM_WORLD) || !defined(TPCOMM_MAX_RANKS) || !defined(TPCOMM_MAX_BLOCKS) || \
+    !defined(TPCOMM_PARITIES) || !defined(TPCOMM_VEC_BYTES) || !defined(TPCOMM_THREADS)
+#error "compile through tpcomm's module cache: protocol defines are missing"
+#endif
+#if TPCOMM_WORLD < 1 || TPCOMM_WORLD > TPCOMM_MAX_RANKS
+#error "TPCOMM_WORLD out of range"
+#endif
+#if TPCOMM_VEC_BYTES != 16 || TPCOMM_PARITIES != 2
+#error "the kernels are written for 16-byte vectors and two mailbox parities"
+#endif
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+// One rank's signal area, shared with every peer through IPC.
+// mailbox[parity][block][peer]: the last barrier `peer` announced to us for `block`, as
+//   (call tag << 32) | count in one 64-bit word: the tag (a hash of length, dtype and algorithm
+//   made by the host) travels with the flag, so checking that every rank makes the same call
+//   costs no extra memory traffic or fence.
+// counter[block][peer]: how many barriers our `block` has entered with `peer` (private).
+// Counters only grow and are never reset, so a graph replay continues the sequence.
+struct Signal {
+    u64 mailbox[TPCOMM_PARITIES][TPCOMM_MAX_BLOCKS][TPCOMM_MAX_RANKS];
+    u32 counter[TPCOMM_MAX_BLOCKS][TPCOMM_MAX_RANKS];
+};
+
+// A row of device addresses, one per rank: a rank-data row (one registered buffer as seen by
+// every rank) or, passed by value, the peers' signal or scratch areas.
+struct Ptrs {
+    u64 p[TPCOMM_MAX_RANKS];
+};
+
+struct __align__(16) Vec16 {
+    u32 w[4];
+};
+
+// ---------------------------------------------------------------------------------------------
+// Element types: raw bits <-> fp32.
+
+struct F32 {
+    typedef u32 Bits;
+    enum { PER_VEC = 4 };
+    static __device__ __forceinline__ float to_f(u32 b) { return __uint_as_float(b); }
+    static __device__ __forceinline__ u32 from_f(float f) { return __float_as_uint(f); }
+};
+
+struct F16 {
+    typedef u16 Bits;
+    enum { PER_VEC = 8 };
+    static __device__ __forceinline__ float to_f(u16 b) {
+        float f;
+        asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(b));
+        return f;
+    }
+    static __device__ __forceinline__ u16 from_f(float f) {
+        u16 b;
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(b) : "f"(f));
+        return b;
+    }
+};
+
+struct BF16 {
+    typedef u16 Bits;
+    enum { PER_VEC = 8 };
+    // bf16 is the top half of an fp32: widening is exact.
+    static __device__ __forceinline__ float to_f(u16 b) { return __uint_as_float(((u32)b) << 16); }
+    static __device__ __forceinline__ u16 from_f(float f) {
+        u16 b;
+        asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(b) : "f"(f));
+        return b;
+    }
+};
+
+template <typename T>
+__device__ __forceinline__ u32 lane_bits(const Vec16& v, int i) {
+    if (T::PER_VEC == 4) return v.w[i];
+    return (v.w[i >> 1] >> ((i & 1) * 16)) & 0xffffu;
+}
+
+template <typename T>
+__device__ __forceinline__ void unpack(const Vec16& v, float* acc) {
+#pragma unroll
+    for (int i = 0; i < T::PER_VEC; i++) acc[i] = T::to_f((typename T::Bits)lane_bits<T>(v, i));
+}
+
+template <typename T>
+__device__ __forceinline__ void unpack_add(const Vec16& v, float* acc) {
+#pragma unroll
+    for (int i = 0; i < T::PER_VEC; i++) acc[i] += T::to_f((typename T::Bits)lane_bits<T>(v, i));
+}
+
+template <typename T>
+__device__ __forceinline__ Vec16 pack(const float* acc) {
+    Vec16 v;
+    if (T::PER_VEC == 4) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) v.w[i] = (u32)T::from_f(acc[i]);
+    } else {
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            v.w[i] = (u32)T::from_f(acc[2 * i]) | ((u32)T::from_f(acc[2 * i + 1]) << 16);
+    }
+    return v;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory access helpers.
+
+__device__ __forceinline__ u64 globaltimer() {
+    u64 t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+__device__ __forceinline__ void st_release_sys(u64* addr, u64 v) {
+    asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(addr), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ u64 ld_acquire_sys(const u64* addr) {
+    u64 v;
+    asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(addr) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ void st_relaxed_sys(u64* addr, u64 v) {
+    asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(addr), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ u64 ld_relaxed_sys(const u64* addr) {
+    u64 v;
+    asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(addr) : "memory");
+    return v;
+}
+
+// Data a peer wrote during this launch (two-shot scratch) is read with volatile loads, so no
+// stale copy in this SM's L1 can be returned after the acquire barrier.
+__device__ __forceinline__ Vec16 ld_volatile_v4(const void* addr) {
+    Vec16 v;
+    asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.w[0]), "=r"(v.w[1]), "=r"(v.w[2]), "=r"(v.w[3])
+                 : "l"(addr)
+                 : "memory");
+    return v;
+}
+
+template <typename T>
+__device__ __forceinline__ typename T::Bits ld_volatile_elem(const void* addr) {
+    return *(const volatile typename T::Bits*)addr;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Barrier between the same block of every rank.
+//
+// Thread p (< WORLD) of block b bumps its private counter for (b, p) to c, stores c into peer
+// p's mailbox[c & 1][b][rank], then spins until its own mailbox[c & 1][b][p] holds c. Every
+// rank makes the same calls with the same grid, so both sides count the same c. Two parities
+// suffice: a peer cannot reach c + 2 before we announced c + 1, which we do only after seeing c.
+//
+// PUBLISH = true (two-shot's middle barrier) hands data written in this launch to the peers:
+// the __syncthreads() before collects every thread's writes at CTA scope, the system fence and
+// the release store make them visible at system scope (cumulativity), the acquire load and the
+// __syncthreads() after hand the peers' writes to all our threads.
+// PUBLISH = false (start and end barriers) is a pure rendezvous: what the peers read after the
+// start barrier was written before their kernels began (stream order), and the end barrier only
+// says that every peer's loads of our input have returned. Relaxed accesses suffice there and
+// skip two system-scope fences per barrier.
+//
+// The announcement carries the call's tag. A peer whose tag differs made another call (other
+// length, dtype or algorithm): the thread records (mismatch, barrier, peer, block) in the error
+// word and the block leaves the kernel before touching any data (the host returns
+// Error::Mismatch). Every rank sees the other's tag, so every rank stops.
+//
+// The spin is bounded by `deadline` (globaltimer, ns). On timeout the thread records
+// (barrier, peer, block) into the host-visible error word unless a mismatch is already there,
+// and the whole block leaves the kernel; the host turns that into Error::PeerTimeout.
+template <bool PUBLISH>
+__device__ __forceinline__ bool barrier(Signal* self, const Ptrs& sigs, int rank, u32 id, u32 tag, u64 deadline,
+                                        volatile u64* err, volatile int* failed) {
+    __syncthreads();
+    if (threadIdx.x < TPCOMM_WORLD) {
+        const int p = threadIdx.x;
+        const u32 c = self->counter[blockIdx.x][p] + 1;
+        self->counter[blockIdx.x][p] = c;
+        Signal* peer = (Signal*)sigs.p[p];
+        u64* theirs = &peer->mailbox[c & 1][blockIdx.x][rank];
+        const u64* mine = &self->mailbox[c & 1][blockIdx.x][p];
+        const u64 word = ((u64)tag << 32) | c;
+        if (PUBLISH) {
+            __threadfence_system();
+            st_release_sys(theirs, word);
+        } else {
+            st_relaxed_sys(theirs, word);
+        }
+        u64 got;
+        while ((u32)(got = (PUBLISH ? ld_acquire_sys(mine) : ld_relaxed_sys(mine))) != c) {
+            if (globaltimer() > deadline) {
+                if (*err == 0) *err = (1ull << 63) | ((u64)id << 32) | ((u64)p << 16) | (u64)blockIdx.x;
+                __threadfence_system();
+                *failed = 1;
+                break;
+            }
+        }
+        if ((u32)got == c && (u32)(got >> 32) != tag) {
+            *err = (1ull << 62) | ((u64)id << 32) | ((u64)p << 16) | (u64)blockIdx.x;
+            __threadfence_system();
+            *failed = 1;
+        }
+    }
+    __syncthreads();
+    return *failed == 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The sum of one vector / one element over all ranks, in rank order.
+
+template <typename T>
+__device__ __forceinline__ Vec16 sum_vec(const Ptrs& in, u64 i) {
+    float acc[T::PER_VEC];
+    unpack<T>(((const Vec16*)in.p[0])[i], acc);
+#pragma unroll
+    for (int r = 1; r < TPCOMM_WORLD; r++) unpack_add<T>(((const Vec16*)in.p[r])[i], acc);
+    return pack<T>(acc);
+}
+
+template <typename T>
+__device__ __forceinline__ typename T::Bits sum_elem(const Ptrs& in, u64 j) {
+    float acc = T::to_f(((const typename T::Bits*)in.p[0])[j]);
+#pragma unroll
+    for (int r = 1; r < TPCOMM_WORLD; r++) acc += T::to_f(((const typename T::Bits*)in.p[r])[j]);
+    return T::from_f(acc);
+}
+
+// ---------------------------------------------------------------------------------------------
+// One-shot: every rank reads every input and writes its whole output.
+//
+// rd:      rank-data row: rd->p[r] is rank r's input (device address valid in this process)
+// sigs:    every rank's signal area, sigs.p[rank] being our own
+// out:     our output (may be our own input only when no peer reads it: the host stages then)
+// count:   elements; the last count % PER_VEC are summed element by element
+template <typename T>
+__device__ void oneshot(const Ptrs* __restrict__ rd, const Ptrs& sigs, char* out, int rank, u64 count,
+                        u64 timeout_ns, u64* err, u32 tag) {
+    __shared__ int failed;
+    if (threadIdx.x == 0) failed = 0;
+    const u64 deadline = globaltimer() + timeout_ns;
+    Signal* self = (Signal*)sigs.p[rank];
+    const Ptrs in = *rd;
+    // Start: every peer's kernel is running, so its input (written by earlier work on its
+    // stream) is complete.
+    if (!barrier<false>(self, sigs, rank, TPCOMM_BARRIER_START, tag, deadline, err, &failed)) return;
+    const u64 nvec = count / T::PER_VEC;
+    const u64 tid = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+    for (u64 i = tid; i < nvec; i += stride) ((Vec16*)out)[i] = sum_vec<T>(in, i);
+    const u64 j = nvec * T::PER_VEC + tid;
+    if (j < count) ((typename T::Bits*)out)[j] = sum_elem<T>(in, j);
+    // End: no rank returns (and lets its caller overwrite its input) while a peer still reads it.
+    barrier<false>(self, sigs, rank, TPCOMM_BARRIER_END, tag, deadline, err, &failed);
+}
+
+// Shard r of nvec vectors: [start, end), the first nvec % WORLD shards one vector longer.
+__device__ __forceinline__ void shard(u64 nvec, int r, u64* start, u64* end) {
+    const u64 base = nvec / TPCOMM_WORLD, rem = nvec % TPCOMM_WORLD;
+    *start = (u64)r * base + ((u64)r < rem ? (u64)r : rem);
+    *end = *start + base + ((u64)r < rem ? 1 : 0);
+}
+
+// Two-shot: reduce-scatter into our scratch, fenced barrier, all-gather from every scratch.
+//
+// scratch: every rank's scratch area; element k of the message lives at byte k * sizeof(T) of
+//          it whatever the message size or grid (the layout never depends on either).
+// The tail (count % PER_VEC elements) belongs to the last rank's shard.
+//
+// In place is safe: inputs are read only before the middle barrier and `out` is written only
+// after it. No end barrier is needed: a peer reads our scratch only before it enters its next
+// call's start barrier, and we write our scratch again only after passing that barrier; our
+// input is last read before the middle barrier.
+template <typename T>
+__device__ void twoshot(const Ptrs* __restrict__ rd, const Ptrs& sigs, const Ptrs& scratch, char* out, int rank,
+                        u64 count, u64 timeout_ns, u64* err, u32 tag) {
+    __shared__ int failed;
+    if (threadIdx.x == 0) failed = 0;
+    const u64 deadline = globaltimer() + timeout_ns;
+    Signal* self = (Signal*)sigs.p[rank];
+    const Ptrs in = *rd;
+    if (!barrier<false>(self, sigs, rank, TPCOMM_BARRIER_START, tag, deadline, err, &failed)) return;
+    const u64 nvec = count / T::PER_VEC;
+    const u64 tid = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+    u64 s0, s1;
+    shard(nvec, rank, &s0, &s1);
+    Vec16* mine = (Vec16*)scratch.p[rank];
+    for (u64 i = s0 + tid; i < s1; i += stride) mine[i] = sum_vec<T>(in, i);
+    if (rank == TPCOMM_WORLD - 1) {
+        const u64 j = nvec * T::PER_VEC + tid;
+        if (j < count) ((typename T::Bits*)mine)[j] = sum_elem<T>(in, j);
+    }
+    // Middle: every shard is reduced and published (release at system scope).
+    if (!barrier<true>(self, sigs, rank, TPCOMM_BARRIER_MID, tag, deadline, err, &failed)) return;
+#pragma unroll 1
+    for (int s = 0; s < TPCOMM_WORLD; s++) {
+        shard(nvec, s, &s0, &s1);
+        const char* src = (const char*)scratch.p[s];
+        for (u64 i = s0 + tid; i < s1; i += stride) ((Vec16*)out)[i] = ld_volatile_v4(src + i * 16);
+    }
+    const u64 j = nvec * T::PER_VEC + tid;
+    if (j < count)
+        ((typename T::Bits*)out)[j] =
+            ld_volatile_elem<T>((const char*)scratch.p[TPCOMM_WORLD - 1] + j * sizeof(typename T::Bits));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points, one per (algorithm, dtype), all with one signature:
+// (rank-data row, signals, scratch, out, rank, count, timeout_ns, error word, call tag)
+
+#define TPCOMM_ENTRY(NAME, ALGO)                                                                   \
+    extern "C" __global__ void __launch_bounds__(TPCOMM_THREADS) NAME(const Ptrs* __restrict__ rd, Ptrs sigs,   \
+                                                            Ptrs scratch, char* out, int rank,       \
+                                                            u64 count, u64 timeout_ns, u64* err, u32 tag) {   \
+        ALGO;                                                                                       \
+    }
+
+TPCOMM_ENTRY(oneshot_f32, (oneshot<F32>(rd, sigs, out, rank, count, timeout_ns, err, tag)))
+TPCOMM_ENTRY(oneshot_f16, (oneshot<F16>(rd, sigs, out, rank, count, timeout_ns, err, tag)))
+TPCOMM_ENTRY(oneshot_bf16, (oneshot<BF16>(rd, sigs, out, rank, count, timeout_ns, err, tag)))
+TPCOMM_ENTRY(twoshot_f32, (twoshot<F32>(rd, sigs, scratch, out, rank, count, timeout_ns, err, tag)))
+TPCOMM_ENTRY(twoshot_f16, (twoshot<F16>(rd, sigs, scratch, out, rank, count, timeout_ns, err, tag)))
+TPCOMM_ENTRY(twoshot_bf16, (twoshot<BF16>(rd, sigs, scratch, out, rank, count, timeout_ns, err, tag)))

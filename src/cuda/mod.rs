@@ -1,0 +1,101 @@
+//! CUDA plumbing the backends share: IPC buffers, the NVRTC module cache, protocol constants.
+//!
+//! Raw driver calls that cudarc does not wrap live here behind small owning types
+//! ([`ipc::IpcBuffer`], [`ipc::PeerMappings`], [`HostWord`]); nothing outside this module calls
+//! `cudarc::driver::sys` for them.
+
+pub mod ipc;
+pub mod module_cache;
+pub mod protocol;
+
+use crate::error::{Error, Result};
+use cudarc::driver::{sys, DriverError};
+
+/// True when a CUDA driver library can be loaded in this process.
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to load the library; makes no driver call.
+    unsafe { sys::is_culib_present() }
+}
+
+/// Turn a raw driver result into [`Error::Cuda`] naming `op`.
+pub(crate) fn check(op: &'static str, r: sys::CUresult) -> Result<()> {
+    r.result().map_err(|source| Error::Cuda { op, source })
+}
+
+/// Wrap a cudarc driver error with the operation that failed.
+pub(crate) fn cuda(op: &'static str) -> impl FnOnce(DriverError) -> Error {
+    move |source| Error::Cuda { op, source }
+}
+
+/// One 64-bit word of pinned host memory mapped into the device address space: kernels store
+/// into it, the host reads it after synchronising, without a copy.
+pub struct HostWord {
+    host: *mut u64,
+    device: sys::CUdeviceptr,
+}
+
+// SAFETY: the word is plain pinned memory; access goes through volatile reads and writes.
+unsafe impl Send for HostWord {}
+// SAFETY: as above; `&self` methods only read or write the word volatilely.
+unsafe impl Sync for HostWord {}
+
+impl HostWord {
+    /// Allocate the word (zero) in the current context.
+    ///
+    /// # Errors
+    /// [`Error::Cuda`] when pinned allocation or mapping fails.
+    pub fn new() -> Result<Self> {
+        let mut host: *mut std::ffi::c_void = std::ptr::null_mut();
+        let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE;
+        // SAFETY: `host` is a valid out pointer; 8 bytes are requested.
+        check("cuMemHostAlloc(error word)", unsafe { sys::cuMemHostAlloc(&mut host, 8, flags) })?;
+        let host = host.cast::<u64>();
+        // SAFETY: freshly allocated, 8 bytes, suitably aligned (page aligned).
+        unsafe { host.write_volatile(0) };
+        let mut device: sys::CUdeviceptr = 0;
+        // SAFETY: `host` came from cuMemHostAlloc with DEVICEMAP.
+        let r = unsafe { sys::cuMemHostGetDevicePointer_v2(&mut device, host.cast(), 0) };
+        if let Err(e) = check("cuMemHostGetDevicePointer(error word)", r) {
+            // SAFETY: allocated above and not used after.
+            unsafe { sys::cuMemFreeHost(host.cast()) };
+            return Err(e);
+        }
+        Ok(HostWord { host, device })
+    }
+
+    /// The address kernels write to.
+    pub fn device_ptr(&self) -> sys::CUdeviceptr {
+        self.device
+    }
+
+    /// The current value (synchronise with the writing stream first).
+    pub fn get(&self) -> u64 {
+        // SAFETY: the pointer is valid for the life of `self`.
+        unsafe { self.host.read_volatile() }
+    }
+
+    /// Overwrite the value (no kernel may be writing it concurrently).
+    pub fn set(&self, v: u64) {
+        // SAFETY: the pointer is valid for the life of `self`.
+        unsafe { self.host.write_volatile(v) }
+    }
+}
+
+impl Drop for HostWord {
+    fn drop(&mut self) {
+        // SAFETY: allocated by cuMemHostAlloc in `new`; freed once. A failure cannot be
+        // reported from Drop and leaks 8 bytes at worst.
+        let _ = unsafe { sys::cuMemFreeHost(self.host.cast()) };
+    }
+}
+
+/// Kernel sources compiled at run time, embedded in the library so binaries need no files.
+pub mod kernels {
+    /// `kernels/custom_allreduce.cu`: one-shot and two-shot for f32, f16 and bf16.
+    pub const CUSTOM_ALLREDUCE: &str = include_str!("../../kernels/custom_allreduce.cu");
+    /// Family name of [`CUSTOM_ALLREDUCE`] (cache file names, error messages).
+    pub const CUSTOM_ALLREDUCE_NAME: &str = "custom_allreduce";
+    /// Entry points of [`CUSTOM_ALLREDUCE`], each `{algorithm}_{dtype}`.
+    pub const CUSTOM_ALLREDUCE_ENTRIES: [&str; 6] =
+        ["oneshot_f32", "oneshot_f16", "oneshot_bf16", "twoshot_f32", "twoshot_f16", "twoshot_bf16"];
+}

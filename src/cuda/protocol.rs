@@ -1,0 +1,136 @@
+//! Protocol constants of the custom allreduce kernels: the one place they are defined.
+//!
+//! `kernels/custom_allreduce.cu` receives every value below as an NVRTC `-D` define (see
+//! [`defines`]), so host and device cannot drift. The layouts described here are the ones the
+//! kernel's `struct Signal` and `struct Ptrs` have.
+
+/// Most ranks one custom allreduce spans (one per GPU of an NVLink domain).
+pub const MAX_RANKS: usize = 8;
+/// Most thread blocks of one launch; the signal area holds counters for this many.
+pub const MAX_BLOCKS: usize = 64;
+/// Threads per block.
+pub const THREADS: usize = 512;
+/// Bytes one thread moves per load or store (one `uint4`).
+pub const VEC_BYTES: usize = 16;
+/// Required alignment of every buffer pointer the kernels read or write.
+pub const ALIGN: usize = VEC_BYTES;
+/// Mailbox generations: a fast peer may signal barrier `k + 1` while we still wait on `k`.
+pub const PARITIES: usize = 2;
+
+/// `u64` mailboxes per rank: `[PARITIES][MAX_BLOCKS][MAX_RANKS]`, written by peers; each holds
+/// `(call tag << 32) | barrier count`.
+pub const MAILBOX_WORDS: usize = PARITIES * MAX_BLOCKS * MAX_RANKS;
+/// `u32` counters per rank: `[MAX_BLOCKS][MAX_RANKS]`, private to the owning rank.
+pub const COUNTER_WORDS: usize = MAX_BLOCKS * MAX_RANKS;
+/// Bytes of one rank's signal area (mailboxes then counters), rounded up to 256.
+pub const SIGNAL_BYTES: usize = (MAILBOX_WORDS * 8 + COUNTER_WORDS * 4).div_ceil(256) * 256;
+/// Bytes of one rank-data row: `MAX_RANKS` device addresses (`u64`).
+pub const RANK_DATA_ROW_BYTES: usize = MAX_RANKS * 8;
+
+/// Barrier ids recorded in the error word, so a timeout says where it happened.
+pub const BARRIER_START: u32 = 0;
+/// The fenced barrier between reduce-scatter and all-gather of two-shot.
+pub const BARRIER_MID: u32 = 1;
+/// The barrier at the end of one-shot (inputs may be reused after it).
+pub const BARRIER_END: u32 = 2;
+
+/// Bit set in the error word when a barrier timed out; see [`decode_error`].
+pub const ERR_TIMEOUT: u64 = 1 << 63;
+/// Bit set in the error word when a peer announced another call tag (length, dtype or
+/// algorithm); see [`decode_error`].
+pub const ERR_MISMATCH: u64 = 1 << 62;
+
+const _: () = assert!(MAX_RANKS <= 32, "a warp signals all peers at once");
+const _: () = assert!(THREADS >= MAX_RANKS && THREADS % 32 == 0);
+const _: () = assert!(MAX_BLOCKS <= 0xffff, "the error word keeps 16 bits of block index");
+const _: () = assert!(PARITIES == 2, "the kernel picks the mailbox by counter & 1");
+const _: () = assert!(SIGNAL_BYTES >= MAILBOX_WORDS * 8 + COUNTER_WORDS * 4 && SIGNAL_BYTES % 256 == 0);
+
+/// What a kernel reported in the error word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BarrierErrorKind {
+    /// The peer did not arrive in time.
+    Timeout,
+    /// The peer arrived with another call tag.
+    Mismatch,
+}
+
+/// A decoded error word: which barrier of which block failed on which peer, and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BarrierError {
+    /// Timeout or mismatch.
+    pub kind: BarrierErrorKind,
+    /// Rank (in the custom allreduce's group) that did not arrive or differed.
+    pub peer: usize,
+    /// [`BARRIER_START`], [`BARRIER_MID`] or [`BARRIER_END`].
+    pub barrier: u32,
+    /// Block that saw it first.
+    pub block: u32,
+}
+
+/// A 32-bit tag of one call (element count, dtype code, algorithm), announced with every
+/// barrier so ranks making different calls stop with a mismatch instead of mixing data. Never
+/// zero, so a freshly zeroed mailbox cannot look like a tag.
+pub fn call_tag(count: u64, dtype_code: u32, algo: u32) -> u32 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for x in [count, u64::from(dtype_code), u64::from(algo)] {
+        for b in x.to_le_bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    ((h >> 32) as u32 ^ h as u32) | 1
+}
+
+/// Decode the error word the kernels write
+/// (`ERR_TIMEOUT or ERR_MISMATCH | barrier << 32 | peer << 16 | block`).
+pub fn decode_error(word: u64) -> Option<BarrierError> {
+    let kind = if word & ERR_MISMATCH != 0 {
+        BarrierErrorKind::Mismatch
+    } else if word & ERR_TIMEOUT != 0 {
+        BarrierErrorKind::Timeout
+    } else {
+        return None;
+    };
+    Some(BarrierError {
+        kind,
+        peer: ((word >> 16) & 0xffff) as usize,
+        barrier: ((word >> 32) & 0xff) as u32,
+        block: (word & 0xffff) as u32,
+    })
+}
+
+/// The NVRTC `-D` options for a module serving `world` ranks.
+pub fn defines(world: usize) -> Vec<String> {
+    vec![
+        format!("-DTPCOMM_WORLD={world}"),
+        format!("-DTPCOMM_MAX_RANKS={MAX_RANKS}"),
+        format!("-DTPCOMM_MAX_BLOCKS={MAX_BLOCKS}"),
+        format!("-DTPCOMM_PARITIES={PARITIES}"),
+        format!("-DTPCOMM_VEC_BYTES={VEC_BYTES}"),
+        format!("-DTPCOMM_THREADS={THREADS}"),
+        format!("-DTPCOMM_BARRIER_START={BARRIER_START}"),
+        format!("-DTPCOMM_BARRIER_MID={BARRIER_MID}"),
+        format!("-DTPCOMM_BARRIER_END={BARRIER_END}"),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_word_round_trips() {
+        assert_eq!(decode_error(0), None);
+        let w = ERR_TIMEOUT | (u64::from(BARRIER_MID) << 32) | (5 << 16) | 17;
+        let t = BarrierError { kind: BarrierErrorKind::Timeout, peer: 5, barrier: BARRIER_MID, block: 17 };
+        assert_eq!(decode_error(w), Some(t));
+        let m = ERR_MISMATCH | (u64::from(BARRIER_START) << 32) | (2 << 16);
+        let e = BarrierError { kind: BarrierErrorKind::Mismatch, peer: 2, barrier: BARRIER_START, block: 0 };
+        assert_eq!(decode_error(m), Some(e));
+    }
+
+    #[test]
+    fn signal_area_holds_mailboxes_and_counters() {
+        assert!(defines(3).iter().any(|d| d == "-DTPCOMM_WORLD=3"));
+    }
+}
