@@ -56,7 +56,7 @@ fn nearest(devs: &[(String, PathBuf)], gpu: &Path) -> Option<usize> {
     let mut best: Option<(usize, usize)> = None;
     for (i, (_, path)) in devs.iter().enumerate() {
         let c = common(path);
-        if best.map_or(true, |(_, bc)| c > bc) {
+        if best.is_none_or(|(_, bc)| c > bc) {
             best = Some((i, c));
         }
     }

@@ -137,7 +137,7 @@ impl IpcBuffer {
     /// # Errors
     /// [`Error::InvalidArgument`] when `data` does not fit, [`Error::Cuda`] when the copy fails.
     pub fn write_at(&self, offset: usize, data: &[u8]) -> Result<()> {
-        if offset.checked_add(data.len()).map_or(true, |end| end > self.bytes) {
+        if offset.checked_add(data.len()).is_none_or(|end| end > self.bytes) {
             return Err(Error::Internal(format!(
                 "IpcBuffer::write_at: {} bytes at {offset} exceed the buffer's {}",
                 data.len(),
