@@ -8,8 +8,15 @@
 //!
 //! Flags (nccl-tests spelling): `-b` min bytes, `-e` max bytes, `-f` step factor, `-n` iterations,
 //! `-w` warm-up iterations, `-d` datatype (float, double, half, bfloat16), `-c` check (0/1).
-//! tpcomm's own: `--algo NAME` forces an algorithm (`auto` = dispatch table), `--compare mpi|none`,
-//! `--show-dispatch`, `--show-config`.
+//! `-G N` captures N calls in one CUDA graph and times its replays (device memory only).
+//! tpcomm's own: `--memory device|host` (device where a GPU is visible, else host), `--algo NAME`
+//! forces an algorithm (`auto` = dispatch table), `--compare mpi|none`, `--show-dispatch`,
+//! `--show-config`.
+//!
+//! On device memory the MPI column is replaced by the HBM floor: the bytes the algorithm must
+//! move through the memory of a GPU shared by all ranks (one-shot n(n+1)S, two-shot (3n+1)S for
+//! n ranks and S bytes) over the device-to-device copy bandwidth measured at start, and `floor%`,
+//! the floor over the measured time. On one GPU per rank the floor is only a lower bound.
 //!
 //! Times are the median over iterations of each rank's per-call time, then the maximum over
 //! ranks. `#wrong` counts elements whose bits differ from the exact rank-order sum, over all
@@ -36,10 +43,15 @@ struct Options {
     compare_mpi: bool,
     show_dispatch: bool,
     show_config: bool,
+    /// Device memory (the GPU path) instead of host memory.
+    device: bool,
+    /// Calls captured per CUDA graph (0 = eager launches).
+    graph_calls: usize,
 }
 
 const USAGE: &str = "usage: allreduce_perf [-b MINBYTES] [-e MAXBYTES] [-f FACTOR] [-n ITERS] [-w WARMUP] \
-[-d float|double|half|bfloat16] [-c 0|1] [--algo NAME|auto] [--compare mpi|none] [--show-dispatch] [--show-config]
+[-d float|double|half|bfloat16] [-c 0|1] [-G CALLS_PER_GRAPH] [--memory device|host] [--algo NAME|auto] \
+[--compare mpi|none] [--show-dispatch] [--show-config]
 sizes take K, M, G suffixes; run under mpirun";
 
 fn parse_bytes(s: &str) -> Result<usize, String> {
@@ -65,6 +77,8 @@ fn parse_args() -> Result<Options, String> {
         compare_mpi: true,
         show_dispatch: false,
         show_config: false,
+        device: tpcomm::topology::cuda_device_count() > 0,
+        graph_calls: 0,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -88,6 +102,14 @@ fn parse_args() -> Result<Options, String> {
                     "mpi" => true,
                     "none" => false,
                     other => return Err(format!("--compare {other}: expected mpi or none")),
+                }
+            }
+            "-G" | "--cudagraph" => o.graph_calls = value()?.parse().map_err(|_| "bad -G")?,
+            "--memory" => {
+                o.device = match value()?.as_str() {
+                    "device" => true,
+                    "host" => false,
+                    other => return Err(format!("--memory {other}: expected device or host")),
                 }
             }
             "--show-dispatch" => o.show_dispatch = true,
@@ -115,11 +137,15 @@ fn main() {
     let opts = parse_args().unwrap_or_else(|e| fail(e));
     let config = Config::from_env().unwrap_or_else(|e| fail(e.to_string()));
     let comm = Communicator::new(&world, config).unwrap_or_else(|e| fail(e.to_string()));
-    let wrong = match opts.dtype {
-        DType::F32 => run::<f32>(&comm, &world, &opts, Some(mpi_f32)),
-        DType::F64 => run::<f64>(&comm, &world, &opts, Some(mpi_f64)),
-        DType::F16 => run::<f16>(&comm, &world, &opts, None),
-        DType::BF16 => run::<bf16>(&comm, &world, &opts, None),
+    let wrong = match (opts.device, opts.dtype) {
+        (false, DType::F32) => run::<f32>(&comm, &world, &opts, Some(mpi_f32)),
+        (false, DType::F64) => run::<f64>(&comm, &world, &opts, Some(mpi_f64)),
+        (false, DType::F16) => run::<f16>(&comm, &world, &opts, None),
+        (false, DType::BF16) => run::<bf16>(&comm, &world, &opts, None),
+        (true, DType::F32) => device::run::<f32>(&comm, &world, &opts),
+        (true, DType::F16) => device::run::<f16>(&comm, &world, &opts),
+        (true, DType::BF16) => device::run::<bf16>(&comm, &world, &opts),
+        (true, DType::F64) => fail("device memory: double is not supported; use -d float, half or bfloat16".into()),
     };
     match wrong {
         Ok(0) => {}
@@ -171,6 +197,12 @@ fn run<T: Element>(
     let (rank, n) = (comm.rank(), comm.size());
     let root = rank == 0;
     let boot = comm.bootstrap();
+    if o.graph_calls > 0 {
+        return Err(tpcomm::Error::Unsupported {
+            what: "-G on host memory".into(),
+            reason: "CUDA graphs capture device work; drop -G or use --memory device".into(),
+        });
+    }
     if root {
         println!(
             "# tpcomm allreduce_perf: ranks {n} nodes {} minBytes {} maxBytes {} step: {}(factor) warmup iters: {} iters: {} validation: {} memory: host",
@@ -299,4 +331,227 @@ fn run<T: Element>(
         println!("#");
     }
     Ok(total_wrong)
+}
+
+/// The GPU path: buffers from `alloc_shared` (registered, zero-copy), eager calls or CUDA graphs.
+mod device {
+    use super::{median, Options};
+    use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
+    use mpi::collective::SystemOperation;
+    use mpi::topology::SimpleCommunicator;
+    use mpi::traits::Communicator as _;
+    use mpi::traits::*;
+    use std::io::Write;
+    use std::sync::Arc;
+    use std::time::Instant;
+    use tpcomm::verify::{count_wrong, expected_sum, rank_input};
+    use tpcomm::{Algo, Communicator, Element, Error, Result};
+
+    fn cuda(op: &'static str) -> impl FnOnce(cudarc::driver::DriverError) -> Error {
+        move |source| Error::Cuda { op, source }
+    }
+
+    /// Device-to-device copy bandwidth (bytes read plus written per second) measured by rank 0
+    /// alone, shared with everyone.
+    fn copy_bandwidth(comm: &Communicator, world: &SimpleCommunicator, stream: &Arc<CudaStream>) -> Result<f64> {
+        let mut bw = 0.0f64;
+        if comm.rank() == 0 {
+            let len = 128usize << 20;
+            let src = stream.alloc_zeros::<u8>(len).map_err(cuda("alloc"))?;
+            let mut dst = stream.alloc_zeros::<u8>(len).map_err(cuda("alloc"))?;
+            stream.memcpy_dtod(&src, &mut dst).map_err(cuda("memcpy"))?;
+            stream.synchronize().map_err(cuda("sync"))?;
+            let reps = 20;
+            let t = Instant::now();
+            for _ in 0..reps {
+                stream.memcpy_dtod(&src, &mut dst).map_err(cuda("memcpy"))?;
+            }
+            stream.synchronize().map_err(cuda("sync"))?;
+            bw = 2.0 * (len * reps) as f64 / t.elapsed().as_secs_f64();
+        }
+        world.process_at_rank(0).broadcast_into(&mut bw);
+        Ok(bw)
+    }
+
+    /// Bytes an algorithm moves through the memory of one GPU that all `n` ranks share.
+    fn floor_bytes(algo: Algo, n: usize, size: usize) -> f64 {
+        let (n, s) = (n as f64, size as f64);
+        match algo {
+            Algo::TwoShot => (3.0 * n + 1.0) * s,
+            _ => n * (n + 1.0) * s,
+        }
+    }
+
+    /// Median per-call time (us), maximum over ranks: `iters` eager calls, each waited for, or
+    /// `iters` replays of a graph of `graph_calls` calls.
+    fn time_calls<F>(
+        comm: &Communicator,
+        world: &SimpleCommunicator,
+        o: &Options,
+        s: &Arc<CudaStream>,
+        mut call: F,
+    ) -> Result<f64>
+    where
+        F: FnMut(&Arc<CudaStream>) -> Result<()>,
+    {
+        let mut samples = Vec::new();
+        if o.graph_calls == 0 {
+            for i in 0..o.warmup + o.iters {
+                world.barrier();
+                let t = Instant::now();
+                call(s)?;
+                s.synchronize().map_err(cuda("sync"))?;
+                if i >= o.warmup {
+                    samples.push(t.elapsed().as_secs_f64() * 1e6);
+                }
+            }
+        } else {
+            let graph = comm.capture(s, |st| (0..o.graph_calls).try_for_each(|_| call(st)))?;
+            for i in 0..o.warmup.max(1) + o.iters {
+                world.barrier();
+                let t = Instant::now();
+                graph.launch().map_err(cuda("cuGraphLaunch"))?;
+                s.synchronize().map_err(cuda("sync"))?;
+                if i >= o.warmup.max(1) {
+                    samples.push(t.elapsed().as_secs_f64() * 1e6 / o.graph_calls as f64);
+                }
+            }
+        }
+        comm.check_device_errors()?;
+        let mine = median(samples);
+        let mut worst = 0.0f64;
+        world.all_reduce_into(&mine, &mut worst, SystemOperation::max());
+        Ok(worst)
+    }
+
+    fn read<T: DeviceRepr + Default + Clone>(s: &Arc<CudaStream>, buf: &CudaSlice<T>) -> Result<Vec<T>> {
+        let mut host = vec![T::default(); buf.len()];
+        s.memcpy_dtoh(buf, &mut host[..]).map_err(cuda("memcpy_dtoh"))?;
+        s.synchronize().map_err(cuda("sync"))?;
+        Ok(host)
+    }
+
+    pub fn run<T: Element + DeviceRepr + ValidAsZeroBits>(
+        comm: &Communicator,
+        world: &SimpleCommunicator,
+        o: &Options,
+    ) -> Result<usize> {
+        let (rank, n) = (comm.rank(), comm.size());
+        let root = rank == 0;
+        let ctx = comm.cuda_context()?;
+        // One stream for everything, so a captured graph never waits on another stream's event.
+        // SAFETY: every buffer of this program is used on `s` only, or after a synchronize.
+        unsafe { ctx.disable_event_tracking() };
+        let s = ctx.new_stream().map_err(cuda("cuStreamCreate"))?;
+        let bw = copy_bandwidth(comm, world, &s)?;
+        if root {
+            let mode =
+                if o.graph_calls > 0 { format!("graph ({} calls per graph)", o.graph_calls) } else { "eager".into() };
+            println!(
+                "# tpcomm allreduce_perf: ranks {n} minBytes {} maxBytes {} step: {}(factor) warmup iters: {} iters: {} validation: {} memory: device, {mode}",
+                o.min_bytes, o.max_bytes, o.factor, o.warmup, o.iters, u8::from(o.check)
+            );
+            println!(
+                "#  GPU: {}, device-to-device copy {:.0} GB/s (read + write)",
+                ctx.name().unwrap_or_default(),
+                bw / 1e9
+            );
+            if o.show_config {
+                print!(
+                    "#\n# Configuration\n{}",
+                    comm.config().dump().lines().map(|l| format!("#  {l}\n")).collect::<String>()
+                );
+            }
+            if o.show_dispatch {
+                print!("#\n# Dispatch table\n{}", comm.dispatch_table());
+            }
+            println!("#");
+            println!("#{:>62}out-of-place{:>26}in-place{:>23}HBM floor", "", "", "");
+            println!(
+                "#{:>11}  {:>12}  {:>8}  {:>6}  {:>6}  {:>7}  {:>6}  {:>6}  {:>6}  {:>7}  {:>6}  {:>6}  {:>6}  {:>8}  {:>6}  algo",
+                "size", "count", "type", "redop", "root", "time", "algbw", "busbw", "#wrong", "time", "algbw", "busbw", "#wrong", "floor", "floor%"
+            );
+            println!(
+                "#{:>11}  {:>12}  {:>8}  {:>6}  {:>6}  {:>7}  {:>6}  {:>6}  {:>6}  {:>7}  {:>6}  {:>6}  {:>6}  {:>8}",
+                "(B)", "(elements)", "", "", "", "(us)", "(GB/s)", "(GB/s)", "", "(us)", "(GB/s)", "(GB/s)", "", "(us)"
+            );
+        }
+        let bus_factor = if n > 1 { 2.0 * (n - 1) as f64 / n as f64 } else { 1.0 };
+        let (mut total_wrong, mut busbw_sum, mut rows) = (0usize, 0.0f64, 0usize);
+        let mut bytes = o.min_bytes;
+        loop {
+            let count = bytes / size_of::<T>();
+            let size = count * size_of::<T>();
+            let algo = match o.algo {
+                Some(a) => a,
+                None => match comm.device_algo::<T>(count) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        if root {
+                            println!("# stopping at {size} bytes: {e}");
+                        }
+                        break;
+                    }
+                },
+            };
+            if count > 0 {
+                let seed = 0xd1ce ^ size as u64;
+                let input_host: Vec<T> = rank_input(seed, rank, count);
+                let expected: Vec<T> = if o.check { expected_sum(seed, n, count) } else { Vec::new() };
+                let mut input = comm.alloc_shared::<T>(count)?;
+                s.memcpy_htod(&input_host[..], &mut *input).map_err(cuda("memcpy_htod"))?;
+                let poison = vec![tpcomm::verify::poison::<T>(); count];
+                let mut output = s.alloc_zeros::<T>(count).map_err(cuda("alloc"))?;
+                // Out of place.
+                let t_oop =
+                    time_calls(comm, world, o, &s, |st| comm.all_reduce_using(Some(algo), &*input, &mut output, st))?;
+                let mut wrong_oop = 0;
+                if o.check {
+                    s.memcpy_htod(&poison[..], &mut output).map_err(cuda("memcpy_htod"))?;
+                    comm.all_reduce_using(Some(algo), &*input, &mut output, &s)?;
+                    wrong_oop = count_wrong(&read(&s, &output)?, &expected);
+                }
+                // In place, in the registered buffer (values keep growing while timing).
+                let t_ip =
+                    time_calls(comm, world, o, &s, |st| comm.all_reduce_in_place_using(Some(algo), &mut *input, st))?;
+                let mut wrong_ip = 0;
+                if o.check {
+                    s.memcpy_htod(&input_host[..], &mut *input).map_err(cuda("memcpy_htod"))?;
+                    comm.all_reduce_in_place_using(Some(algo), &mut *input, &s)?;
+                    let got: Vec<T> = read(&s, &input)?;
+                    wrong_ip = count_wrong(&got, &expected);
+                }
+                let mut wrong = [wrong_oop as u64, wrong_ip as u64];
+                let mut wrong_all = [0u64; 2];
+                world.all_reduce_into(&wrong[..], &mut wrong_all[..], SystemOperation::sum());
+                wrong.copy_from_slice(&wrong_all);
+                total_wrong += (wrong[0] + wrong[1]) as usize;
+                let algbw = |t: f64| if t > 0.0 { size as f64 / t / 1e3 } else { 0.0 };
+                busbw_sum += (algbw(t_oop) + algbw(t_ip)) * bus_factor;
+                rows += 2;
+                let floor_us = floor_bytes(algo, n, size) / bw * 1e6;
+                if root {
+                    let chk = |w: u64| if o.check { w.to_string() } else { "N/A".to_string() };
+                    println!(
+                        "{:>12}  {:>12}  {:>8}  {:>6}  {:>6}  {:7.2}  {:6.2}  {:6.2}  {:>6}  {:7.2}  {:6.2}  {:6.2}  {:>6}  {:8.2}  {:5.0}%  {}",
+                        size, count, T::DTYPE.as_str(), "sum", -1,
+                        t_oop, algbw(t_oop), algbw(t_oop) * bus_factor, chk(wrong[0]),
+                        t_ip, algbw(t_ip), algbw(t_ip) * bus_factor, chk(wrong[1]),
+                        floor_us, 100.0 * floor_us / t_oop, algo
+                    );
+                    let _ = std::io::stdout().flush();
+                }
+            }
+            if bytes >= o.max_bytes {
+                break;
+            }
+            bytes = (bytes * o.factor).min(o.max_bytes);
+        }
+        if root {
+            println!("# Out of bounds values : {total_wrong} {}", if total_wrong == 0 { "OK" } else { "FAILED" });
+            println!("# Avg bus bandwidth    : {:.4}", busbw_sum / rows.max(1) as f64);
+            println!("#");
+        }
+        Ok(total_wrong)
+    }
 }
