@@ -502,20 +502,29 @@ mod device {
                 s.memcpy_htod(&input_host[..], &mut *input).map_err(cuda("memcpy_htod"))?;
                 let poison = vec![tpcomm::verify::poison::<T>(); count];
                 let mut output = s.alloc_zeros::<T>(count).map_err(cuda("alloc"))?;
+                let trace = |phase: &str| {
+                    if comm.config().debug && root {
+                        eprintln!("allreduce_perf: {size} bytes {algo}: {phase}");
+                    }
+                };
                 // Out of place.
+                trace("out-of-place timing");
                 let t_oop =
                     time_calls(comm, world, o, &s, |st| comm.all_reduce_using(Some(algo), &*input, &mut output, st))?;
                 let mut wrong_oop = 0;
                 if o.check {
+                    trace("out-of-place check");
                     s.memcpy_htod(&poison[..], &mut output).map_err(cuda("memcpy_htod"))?;
                     comm.all_reduce_using(Some(algo), &*input, &mut output, &s)?;
                     wrong_oop = count_wrong(&read(&s, &output)?, &expected);
                 }
                 // In place, in the registered buffer (values keep growing while timing).
+                trace("in-place timing");
                 let t_ip =
                     time_calls(comm, world, o, &s, |st| comm.all_reduce_in_place_using(Some(algo), &mut *input, st))?;
                 let mut wrong_ip = 0;
                 if o.check {
+                    trace("in-place check");
                     s.memcpy_htod(&input_host[..], &mut *input).map_err(cuda("memcpy_htod"))?;
                     comm.all_reduce_in_place_using(Some(algo), &mut *input, &s)?;
                     let got: Vec<T> = read(&s, &input)?;

@@ -148,7 +148,13 @@ impl IpcBuffer {
         // SAFETY: destination range checked above; the source is a live host slice.
         check("cuMemcpyHtoD_v2", unsafe {
             sys::cuMemcpyHtoD_v2(self.ptr + offset as u64, data.as_ptr().cast(), data.len())
-        })
+        })?;
+        // From pageable memory the copy returns once the data is staged, before the DMA lands,
+        // and kernels on non-blocking streams are not ordered after the legacy stream that
+        // carries it: a kernel launched next could read the old bytes (seen as an illegal
+        // address from a half-written rank-data row). Wait for the legacy stream.
+        // SAFETY: a null stream is the legacy default stream of the current context.
+        check("cuStreamSynchronize(legacy)", unsafe { sys::cuStreamSynchronize(std::ptr::null_mut()) })
     }
 
     /// The device address.
