@@ -5,6 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash mpirun-scripts/setup.sh
+# The NVRTC library of the nvidia-cuda-nvrtc wheel, for the kernel compile tests.
+nvrtc_lib=$(python3 -c 'import nvidia.cu13, os; print(os.path.join(list(nvidia.cu13.__path__)[0], "lib"))' 2>/dev/null || true)
+[ -n "$nvrtc_lib" ] && export LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

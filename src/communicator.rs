@@ -421,9 +421,10 @@ impl Communicator {
         let custom = CustomAllreduce::new(node, &gpu.ctx, &opts)?;
         if self.config.debug && self.boot.rank == 0 {
             eprintln!(
-                "tpcomm: custom allreduce ready: {} ranks, {} per GPU at most, {} blocks max, {} staging bytes",
+                "tpcomm: custom allreduce ready: {} ranks, {} per GPU at most, full NVLink {}, {} blocks max, {} staging bytes",
                 custom.world_size(),
                 layout.max_ranks_per_device,
+                layout.full_nvlink,
                 custom.max_blocks(),
                 custom.max_bytes()
             );

@@ -114,6 +114,10 @@ pub struct GpuLayout {
     /// Why the custom allreduce cannot run on this layout (the same verdict on every rank), or
     /// `None` when every pair of GPUs used can access each other's memory.
     pub unsupported: Option<String>,
+    /// Every pair of distinct GPUs in use is linked by NVLink, as the driver tells it: native
+    /// atomics between peers, which PCIe peer access lacks (the seed's `full_nvlink`). True when
+    /// all ranks share one GPU. The same verdict on every rank.
+    pub full_nvlink: bool,
 }
 
 impl GpuLayout {
@@ -162,6 +166,7 @@ pub fn gpu_layout<C: mpi::traits::Communicator>(node: &C, ctx: &cudarc::driver::
 
     // Each rank checks that its GPU can reach every other GPU in use; all must agree.
     let mut problem: Option<String> = None;
+    let mut nvlink = true;
     if uuid == [0; 16] {
         problem = Some("the driver reports no UUID for this rank's GPU".into());
     }
@@ -170,7 +175,7 @@ pub fn gpu_layout<C: mpi::traits::Communicator>(node: &C, ctx: &cudarc::driver::
             continue;
         }
         match p2p_access(ctx, peer_bus) {
-            Ok(true) => {}
+            Ok(true) => nvlink &= native_atomics(ctx, peer_bus),
             Ok(false) => {
                 problem = Some(format!("GPU {bus} cannot access GPU {peer_bus} directly (no P2P / NVLink path)"))
             }
@@ -180,12 +185,36 @@ pub fn gpu_layout<C: mpi::traits::Communicator>(node: &C, ctx: &cudarc::driver::
     let ok = u8::from(problem.is_none());
     let mut all_ok = 0u8;
     node.all_reduce_into(&ok, &mut all_ok, SystemOperation::min());
+    let mut all_nvlink = 0u8;
+    node.all_reduce_into(&u8::from(nvlink), &mut all_nvlink, SystemOperation::min());
     let unsupported = match (all_ok, problem) {
         (1, _) => None,
         (_, Some(p)) => Some(p),
         (_, None) => Some("another rank's GPU lacks P2P access to a GPU in use (see its log)".into()),
     };
-    GpuLayout { device_of_rank, max_ranks_per_device, unsupported }
+    GpuLayout { device_of_rank, max_ranks_per_device, unsupported, full_nvlink: all_nvlink == 1 }
+}
+
+/// Whether the link from this context's device to `peer_bus` supports native atomics (NVLink
+/// does, PCIe peer access does not); false when the driver cannot tell.
+fn native_atomics(ctx: &cudarc::driver::CudaContext, peer_bus: &str) -> bool {
+    use cudarc::driver::sys;
+    let Ok(c) = std::ffi::CString::new(peer_bus) else { return false };
+    let mut peer: sys::CUdevice = 0;
+    let mut value = 0;
+    // SAFETY: valid out pointers, NUL-terminated id, device handles from the driver.
+    unsafe {
+        sys::cuDeviceGetByPCIBusId(&mut peer, c.as_ptr()).result().is_ok()
+            && sys::cuDeviceGetP2PAttribute(
+                &mut value,
+                sys::CUdevice_P2PAttribute::CU_DEVICE_P2P_ATTRIBUTE_NATIVE_ATOMIC_SUPPORTED,
+                ctx.cu_device(),
+                peer,
+            )
+            .result()
+            .is_ok()
+            && value != 0
+    }
 }
 
 /// Whether this context's device can access the device with PCI bus id `peer_bus` directly.
