@@ -11,7 +11,8 @@
 //! `-G N` captures N calls in one CUDA graph and times its replays (device memory only).
 //! tpcomm's own: `--memory device|host` (device where a GPU is visible, else host), `--algo NAME`
 //! forces an algorithm (`auto` = dispatch table), `--compare mpi|none`, `--show-dispatch`,
-//! `--show-config`.
+//! `--show-config`, `--autotune` (time the algorithms first and move the dispatch thresholds to the
+//! measured crossovers; saved to `TPCOMM_TUNE_FILE` when set).
 //!
 //! On device memory the MPI column is replaced by the HBM floor: the bytes the algorithm must
 //! move through the memory of a GPU shared by all ranks (one-shot n(n+1)S, two-shot (3n+1)S for
@@ -43,6 +44,8 @@ struct Options {
     compare_mpi: bool,
     show_dispatch: bool,
     show_config: bool,
+    /// Run `Communicator::tune` before the sweep.
+    tune: bool,
     /// Device memory (the GPU path) instead of host memory.
     device: bool,
     /// Calls captured per CUDA graph (0 = eager launches).
@@ -51,7 +54,7 @@ struct Options {
 
 const USAGE: &str = "usage: allreduce_perf [-b MINBYTES] [-e MAXBYTES] [-f FACTOR] [-n ITERS] [-w WARMUP] \
 [-d float|double|half|bfloat16] [-c 0|1] [-G CALLS_PER_GRAPH] [--memory device|host] [--algo NAME|auto] \
-[--compare mpi|none] [--show-dispatch] [--show-config]
+[--compare mpi|none] [--show-dispatch] [--show-config] [--autotune]
 sizes take K, M, G suffixes; run under mpirun";
 
 fn parse_bytes(s: &str) -> Result<usize, String> {
@@ -77,6 +80,7 @@ fn parse_args() -> Result<Options, String> {
         compare_mpi: true,
         show_dispatch: false,
         show_config: false,
+        tune: false,
         device: tpcomm::topology::cuda_device_count() > 0,
         graph_calls: 0,
     };
@@ -114,6 +118,7 @@ fn parse_args() -> Result<Options, String> {
             }
             "--show-dispatch" => o.show_dispatch = true,
             "--show-config" => o.show_config = true,
+            "--autotune" => o.tune = true,
             "-h" | "--help" => return Err(USAGE.to_string()),
             other => return Err(format!("unknown flag {other}\n{USAGE}")),
         }
@@ -137,6 +142,12 @@ fn main() {
     let opts = parse_args().unwrap_or_else(|e| fail(e));
     let config = Config::from_env().unwrap_or_else(|e| fail(e.to_string()));
     let comm = Communicator::new(&world, config).unwrap_or_else(|e| fail(e.to_string()));
+    if opts.tune {
+        let table = comm.tune().unwrap_or_else(|e| fail(format!("tune: {e}")));
+        if root {
+            print!("# Tuned dispatch table\n{table}");
+        }
+    }
     let wrong = match (opts.device, opts.dtype) {
         (false, DType::F32) => run::<f32>(&comm, &world, &opts, Some(mpi_f32)),
         (false, DType::F64) => run::<f64>(&comm, &world, &opts, Some(mpi_f64)),

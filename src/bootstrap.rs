@@ -148,6 +148,10 @@ pub fn all_gather_bytes<C: Communicator>(comm: &C, mine: &[u8]) -> Vec<Vec<u8>> 
         })
         .collect();
     let total: usize = counts.iter().map(|&c| c as usize).sum();
+    if total == 0 {
+        // Nothing to move: an empty buffer's dangling pointer is not a valid MPI argument.
+        return vec![Vec::new(); n];
+    }
     let mut all = vec![0u8; total];
     {
         let mut part = PartitionMut::new(&mut all[..], &counts[..], &displs[..]);
@@ -165,5 +169,8 @@ pub fn broadcast_bytes<C: Communicator>(comm: &C, root: usize, blob: &mut Vec<u8
     let mut len = blob.len() as u64;
     comm.process_at_rank(root as i32).broadcast_into(&mut len);
     blob.resize(len as usize, 0);
-    comm.process_at_rank(root as i32).broadcast_into(&mut blob[..]);
+    if len > 0 {
+        // An empty buffer's dangling pointer is not a valid MPI argument: skip the empty case.
+        comm.process_at_rank(root as i32).broadcast_into(&mut blob[..]);
+    }
 }

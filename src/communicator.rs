@@ -8,6 +8,7 @@ use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::hierarchy::CrossNode;
 use crate::shm::ShmSegment;
+use mpi::traits::Communicator as _;
 use mpi::traits::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -23,7 +24,7 @@ static SEGMENTS: AtomicUsize = AtomicUsize::new(0);
 pub struct Communicator {
     boot: Bootstrap,
     config: Config,
-    table: DispatchTable,
+    table: std::sync::RwLock<DispatchTable>,
     state: Mutex<State>,
     /// The GPU side, created on the first device call (`None` until then, and on machines
     /// without CUDA).
@@ -57,7 +58,32 @@ impl Communicator {
         if config.debug {
             eprintln!("tpcomm: {}", boot.summary());
         }
-        let table = DispatchTable::new(&config, boot.size);
+        let mut table = DispatchTable::new(&config, boot.size);
+        if let Some(path) = &config.tune_file {
+            // Rank 0 reads the file and every rank parses the same text, so all ranks agree
+            // (also where other nodes cannot see the file). First byte: 0 no file, 1 text
+            // follows, 2 an error message follows.
+            let mut blob = vec![0u8];
+            if boot.rank == 0 && path.exists() {
+                blob = match std::fs::read(path) {
+                    Ok(text) => [&[1u8][..], &text].concat(),
+                    Err(e) => [&[2u8][..], e.to_string().as_bytes()].concat(),
+                };
+            }
+            broadcast_bytes(boot.world(), 0, &mut blob);
+            let body = String::from_utf8_lossy(&blob[1..]);
+            match blob[0] {
+                1 => table.load(&body, path, &tune_key(&boot), &config)?,
+                2 => {
+                    return Err(Error::System {
+                        op: format!("reading tuned dispatch table {} on rank 0", path.display()),
+                        source: std::io::Error::other(body.into_owned()),
+                    })
+                }
+                _ => {}
+            }
+        }
+        let table = std::sync::RwLock::new(table);
         Ok(Communicator {
             boot,
             config,
@@ -88,8 +114,56 @@ impl Communicator {
     }
 
     /// The dispatch table in force.
-    pub fn dispatch_table(&self) -> &DispatchTable {
-        &self.table
+    pub fn dispatch_table(&self) -> DispatchTable {
+        self.table.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Time the candidate algorithms on this machine over a size sweep and move the dispatch
+    /// thresholds to the measured crossovers. Rank 0 decides from timings that are the maximum
+    /// over ranks, and broadcasts, so every rank ends with the same table. With
+    /// `TPCOMM_TUNE_FILE` set, rank 0 also saves the table there (keyed by CPU and GPU model,
+    /// world size and layout), and later communicators load it instead of tuning again.
+    /// Tunes the host one-shot limit; device thresholds keep their defaults or overrides.
+    ///
+    /// # Collective
+    /// Every rank, with no other call in flight.
+    ///
+    /// # Errors
+    /// Any error of the timed calls; [`Error::System`] when the file cannot be written.
+    pub fn tune(&self) -> Result<DispatchTable> {
+        use mpi::collective::SystemOperation;
+        let sizes: Vec<usize> = (12..=22).map(|p| 1usize << p).collect();
+        let mut times = [Vec::new(), Vec::new()];
+        let largest = *sizes.last().expect("sizes") / 4;
+        let input: Vec<f32> = crate::verify::rank_input(0x7e57, self.boot.rank, largest);
+        let mut output = vec![0.0f32; largest];
+        for &bytes in &sizes {
+            for (i, algo) in [Algo::HostOneShot, Algo::HostTwoShot].into_iter().enumerate() {
+                let mut samples = Vec::new();
+                for rep in 0..23 {
+                    self.boot.world().barrier();
+                    let t = std::time::Instant::now();
+                    self.all_reduce_host_using(algo, Some(&input[..bytes / 4]), &mut output[..bytes / 4])?;
+                    if rep >= 3 {
+                        samples.push(t.elapsed().as_secs_f64());
+                    }
+                }
+                samples.sort_by(f64::total_cmp);
+                let mut worst = 0.0f64;
+                self.boot.world().all_reduce_into(&samples[samples.len() / 2], &mut worst, SystemOperation::max());
+                times[i].push(worst);
+            }
+        }
+        let mut limit = crate::dispatch::crossover(&sizes, &times[0], &times[1]) as u64;
+        self.boot.world().process_at_rank(0).broadcast_into(&mut limit);
+        let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
+        if self.config.host_oneshot_max_bytes.is_none() {
+            table.host_oneshot_max_bytes = limit as usize;
+        }
+        if let (Some(path), 0) = (&self.config.tune_file, self.boot.rank) {
+            table.save(path, &tune_key(&self.boot))?;
+        }
+        Ok(table.clone())
     }
 
     /// The algorithm the dispatch table picks for a host call of `len` elements of `T`.
@@ -97,7 +171,7 @@ impl Communicator {
     /// # Errors
     /// As [`DispatchTable::choose`].
     pub fn host_algo<T: Element>(&self, len: usize) -> Result<Algo> {
-        self.table.choose(&Request {
+        self.table.read().unwrap_or_else(|e| e.into_inner()).choose(&Request {
             bytes: len * size_of::<T>(),
             dtype: T::DTYPE,
             world_size: self.boot.size,
@@ -189,6 +263,12 @@ impl State {
         cross.sum_across_nodes(&mut output[cross.my_shard(len)], timeout)?;
         self.host.all_gather_ranges(output, &cross.shard_ranges(len))
     }
+}
+
+/// What a tuned table of this communicator must have been tuned for.
+fn tune_key(boot: &Bootstrap) -> crate::dispatch::TuneKey {
+    let per_node: Vec<usize> = (0..boot.nodes).map(|n| boot.rank_to_node.iter().filter(|&&m| m == n).count()).collect();
+    crate::dispatch::TuneKey::new(boot.size, &per_node)
 }
 
 /// Every rank must run with the same configuration (differing chunk sizes or algorithms would
@@ -447,7 +527,7 @@ impl Communicator {
     /// # Errors
     /// As [`DispatchTable::choose`].
     pub fn device_algo<T: Element>(&self, len: usize) -> Result<Algo> {
-        self.table.choose(&Request {
+        self.table.read().unwrap_or_else(|e| e.into_inner()).choose(&Request {
             bytes: len * size_of::<T>(),
             dtype: T::DTYPE,
             world_size: self.boot.size,

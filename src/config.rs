@@ -35,6 +35,12 @@ pub struct Config {
     /// Largest device message (bytes per rank) the custom IPC allreduce serves; each rank
     /// allocates a staging and a scratch buffer of this size (`TPCOMM_CUSTOM_MAX_BYTES`).
     pub custom_max_bytes: usize,
+    /// Device messages up to this many bytes use one-shot, larger ones two-shot
+    /// (`TPCOMM_ONESHOT_MAX_BYTES`; `None` keeps the tuned or default value).
+    pub oneshot_max_bytes: Option<usize>,
+    /// A dispatch table tuned by [`crate::Communicator::tune`]: loaded at start when the file
+    /// exists and was tuned for this machine and layout, written by `tune` (`TPCOMM_TUNE_FILE`).
+    pub tune_file: Option<std::path::PathBuf>,
 }
 
 impl Default for Config {
@@ -48,6 +54,8 @@ impl Default for Config {
             debug: false,
             cache_dir: None,
             custom_max_bytes: 8 << 20,
+            oneshot_max_bytes: None,
+            tune_file: None,
         }
     }
 }
@@ -174,6 +182,28 @@ const PARAMS: &[Param] = &[
             Ok(())
         },
         show: |c| c.custom_max_bytes.to_string(),
+    },
+    Param {
+        key: "TPCOMM_ONESHOT_MAX_BYTES",
+        help: "largest device message (bytes) reduced one-shot; larger ones go two-shot",
+        set: |c, v| {
+            c.oneshot_max_bytes = Some(parse_usize(v)?);
+            Ok(())
+        },
+        show: |c| c.oneshot_max_bytes.map_or("default".to_string(), |b| b.to_string()),
+    },
+    Param {
+        key: "TPCOMM_TUNE_FILE",
+        help: "dispatch thresholds tuned for this machine: loaded if present, written by tune",
+        set: |c, v| {
+            let v = v.trim();
+            if v.is_empty() {
+                return Err("a file path".into());
+            }
+            c.tune_file = Some(std::path::PathBuf::from(v));
+            Ok(())
+        },
+        show: |c| c.tune_file.as_ref().map_or("none".to_string(), |d| d.display().to_string()),
     },
 ];
 

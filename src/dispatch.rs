@@ -10,6 +10,7 @@ use crate::config::Config;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use std::fmt;
+use std::path::Path;
 use std::str::FromStr;
 
 /// An allreduce algorithm. The names are those of `TPCOMM_ALGO` and `allreduce_perf --algo`.
@@ -94,6 +95,8 @@ pub struct Request {
 pub struct DispatchTable {
     /// Largest host message (bytes per rank) reduced one-shot.
     pub host_oneshot_max_bytes: usize,
+    /// Largest device message (bytes per rank) reduced one-shot.
+    pub oneshot_max_bytes: usize,
     /// Largest device message (bytes per rank) the custom IPC kernels serve (their staging size).
     pub custom_max_bytes: usize,
     forced: Option<Algo>,
@@ -122,9 +125,74 @@ impl DispatchTable {
             host_oneshot_max_bytes: config
                 .host_oneshot_max_bytes
                 .unwrap_or(HOST_ONESHOT_BYTES_TIMES_RANKS / world_size.max(1)),
+            oneshot_max_bytes: config.oneshot_max_bytes.unwrap_or(oneshot_max_bytes(world_size)),
             custom_max_bytes: config.custom_max_bytes,
             forced: config.algo,
         }
+    }
+
+    /// Read thresholds saved by [`DispatchTable::save`] (the text of the file at `path`) into
+    /// this table, except those the configuration set explicitly (`TPCOMM_*_MAX_BYTES` win over
+    /// a tuned file).
+    ///
+    /// # Errors
+    /// [`Error::Config`] when the text is malformed or was tuned for another machine or layout
+    /// (`key` differs).
+    pub fn load(&mut self, text: &str, path: &Path, key: &TuneKey, config: &Config) -> Result<()> {
+        let bad =
+            |expected: String| Error::Config { key: "TPCOMM_TUNE_FILE", value: path.display().to_string(), expected };
+        let mut found_key = None;
+        let (mut host, mut device) = (None, None);
+        for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+            let (name, value) =
+                line.split_once(' ').ok_or_else(|| bad(format!("\"name value\" lines, not {line:?}")))?;
+            let number =
+                || value.trim().parse::<usize>().map_err(|_| bad(format!("a number for {name}, not {value:?}")));
+            match name {
+                "key" => found_key = Some(value.trim().to_string()),
+                "host_oneshot_max_bytes" => host = Some(number()?),
+                "oneshot_max_bytes" => device = Some(number()?),
+                other => {
+                    return Err(bad(format!(
+                        "known names (key, host_oneshot_max_bytes, oneshot_max_bytes), not {other}"
+                    )))
+                }
+            }
+        }
+        if found_key.as_deref() != Some(key.0.as_str()) {
+            return Err(bad(format!(
+                "a table tuned for this machine and layout ({}), not for {}; run `allreduce_perf --autotune` again",
+                key.0,
+                found_key.unwrap_or_else(|| "an unnamed one".into())
+            )));
+        }
+        if let (Some(v), None) = (host, config.host_oneshot_max_bytes) {
+            self.host_oneshot_max_bytes = v;
+        }
+        if let (Some(v), None) = (device, config.oneshot_max_bytes) {
+            self.oneshot_max_bytes = v;
+        }
+        Ok(())
+    }
+
+    /// Write the tuned thresholds to `path` under `key`.
+    ///
+    /// # Errors
+    /// [`Error::System`] when the file cannot be written.
+    pub fn save(&self, path: &Path, key: &TuneKey) -> Result<()> {
+        let text = format!(
+            "# tpcomm dispatch table, tuned by Communicator::tune\nkey {}\nhost_oneshot_max_bytes {}\noneshot_max_bytes {}\n",
+            key.0, self.host_oneshot_max_bytes, self.oneshot_max_bytes
+        );
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|source| Error::System { op: format!("creating {}", dir.display()), source })?;
+        }
+        // Write then rename, so a reader never sees half a file.
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .map_err(|source| Error::System { op: format!("writing tuned dispatch table {}", path.display()), source })
     }
 
     /// The algorithm for `req`.
@@ -148,7 +216,7 @@ impl DispatchTable {
                 what: "allreduce of device memory across nodes".into(),
                 reason: "the custom IPC kernels serve one node; no network backend is built in yet".into(),
             }),
-            Memory::Device if req.bytes <= oneshot_max_bytes(req.world_size) => Ok(Algo::OneShot),
+            Memory::Device if req.bytes <= self.oneshot_max_bytes => Ok(Algo::OneShot),
             Memory::Device if req.bytes <= self.custom_max_bytes => Ok(Algo::TwoShot),
             Memory::Device => Err(Error::Unsupported {
                 what: format!("allreduce of {} bytes of device memory", req.bytes),
@@ -169,20 +237,92 @@ impl fmt::Display for DispatchTable {
         }
         writeln!(f, "# host memory:   bytes <= {:>10}: {}", self.host_oneshot_max_bytes, Algo::HostOneShot)?;
         writeln!(f, "# host memory:   bytes >  {:>10}: {}", self.host_oneshot_max_bytes, Algo::HostTwoShot)?;
-        writeln!(
-            f,
-            "# device memory: bytes <= {:>10}: {} (n <= 4; {} at n > 4)",
-            oneshot_max_bytes(4),
-            Algo::OneShot,
-            oneshot_max_bytes(8)
-        )?;
+        writeln!(f, "# device memory: bytes <= {:>10}: {}", self.oneshot_max_bytes, Algo::OneShot)?;
         writeln!(f, "# device memory: bytes <= {:>10}: {}", self.custom_max_bytes, Algo::TwoShot)
     }
+}
+
+/// What a tuned table is valid for: the machine (CPU model, GPU model) and the layout (world
+/// size, ranks per node, nodes). A table tuned elsewhere is refused, not silently used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TuneKey(pub String);
+
+impl TuneKey {
+    /// The key of this machine for a layout: `ranks_per_node[i]` ranks on node `i`.
+    pub fn new(world_size: usize, ranks_per_node: &[usize]) -> Self {
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+            })
+            .unwrap_or_else(|| "unknown".into());
+        let gpu = crate::topology::gpu_name(0).unwrap_or_else(|| "none".into());
+        let clean = |s: &str| s.split_whitespace().collect::<Vec<_>>().join("_");
+        TuneKey(format!(
+            "cpu={} gpu={} world={world_size} ranks_per_node={}",
+            clean(&cpu),
+            clean(&gpu),
+            ranks_per_node.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",")
+        ))
+    }
+}
+
+/// The crossover of two algorithms from timings over increasing `sizes`: the limit `t`
+/// (0 or one of `sizes`) such that using `first` up to `t` and `second` above costs the least
+/// summed time relative to the faster of the two at each size. A single noisy size cannot cut
+/// the range short, and every size counts alike whatever its absolute time.
+pub fn crossover(sizes: &[usize], first: &[f64], second: &[f64]) -> usize {
+    let rel = |i: usize, t: f64| t / first[i].min(second[i]).max(f64::MIN_POSITIVE);
+    (0..=sizes.len())
+        .map(|k| {
+            let cost: f64 = (0..sizes.len()).map(|i| if i < k { rel(i, first[i]) } else { rel(i, second[i]) }).sum();
+            (if k == 0 { 0 } else { sizes[k - 1] }, cost)
+        })
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .map_or(0, |(limit, _)| limit)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn crossover_minimises_the_summed_relative_time() {
+        let sizes = [4096, 8192, 16384, 32768];
+        assert_eq!(crossover(&sizes, &[1.0, 2.0, 3.0, 9.0], &[1.5, 2.5, 2.95, 4.0]), 8192);
+        // One noisy size where the second wins does not end the first's range early.
+        assert_eq!(crossover(&sizes, &[1.0, 1.05, 1.0, 9.0], &[2.0, 1.0, 2.0, 4.0]), 16384);
+        assert_eq!(crossover(&sizes, &[2.0, 2.0, 2.0, 2.0], &[1.0, 1.0, 1.0, 1.0]), 0);
+        assert_eq!(crossover(&sizes, &[1.0; 4], &[2.0; 4]), 32768);
+    }
+
+    #[test]
+    fn tuned_tables_round_trip_and_refuse_other_machines() {
+        let dir = std::env::temp_dir().join(format!("tpcomm-tune-{}", std::process::id()));
+        let path = dir.join("table.txt");
+        let key = TuneKey("cpu=X gpu=none world=2 ranks_per_node=2 nodes=1".into());
+        let mut tuned = DispatchTable::new(&Config::default(), 2);
+        tuned.host_oneshot_max_bytes = 12345;
+        tuned.oneshot_max_bytes = 777;
+        tuned.save(&path, &key).unwrap();
+        let mut loaded = DispatchTable::new(&Config::default(), 2);
+        let text = std::fs::read_to_string(&path).unwrap();
+        loaded.load(&text, &path, &key, &Config::default()).unwrap();
+        assert_eq!(loaded, tuned);
+        // An explicit environment override wins over the file.
+        let config = Config { host_oneshot_max_bytes: Some(5), ..Config::default() };
+        let mut overridden = DispatchTable::new(&config, 2);
+        overridden.load(&text, &path, &key, &config).unwrap();
+        assert_eq!((overridden.host_oneshot_max_bytes, overridden.oneshot_max_bytes), (5, 777));
+        let other = TuneKey("cpu=Y gpu=none world=2 ranks_per_node=2 nodes=1".into());
+        let err = DispatchTable::new(&Config::default(), 2).load(&text, &path, &other, &Config::default()).unwrap_err();
+        assert!(matches!(err, Error::Config { .. }) && err.to_string().contains("--autotune"), "{err}");
+        let garbled = format!("key {}\nhost_oneshot_max_bytes lots\n", key.0);
+        assert!(DispatchTable::new(&Config::default(), 2).load(&garbled, &path, &key, &Config::default()).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     fn host(bytes: usize) -> Request {
         Request { bytes, dtype: DType::F32, world_size: 4, nodes: 1, memory: Memory::Host }
@@ -221,14 +361,17 @@ mod tests {
 
     #[test]
     fn device_sizes_follow_the_world_size() {
-        let t = DispatchTable::new(&Config { custom_max_bytes: 8 << 20, ..Config::default() }, 4);
+        let config = Config { custom_max_bytes: 8 << 20, ..Config::default() };
+        let (t, t8) = (DispatchTable::new(&config, 4), DispatchTable::new(&config, 8));
         let dev = |bytes, world_size| Request { bytes, world_size, memory: Memory::Device, ..host(0) };
         assert_eq!(t.choose(&dev(512 << 10, 4)).unwrap(), Algo::OneShot);
         assert_eq!(t.choose(&dev((512 << 10) + 1, 4)).unwrap(), Algo::TwoShot);
-        assert_eq!(t.choose(&dev(256 << 10, 8)).unwrap(), Algo::OneShot);
-        assert_eq!(t.choose(&dev((256 << 10) + 1, 8)).unwrap(), Algo::TwoShot);
-        assert_eq!(t.choose(&dev(8 << 20, 8)).unwrap(), Algo::TwoShot);
-        assert!(matches!(t.choose(&dev((8 << 20) + 1, 8)), Err(Error::Unsupported { .. })));
+        assert_eq!(t8.choose(&dev(256 << 10, 8)).unwrap(), Algo::OneShot);
+        assert_eq!(t8.choose(&dev((256 << 10) + 1, 8)).unwrap(), Algo::TwoShot);
+        assert_eq!(t8.choose(&dev(8 << 20, 8)).unwrap(), Algo::TwoShot);
+        assert!(matches!(t8.choose(&dev((8 << 20) + 1, 8)), Err(Error::Unsupported { .. })));
+        let env = DispatchTable::new(&Config { oneshot_max_bytes: Some(1 << 20), ..config }, 8);
+        assert_eq!(env.choose(&dev(1 << 20, 8)).unwrap(), Algo::OneShot);
         let forced = DispatchTable::new(&Config { algo: Some(Algo::OneShot), ..Config::default() }, 4);
         assert!(matches!(forced.choose(&host(8)), Err(Error::Unsupported { .. })));
         assert_eq!(forced.choose(&dev(64 << 20, 2)).unwrap(), Algo::OneShot);

@@ -20,6 +20,15 @@ pub fn local_gpu_index(local_rank: usize) -> usize {
     }
 }
 
+/// Name of a CUDA device (`NVIDIA H100 80GB HBM3`), if a driver and the device are there.
+pub fn gpu_name(ordinal: usize) -> Option<String> {
+    if cuda_device_count() <= ordinal {
+        return None;
+    }
+    let dev = cudarc::driver::result::device::get(ordinal as i32).ok()?;
+    cudarc::driver::result::device::get_name(dev).ok()
+}
+
 /// PCI bus id of a CUDA device (`0000:3b:00.0`), lower case, if the driver reports one.
 fn gpu_pci_bus_id(ordinal: usize) -> Option<String> {
     use cudarc::driver::{result, sys};

@@ -53,6 +53,8 @@ fn launcher() {
         env: &[("TPCOMM_TIMEOUT_MS", "1500"), ("TPCOMM_FAKE_NODES", "2")],
     });
     jobs.push(Job { case: "different_config_per_rank", ranks: 3, env: &[] });
+    jobs.push(Job { case: "tune_save_and_load", ranks: 2, env: &[] });
+    jobs.push(Job { case: "tune_save_and_load", ranks: 3, env: &[("TPCOMM_FAKE_NODES", "2")] });
     for ranks in [3, 4] {
         jobs.push(Job { case: "batch_invariance", ranks, env: &[("TPCOMM_HOST_CHUNK_BYTES", "4096")] });
     }
@@ -100,7 +102,8 @@ fn run_job(job: &Job) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut cmd = mpiexec();
     cmd.arg("-n").arg(job.ranks.to_string()).arg(exe);
-    cmd.env(CASE_VAR, job.case).env("TPCOMMTEST_RANKS", job.ranks.to_string());
+    let dir = std::env::temp_dir().join(format!("tpcomm-test-{}-{}-{}", std::process::id(), job.case, job.ranks));
+    cmd.env(CASE_VAR, job.case).env("TPCOMMTEST_RANKS", job.ranks.to_string()).env("TPCOMMTEST_DIR", &dir);
     for (k, v) in job.env {
         cmd.env(k, v);
     }
@@ -125,6 +128,7 @@ fn run_job(job: &Job) -> Result<(), String> {
     };
     let output = std::fs::read_to_string(&log).unwrap_or_default();
     let _ = std::fs::remove_file(&log);
+    let _ = std::fs::remove_dir_all(&dir);
     match status {
         Some(s) if s.success() => Ok(()),
         Some(s) => Err(format!("exit status {s}\n{output}")),
@@ -156,6 +160,9 @@ fn worker(case: &str) -> i32 {
     }
     if case == "different_config_per_rank" {
         return different_config_per_rank(&world, config);
+    }
+    if case == "tune_save_and_load" {
+        return report(&world, tune_save_and_load(&world, config));
     }
     let comm = match Communicator::new(&world, config) {
         Ok(c) => c,
@@ -251,6 +258,71 @@ fn exact_for<T: Element>(comm: &Communicator) -> Result<usize, String> {
         }
     }
     Ok(checks)
+}
+
+fn report(world: &mpi::topology::SimpleCommunicator, result: Result<String, String>) -> i32 {
+    use mpi::traits::Communicator as _;
+    match result {
+        Ok(summary) => {
+            println!("rank {} ok: {summary}", world.rank());
+            0
+        }
+        Err(msg) => {
+            println!("FAIL rank {}: {msg}", world.rank());
+            1
+        }
+    }
+}
+
+/// `tune` gives every rank the same table and saves it; a new communicator loads it; a table
+/// tuned for another machine is refused on every rank.
+fn tune_save_and_load(world: &mpi::topology::SimpleCommunicator, mut config: Config) -> Result<String, String> {
+    use mpi::traits::{Communicator as _, CommunicatorCollectives as _};
+    let dir = std::path::PathBuf::from(std::env::var("TPCOMMTEST_DIR").map_err(|e| e.to_string())?);
+    let file = dir.join("dispatch.txt");
+    config.tune_file = Some(file.clone());
+    let comm = Communicator::new(world, config.clone()).map_err(|e| format!("new: {e}"))?;
+    let tuned = comm.tune().map_err(|e| format!("tune: {e}"))?;
+    let limit = tuned.host_oneshot_max_bytes as u64;
+    let mut all = vec![0u64; world.size() as usize];
+    world.all_gather_into(&limit, &mut all[..]);
+    if all.iter().any(|&l| l != limit) {
+        return Err(format!("ranks ended with different tuned limits {all:?}"));
+    }
+    if limit != 0 && !(12..=22).any(|p| limit == 1 << p) {
+        return Err(format!("tuned limit {limit} is not one of the measured sizes"));
+    }
+    if comm.dispatch_table().host_oneshot_max_bytes as u64 != limit {
+        return Err("the communicator does not use the tuned table".into());
+    }
+    // The tuned limit must route calls: one byte above it goes two-shot.
+    if comm.host_algo::<f32>((limit as usize + 4) / 4).map_err(|e| e.to_string())? != Algo::HostTwoShot {
+        return Err("a call above the tuned limit is not two-shot".into());
+    }
+    drop(comm);
+    world.barrier();
+    let again = Communicator::new(world, config.clone()).map_err(|e| format!("new after tune: {e}"))?;
+    if again.dispatch_table() != tuned {
+        return Err(format!("loaded table {:?} differs from tuned {tuned:?}", again.dispatch_table()));
+    }
+    drop(again);
+    world.barrier();
+    if world.rank() == 0 {
+        let text = std::fs::read_to_string(&file).map_err(|e| e.to_string())?;
+        let other: String = text
+            .lines()
+            .map(|l| if l.starts_with("key ") { "key cpu=elsewhere\n".to_string() } else { format!("{l}\n") })
+            .collect();
+        std::fs::write(&file, other).map_err(|e| e.to_string())?;
+    }
+    world.barrier();
+    match Communicator::new(world, config) {
+        Err(Error::Config { expected, .. }) if expected.contains("--autotune") => {
+            Ok(format!("tuned host one-shot limit {limit} B: shared, saved, loaded; a foreign table refused"))
+        }
+        Err(e) => Err(format!("a foreign table gave {e}, not a Config error")),
+        Ok(_) => Err("a table tuned for another machine was accepted".into()),
+    }
 }
 
 /// Rank 2 runs with another chunk size: every rank must refuse to build the communicator.
