@@ -180,6 +180,82 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The message sizes of a sweep: `-b` to `-e` by factor `-f`, `-e` always included.
+fn sweep(o: &Options) -> Vec<usize> {
+    let mut sizes = vec![o.min_bytes];
+    while *sizes.last().expect("one size") < o.max_bytes {
+        sizes.push((sizes.last().expect("one size") * o.factor).min(o.max_bytes));
+    }
+    sizes
+}
+
+/// The nccl-tests columns both sweeps print, and the totals of the footer.
+struct Table {
+    ranks: usize,
+    check: bool,
+    wrong: usize,
+    busbw_sum: f64,
+    rows: usize,
+}
+
+impl Table {
+    fn new(ranks: usize, check: bool) -> Self {
+        Table { ranks, check, wrong: 0, busbw_sum: 0.0, rows: 0 }
+    }
+
+    /// The two header lines; `extra` names the two columns after the in-place ones.
+    fn print_header(title: &str, extra: [&str; 2], units: [&str; 2]) {
+        println!("#");
+        println!("#{:>62}out-of-place{:>26}in-place{:>22}{title}", "", "", "");
+        println!(
+            "#{:>11}  {:>12}  {:>8}  {:>6}  {:>6}  {:>7}  {:>6}  {:>6}  {:>6}  {:>7}  {:>6}  {:>6}  {:>6}  {:>8}  {:>6}  algo",
+            "size", "count", "type", "redop", "root", "time", "algbw", "busbw", "#wrong", "time", "algbw", "busbw", "#wrong", extra[0], extra[1]
+        );
+        println!(
+            "#{:>11}  {:>12}  {:>8}  {:>6}  {:>6}  {:>7}  {:>6}  {:>6}  {:>6}  {:>7}  {:>6}  {:>6}  {:>6}  {:>8}  {:>6}",
+            "(B)", "(elements)", "", "", "", "(us)", "(GB/s)", "(GB/s)", "", "(us)", "(GB/s)", "(GB/s)", "", units[0], units[1]
+        );
+    }
+
+    /// Sum the wrong counts over ranks (collective), add to the totals, and return the common
+    /// columns of the row.
+    fn row(
+        &mut self,
+        world: &SimpleCommunicator,
+        size: usize,
+        dtype: DType,
+        times: [f64; 2],
+        wrong: [usize; 2],
+    ) -> String {
+        let mine = wrong.map(|w| w as u64);
+        let mut all = [0u64; 2];
+        world.all_reduce_into(&mine[..], &mut all[..], SystemOperation::sum());
+        self.wrong += (all[0] + all[1]) as usize;
+        let n = self.ranks;
+        let bus_factor = if n > 1 { 2.0 * (n - 1) as f64 / n as f64 } else { 1.0 };
+        let algbw = |t: f64| if t > 0.0 { size as f64 / t / 1e3 } else { 0.0 };
+        self.busbw_sum += (algbw(times[0]) + algbw(times[1])) * bus_factor;
+        self.rows += 2;
+        let chk = |w: u64| if self.check { w.to_string() } else { "N/A".to_string() };
+        let half = |t: f64, w: u64| format!("{t:7.2}  {:6.2}  {:6.2}  {:>6}", algbw(t), algbw(t) * bus_factor, chk(w));
+        format!(
+            "{size:>12}  {:>12}  {:>8}  {:>6}  {:>6}  {}  {}",
+            size / dtype.size(),
+            dtype.as_str(),
+            "sum",
+            -1,
+            half(times[0], all[0]),
+            half(times[1], all[1])
+        )
+    }
+
+    fn print_footer(&self) {
+        println!("# Out of bounds values : {} {}", self.wrong, if self.wrong == 0 { "OK" } else { "FAILED" });
+        println!("# Avg bus bandwidth    : {:.4}", self.busbw_sum / self.rows.max(1) as f64);
+        println!("#");
+    }
+}
+
 /// Median per-call time in microseconds on this rank, maximum over ranks.
 fn time_calls(world: &SimpleCommunicator, warmup: usize, iters: usize, mut call: impl FnMut()) -> f64 {
     for _ in 0..warmup {
@@ -229,21 +305,10 @@ fn run<T: Element>(
             print!("#\n# Dispatch table\n{}", comm.dispatch_table());
         }
         println!("#\n#  Layout: {}", boot.summary());
-        println!("#");
-        println!("#{:>62}out-of-place{:>26}in-place{:>22}MPI_Allreduce", "", "", "");
-        println!(
-            "#{:>11}  {:>12}  {:>8}  {:>6}  {:>6}  {:>7}  {:>6}  {:>6}  {:>6}  {:>7}  {:>6}  {:>6}  {:>6}  {:>8}  {:>6}  algo",
-            "size", "count", "type", "redop", "root", "time", "algbw", "busbw", "#wrong", "time", "algbw", "busbw", "#wrong", "time", "ratio"
-        );
-        println!(
-            "#{:>11}  {:>12}  {:>8}  {:>6}  {:>6}  {:>7}  {:>6}  {:>6}  {:>6}  {:>7}  {:>6}  {:>6}  {:>6}  {:>8}  {:>6}",
-            "(B)", "(elements)", "", "", "", "(us)", "(GB/s)", "(GB/s)", "", "(us)", "(GB/s)", "(GB/s)", "", "(us)", "mpi/tp"
-        );
+        Table::print_header("MPI_Allreduce", ["time", "ratio"], ["(us)", "mpi/tp"]);
     }
-    let bus_factor = if n > 1 { 2.0 * (n - 1) as f64 / n as f64 } else { 1.0 };
-    let (mut total_wrong, mut busbw_sum, mut rows) = (0usize, 0.0f64, 0usize);
-    let mut bytes = o.min_bytes;
-    loop {
+    let mut table = Table::new(n, o.check);
+    for bytes in sweep(o) {
         let count = bytes / size_of::<T>();
         let size = count * size_of::<T>();
         let algo = match o.algo {
@@ -296,57 +361,25 @@ fn run<T: Element>(
             time_calls(world, o.warmup, o.iters, || f(world, &input, &mut output))
         });
 
-        let mut wrong = [wrong_oop as u64, wrong_ip as u64];
-        let mut wrong_all = [0u64; 2];
-        world.all_reduce_into(&wrong[..], &mut wrong_all[..], SystemOperation::sum());
-        wrong.copy_from_slice(&wrong_all);
-        total_wrong += (wrong[0] + wrong[1]) as usize;
-        let algbw = |t: f64| if t > 0.0 { size as f64 / t / 1e3 } else { 0.0 };
-        busbw_sum += (algbw(t_oop) + algbw(t_ip)) * bus_factor;
-        rows += 2;
+        let common = table.row(world, size, T::DTYPE, [t_oop, t_ip], [wrong_oop, wrong_ip]);
         if root {
             let (mpi_t, ratio) = match t_mpi {
                 Some(t) => (format!("{t:8.2}"), format!("{:6.2}", t / t_oop)),
                 None => (format!("{:>8}", "n/a"), format!("{:>6}", "n/a")),
             };
-            let chk = |w: u64| if o.check { w.to_string() } else { "N/A".to_string() };
-            println!(
-                "{:>12}  {:>12}  {:>8}  {:>6}  {:>6}  {:7.2}  {:6.2}  {:6.2}  {:>6}  {:7.2}  {:6.2}  {:6.2}  {:>6}  {}  {}  {}",
-                size,
-                count,
-                T::DTYPE.as_str(),
-                "sum",
-                -1,
-                t_oop,
-                algbw(t_oop),
-                algbw(t_oop) * bus_factor,
-                chk(wrong[0]),
-                t_ip,
-                algbw(t_ip),
-                algbw(t_ip) * bus_factor,
-                chk(wrong[1]),
-                mpi_t,
-                ratio,
-                algo
-            );
+            println!("{common}  {mpi_t}  {ratio}  {algo}");
             let _ = std::io::stdout().flush();
         }
-        if bytes >= o.max_bytes {
-            break;
-        }
-        bytes = (bytes * o.factor).min(o.max_bytes);
     }
     if root {
-        println!("# Out of bounds values : {total_wrong} {}", if total_wrong == 0 { "OK" } else { "FAILED" });
-        println!("# Avg bus bandwidth    : {:.4}", busbw_sum / rows.max(1) as f64);
-        println!("#");
+        table.print_footer();
     }
-    Ok(total_wrong)
+    Ok(table.wrong)
 }
 
 /// The GPU path: buffers from `alloc_shared` (registered, zero-copy), eager calls or CUDA graphs.
 mod device {
-    use super::{median, Options};
+    use super::{median, sweep, Options, Table};
     use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
     use mpi::collective::SystemOperation;
     use mpi::topology::SimpleCommunicator;
@@ -476,21 +509,10 @@ mod device {
             if o.show_dispatch {
                 print!("#\n# Dispatch table\n{}", comm.dispatch_table());
             }
-            println!("#");
-            println!("#{:>62}out-of-place{:>26}in-place{:>23}HBM floor", "", "", "");
-            println!(
-                "#{:>11}  {:>12}  {:>8}  {:>6}  {:>6}  {:>7}  {:>6}  {:>6}  {:>6}  {:>7}  {:>6}  {:>6}  {:>6}  {:>8}  {:>6}  algo",
-                "size", "count", "type", "redop", "root", "time", "algbw", "busbw", "#wrong", "time", "algbw", "busbw", "#wrong", "floor", "floor%"
-            );
-            println!(
-                "#{:>11}  {:>12}  {:>8}  {:>6}  {:>6}  {:>7}  {:>6}  {:>6}  {:>6}  {:>7}  {:>6}  {:>6}  {:>6}  {:>8}",
-                "(B)", "(elements)", "", "", "", "(us)", "(GB/s)", "(GB/s)", "", "(us)", "(GB/s)", "(GB/s)", "", "(us)"
-            );
+            Table::print_header("HBM floor", ["floor", "floor%"], ["(us)", ""]);
         }
-        let bus_factor = if n > 1 { 2.0 * (n - 1) as f64 / n as f64 } else { 1.0 };
-        let (mut total_wrong, mut busbw_sum, mut rows) = (0usize, 0.0f64, 0usize);
-        let mut bytes = o.min_bytes;
-        loop {
+        let mut table = Table::new(n, o.check);
+        for bytes in sweep(o) {
             let count = bytes / size_of::<T>();
             let size = count * size_of::<T>();
             let algo = match o.algo {
@@ -541,37 +563,17 @@ mod device {
                     let got: Vec<T> = read(&s, &input)?;
                     wrong_ip = count_wrong(&got, &expected);
                 }
-                let mut wrong = [wrong_oop as u64, wrong_ip as u64];
-                let mut wrong_all = [0u64; 2];
-                world.all_reduce_into(&wrong[..], &mut wrong_all[..], SystemOperation::sum());
-                wrong.copy_from_slice(&wrong_all);
-                total_wrong += (wrong[0] + wrong[1]) as usize;
-                let algbw = |t: f64| if t > 0.0 { size as f64 / t / 1e3 } else { 0.0 };
-                busbw_sum += (algbw(t_oop) + algbw(t_ip)) * bus_factor;
-                rows += 2;
+                let common = table.row(world, size, T::DTYPE, [t_oop, t_ip], [wrong_oop, wrong_ip]);
                 let floor_us = floor_bytes(algo, n, size) / bw * 1e6;
                 if root {
-                    let chk = |w: u64| if o.check { w.to_string() } else { "N/A".to_string() };
-                    println!(
-                        "{:>12}  {:>12}  {:>8}  {:>6}  {:>6}  {:7.2}  {:6.2}  {:6.2}  {:>6}  {:7.2}  {:6.2}  {:6.2}  {:>6}  {:8.2}  {:5.0}%  {}",
-                        size, count, T::DTYPE.as_str(), "sum", -1,
-                        t_oop, algbw(t_oop), algbw(t_oop) * bus_factor, chk(wrong[0]),
-                        t_ip, algbw(t_ip), algbw(t_ip) * bus_factor, chk(wrong[1]),
-                        floor_us, 100.0 * floor_us / t_oop, algo
-                    );
+                    println!("{common}  {floor_us:8.2}  {:5.0}%  {algo}", 100.0 * floor_us / t_oop);
                     let _ = std::io::stdout().flush();
                 }
             }
-            if bytes >= o.max_bytes {
-                break;
-            }
-            bytes = (bytes * o.factor).min(o.max_bytes);
         }
         if root {
-            println!("# Out of bounds values : {total_wrong} {}", if total_wrong == 0 { "OK" } else { "FAILED" });
-            println!("# Avg bus bandwidth    : {:.4}", busbw_sum / rows.max(1) as f64);
-            println!("#");
+            table.print_footer();
         }
-        Ok(total_wrong)
+        Ok(table.wrong)
     }
 }

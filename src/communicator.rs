@@ -581,16 +581,7 @@ impl Communicator {
         output: &mut O,
         stream: &Arc<CudaStream>,
     ) -> Result<()> {
-        if input.len() != output.len() {
-            return Err(Error::invalid(
-                "all_reduce",
-                format!("input has {} elements but output has {}", input.len(), output.len()),
-            ));
-        }
-        let len = output.len();
-        let (inp, _read) = input.device_ptr(stream);
-        let (out, _write) = output.device_ptr_mut(stream);
-        self.device_call::<T>(algo, inp, out, len, stream, false)
+        self.out_of_place_call(algo, input, output, stream, false)
     }
 
     /// As [`Communicator::all_reduce_using`], but the input must lie in a buffer from
@@ -610,6 +601,18 @@ impl Communicator {
         output: &mut O,
         stream: &Arc<CudaStream>,
     ) -> Result<()> {
+        self.out_of_place_call(algo, input, output, stream, true)
+    }
+
+    /// Check the lengths and take the raw pointers (recording stream use) of an out-of-place call.
+    fn out_of_place_call<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
+        &self,
+        algo: Option<Algo>,
+        input: &I,
+        output: &mut O,
+        stream: &Arc<CudaStream>,
+        registered_only: bool,
+    ) -> Result<()> {
         if input.len() != output.len() {
             return Err(Error::invalid(
                 "all_reduce",
@@ -619,7 +622,7 @@ impl Communicator {
         let len = output.len();
         let (inp, _read) = input.device_ptr(stream);
         let (out, _write) = output.device_ptr_mut(stream);
-        self.device_call::<T>(algo, inp, out, len, stream, true)
+        self.device_call::<T>(algo, inp, out, len, stream, registered_only)
     }
 
     /// Sum `buf` over all ranks, in place (device memory).

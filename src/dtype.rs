@@ -105,6 +105,20 @@ pub trait Element: sealed::Sealed + Copy + Send + Sync + Default + PartialEq + f
     fn to_f64(self) -> f64;
     /// Round an f64 to this type (used to make test inputs).
     fn from_f64(x: f64) -> Self;
+    /// `dst[i] = src[i].to_acc()` for a block (vectorised where the type has a fast path).
+    #[inline]
+    fn widen(src: &[Self], dst: &mut [Self::Acc]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = s.to_acc();
+        }
+    }
+    /// `dst[i] = Self::from_acc(src[i])` for a block, same rounding as [`Element::from_acc`].
+    #[inline]
+    fn narrow(src: &[Self::Acc], dst: &mut [Self]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = Self::from_acc(*s);
+        }
+    }
 }
 
 impl Element for f32 {
@@ -162,6 +176,16 @@ impl Element for f16 {
     fn from_f64(x: f64) -> Self {
         f16::from_f64(x)
     }
+    // The slice conversions use F16C (x86) or NEON where the CPU has them, checked at run time
+    // once per block rather than once per element.
+    #[inline]
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, dst);
+    }
+    #[inline]
+    fn narrow(src: &[f32], dst: &mut [Self]) {
+        half::slice::HalfFloatSliceExt::convert_from_f32_slice(dst, src);
+    }
 }
 
 impl Element for bf16 {
@@ -180,6 +204,16 @@ impl Element for bf16 {
     }
     fn from_f64(x: f64) -> Self {
         bf16::from_f64(x)
+    }
+    // The slice conversions use F16C (x86) or NEON where the CPU has them, checked at run time
+    // once per block rather than once per element.
+    #[inline]
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, dst);
+    }
+    #[inline]
+    fn narrow(src: &[f32], dst: &mut [Self]) {
+        half::slice::HalfFloatSliceExt::convert_from_f32_slice(dst, src);
     }
 }
 
@@ -205,6 +239,35 @@ pub fn reference_sum<T: Element>(inputs: &[&[T]]) -> Vec<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn block_conversions_round_like_single_ones() {
+        // Every f16 and bf16 bit pattern widens identically, and a spread of f32 values
+        // (including ties, subnormals, infinities and NaN) narrows identically.
+        let all16: Vec<u16> = (0..=u16::MAX).collect();
+        let h: Vec<f16> = all16.iter().map(|&b| f16::from_bits(b)).collect();
+        let mut wide = vec![0.0f32; h.len()];
+        f16::widen(&h, &mut wide);
+        assert!(h.iter().zip(&wide).all(|(x, w)| x.to_f32().to_bits() == w.to_bits() || w.is_nan()));
+        let b: Vec<bf16> = all16.iter().map(|&x| bf16::from_bits(x)).collect();
+        bf16::widen(&b, &mut wide);
+        assert!(b.iter().zip(&wide).all(|(x, w)| x.to_f32().to_bits() == w.to_bits() || w.is_nan()));
+        let mut rng = crate::verify::SplitMix64::new(1, 2);
+        let mut xs: Vec<f32> = (0..100_000).map(|_| f32::from_bits(rng.next_u64() as u32)).collect();
+        xs.extend([1.0 + 2f32.powi(-11), 1.0 + 3.0 * 2f32.powi(-11), 65520.0, 1e-8, f32::INFINITY, -0.0]);
+        let mut hs = vec![f16::ZERO; xs.len()];
+        f16::narrow(&xs, &mut hs);
+        for (x, got) in xs.iter().zip(&hs) {
+            let want = f16::from_f32(*x);
+            assert!(want.to_bits() == got.to_bits() || (want.is_nan() && got.is_nan()), "{x:e}");
+        }
+        let mut bs = vec![bf16::ZERO; xs.len()];
+        bf16::narrow(&xs, &mut bs);
+        for (x, got) in xs.iter().zip(&bs) {
+            let want = bf16::from_f32(*x);
+            assert!(want.to_bits() == got.to_bits() || (want.is_nan() && got.is_nan()), "{x:e}");
+        }
+    }
 
     #[test]
     fn dtype_names_round_trip() {

@@ -440,27 +440,20 @@ pub fn shard_range<T>(len: usize, n: usize, rank: usize) -> Range<usize> {
 /// `dst[i] = srcs[0][i] + srcs[1][i] + ...` in that order in `T::Acc`, rounded once.
 fn reduce_rank_order<T: Element>(srcs: &[&[T]], dst: &mut [T]) {
     let mut acc = [T::Acc::default(); BLOCK];
+    let mut wide = [T::Acc::default(); BLOCK];
     let mut start = 0;
     while start < dst.len() {
         let m = BLOCK.min(dst.len() - start);
-        let acc = &mut acc[..m];
-        for (a, x) in acc.iter_mut().zip(&srcs[0][start..start + m]) {
-            *a = x.to_acc();
-        }
+        let (acc, wide) = (&mut acc[..m], &mut wide[..m]);
+        T::widen(&srcs[0][start..start + m], acc);
         for src in &srcs[1..] {
-            add_into(acc, &src[start..start + m]);
+            T::widen(&src[start..start + m], wide);
+            for (a, w) in acc.iter_mut().zip(wide.iter()) {
+                *a += *w;
+            }
         }
-        for (d, a) in dst[start..start + m].iter_mut().zip(acc.iter()) {
-            *d = T::from_acc(*a);
-        }
+        T::narrow(acc, &mut dst[start..start + m]);
         start += m;
-    }
-}
-
-#[inline(always)]
-fn add_into<T: Element>(acc: &mut [T::Acc], src: &[T]) {
-    for (a, x) in acc.iter_mut().zip(src) {
-        *a += x.to_acc();
     }
 }
 
