@@ -189,6 +189,16 @@ fn sweep(o: &Options) -> Vec<usize> {
     sizes
 }
 
+/// `--show-config` and `--show-dispatch`, on rank 0.
+fn print_settings(comm: &Communicator, o: &Options) {
+    if o.show_config {
+        print!("#\n# Configuration\n{}", comm.config().dump().lines().map(|l| format!("#  {l}\n")).collect::<String>());
+    }
+    if o.show_dispatch {
+        print!("#\n# Dispatch table\n{}", comm.dispatch_table());
+    }
+}
+
 /// The nccl-tests columns both sweeps print, and the totals of the footer.
 struct Table {
     ranks: usize,
@@ -295,15 +305,7 @@ fn run<T: Element>(
             "# tpcomm allreduce_perf: ranks {n} nodes {} minBytes {} maxBytes {} step: {}(factor) warmup iters: {} iters: {} validation: {} memory: host",
             boot.nodes, o.min_bytes, o.max_bytes, o.factor, o.warmup, o.iters, u8::from(o.check)
         );
-        if o.show_config {
-            print!(
-                "#\n# Configuration\n{}",
-                comm.config().dump().lines().map(|l| format!("#  {l}\n")).collect::<String>()
-            );
-        }
-        if o.show_dispatch {
-            print!("#\n# Dispatch table\n{}", comm.dispatch_table());
-        }
+        print_settings(comm, o);
         println!("#\n#  Layout: {}", boot.summary());
         Table::print_header("MPI_Allreduce", ["time", "ratio"], ["(us)", "mpi/tp"]);
     }
@@ -379,7 +381,7 @@ fn run<T: Element>(
 
 /// The GPU path: buffers from `alloc_shared` (registered, zero-copy), eager calls or CUDA graphs.
 mod device {
-    use super::{median, sweep, Options, Table};
+    use super::{median, print_settings, sweep, Options, Table};
     use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
     use mpi::collective::SystemOperation;
     use mpi::topology::SimpleCommunicator;
@@ -500,15 +502,7 @@ mod device {
                 ctx.name().unwrap_or_default(),
                 bw / 1e9
             );
-            if o.show_config {
-                print!(
-                    "#\n# Configuration\n{}",
-                    comm.config().dump().lines().map(|l| format!("#  {l}\n")).collect::<String>()
-                );
-            }
-            if o.show_dispatch {
-                print!("#\n# Dispatch table\n{}", comm.dispatch_table());
-            }
+            print_settings(comm, o);
             Table::print_header("HBM floor", ["floor", "floor%"], ["(us)", ""]);
         }
         let mut table = Table::new(n, o.check);

@@ -166,18 +166,23 @@ impl Communicator {
         Ok(table.clone())
     }
 
-    /// The algorithm the dispatch table picks for a host call of `len` elements of `T`.
-    ///
-    /// # Errors
-    /// As [`DispatchTable::choose`].
-    pub fn host_algo<T: Element>(&self, len: usize) -> Result<Algo> {
+    /// The dispatch table's choice for a call of `len` elements of `T` in `memory`.
+    fn algo_for<T: Element>(&self, len: usize, memory: Memory) -> Result<Algo> {
         self.table.read().unwrap_or_else(|e| e.into_inner()).choose(&Request {
             bytes: len * size_of::<T>(),
             dtype: T::DTYPE,
             world_size: self.boot.size,
             nodes: self.boot.nodes,
-            memory: Memory::Host,
+            memory,
         })
+    }
+
+    /// The algorithm the dispatch table picks for a host call of `len` elements of `T`.
+    ///
+    /// # Errors
+    /// As [`DispatchTable::choose`].
+    pub fn host_algo<T: Element>(&self, len: usize) -> Result<Algo> {
+        self.algo_for::<T>(len, Memory::Host)
     }
 
     /// Sum `input` over all ranks into `output` (host memory).
@@ -527,13 +532,7 @@ impl Communicator {
     /// # Errors
     /// As [`DispatchTable::choose`].
     pub fn device_algo<T: Element>(&self, len: usize) -> Result<Algo> {
-        self.table.read().unwrap_or_else(|e| e.into_inner()).choose(&Request {
-            bytes: len * size_of::<T>(),
-            dtype: T::DTYPE,
-            world_size: self.boot.size,
-            nodes: self.boot.nodes,
-            memory: Memory::Device,
-        })
+        self.algo_for::<T>(len, Memory::Device)
     }
 
     /// Sum `input` over all ranks into `output` (device memory: f32, f16 or bf16), on `stream`.

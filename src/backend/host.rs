@@ -35,10 +35,13 @@ use std::time::{Duration, Instant};
 const FLAG_STRIDE: usize = 128;
 /// Offset, within a rank's flag line, of the count of peers sleeping on that flag.
 const SLEEPERS_OFFSET: usize = 64;
-/// Busy polls of a peer's flag before yielding, when every rank has a core of its own.
-const SPINS_BEFORE_SLEEP: u32 = 2048;
-/// Yields of the core before sleeping on a peer's flag.
-const YIELDS_BEFORE_SLEEP: u32 = 16;
+/// How long a wait polls before it sleeps on the peer's flag, when every rank of the node has a
+/// core of its own. Polling keeps the core: yielding it to an unrelated busy process, or waking
+/// from a sleep on a busy machine, can cost a whole scheduler time slice (milliseconds).
+const POLL_BEFORE_SLEEP: Duration = Duration::from_millis(2);
+/// The same when the node's ranks outnumber its cores: poll briefly, yielding the core (a peer
+/// may need it), then sleep.
+const POLL_BEFORE_SLEEP_OVERSUBSCRIBED: Duration = Duration::from_micros(20);
 /// Longest single sleep; a safety net, since every store that a sleeper waits for wakes it.
 const MAX_SLEEP: Duration = Duration::from_millis(1);
 const DESC_STRIDE: usize = 64;
@@ -68,8 +71,10 @@ pub struct HostAllreduce {
     step: u64,
     calls: u64,
     timeout: Duration,
-    /// Busy polls before yielding: none when the node's ranks outnumber its cores.
-    spins_before_sleep: u32,
+    /// The node's ranks outnumber its cores: waits yield the core and sleep sooner.
+    oversubscribed: bool,
+    /// How long a wait polls before sleeping on the peer's flag.
+    poll_before_sleep: Duration,
     poisoned: Option<String>,
 }
 
@@ -97,7 +102,8 @@ impl HostAllreduce {
             )));
         }
         let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
-        let spins_before_sleep = if n > cores { 0 } else { SPINS_BEFORE_SLEEP };
+        let oversubscribed = n > cores;
+        let poll_before_sleep = if oversubscribed { POLL_BEFORE_SLEEP_OVERSUBSCRIBED } else { POLL_BEFORE_SLEEP };
         Ok(HostAllreduce {
             seg,
             rank,
@@ -107,7 +113,8 @@ impl HostAllreduce {
             step: 0,
             calls: 0,
             timeout,
-            spins_before_sleep,
+            oversubscribed,
+            poll_before_sleep,
             poisoned: None,
         })
     }
@@ -195,18 +202,20 @@ impl HostAllreduce {
             let mut spins = 0u32;
             while flag.load(Ordering::Acquire) < s {
                 spins += 1;
-                if spins < self.spins_before_sleep {
+                if spins % 256 != 0 {
                     std::hint::spin_loop();
-                    continue;
-                }
-                if spins < self.spins_before_sleep + YIELDS_BEFORE_SLEEP {
-                    // The peer may be waiting for this core: give it away before sleeping.
-                    std::thread::yield_now();
                     continue;
                 }
                 let waited = start.elapsed();
                 if waited > self.timeout {
                     return Err(self.poison(Error::PeerTimeout { op: what, peer: Some(self.global_ranks[p]), waited }));
+                }
+                if waited < self.poll_before_sleep {
+                    if self.oversubscribed {
+                        // The peer may need this very core: hand it over, but stay runnable.
+                        std::thread::yield_now();
+                    }
+                    continue;
                 }
                 let sleepers = self.sleepers(p);
                 sleepers.fetch_add(1, Ordering::SeqCst);
