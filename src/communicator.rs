@@ -21,6 +21,9 @@ static SEGMENTS: AtomicUsize = AtomicUsize::new(0);
 /// Built collectively by [`Communicator::new`]. Calls on one communicator are serialised: they
 /// take an internal lock, and every rank must make the same collective calls in the same order.
 /// Use one communicator per thread or stream that issues collectives concurrently.
+///
+/// A communicator holds MPI handles, so it is neither `Send` nor `Sync`: it stays on the thread
+/// that built it (as `mpi::initialize` sets MPI up for one thread).
 pub struct Communicator {
     boot: Bootstrap,
     config: Config,
