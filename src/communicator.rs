@@ -558,7 +558,23 @@ impl Communicator {
     /// the grid, the rank with more blocks returns only after its extra blocks time out).
     ///
     /// # Examples
-    /// See `examples/gpu_check.rs`.
+    /// ```no_run
+    /// # fn main() -> tpcomm::Result<()> {
+    /// let universe = mpi::initialize().expect("MPI initialised twice");
+    /// let comm = tpcomm::Communicator::new(&universe.world(), tpcomm::Config::from_env()?)?;
+    /// let stream = comm.cuda_context()?.new_stream()?;
+    /// let len = 1 << 20;
+    /// let mut x = comm.alloc_shared::<tpcomm::bf16>(len)?; // collective: registered, zero-copy
+    /// stream.memcpy_htod(&vec![tpcomm::bf16::from_f32(1.0); len], &mut *x)?;
+    /// let mut y = stream.alloc_zeros::<tpcomm::bf16>(len)?;
+    /// comm.all_reduce(&*x, &mut y, &stream)?; // collective: every rank
+    /// comm.all_reduce_in_place(&mut *x, &stream)?;
+    /// // Capture once, replay many times (collective): the buffers are registered after capture.
+    /// let graph = comm.capture(&stream, |s| comm.all_reduce(&*x, &mut y, s))?;
+    /// graph.launch()?;
+    /// # Ok(()) }
+    /// ```
+    /// More in `examples/gpu_check.rs` and `examples/allreduce_perf.rs`.
     pub fn all_reduce<T: Element, I: DevicePtr<T>, O: DevicePtrMut<T>>(
         &self,
         input: &I,

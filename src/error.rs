@@ -139,6 +139,14 @@ impl fmt::Display for Error {
     }
 }
 
+/// Lets applications use `?` on cudarc calls (streams, copies) inside functions returning
+/// [`Result`]; tpcomm's own calls name the operation instead.
+impl From<cudarc::driver::DriverError> for Error {
+    fn from(source: cudarc::driver::DriverError) -> Self {
+        Error::Cuda { op: "CUDA driver call", source }
+    }
+}
+
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
