@@ -159,63 +159,41 @@ impl Element for f64 {
     }
 }
 
-impl Element for f16 {
-    const DTYPE: DType = DType::F16;
-    type Acc = f32;
-    #[inline(always)]
-    fn to_acc(self) -> f32 {
-        self.to_f32()
-    }
-    #[inline(always)]
-    fn from_acc(acc: f32) -> Self {
-        f16::from_f32(acc)
-    }
-    fn to_f64(self) -> f64 {
-        self.to_f64()
-    }
-    fn from_f64(x: f64) -> Self {
-        f16::from_f64(x)
-    }
-    // The slice conversions use F16C (x86) or NEON where the CPU has them, checked at run time
-    // once per block rather than once per element.
-    #[inline]
-    fn widen(src: &[Self], dst: &mut [f32]) {
-        half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, dst);
-    }
-    #[inline]
-    fn narrow(src: &[f32], dst: &mut [Self]) {
-        half::slice::HalfFloatSliceExt::convert_from_f32_slice(dst, src);
-    }
+/// The 16-bit floats: summed in f32; block conversions through `half`'s slice functions, which
+/// use F16C (x86) or NEON where the CPU has them, checked once per block rather than per element.
+macro_rules! half_element {
+    ($t:ident, $dtype:expr) => {
+        impl Element for $t {
+            const DTYPE: DType = $dtype;
+            type Acc = f32;
+            #[inline(always)]
+            fn to_acc(self) -> f32 {
+                self.to_f32()
+            }
+            #[inline(always)]
+            fn from_acc(acc: f32) -> Self {
+                $t::from_f32(acc)
+            }
+            fn to_f64(self) -> f64 {
+                self.to_f64()
+            }
+            fn from_f64(x: f64) -> Self {
+                $t::from_f64(x)
+            }
+            #[inline]
+            fn widen(src: &[Self], dst: &mut [f32]) {
+                half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, dst);
+            }
+            #[inline]
+            fn narrow(src: &[f32], dst: &mut [Self]) {
+                half::slice::HalfFloatSliceExt::convert_from_f32_slice(dst, src);
+            }
+        }
+    };
 }
 
-impl Element for bf16 {
-    const DTYPE: DType = DType::BF16;
-    type Acc = f32;
-    #[inline(always)]
-    fn to_acc(self) -> f32 {
-        self.to_f32()
-    }
-    #[inline(always)]
-    fn from_acc(acc: f32) -> Self {
-        bf16::from_f32(acc)
-    }
-    fn to_f64(self) -> f64 {
-        self.to_f64()
-    }
-    fn from_f64(x: f64) -> Self {
-        bf16::from_f64(x)
-    }
-    // The slice conversions use F16C (x86) or NEON where the CPU has them, checked at run time
-    // once per block rather than once per element.
-    #[inline]
-    fn widen(src: &[Self], dst: &mut [f32]) {
-        half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, dst);
-    }
-    #[inline]
-    fn narrow(src: &[f32], dst: &mut [Self]) {
-        half::slice::HalfFloatSliceExt::convert_from_f32_slice(dst, src);
-    }
-}
+half_element!(f16, DType::F16);
+half_element!(bf16, DType::BF16);
 
 /// The exact reference every backend must match bit for bit: `sum(inputs[r][i] for r in 0..n)`
 /// in rank order in the accumulator, rounded once.
