@@ -54,6 +54,9 @@ fn launcher() {
     });
     jobs.push(Job { case: "different_config_per_rank", ranks: 3, env: &[] });
     jobs.push(Job { case: "tune_save_and_load", ranks: 2, env: &[] });
+    for ranks in [1, 3] {
+        jobs.push(Job { case: "byte_exchange", ranks, env: &[] });
+    }
     jobs.push(Job { case: "tune_save_and_load", ranks: 3, env: &[("TPCOMM_FAKE_NODES", "2")] });
     for ranks in [3, 4] {
         jobs.push(Job { case: "batch_invariance", ranks, env: &[("TPCOMM_HOST_CHUNK_BYTES", "4096")] });
@@ -160,6 +163,9 @@ fn worker(case: &str) -> i32 {
     }
     if case == "different_config_per_rank" {
         return different_config_per_rank(&world, config);
+    }
+    if case == "byte_exchange" {
+        return report(&world, byte_exchange(&world));
     }
     if case == "tune_save_and_load" {
         return report(&world, tune_save_and_load(&world, config));
@@ -272,6 +278,34 @@ fn report(world: &mpi::topology::SimpleCommunicator, result: Result<String, Stri
             1
         }
     }
+}
+
+/// The bootstrap's byte exchange with blobs of different lengths, empty ones included (an empty
+/// buffer once reached MPI as an invalid pointer and aborted the job).
+fn byte_exchange(world: &mpi::topology::SimpleCommunicator) -> Result<String, String> {
+    use mpi::traits::Communicator as _;
+    use tpcomm::bootstrap::{all_gather_bytes, broadcast_bytes};
+    let (rank, n) = (world.rank() as usize, world.size() as usize);
+    let blob = |r: usize| -> Vec<u8> { (0..r * 3).map(|i| (r * 31 + i) as u8).collect() };
+    let all = all_gather_bytes(world, &blob(rank));
+    if all != (0..n).map(blob).collect::<Vec<_>>() {
+        return Err(format!("all_gather_bytes gave {all:?}"));
+    }
+    let empty = all_gather_bytes(world, &[]);
+    if empty.len() != n || empty.iter().any(|b| !b.is_empty()) {
+        return Err(format!("all_gather_bytes of nothing gave {empty:?}"));
+    }
+    for root in 0..n {
+        for len in [0usize, 1, 1000] {
+            let mut b: Vec<u8> =
+                if rank == root { (0..len).map(|i| (i * 7 + root) as u8).collect() } else { vec![9; 5] };
+            broadcast_bytes(world, root, &mut b);
+            if b != (0..len).map(|i| (i * 7 + root) as u8).collect::<Vec<u8>>() {
+                return Err(format!("broadcast_bytes from {root} of {len} bytes gave {} bytes", b.len()));
+            }
+        }
+    }
+    Ok("all_gather_bytes and broadcast_bytes right for empty and unequal blobs".into())
 }
 
 /// `tune` gives every rank the same table and saves it; a new communicator loads it; a table
