@@ -62,30 +62,7 @@ impl Communicator {
             eprintln!("tpcomm: {}", boot.summary());
         }
         let mut table = DispatchTable::new(&config, boot.size);
-        if let Some(path) = &config.tune_file {
-            // Rank 0 reads the file and every rank parses the same text, so all ranks agree
-            // (also where other nodes cannot see the file). First byte: 0 no file, 1 text
-            // follows, 2 an error message follows.
-            let mut blob = vec![0u8];
-            if boot.rank == 0 && path.exists() {
-                blob = match std::fs::read(path) {
-                    Ok(text) => [&[1u8][..], &text].concat(),
-                    Err(e) => [&[2u8][..], e.to_string().as_bytes()].concat(),
-                };
-            }
-            broadcast_bytes(boot.world(), 0, &mut blob);
-            let body = String::from_utf8_lossy(&blob[1..]);
-            match blob[0] {
-                1 => table.load(&body, path, &tune_key(&boot), &config)?,
-                2 => {
-                    return Err(Error::System {
-                        op: format!("reading tuned dispatch table {} on rank 0", path.display()),
-                        source: std::io::Error::other(body.into_owned()),
-                    })
-                }
-                _ => {}
-            }
-        }
+        load_tuned_table(&boot, &config, &mut table)?;
         let table = std::sync::RwLock::new(table);
         Ok(Communicator {
             boot,
@@ -271,6 +248,36 @@ impl State {
         cross.sum_across_nodes(&mut output[cross.my_shard(len)], timeout)?;
         self.host.all_gather_ranges(output, &cross.shard_ranges(len))
     }
+}
+
+/// Load `TPCOMM_TUNE_FILE` into `table` when it exists. Rank 0 reads the file and every rank
+/// parses the same text, so all ranks agree (also where other nodes cannot see the file).
+///
+/// # Collective
+/// Every rank of the bootstrap's communicator.
+fn load_tuned_table(boot: &Bootstrap, config: &Config, table: &mut DispatchTable) -> Result<()> {
+    let Some(path) = &config.tune_file else { return Ok(()) };
+    // First byte of the broadcast: 0 no file, 1 the text follows, 2 an error message follows.
+    let mut blob = vec![0u8];
+    if boot.rank == 0 && path.exists() {
+        blob = match std::fs::read(path) {
+            Ok(text) => [&[1u8][..], &text].concat(),
+            Err(e) => [&[2u8][..], e.to_string().as_bytes()].concat(),
+        };
+    }
+    broadcast_bytes(boot.world(), 0, &mut blob);
+    let body = String::from_utf8_lossy(&blob[1..]);
+    match blob[0] {
+        1 => table.load(&body, path, &tune_key(boot), config)?,
+        2 => {
+            return Err(Error::System {
+                op: format!("reading tuned dispatch table {} on rank 0", path.display()),
+                source: std::io::Error::other(body.into_owned()),
+            })
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// What a tuned table of this communicator must have been tuned for.
