@@ -103,7 +103,9 @@ impl Communicator {
     /// over ranks, and broadcasts, so every rank ends with the same table. With
     /// `TPCOMM_TUNE_FILE` set, rank 0 also saves the table there (keyed by CPU and GPU model,
     /// world size and layout), and later communicators load it instead of tuning again.
-    /// Tunes the host one-shot limit; device thresholds keep their defaults or overrides.
+    /// Tunes the host one-shot limit and, where a GPU serves the custom kernels on one node, the
+    /// device one-shot limit (bf16, registered input, CUDA graphs of 10 calls). Thresholds set
+    /// through `TPCOMM_*_MAX_BYTES` are kept.
     ///
     /// # Collective
     /// Every rank, with no other call in flight.
@@ -111,39 +113,117 @@ impl Communicator {
     /// # Errors
     /// Any error of the timed calls; [`Error::System`] when the file cannot be written.
     pub fn tune(&self) -> Result<DispatchTable> {
-        use mpi::collective::SystemOperation;
-        let sizes: Vec<usize> = (12..=22).map(|p| 1usize << p).collect();
-        let mut times = [Vec::new(), Vec::new()];
-        let largest = *sizes.last().expect("sizes") / 4;
-        let input: Vec<f32> = crate::verify::rank_input(0x7e57, self.boot.rank, largest);
-        let mut output = vec![0.0f32; largest];
-        for &bytes in &sizes {
-            for (i, algo) in [Algo::HostOneShot, Algo::HostTwoShot].into_iter().enumerate() {
-                let mut samples = Vec::new();
-                for rep in 0..23 {
-                    self.boot.world().barrier();
-                    let t = std::time::Instant::now();
-                    self.all_reduce_host_using(algo, Some(&input[..bytes / 4]), &mut output[..bytes / 4])?;
-                    if rep >= 3 {
-                        samples.push(t.elapsed().as_secs_f64());
-                    }
-                }
-                samples.sort_by(f64::total_cmp);
-                let mut worst = 0.0f64;
-                self.boot.world().all_reduce_into(&samples[samples.len() / 2], &mut worst, SystemOperation::max());
-                times[i].push(worst);
-            }
-        }
-        let mut limit = crate::dispatch::crossover(&sizes, &times[0], &times[1]) as u64;
-        self.boot.world().process_at_rank(0).broadcast_into(&mut limit);
+        let host = self.tune_host()?;
+        let device = match self.tune_device() {
+            // No custom kernels on this layout (the verdict is the same on every rank).
+            Err(Error::Unsupported { .. }) => None,
+            other => other?,
+        };
         let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
         if self.config.host_oneshot_max_bytes.is_none() {
-            table.host_oneshot_max_bytes = limit as usize;
+            table.host_oneshot_max_bytes = host;
+        }
+        if let (Some(limit), None) = (device, self.config.oneshot_max_bytes) {
+            table.oneshot_max_bytes = limit;
         }
         if let (Some(path), 0) = (&self.config.tune_file, self.boot.rank) {
             table.save(path, &tune_key(&self.boot))?;
         }
         Ok(table.clone())
+    }
+
+    /// Host one-shot against two-shot, 4 KiB to 4 MiB, median of 20 calls each.
+    fn tune_host(&self) -> Result<usize> {
+        let sizes: Vec<usize> = (12..=22).map(|p| 1usize << p).collect();
+        let largest = *sizes.last().expect("sizes") / 4;
+        let input: Vec<f32> = crate::verify::rank_input(0x7e57, self.boot.rank, largest);
+        let mut output = vec![0.0f32; largest];
+        self.measure_crossover(&sizes, [Algo::HostOneShot, Algo::HostTwoShot], |algo, bytes| {
+            let mut samples = Vec::new();
+            for rep in 0..23 {
+                self.boot.world().barrier();
+                let t = std::time::Instant::now();
+                self.all_reduce_host_using(algo, Some(&input[..bytes / 4]), &mut output[..bytes / 4])?;
+                if rep >= 3 {
+                    samples.push(t.elapsed().as_secs_f64());
+                }
+            }
+            Ok(median(samples))
+        })
+    }
+
+    /// Device one-shot against two-shot (bf16, registered input), 4 KiB to the staging size,
+    /// each timed as CUDA-graph replays of 10 calls. `None` where there is no GPU or the ranks
+    /// span nodes.
+    fn tune_device(&self) -> Result<Option<usize>> {
+        if crate::topology::cuda_device_count() == 0 || self.boot.nodes > 1 {
+            return Ok(None);
+        }
+        let ctx = self.cuda_context()?;
+        let stream = ctx.new_stream()?;
+        let max = self.config.custom_max_bytes;
+        let sizes: Vec<usize> = (12..=34).map(|p| 1usize << p).take_while(|&b| b <= max).collect();
+        let len = max / 2;
+        let input = self.alloc_shared::<half::bf16>(len)?;
+        let output = self.alloc_device::<half::bf16>(len)?;
+        let data: Vec<half::bf16> = crate::verify::rank_input(0x7e57, self.boot.rank, len);
+        // SAFETY: plain-old-data view of the bf16 values.
+        input.mem.write_at(0, unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), len * 2) })?;
+        let (inp, out) = (input.device_address(), output.device_address());
+        let limit = self.measure_crossover(&sizes, [Algo::OneShot, Algo::TwoShot], |algo, bytes| {
+            let n = bytes / 2;
+            let graph = self.capture(&stream, |s| {
+                (0..10).try_for_each(|_| self.device_call::<half::bf16>(Some(algo), inp, out, n, s, true))
+            })?;
+            graph.launch()?;
+            stream.synchronize()?;
+            let mut samples = Vec::new();
+            for _ in 0..11 {
+                self.boot.world().barrier();
+                let t = std::time::Instant::now();
+                graph.launch()?;
+                stream.synchronize()?;
+                samples.push(t.elapsed().as_secs_f64() / 10.0);
+            }
+            self.check_device_errors()?;
+            Ok(median(samples))
+        })?;
+        Ok(Some(limit))
+    }
+
+    /// Time `candidates[0]` against `candidates[1]` at every size (`time` gives this rank's
+    /// seconds per call), take the maximum over ranks, and return the crossover rank 0 picks.
+    ///
+    /// # Collective
+    /// Every rank, same sizes and candidates.
+    fn measure_crossover(
+        &self,
+        sizes: &[usize],
+        candidates: [Algo; 2],
+        mut time: impl FnMut(Algo, usize) -> Result<f64>,
+    ) -> Result<usize> {
+        use mpi::collective::SystemOperation;
+        let mut times = [Vec::new(), Vec::new()];
+        for &bytes in sizes {
+            for (i, algo) in candidates.into_iter().enumerate() {
+                // Every rank learns whether any rank failed, so none waits for the others in
+                // the next collective while they return.
+                let result = time(algo, bytes);
+                let mine = [*result.as_ref().unwrap_or(&0.0), f64::from(u8::from(result.is_err()))];
+                let mut worst = [0.0f64; 2];
+                self.boot.world().all_reduce_into(&mine[..], &mut worst[..], SystemOperation::max());
+                if worst[1] > 0.0 {
+                    return Err(result.err().unwrap_or_else(|| Error::Unsupported {
+                        what: format!("tuning {algo} at {bytes} bytes"),
+                        reason: "a timed call failed on another rank (see its error)".into(),
+                    }));
+                }
+                times[i].push(worst[0]);
+            }
+        }
+        let mut limit = crate::dispatch::crossover(sizes, &times[0], &times[1]) as u64;
+        self.boot.world().process_at_rank(0).broadcast_into(&mut limit);
+        Ok(limit as usize)
     }
 
     /// The dispatch table's choice for a call of `len` elements of `T` in `memory`.
@@ -278,6 +358,12 @@ fn load_tuned_table(boot: &Bootstrap, config: &Config, table: &mut DispatchTable
         _ => {}
     }
     Ok(())
+}
+
+/// The median of some samples (the upper one of an even count).
+fn median(mut samples: Vec<f64>) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
 }
 
 /// What a tuned table of this communicator must have been tuned for.
