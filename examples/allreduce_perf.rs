@@ -143,6 +143,10 @@ fn main() {
     let config = Config::from_env().unwrap_or_else(|e| fail(e.to_string()));
     let comm = Communicator::new(&world, config).unwrap_or_else(|e| fail(e.to_string()));
     if opts.tune {
+        if opts.device {
+            // Device thresholds are tuned only once the GPU side exists.
+            comm.cuda_context().unwrap_or_else(|e| fail(e.to_string()));
+        }
         let table = comm.tune().unwrap_or_else(|e| fail(format!("tune: {e}")));
         if root {
             print!("# Tuned dispatch table\n{table}");

@@ -103,9 +103,10 @@ impl Communicator {
     /// over ranks, and broadcasts, so every rank ends with the same table. With
     /// `TPCOMM_TUNE_FILE` set, rank 0 also saves the table there (keyed by CPU and GPU model,
     /// world size and layout), and later communicators load it instead of tuning again.
-    /// Tunes the host one-shot limit and, where a GPU serves the custom kernels on one node, the
-    /// device one-shot limit (bf16, registered input, CUDA graphs of 10 calls). Thresholds set
-    /// through `TPCOMM_*_MAX_BYTES` are kept.
+    /// Tunes the host one-shot limit and, where every rank has already used its GPU (for example
+    /// through [`Communicator::cuda_context`]) on one node with custom kernels, the device
+    /// one-shot limit (bf16, registered input, CUDA graphs of 10 calls). Thresholds set through
+    /// `TPCOMM_*_MAX_BYTES` are kept.
     ///
     /// # Collective
     /// Every rank, with no other call in flight.
@@ -153,10 +154,15 @@ impl Communicator {
     }
 
     /// Device one-shot against two-shot (bf16, registered input), 4 KiB to the staging size,
-    /// each timed as CUDA-graph replays of 10 calls. `None` where there is no GPU or the ranks
-    /// span nodes.
+    /// each timed as CUDA-graph replays of 10 calls. `None` unless every rank's GPU side exists
+    /// already (after [`Communicator::cuda_context`] or any device call: a host-only job never
+    /// touches the GPU here) and the ranks share one node.
     fn tune_device(&self) -> Result<Option<usize>> {
-        if crate::topology::cuda_device_count() == 0 || self.boot.nodes > 1 {
+        use mpi::collective::SystemOperation;
+        let mine = u8::from(self.gpu_lock()?.is_some());
+        let mut everyone = 0u8;
+        self.boot.world().all_reduce_into(&mine, &mut everyone, SystemOperation::min());
+        if everyone == 0 || self.boot.nodes > 1 {
             return Ok(None);
         }
         let ctx = self.cuda_context()?;
