@@ -47,6 +47,7 @@ fn launcher() {
         jobs.push(Job { case: "input_output_lengths_differ", ranks, env: &[("TPCOMM_TIMEOUT_MS", "1500")] });
     }
     jobs.push(Job { case: "exact", ranks: 4, env: &[("TPCOMM_FAKE_NODES", "4")] });
+    jobs.push(Job { case: "nodes_disagree_on_length", ranks: 4, env: &[("TPCOMM_FAKE_NODES", "2")] });
     jobs.push(Job {
         case: "rank_skips_call",
         ranks: 4,
@@ -181,6 +182,7 @@ fn worker(case: &str) -> i32 {
         "exact" => exact(&comm),
         "mismatched_lengths" => mismatched_lengths(&comm),
         "batch_invariance" => batch_invariance(&comm),
+        "nodes_disagree_on_length" => nodes_disagree_on_length(&comm),
         "rank_skips_call" => rank_skips_call(&comm),
         "input_output_lengths_differ" => input_output_lengths_differ(&comm),
         other => Err(format!("unknown case {other}")),
@@ -411,6 +413,18 @@ fn batch_invariance(comm: &Communicator) -> Result<String, String> {
         }
     }
     Ok(format!("{runs} embeddings gave identical bits"))
+}
+
+/// The ranks of each (pretend) node agree on the length, but the nodes do not: the cross-node
+/// step must report it on every rank.
+fn nodes_disagree_on_length(comm: &Communicator) -> Result<String, String> {
+    let len = 100 + 100 * comm.bootstrap().node_index();
+    let input: Vec<f32> = rank_input(4, comm.rank(), len);
+    let mut out = vec![0.0f32; len];
+    match comm.all_reduce_host(&input, &mut out) {
+        Err(Error::Mismatch { detail, .. }) => Ok(format!("refused: {detail}")),
+        other => Err(format!("expected Mismatch from the cross-node step, got {other:?}")),
+    }
 }
 
 fn mismatched_lengths(comm: &Communicator) -> Result<String, String> {
