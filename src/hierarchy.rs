@@ -81,9 +81,9 @@ impl CrossNode {
         }
         // Descriptor first: a peer with another length or dtype is an error, not a bad MPI message.
         let mine = [shard.len() as u64, T::DTYPE.code() as u64];
-        let descs = exchange(comm, &self.members, bytes_of(&mine), timeout)?;
+        let descs = exchange(comm, &self.members, slice_bytes(&mine), timeout)?;
         for (node, d) in descs.iter().enumerate() {
-            if d[..] != *bytes_of(&mine) {
+            if d[..] != *slice_bytes(&mine) {
                 let theirs: Vec<u64> = d.chunks(8).map(|c| u64::from_ne_bytes(c.try_into().unwrap())).collect();
                 return Err(Error::Mismatch {
                     op: "cross-node allreduce",
@@ -121,10 +121,6 @@ impl CrossNode {
 
 fn dtype_name(code: u64) -> String {
     DType::ALL.iter().find(|d| d.code() as u64 == code).map_or(format!("dtype code {code}"), |d| d.to_string())
-}
-
-fn bytes_of(x: &[u64; 2]) -> &[u8] {
-    slice_bytes(x)
 }
 
 fn slice_bytes<T: Copy>(x: &[T]) -> &[u8] {

@@ -41,8 +41,9 @@ impl SplitMix64 {
 
 /// The input of `rank` for test `(seed, len)`.
 pub fn rank_input<T: Element>(seed: u64, rank: usize, len: usize) -> Vec<T> {
-    let mut rng = SplitMix64::new(seed, rank as u64);
-    (0..len).map(|_| T::from_f64(rng.value())).collect()
+    let mut buf = vec![T::default(); len];
+    fill_rank_input(seed, rank, &mut buf);
+    buf
 }
 
 /// Fill `buf` with the input of `rank` for `(seed, buf.len())`.
