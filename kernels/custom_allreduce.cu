@@ -1,7 +1,6 @@
 // Custom allreduce over CUDA IPC: one-shot and two-shot, f32 / f16 / bf16.
 //
-// Self-contained on purpose: no CUDA headers (NVRTC on users' machines may have none), so
-// 16-bit floats are converted with inline PTX `cvt` and bit shifts.
+// Types and memory helpers come from kernels/common.cuh, prepended by the module cache.
 //
 // Compiled at run time with these defines (from src/cuda/protocol.rs, never hard-coded here):
 //   TPCOMM_WORLD        ranks of this module (1..=TPCOMM_MAX_RANKS); 1 makes the kernels a copy
@@ -16,20 +15,12 @@
 // the first term taken as is (not 0 + x_0, which would turn -0 into +0). Both algorithms and
 // every grid size give the same bits, and the same bits as tpcomm::dtype::reference_sum.
 
-#if !defined(TPCOMM_WORLD) || !defined(TPCOMM_MAX_RANKS) || !defined(TPCOMM_MAX_BLOCKS) || \
-    !defined(TPCOMM_PARITIES) || !defined(TPCOMM_VEC_BYTES) || !defined(TPCOMM_THREADS)
+#if !defined(TPCOMM_MAX_BLOCKS) || !defined(TPCOMM_PARITIES) || !defined(TPCOMM_THREADS)
 #error "compile through tpcomm's module cache: protocol defines are missing"
 #endif
-#if TPCOMM_WORLD < 1 || TPCOMM_WORLD > TPCOMM_MAX_RANKS
-#error "TPCOMM_WORLD out of range"
+#if TPCOMM_PARITIES != 2
+#error "the kernels are written for two mailbox parities"
 #endif
-#if TPCOMM_VEC_BYTES != 16 || TPCOMM_PARITIES != 2
-#error "the kernels are written for 16-byte vectors and two mailbox parities"
-#endif
-
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long long u64;
 
 // One rank's signal area, shared with every peer through IPC.
 // mailbox[parity][block][peer]: the last barrier `peer` announced to us for `block`, as
@@ -42,130 +33,6 @@ struct Signal {
     u64 mailbox[TPCOMM_PARITIES][TPCOMM_MAX_BLOCKS][TPCOMM_MAX_RANKS];
     u32 counter[TPCOMM_MAX_BLOCKS][TPCOMM_MAX_RANKS];
 };
-
-// A row of device addresses, one per rank: a rank-data row (one registered buffer as seen by
-// every rank) or, passed by value, the peers' signal or scratch areas.
-struct Ptrs {
-    u64 p[TPCOMM_MAX_RANKS];
-};
-
-struct __align__(16) Vec16 {
-    u32 w[4];
-};
-
-// ---------------------------------------------------------------------------------------------
-// Element types: raw bits <-> fp32.
-
-struct F32 {
-    typedef u32 Bits;
-    enum { PER_VEC = 4 };
-    static __device__ __forceinline__ float to_f(u32 b) { return __uint_as_float(b); }
-    static __device__ __forceinline__ u32 from_f(float f) { return __float_as_uint(f); }
-};
-
-struct F16 {
-    typedef u16 Bits;
-    enum { PER_VEC = 8 };
-    static __device__ __forceinline__ float to_f(u16 b) {
-        float f;
-        asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(b));
-        return f;
-    }
-    static __device__ __forceinline__ u16 from_f(float f) {
-        u16 b;
-        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(b) : "f"(f));
-        return b;
-    }
-};
-
-struct BF16 {
-    typedef u16 Bits;
-    enum { PER_VEC = 8 };
-    // bf16 is the top half of an fp32: widening is exact.
-    static __device__ __forceinline__ float to_f(u16 b) { return __uint_as_float(((u32)b) << 16); }
-    static __device__ __forceinline__ u16 from_f(float f) {
-        u16 b;
-        asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(b) : "f"(f));
-        return b;
-    }
-};
-
-template <typename T>
-__device__ __forceinline__ u32 lane_bits(const Vec16& v, int i) {
-    if (T::PER_VEC == 4) return v.w[i];
-    return (v.w[i >> 1] >> ((i & 1) * 16)) & 0xffffu;
-}
-
-template <typename T>
-__device__ __forceinline__ void unpack(const Vec16& v, float* acc) {
-#pragma unroll
-    for (int i = 0; i < T::PER_VEC; i++) acc[i] = T::to_f((typename T::Bits)lane_bits<T>(v, i));
-}
-
-template <typename T>
-__device__ __forceinline__ void unpack_add(const Vec16& v, float* acc) {
-#pragma unroll
-    for (int i = 0; i < T::PER_VEC; i++) acc[i] += T::to_f((typename T::Bits)lane_bits<T>(v, i));
-}
-
-template <typename T>
-__device__ __forceinline__ Vec16 pack(const float* acc) {
-    Vec16 v;
-    if (T::PER_VEC == 4) {
-#pragma unroll
-        for (int i = 0; i < 4; i++) v.w[i] = (u32)T::from_f(acc[i]);
-    } else {
-#pragma unroll
-        for (int i = 0; i < 4; i++)
-            v.w[i] = (u32)T::from_f(acc[2 * i]) | ((u32)T::from_f(acc[2 * i + 1]) << 16);
-    }
-    return v;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Memory access helpers.
-
-__device__ __forceinline__ u64 globaltimer() {
-    u64 t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    return t;
-}
-
-__device__ __forceinline__ void st_release_sys(u64* addr, u64 v) {
-    asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(addr), "l"(v) : "memory");
-}
-
-__device__ __forceinline__ u64 ld_acquire_sys(const u64* addr) {
-    u64 v;
-    asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(addr) : "memory");
-    return v;
-}
-
-__device__ __forceinline__ void st_relaxed_sys(u64* addr, u64 v) {
-    asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(addr), "l"(v) : "memory");
-}
-
-__device__ __forceinline__ u64 ld_relaxed_sys(const u64* addr) {
-    u64 v;
-    asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(addr) : "memory");
-    return v;
-}
-
-// Data a peer wrote during this launch (two-shot scratch) is read with volatile loads, so no
-// stale copy in this SM's L1 can be returned after the acquire barrier.
-__device__ __forceinline__ Vec16 ld_volatile_v4(const void* addr) {
-    Vec16 v;
-    asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.w[0]), "=r"(v.w[1]), "=r"(v.w[2]), "=r"(v.w[3])
-                 : "l"(addr)
-                 : "memory");
-    return v;
-}
-
-template <typename T>
-__device__ __forceinline__ typename T::Bits ld_volatile_elem(const void* addr) {
-    return *(const volatile typename T::Bits*)addr;
-}
 
 // ---------------------------------------------------------------------------------------------
 // Barrier between the same block of every rank.

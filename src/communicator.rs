@@ -458,6 +458,7 @@ fn open_host_segment(boot: &Bootstrap, config: &Config) -> Result<HostAllreduce>
 // Device memory: the custom CUDA IPC allreduce.
 
 use crate::backend::custom::{CustomAllreduce, CustomOptions, Kernel, Mode};
+use crate::backend::packet::{PacketAllreduce, PacketKernel, PacketOptions};
 use crate::cuda::ipc::IpcBuffer;
 use cudarc::driver::{CudaContext, CudaGraph, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceSlice, SyncOnDrop};
 use std::sync::Arc;
@@ -465,11 +466,13 @@ use std::sync::Arc;
 /// The GPU side of a communicator.
 struct GpuState {
     ctx: Arc<CudaContext>,
-    /// Built by the first collective device call.
+    /// Built by the first collective device call that needs it.
     custom: Option<CustomAllreduce>,
-    /// Why the custom allreduce cannot run on this GPU layout, once found (the same on every
-    /// rank, so later calls fail at once without another collective check).
-    custom_unsupported: Option<String>,
+    /// Built by the first collective device call that needs it.
+    packet: Option<PacketAllreduce>,
+    /// Why the CUDA IPC kernels (custom and packet) cannot run on this GPU layout, once found
+    /// (the same on every rank, so later calls fail at once without another collective check).
+    ipc_unsupported: Option<String>,
     /// Buffers from [`Communicator::alloc_shared`] and [`Communicator::alloc_device`], kept
     /// until the communicator goes: peers may hold mappings of them, and a freed allocation
     /// whose memory a peer still maps cannot be opened again by that peer.
@@ -560,7 +563,14 @@ impl Communicator {
             }
             let ordinal = crate::topology::local_gpu_index(self.boot.local_rank);
             let ctx = CudaContext::new(ordinal).map_err(crate::cuda::cuda("cuCtxCreate / primary context"))?;
-            *guard = Some(GpuState { ctx, custom: None, custom_unsupported: None, shared: Vec::new(), poisoned: None });
+            *guard = Some(GpuState {
+                ctx,
+                custom: None,
+                packet: None,
+                ipc_unsupported: None,
+                shared: Vec::new(),
+                poisoned: None,
+            });
         }
         let gpu = guard.as_mut().expect("set above");
         if let Some(cause) = &gpu.poisoned {
@@ -576,34 +586,71 @@ impl Communicator {
         result
     }
 
-    /// Build the custom allreduce on first use (collective; every rank reaches it through the
-    /// same collective call).
-    fn ensure_custom(&self, gpu: &mut GpuState) -> Result<()> {
-        if gpu.custom.is_some() {
-            return Ok(());
-        }
-        if let Some(reason) = &gpu.custom_unsupported {
-            return Err(Error::Unsupported { what: "custom CUDA IPC allreduce".into(), reason: reason.clone() });
+    /// The node's GPU layout where the CUDA IPC kernels can run on it (collective: every rank
+    /// reaches it through the same collective call).
+    fn ipc_layout(&self, gpu: &mut GpuState) -> Result<crate::topology::GpuLayout> {
+        const WHAT: &str = "CUDA IPC allreduce (custom and packet kernels)";
+        if let Some(reason) = &gpu.ipc_unsupported {
+            return Err(Error::Unsupported { what: WHAT.into(), reason: reason.clone() });
         }
         if self.boot.nodes > 1 {
             return Err(Error::Unsupported {
                 what: "allreduce of device memory across nodes".into(),
-                reason: "the custom IPC kernels serve one node; no network backend is built in yet".into(),
+                reason: "the CUDA IPC kernels serve one node; no network backend is built in yet".into(),
             });
         }
-        let node = self.boot.node();
-        let layout = crate::topology::gpu_layout(node, &gpu.ctx);
+        let layout = crate::topology::gpu_layout(self.boot.node(), &gpu.ctx);
         if let Some(reason) = &layout.unsupported {
             // Logged once per communicator and rank: the caller may fall back silently.
-            eprintln!("tpcomm: rank {}: custom CUDA IPC allreduce unavailable: {reason}", self.boot.rank);
-            gpu.custom_unsupported = Some(reason.clone());
-            return Err(Error::Unsupported { what: "custom CUDA IPC allreduce".into(), reason: reason.clone() });
+            eprintln!("tpcomm: rank {}: {WHAT} unavailable: {reason}", self.boot.rank);
+            gpu.ipc_unsupported = Some(reason.clone());
+            return Err(Error::Unsupported { what: WHAT.into(), reason: reason.clone() });
         }
+        Ok(layout)
+    }
+
+    fn cache_dir(&self) -> Option<std::path::PathBuf> {
+        Some(self.config.cache_dir.clone().unwrap_or_else(crate::cuda::module_cache::default_cache_dir))
+    }
+
+    /// Build the packet allreduce on first use (collective, as [`Communicator::ipc_layout`]).
+    fn ensure_packet(&self, gpu: &mut GpuState) -> Result<()> {
+        if gpu.packet.is_some() {
+            return Ok(());
+        }
+        let layout = self.ipc_layout(gpu)?;
+        let opts = PacketOptions {
+            max_bytes: self.config.packet_buffer_bytes,
+            timeout: self.config.timeout,
+            ranks_per_device: layout.max_ranks_per_device,
+            max_blocks: None,
+            cache_dir: self.cache_dir(),
+        };
+        let packet = PacketAllreduce::new(self.boot.node(), &gpu.ctx, &opts)?;
+        if self.config.debug && self.boot.rank == 0 {
+            eprintln!(
+                "tpcomm: packet allreduce ready: {} ranks, {} blocks max, {} buffer bytes",
+                packet.world_size(),
+                packet.max_blocks(),
+                packet.max_bytes()
+            );
+        }
+        gpu.packet = Some(packet);
+        Ok(())
+    }
+
+    /// Build the custom allreduce on first use (collective, as [`Communicator::ipc_layout`]).
+    fn ensure_custom(&self, gpu: &mut GpuState) -> Result<()> {
+        if gpu.custom.is_some() {
+            return Ok(());
+        }
+        let layout = self.ipc_layout(gpu)?;
+        let node = self.boot.node();
         let opts = CustomOptions {
             max_bytes: self.config.custom_max_bytes,
             timeout: self.config.timeout,
             ranks_per_device: layout.max_ranks_per_device,
-            cache_dir: Some(self.config.cache_dir.clone().unwrap_or_else(crate::cuda::module_cache::default_cache_dir)),
+            cache_dir: self.cache_dir(),
         };
         let custom = CustomAllreduce::new(node, &gpu.ctx, &opts)?;
         if self.config.debug && self.boot.rank == 0 {
@@ -791,10 +838,28 @@ impl Communicator {
         let kernel = match algo {
             Algo::OneShot => Kernel::OneShot,
             Algo::TwoShot => Kernel::TwoShot,
+            Algo::Packet | Algo::PacketTwoPhase | Algo::Lamport => {
+                let kernel = match algo {
+                    Algo::Packet => PacketKernel::AllPairs,
+                    Algo::PacketTwoPhase => PacketKernel::TwoPhase,
+                    _ => PacketKernel::Lamport,
+                };
+                if self.config.debug && self.boot.rank == 0 {
+                    eprintln!("tpcomm: device allreduce {len} x {} -> {algo}", T::DTYPE);
+                }
+                return self.with_gpu(|gpu| {
+                    self.ensure_packet(gpu)?;
+                    let packet = gpu.packet.as_ref().expect("built above");
+                    // SAFETY: both pointers come from cudarc slices of `len` elements of T on
+                    // this context, kept alive (and their stream order recorded) by the caller.
+                    unsafe { packet.all_reduce(stream, kernel, T::DTYPE, input, output, len) }
+                });
+            }
             other => {
                 return Err(Error::Unsupported {
                     what: format!("algorithm {other} on device memory"),
-                    reason: "pick oneshot or twoshot (or unset TPCOMM_ALGO)".into(),
+                    reason: "pick a device algorithm (oneshot, twoshot, packet, packet2, lamport) or unset TPCOMM_ALGO"
+                        .into(),
                 })
             }
         };
@@ -819,6 +884,24 @@ impl Communicator {
             // SAFETY: both pointers come from cudarc slices of `len` elements of T on this
             // context, kept alive (and their stream order recorded) by the caller's guards.
             unsafe { custom.all_reduce(stream, kernel, T::DTYPE, input, output, len, mode) }
+        })
+    }
+
+    /// Exchange one flag with every peer on the GPU and wait for theirs: the floor of any
+    /// cross-rank device call (a packet call of no data), which `allreduce_perf --floor` prints
+    /// beside every latency. Recorded instead when `stream` captures.
+    ///
+    /// # Collective
+    /// Every rank.
+    ///
+    /// # Errors
+    /// As [`Communicator::all_reduce`].
+    pub fn exchange_flags(&self, stream: &Arc<CudaStream>) -> Result<()> {
+        self.with_gpu(|gpu| {
+            self.ensure_packet(gpu)?;
+            let packet = gpu.packet.as_ref().expect("built above");
+            // SAFETY: no element is read or written (length 0).
+            unsafe { packet.all_reduce(stream, PacketKernel::AllPairs, crate::dtype::DType::BF16, 0, 0, 0) }
         })
     }
 
@@ -888,7 +971,8 @@ impl Communicator {
     where
         F: FnOnce(&Arc<CudaStream>) -> Result<()>,
     {
-        self.with_gpu(|gpu| self.ensure_custom(gpu))?;
+        // Both IPC backends allocate and synchronise when built: never during capture.
+        self.with_gpu(|gpu| self.ensure_custom(gpu).and_then(|()| self.ensure_packet(gpu)))?;
         let begun = stream
             .begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
             .map_err(crate::cuda::cuda("cuStreamBeginCapture"));
@@ -933,9 +1017,9 @@ impl Communicator {
     /// [`Error::PeerTimeout`]; [`Error::Mismatch`] when ranks replayed graphs of different
     /// calls; [`Error::Poisoned`] after an earlier desynchronising error.
     pub fn check_device_errors(&self) -> Result<()> {
-        self.with_gpu(|gpu| match &gpu.custom {
-            Some(c) => c.check_error(),
-            None => Ok(()),
+        self.with_gpu(|gpu| {
+            gpu.custom.as_ref().map_or(Ok(()), CustomAllreduce::check_error)?;
+            gpu.packet.as_ref().map_or(Ok(()), PacketAllreduce::check_error)
         })
     }
 }

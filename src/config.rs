@@ -35,6 +35,12 @@ pub struct Config {
     /// Largest device message (bytes per rank) the custom IPC allreduce serves; each rank
     /// allocates a staging and a scratch buffer of this size (`TPCOMM_CUSTOM_MAX_BYTES`).
     pub custom_max_bytes: usize,
+    /// Bytes of the largest message the packet kernels take; sizes each rank's LL scratch and
+    /// Lamport buffers (about 7 x world x this) (`TPCOMM_PACKET_BUFFER_BYTES`).
+    pub packet_buffer_bytes: usize,
+    /// Device messages up to this many bytes use LL packets (`TPCOMM_PACKET_MAX_BYTES`; `None`
+    /// keeps the tuned or default value; capped by the packet buffer).
+    pub packet_max_bytes: Option<usize>,
     /// Device messages up to this many bytes use one-shot, larger ones two-shot
     /// (`TPCOMM_ONESHOT_MAX_BYTES`; `None` keeps the tuned or default value).
     pub oneshot_max_bytes: Option<usize>,
@@ -54,6 +60,8 @@ impl Default for Config {
             debug: false,
             cache_dir: None,
             custom_max_bytes: 8 << 20,
+            packet_buffer_bytes: 1 << 20,
+            packet_max_bytes: None,
             oneshot_max_bytes: None,
             tune_file: None,
         }
@@ -182,6 +190,28 @@ const PARAMS: &[Param] = &[
             Ok(())
         },
         show: |c| c.custom_max_bytes.to_string(),
+    },
+    Param {
+        key: "TPCOMM_PACKET_BUFFER_BYTES",
+        help: "largest message (bytes) the packet kernels take; sizes their buffers (~7 x ranks x this)",
+        set: |c, v| {
+            let b = parse_usize(v)?;
+            if b % 16 != 0 || b > (64 << 20) {
+                return Err("a multiple of 16 up to 64M".into());
+            }
+            c.packet_buffer_bytes = b;
+            Ok(())
+        },
+        show: |c| c.packet_buffer_bytes.to_string(),
+    },
+    Param {
+        key: "TPCOMM_PACKET_MAX_BYTES",
+        help: "largest device message (bytes) reduced by LL packets; larger ones go one-shot",
+        set: |c, v| {
+            c.packet_max_bytes = Some(parse_usize(v)?);
+            Ok(())
+        },
+        show: |c| c.packet_max_bytes.map_or("default".to_string(), |b| b.to_string()),
     },
     Param {
         key: "TPCOMM_ONESHOT_MAX_BYTES",

@@ -24,11 +24,26 @@ pub enum Algo {
     OneShot,
     /// Device memory, CUDA IPC: reduce-scatter into scratch, then all-gather.
     TwoShot,
+    /// Device memory, LL packets all-pairs: every rank pushes its input to every peer with a
+    /// flag per word; no barrier (small messages).
+    Packet,
+    /// Device memory, LL packets two-phase: shards pushed to their owners, results pushed back.
+    PacketTwoPhase,
+    /// Device memory, Lamport push: raw data into sentinel-filled buffers; no barrier, no flags.
+    Lamport,
 }
 
 impl Algo {
     /// Every algorithm, in a fixed order.
-    pub const ALL: &'static [Algo] = &[Algo::HostOneShot, Algo::HostTwoShot, Algo::OneShot, Algo::TwoShot];
+    pub const ALL: &'static [Algo] = &[
+        Algo::HostOneShot,
+        Algo::HostTwoShot,
+        Algo::OneShot,
+        Algo::TwoShot,
+        Algo::Packet,
+        Algo::PacketTwoPhase,
+        Algo::Lamport,
+    ];
 
     /// The name used by `TPCOMM_ALGO` and `--algo`.
     pub const fn as_str(self) -> &'static str {
@@ -37,6 +52,9 @@ impl Algo {
             Algo::HostTwoShot => "host_twoshot",
             Algo::OneShot => "oneshot",
             Algo::TwoShot => "twoshot",
+            Algo::Packet => "packet",
+            Algo::PacketTwoPhase => "packet2",
+            Algo::Lamport => "lamport",
         }
     }
 
@@ -44,7 +62,7 @@ impl Algo {
     pub const fn memory(self) -> Memory {
         match self {
             Algo::HostOneShot | Algo::HostTwoShot => Memory::Host,
-            Algo::OneShot | Algo::TwoShot => Memory::Device,
+            Algo::OneShot | Algo::TwoShot | Algo::Packet | Algo::PacketTwoPhase | Algo::Lamport => Memory::Device,
         }
     }
 }
@@ -95,6 +113,8 @@ pub struct Request {
 pub struct DispatchTable {
     /// Largest host message (bytes per rank) reduced one-shot.
     pub host_oneshot_max_bytes: usize,
+    /// Largest device message (bytes per rank) reduced by LL packets (all-pairs).
+    pub packet_max_bytes: usize,
     /// Largest device message (bytes per rank) reduced one-shot.
     pub oneshot_max_bytes: usize,
     /// Largest device message (bytes per rank) the custom IPC kernels serve (their staging size).
@@ -118,6 +138,17 @@ pub const fn oneshot_max_bytes(world: usize) -> usize {
     }
 }
 
+/// Largest device message reduced by packets for `world` ranks. All-pairs packets push
+/// `(n - 1) * 2 * S` bytes per rank (the flags double it) but skip one-shot's two barriers; on
+/// one H100 shared by all ranks they win up to about 32 KiB (bench/RESULTS.md).
+pub const fn packet_max_bytes(world: usize) -> usize {
+    if world <= 4 {
+        32 << 10
+    } else {
+        16 << 10
+    }
+}
+
 impl DispatchTable {
     /// The table for a configuration and a world size.
     pub fn new(config: &Config, world_size: usize) -> Self {
@@ -125,6 +156,10 @@ impl DispatchTable {
             host_oneshot_max_bytes: config
                 .host_oneshot_max_bytes
                 .unwrap_or(HOST_ONESHOT_BYTES_TIMES_RANKS / world_size.max(1)),
+            packet_max_bytes: config
+                .packet_max_bytes
+                .unwrap_or(packet_max_bytes(world_size))
+                .min(config.packet_buffer_bytes),
             oneshot_max_bytes: config.oneshot_max_bytes.unwrap_or(oneshot_max_bytes(world_size)),
             custom_max_bytes: config.custom_max_bytes,
             forced: config.algo,
@@ -142,7 +177,7 @@ impl DispatchTable {
         let bad =
             |expected: String| Error::Config { key: "TPCOMM_TUNE_FILE", value: path.display().to_string(), expected };
         let mut found_key = None;
-        let (mut host, mut device) = (None, None);
+        let (mut host, mut device, mut packet) = (None, None, None);
         for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
             let (name, value) =
                 line.split_once(' ').ok_or_else(|| bad(format!("\"name value\" lines, not {line:?}")))?;
@@ -152,9 +187,10 @@ impl DispatchTable {
                 "key" => found_key = Some(value.trim().to_string()),
                 "host_oneshot_max_bytes" => host = Some(number()?),
                 "oneshot_max_bytes" => device = Some(number()?),
+                "packet_max_bytes" => packet = Some(number()?),
                 other => {
                     return Err(bad(format!(
-                        "known names (key, host_oneshot_max_bytes, oneshot_max_bytes), not {other}"
+                        "known names (key, host_oneshot_max_bytes, oneshot_max_bytes, packet_max_bytes), not {other}"
                     )))
                 }
             }
@@ -172,6 +208,9 @@ impl DispatchTable {
         if let (Some(v), None) = (device, config.oneshot_max_bytes) {
             self.oneshot_max_bytes = v;
         }
+        if let (Some(v), None) = (packet, config.packet_max_bytes) {
+            self.packet_max_bytes = v.min(config.packet_buffer_bytes);
+        }
         Ok(())
     }
 
@@ -181,8 +220,9 @@ impl DispatchTable {
     /// [`Error::System`] when the file cannot be written.
     pub fn save(&self, path: &Path, key: &TuneKey) -> Result<()> {
         let text = format!(
-            "# tpcomm dispatch table, tuned by Communicator::tune\nkey {}\nhost_oneshot_max_bytes {}\noneshot_max_bytes {}\n",
-            key.0, self.host_oneshot_max_bytes, self.oneshot_max_bytes
+            "# tpcomm dispatch table, tuned by Communicator::tune\nkey {}\nhost_oneshot_max_bytes {}\n\
+             packet_max_bytes {}\noneshot_max_bytes {}\n",
+            key.0, self.host_oneshot_max_bytes, self.packet_max_bytes, self.oneshot_max_bytes
         );
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
@@ -216,6 +256,7 @@ impl DispatchTable {
                 what: "allreduce of device memory across nodes".into(),
                 reason: "the custom IPC kernels serve one node; no network backend is built in yet".into(),
             }),
+            Memory::Device if req.bytes <= self.packet_max_bytes => Ok(Algo::Packet),
             Memory::Device if req.bytes <= self.oneshot_max_bytes => Ok(Algo::OneShot),
             Memory::Device if req.bytes <= self.custom_max_bytes => Ok(Algo::TwoShot),
             Memory::Device => Err(Error::Unsupported {
@@ -237,6 +278,7 @@ impl fmt::Display for DispatchTable {
         }
         writeln!(f, "# host memory:   bytes <= {:>10}: {}", self.host_oneshot_max_bytes, Algo::HostOneShot)?;
         writeln!(f, "# host memory:   bytes >  {:>10}: {}", self.host_oneshot_max_bytes, Algo::HostTwoShot)?;
+        writeln!(f, "# device memory: bytes <= {:>10}: {}", self.packet_max_bytes, Algo::Packet)?;
         writeln!(f, "# device memory: bytes <= {:>10}: {}", self.oneshot_max_bytes, Algo::OneShot)?;
         writeln!(f, "# device memory: bytes <= {:>10}: {}", self.custom_max_bytes, Algo::TwoShot)
     }
@@ -306,6 +348,7 @@ mod tests {
         let mut tuned = DispatchTable::new(&Config::default(), 2);
         tuned.host_oneshot_max_bytes = 12345;
         tuned.oneshot_max_bytes = 777;
+        tuned.packet_max_bytes = 96;
         tuned.save(&path, &key).unwrap();
         let mut loaded = DispatchTable::new(&Config::default(), 2);
         let text = std::fs::read_to_string(&path).unwrap();
@@ -375,5 +418,24 @@ mod tests {
         let forced = DispatchTable::new(&Config { algo: Some(Algo::OneShot), ..Config::default() }, 4);
         assert!(matches!(forced.choose(&host(8)), Err(Error::Unsupported { .. })));
         assert_eq!(forced.choose(&dev(64 << 20, 2)).unwrap(), Algo::OneShot);
+    }
+
+    #[test]
+    fn small_device_messages_go_to_packets_within_their_buffer() {
+        let dev = |bytes, world_size| Request { bytes, world_size, memory: Memory::Device, ..host(0) };
+        let t = DispatchTable::new(&Config::default(), 2);
+        assert_eq!(t.choose(&dev(0, 2)).unwrap(), Algo::Packet);
+        assert_eq!(t.choose(&dev(packet_max_bytes(2), 2)).unwrap(), Algo::Packet);
+        assert_eq!(t.choose(&dev(packet_max_bytes(2) + 1, 2)).unwrap(), Algo::OneShot);
+        let t8 = DispatchTable::new(&Config::default(), 8);
+        assert_eq!(t8.choose(&dev(packet_max_bytes(8) + 1, 8)).unwrap(), Algo::OneShot);
+        // An override is capped by the buffer the packet kernels have.
+        let big = Config { packet_max_bytes: Some(4 << 20), packet_buffer_bytes: 1 << 20, ..Config::default() };
+        assert_eq!(DispatchTable::new(&big, 2).packet_max_bytes, 1 << 20);
+        let off = Config { packet_max_bytes: Some(0), ..Config::default() };
+        assert_eq!(DispatchTable::new(&off, 2).choose(&dev(16, 2)).unwrap(), Algo::OneShot);
+        for name in ["packet", "packet2", "lamport"] {
+            assert_eq!(name.parse::<Algo>().unwrap().memory(), Memory::Device);
+        }
     }
 }

@@ -20,27 +20,44 @@ fn skipped(test: &str) {
     );
 }
 
-#[test]
-fn every_custom_allreduce_variant_compiles_for_sm90() {
+/// Compile `src` for every world size and check that each entry point is in the CUBIN.
+fn compile_every_world(test: &str, name: &str, src: &str, defines: fn(usize) -> Vec<String>, entries: &[&str]) {
     if !module_cache::nvrtc_present() {
-        skipped("every_custom_allreduce_variant_compiles_for_sm90");
+        skipped(test);
         return;
     }
     let version = module_cache::nvrtc_version().expect("NVRTC version");
-    eprintln!("compiling with NVRTC {}.{}", version.0, version.1);
+    eprintln!("compiling {name} with NVRTC {}.{}", version.0, version.1);
     for world in 1..=protocol::MAX_RANKS {
-        let bin = module_cache::compile_cubin(
-            kernels::CUSTOM_ALLREDUCE_NAME,
-            kernels::CUSTOM_ALLREDUCE,
-            &protocol::defines(world),
-            (9, 0),
-        )
-        .unwrap_or_else(|e| panic!("world {world}: {e}"));
-        assert!(bin.starts_with(b"\x7fELF"), "world {world}: not a CUBIN (ELF) image");
-        for entry in kernels::CUSTOM_ALLREDUCE_ENTRIES {
-            assert!(bin.windows(entry.len()).any(|w| w == entry.as_bytes()), "world {world}: {entry} missing");
+        let bin = module_cache::compile_cubin(name, src, &defines(world), (9, 0))
+            .unwrap_or_else(|e| panic!("{name}, world {world}: {e}"));
+        assert!(bin.starts_with(b"\x7fELF"), "{name}, world {world}: not a CUBIN (ELF) image");
+        for entry in entries {
+            assert!(bin.windows(entry.len()).any(|w| w == entry.as_bytes()), "{name}, world {world}: {entry} missing");
         }
     }
+}
+
+#[test]
+fn every_custom_allreduce_variant_compiles_for_sm90() {
+    compile_every_world(
+        "every_custom_allreduce_variant_compiles_for_sm90",
+        kernels::CUSTOM_ALLREDUCE_NAME,
+        kernels::CUSTOM_ALLREDUCE,
+        protocol::defines,
+        &kernels::CUSTOM_ALLREDUCE_ENTRIES,
+    );
+}
+
+#[test]
+fn every_packet_allreduce_variant_compiles_for_sm90() {
+    compile_every_world(
+        "every_packet_allreduce_variant_compiles_for_sm90",
+        kernels::PACKET_ALLREDUCE_NAME,
+        kernels::PACKET_ALLREDUCE,
+        protocol::packet_defines,
+        &kernels::PACKET_ALLREDUCE_ENTRIES,
+    );
 }
 
 #[test]

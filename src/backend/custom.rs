@@ -29,6 +29,7 @@
 //! Preconditions (as for every collective): all ranks make the same calls in the same order with
 //! the same length, dtype and algorithm, and calls on one instance are serialised.
 
+use crate::bootstrap::agree;
 use crate::cuda::ipc::{self, IpcBuffer, IpcHandle, PeerMappings, IPC_HANDLE_BYTES};
 use crate::cuda::module_cache::ModuleCache;
 use crate::cuda::{cuda, kernels, protocol, HostWord};
@@ -278,35 +279,20 @@ impl CustomAllreduce {
         let module =
             cache.module(kernels::CUSTOM_ALLREDUCE_NAME, kernels::CUSTOM_ALLREDUCE, &protocol::defines(world))?;
         let mut funcs = HashMap::new();
-        let mut per_sm = u32::MAX;
         for kernel in [Kernel::OneShot, Kernel::TwoShot] {
             for dtype in [DType::F32, DType::F16, DType::BF16] {
                 let name = kernel_name(kernel, dtype).expect("listed dtypes have kernels");
                 let f = module.load_function(name).map_err(cuda("cuModuleGetFunction"))?;
-                let occ = f
-                    .occupancy_max_active_blocks_per_multiprocessor(protocol::THREADS as u32, 0, None)
-                    .map_err(cuda("cuOccupancyMaxActiveBlocksPerMultiprocessor"))?;
-                per_sm = per_sm.min(occ);
                 funcs.insert((kernel, dtype), f);
             }
         }
-        let sms = ctx
-            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .map_err(cuda("cuDeviceGetAttribute(MULTIPROCESSOR_COUNT)"))? as usize;
-        let resident = per_sm as usize * sms;
-        let share = opts.ranks_per_device.max(1);
-        // Every block of every rank sharing the device must be resident at once, or a
-        // block spinning on a peer's block that cannot be scheduled deadlocks.
-        let cap = resident / share;
-        if cap == 0 {
-            return Err(Error::Unsupported {
-                what: format!("custom allreduce with {share} ranks on one GPU"),
-                reason: format!(
-                    "the GPU holds {resident} resident blocks of {} threads, fewer than one per rank",
-                    protocol::THREADS
-                ),
-            });
-        }
+        let cap = crate::cuda::co_resident_blocks(
+            ctx,
+            funcs.values(),
+            protocol::THREADS,
+            opts.ranks_per_device,
+            "custom allreduce",
+        )?;
         let max_blocks = DEFAULT_MAX_BLOCKS.min(protocol::MAX_BLOCKS).min(cap);
         let signal = IpcBuffer::alloc(ctx, meta_size())?;
         signal.zero()?;
@@ -676,25 +662,6 @@ impl CustomAllreduce {
 
 /// The fallible part of [`CustomAllreduce::new`] before any exchange.
 type Prepared = (HashMap<(Kernel, DType), CudaFunction>, usize, IpcBuffer, IpcBuffer, IpcBuffer, bool);
-
-/// Make every rank of `comm` agree whether a step succeeded everywhere, so no rank goes on to
-/// an exchange the others skip. Returns the local error where this rank failed, and
-/// [`Error::Unsupported`] naming the step where only another rank did.
-fn agree<C: mpi::traits::Communicator, T>(comm: &C, local: Result<T>, step: &str) -> Result<T> {
-    use mpi::collective::SystemOperation;
-    use mpi::traits::*;
-    let ok = u8::from(local.is_ok());
-    let mut all_ok = 0u8;
-    comm.all_reduce_into(&ok, &mut all_ok, SystemOperation::min());
-    match local {
-        Err(e) => Err(e),
-        Ok(_) if all_ok == 0 => Err(Error::Unsupported {
-            what: step.to_string(),
-            reason: "it failed on another rank (see that rank's error)".to_string(),
-        }),
-        Ok(v) => Ok(v),
-    }
-}
 
 #[cfg(test)]
 mod tests {

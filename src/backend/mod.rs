@@ -3,3 +3,4 @@
 
 pub mod custom;
 pub mod host;
+pub mod packet;

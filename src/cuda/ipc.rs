@@ -126,9 +126,17 @@ impl IpcBuffer {
     /// # Errors
     /// [`Error::Cuda`] when the memset fails.
     pub fn zero(&self) -> Result<()> {
+        self.fill(0)
+    }
+
+    /// Set every byte to `byte` and wait for it.
+    ///
+    /// # Errors
+    /// [`Error::Cuda`] when the memset fails.
+    pub fn fill(&self, byte: u8) -> Result<()> {
         self.ctx.bind_to_thread().map_err(cuda("cuCtxSetCurrent"))?;
         // SAFETY: the range is this allocation.
-        check("cuMemsetD8_v2", unsafe { sys::cuMemsetD8_v2(self.ptr, 0, self.bytes) })?;
+        check("cuMemsetD8_v2", unsafe { sys::cuMemsetD8_v2(self.ptr, byte, self.bytes) })?;
         self.ctx.synchronize().map_err(cuda("cuCtxSynchronize"))
     }
 

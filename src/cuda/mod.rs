@@ -27,6 +27,41 @@ pub(crate) fn cuda(op: &'static str) -> impl FnOnce(DriverError) -> Error {
     move |source| Error::Cuda { op, source }
 }
 
+/// Most blocks one launch of any of `funcs` (at `threads` per block) may have so that the blocks
+/// of all `ranks_per_device` ranks sharing the GPU are resident at once: a block spinning on a
+/// peer's block that cannot be scheduled would deadlock.
+///
+/// # Errors
+/// [`Error::Unsupported`] when the GPU cannot hold one block per rank; [`Error::Cuda`].
+pub fn co_resident_blocks<'a>(
+    ctx: &cudarc::driver::CudaContext,
+    funcs: impl Iterator<Item = &'a cudarc::driver::CudaFunction>,
+    threads: usize,
+    ranks_per_device: usize,
+    what: &str,
+) -> Result<usize> {
+    let mut per_sm = u32::MAX;
+    for f in funcs {
+        let occ = f
+            .occupancy_max_active_blocks_per_multiprocessor(threads as u32, 0, None)
+            .map_err(cuda("cuOccupancyMaxActiveBlocksPerMultiprocessor"))?;
+        per_sm = per_sm.min(occ);
+    }
+    let sms = ctx
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .map_err(cuda("cuDeviceGetAttribute(MULTIPROCESSOR_COUNT)"))? as usize;
+    let resident = per_sm as usize * sms;
+    let share = ranks_per_device.max(1);
+    let cap = resident / share;
+    if cap == 0 {
+        return Err(Error::Unsupported {
+            what: format!("{what} with {share} ranks on one GPU"),
+            reason: format!("the GPU holds {resident} resident blocks of {threads} threads, fewer than one per rank"),
+        });
+    }
+    Ok(cap)
+}
+
 /// One 64-bit word of pinned host memory mapped into the device address space: kernels store
 /// into it, the host reads it after synchronising, without a copy.
 pub struct HostWord {
@@ -89,13 +124,32 @@ impl Drop for HostWord {
     }
 }
 
-/// Kernel sources compiled at run time, embedded in the library so binaries need no files.
+/// Kernel sources compiled at run time, embedded in the library so binaries need no files. Each
+/// family is `kernels/common.cuh` followed by the family's own file.
 pub mod kernels {
     /// `kernels/custom_allreduce.cu`: one-shot and two-shot for f32, f16 and bf16.
-    pub const CUSTOM_ALLREDUCE: &str = include_str!("../../kernels/custom_allreduce.cu");
+    pub const CUSTOM_ALLREDUCE: &str =
+        concat!(include_str!("../../kernels/common.cuh"), include_str!("../../kernels/custom_allreduce.cu"));
     /// Family name of [`CUSTOM_ALLREDUCE`] (cache file names, error messages).
     pub const CUSTOM_ALLREDUCE_NAME: &str = "custom_allreduce";
     /// Entry points of [`CUSTOM_ALLREDUCE`], each `{algorithm}_{dtype}`.
     pub const CUSTOM_ALLREDUCE_ENTRIES: [&str; 6] =
         ["oneshot_f32", "oneshot_f16", "oneshot_bf16", "twoshot_f32", "twoshot_f16", "twoshot_bf16"];
+    /// `kernels/packet_allreduce.cu`: LL packets (all-pairs and two-phase) and Lamport push.
+    pub const PACKET_ALLREDUCE: &str =
+        concat!(include_str!("../../kernels/common.cuh"), include_str!("../../kernels/packet_allreduce.cu"));
+    /// Family name of [`PACKET_ALLREDUCE`].
+    pub const PACKET_ALLREDUCE_NAME: &str = "packet_allreduce";
+    /// Entry points of [`PACKET_ALLREDUCE`], each `{algorithm}_{dtype}`.
+    pub const PACKET_ALLREDUCE_ENTRIES: [&str; 9] = [
+        "packet_f32",
+        "packet_f16",
+        "packet_bf16",
+        "packet2_f32",
+        "packet2_f16",
+        "packet2_bf16",
+        "lamport_f32",
+        "lamport_f16",
+        "lamport_bf16",
+    ];
 }

@@ -1,8 +1,9 @@
-//! Protocol constants of the custom allreduce kernels: the one place they are defined.
+//! Protocol constants of the CUDA kernels: the one place they are defined.
 //!
-//! `kernels/custom_allreduce.cu` receives every value below as an NVRTC `-D` define (see
-//! [`defines`]), so host and device cannot drift. The layouts described here are the ones the
-//! kernel's `struct Signal` and `struct Ptrs` have.
+//! `kernels/custom_allreduce.cu` receives the values below as NVRTC `-D` defines (see
+//! [`defines`]), `kernels/packet_allreduce.cu` those of [`packet_defines`], so host and device
+//! cannot drift. The layouts described here are the ones the kernels' `struct Signal`,
+//! `struct PacketState` and `struct Ptrs` have.
 
 /// Most ranks one custom allreduce spans (one per GPU of an NVLink domain).
 pub const MAX_RANKS: usize = 8;
@@ -40,6 +41,46 @@ pub const ERR_TIMEOUT: u64 = 1 << 63;
 /// algorithm); see [`decode_error`].
 pub const ERR_MISMATCH: u64 = 1 << 62;
 
+/// Packet kernels: most blocks of one launch (the per-block counters exist for this many).
+pub const PACKET_MAX_BLOCKS: usize = 64;
+/// Packet kernels: threads per block (one 16-byte vector per thread per step).
+pub const PACKET_THREADS: usize = 256;
+/// Lamport receive-buffer generations: the current call's, the previous call's (being re-armed)
+/// and one a fast peer may already fill for the next call.
+pub const LAMPORT_GENS: usize = 3;
+/// Bytes of one rank's private packet state: LL epochs and Lamport generations per block, then
+/// the slots each Lamport generation used (`u32` each).
+pub const PACKET_STATE_BYTES: usize = (2 * PACKET_MAX_BLOCKS + LAMPORT_GENS) * 4;
+/// Packet wait ids recorded in the error word: the call header of a peer.
+pub const WAIT_HEADER: u32 = 3;
+/// A peer's data packets (all-pairs, Lamport, two-phase reduce).
+pub const WAIT_DATA: u32 = 4;
+/// An owner's reduced shard (two-phase gather).
+pub const WAIT_RESULT: u32 = 5;
+
+/// LL packet slots per source region for messages up to `max_bytes`: a header, then two
+/// 16-byte packets per 16-byte vector.
+pub const fn ll_slots(max_bytes: usize) -> usize {
+    1 + 2 * max_bytes.div_ceil(VEC_BYTES)
+}
+
+/// Bytes of one rank's LL scratch: `[parity 2][source world][ll_slots]` packets of 16 bytes.
+pub const fn ll_scratch_bytes(world: usize, max_bytes: usize) -> usize {
+    2 * world * ll_slots(max_bytes) * 16
+}
+
+/// Lamport slots per source region: a header, then one per 16-byte vector.
+pub const fn lamport_slots(max_bytes: usize) -> usize {
+    1 + max_bytes.div_ceil(VEC_BYTES)
+}
+
+/// Bytes of one rank's Lamport receive buffers: `[generation 3][source world][lamport_slots]`.
+pub const fn lamport_bytes(world: usize, max_bytes: usize) -> usize {
+    LAMPORT_GENS * world * lamport_slots(max_bytes) * 16
+}
+
+const _: () = assert!(PACKET_THREADS >= MAX_RANKS && PACKET_THREADS % 32 == 0);
+const _: () = assert!(PACKET_MAX_BLOCKS <= 0xffff);
 const _: () = assert!(MAX_RANKS <= 32, "a warp signals all peers at once");
 const _: () = assert!(THREADS >= MAX_RANKS && THREADS % 32 == 0);
 const _: () = assert!(MAX_BLOCKS <= 0xffff, "the error word keeps 16 bits of block index");
@@ -55,14 +96,16 @@ pub enum BarrierErrorKind {
     Mismatch,
 }
 
-/// A decoded error word: which barrier of which block failed on which peer, and how.
+/// A decoded error word: which barrier (or packet wait) of which block failed on which peer,
+/// and how.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BarrierError {
     /// Timeout or mismatch.
     pub kind: BarrierErrorKind,
     /// Rank (in the custom allreduce's group) that did not arrive or differed.
     pub peer: usize,
-    /// [`BARRIER_START`], [`BARRIER_MID`] or [`BARRIER_END`].
+    /// [`BARRIER_START`], [`BARRIER_MID`], [`BARRIER_END`], [`WAIT_HEADER`], [`WAIT_DATA`] or
+    /// [`WAIT_RESULT`].
     pub barrier: u32,
     /// Block that saw it first.
     pub block: u32,
@@ -114,6 +157,29 @@ pub fn defines(world: usize) -> Vec<String> {
     ]
 }
 
+/// The NVRTC `-D` options for a packet module serving `world` ranks.
+pub fn packet_defines(world: usize) -> Vec<String> {
+    vec![
+        format!("-DTPCOMM_WORLD={world}"),
+        format!("-DTPCOMM_MAX_RANKS={MAX_RANKS}"),
+        format!("-DTPCOMM_VEC_BYTES={VEC_BYTES}"),
+        format!("-DTPCOMM_PACKET_MAX_BLOCKS={PACKET_MAX_BLOCKS}"),
+        format!("-DTPCOMM_PACKET_THREADS={PACKET_THREADS}"),
+        format!("-DTPCOMM_LAMPORT_GENS={LAMPORT_GENS}"),
+        format!("-DTPCOMM_WAIT_HEADER={WAIT_HEADER}"),
+        format!("-DTPCOMM_WAIT_DATA={WAIT_DATA}"),
+        format!("-DTPCOMM_WAIT_RESULT={WAIT_RESULT}"),
+        format!("-DTPCOMM_ERR_TIMEOUT={ERR_TIMEOUT:#x}ull"),
+        format!("-DTPCOMM_ERR_MISMATCH={ERR_MISMATCH:#x}ull"),
+    ]
+}
+
+/// The tag of a packet call: [`call_tag`] with the top bit clear, so it is never the Lamport
+/// sentinel word `0xffff_ffff` (and never zero).
+pub fn packet_tag(count: u64, dtype_code: u32, algo: u32) -> u32 {
+    call_tag(count, dtype_code, algo) & 0x7fff_ffff | 1
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,6 +193,20 @@ mod tests {
         let m = ERR_MISMATCH | (u64::from(BARRIER_START) << 32) | (2 << 16);
         let e = BarrierError { kind: BarrierErrorKind::Mismatch, peer: 2, barrier: BARRIER_START, block: 0 };
         assert_eq!(decode_error(m), Some(e));
+    }
+
+    #[test]
+    fn packet_layouts_hold_a_header_and_every_vector() {
+        assert_eq!(ll_slots(16), 3);
+        assert_eq!(ll_slots(17), 5);
+        assert_eq!(lamport_slots(0), 1);
+        assert_eq!(ll_scratch_bytes(2, 16), 2 * 2 * 3 * 16);
+        assert_eq!(lamport_bytes(3, 32), 3 * 3 * 3 * 16);
+        for count in [0, 1, 1 << 20] {
+            assert_ne!(packet_tag(count, 2, 7), 0xffff_ffff);
+            assert_eq!(packet_tag(count, 2, 7) & 1, 1);
+        }
+        assert!(packet_defines(5).iter().any(|d| d == "-DTPCOMM_WORLD=5"));
     }
 
     #[test]
