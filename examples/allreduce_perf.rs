@@ -14,8 +14,13 @@
 //! `--show-config`, `--autotune` (time the algorithms first and move the dispatch thresholds to the
 //! measured crossovers; saved to `TPCOMM_TUNE_FILE` when set).
 //!
+//! `--floor` (device memory): replace the HBM floor columns by the flag-exchange floor, the time
+//! of one flag sent to and received from every peer (a packet call of no data; the least any
+//! cross-rank call can take), measured in the same run and mode, and each time as a multiple of it.
+//!
 //! On device memory the MPI column is replaced by the HBM floor: the bytes the algorithm must
-//! move through the memory of a GPU shared by all ranks (one-shot n(n+1)S, two-shot (3n+1)S for
+//! move through the memory of a GPU shared by all ranks (one-shot n(n+1)S, two-shot (3n+1)S, LL
+//! packets n(4n-2)S, Lamport n(3n-1)S for
 //! n ranks and S bytes) over the device-to-device copy bandwidth measured at start, and `floor%`,
 //! the floor over the measured time. On one GPU per rank the floor is only a lower bound.
 //!
@@ -50,11 +55,13 @@ struct Options {
     device: bool,
     /// Calls captured per CUDA graph (0 = eager launches).
     graph_calls: usize,
+    /// Show the flag-exchange floor instead of the HBM floor.
+    floor: bool,
 }
 
 const USAGE: &str = "usage: allreduce_perf [-b MINBYTES] [-e MAXBYTES] [-f FACTOR] [-n ITERS] [-w WARMUP] \
 [-d float|double|half|bfloat16] [-c 0|1] [-G CALLS_PER_GRAPH] [--memory device|host] [--algo NAME|auto] \
-[--compare mpi|none] [--show-dispatch] [--show-config] [--autotune]
+[--compare mpi|none] [--show-dispatch] [--show-config] [--autotune] [--floor]
 sizes take K, M, G suffixes; run under mpirun";
 
 fn parse_bytes(s: &str) -> Result<usize, String> {
@@ -83,6 +90,7 @@ fn parse_args() -> Result<Options, String> {
         tune: false,
         device: tpcomm::topology::cuda_device_count() > 0,
         graph_calls: 0,
+        floor: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -119,6 +127,7 @@ fn parse_args() -> Result<Options, String> {
             "--show-dispatch" => o.show_dispatch = true,
             "--show-config" => o.show_config = true,
             "--autotune" => o.tune = true,
+            "--floor" => o.floor = true,
             "-h" | "--help" => return Err(USAGE.to_string()),
             other => return Err(format!("unknown flag {other}\n{USAGE}")),
         }
@@ -428,6 +437,11 @@ mod device {
         let (n, s) = (n as f64, size as f64);
         match algo {
             Algo::TwoShot => (3.0 * n + 1.0) * s,
+            // LL packets are twice the data: pushed (n-1) times and read back by each rank.
+            Algo::Packet => n * (4.0 * n - 2.0) * s,
+            Algo::PacketTwoPhase => n * (8.0 * (n - 1.0) / n + 2.0) * s,
+            // Pushed, read and re-armed (n-1) times by each rank.
+            Algo::Lamport => n * (3.0 * n - 1.0) * s,
             _ => n * (n + 1.0) * s,
         }
     }
@@ -507,7 +521,16 @@ mod device {
                 bw / 1e9
             );
             print_settings(comm, o);
-            Table::print_header("HBM floor", ["floor", "floor%"], ["(us)", ""]);
+        }
+        let flags = if o.floor { Some(time_calls(comm, world, o, &s, |st| comm.exchange_flags(st))?) } else { None };
+        if root {
+            match flags {
+                Some(f) => {
+                    println!("# flag-exchange floor: {f:.2} us (one flag to and from every peer, same mode)");
+                    Table::print_header("flag floor", ["floor", "x floor"], ["(us)", ""]);
+                }
+                None => Table::print_header("HBM floor", ["floor", "floor%"], ["(us)", ""]),
+            }
         }
         let mut table = Table::new(n, o.check);
         for bytes in sweep(o) {
@@ -564,7 +587,10 @@ mod device {
                 let common = table.row(world, size, T::DTYPE, [t_oop, t_ip], [wrong_oop, wrong_ip]);
                 let floor_us = floor_bytes(algo, n, size) / bw * 1e6;
                 if root {
-                    println!("{common}  {floor_us:8.2}  {:5.0}%  {algo}", 100.0 * floor_us / t_oop);
+                    match flags {
+                        Some(f) => println!("{common}  {f:8.2}  {:5.2}x  {algo}", t_oop / f),
+                        None => println!("{common}  {floor_us:8.2}  {:5.0}%  {algo}", 100.0 * floor_us / t_oop),
+                    }
                     let _ = std::io::stdout().flush();
                 }
             }

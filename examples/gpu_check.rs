@@ -294,10 +294,22 @@ fn run_dtype<T: Dev>(c: &mut Ctx, tally: &mut Tally, max_bytes: usize, quick: bo
         out: c.stream.alloc_zeros::<T>(max_len)?,
     };
     let dt = T::DTYPE;
+    let packet_bytes = c.comm.config().packet_buffer_bytes;
     for len in lens_for::<T>(max_bytes, quick) {
-        let big = len * std::mem::size_of::<T>() > 8 * MIB + 16;
-        for algo in [Algo::OneShot, Algo::TwoShot] {
-            for path in [Path::Registered, Path::Staged, Path::GraphIpc, Path::GraphPool] {
+        let bytes = len * std::mem::size_of::<T>();
+        let big = bytes > 8 * MIB + 16;
+        for algo in [Algo::OneShot, Algo::TwoShot, Algo::Packet, Algo::PacketTwoPhase, Algo::Lamport] {
+            let packet = matches!(algo, Algo::Packet | Algo::PacketTwoPhase | Algo::Lamport);
+            if packet && bytes > packet_bytes {
+                continue;
+            }
+            // Packets read only their own memory: registered and staged inputs are one path.
+            let paths: &[Path] = if packet {
+                &[Path::Staged, Path::GraphPool]
+            } else {
+                &[Path::Registered, Path::Staged, Path::GraphIpc, Path::GraphPool]
+            };
+            for &path in paths {
                 for in_place in [false, true] {
                     // At 64 MiB keep one path per algorithm and placement, to fit the time.
                     if big && !matches!((algo, path), (Algo::OneShot, Path::Registered) | (Algo::TwoShot, Path::Staged))
@@ -385,8 +397,34 @@ fn bad_inputs(c: &mut Ctx, tally: &mut Tally, max_bytes: usize) -> Result<()> {
             "oversize (dispatch)",
         ),
     );
+    for algo in [Algo::Packet, Algo::Lamport] {
+        tally.record(
+            &format!("bad: misaligned input ({algo})"),
+            expect_err(
+                c.comm.all_reduce_using(Some(algo), &pool.slice(3..259), &mut out.slice_mut(0..256), &s),
+                inv,
+                "misaligned input",
+            ),
+        );
+    }
+    let over = c.comm.config().packet_buffer_bytes / 4 + 4;
+    let (p_in, mut p_out) = (s.alloc_zeros::<f32>(over)?, s.alloc_zeros::<f32>(over)?);
+    for algo in [Algo::Packet, Algo::PacketTwoPhase, Algo::Lamport] {
+        tally.record(
+            &format!("bad: message over the packet buffer ({algo})"),
+            expect_err(c.comm.all_reduce_using(Some(algo), &p_in, &mut p_out, &s), inv, "oversize packet"),
+        );
+    }
     let d64 = s.alloc_zeros::<f64>(64)?;
     let mut o64 = s.alloc_zeros::<f64>(64)?;
+    tally.record(
+        "bad: f64 (lamport)",
+        expect_err(
+            c.comm.all_reduce_using(Some(Algo::Lamport), &d64, &mut o64, &s),
+            |e| matches!(e, Error::Unsupported { .. }),
+            "f64",
+        ),
+    );
     tally.record(
         "bad: f64",
         expect_err(
@@ -404,8 +442,14 @@ fn bad_inputs(c: &mut Ctx, tally: &mut Tally, max_bytes: usize) -> Result<()> {
     Ok(())
 }
 
-/// A rank that skips a call: the others must see PeerTimeout naming it, within the timeout.
-fn skipped_call(world: &mpi::topology::SimpleCommunicator, config: &Config, tally: &mut Tally) -> Result<()> {
+/// A rank that skips a call of `algo`: the others must see PeerTimeout naming it, within the
+/// timeout.
+fn skipped_call(
+    world: &mpi::topology::SimpleCommunicator,
+    config: &Config,
+    algo: Algo,
+    tally: &mut Tally,
+) -> Result<()> {
     let n = world.size() as usize;
     let rank = world.rank() as usize;
     let cfg = Config { timeout: Duration::from_millis(1500), ..config.clone() };
@@ -414,8 +458,8 @@ fn skipped_call(world: &mpi::topology::SimpleCommunicator, config: &Config, tall
     let s = ctx.new_stream()?;
     let inp = s.alloc_zeros::<f32>(4096)?;
     let mut out = s.alloc_zeros::<f32>(4096)?;
-    comm.all_reduce_using(Some(Algo::OneShot), &inp, &mut out, &s)?; // every rank: builds the kernels' state
-    if rank == 0 {
+    comm.all_reduce_using(Some(algo), &inp, &mut out, &s)?; // every rank: builds the backend's state
+    if rank == 0 && algo == Algo::TwoShot {
         // The first communicator of this process compiled or loaded the module; this one must
         // find it in TPCOMM_CACHE_DIR.
         println!("second communicator: kernels from disk cache: {:?}", comm.kernels_from_disk_cache());
@@ -423,16 +467,16 @@ fn skipped_call(world: &mpi::topology::SimpleCommunicator, config: &Config, tall
     let skipper = n - 1;
     if rank != skipper {
         let t0 = Instant::now();
-        let r = comm.all_reduce_using(Some(Algo::TwoShot), &inp, &mut out, &s);
+        let r = comm.all_reduce_using(Some(algo), &inp, &mut out, &s);
         let took = t0.elapsed();
         let check = match r {
             Err(Error::PeerTimeout { peer: Some(p), .. }) if p == skipper && took < Duration::from_secs(20) => Ok(()),
             Err(e) => Err(anyhow!("expected PeerTimeout naming rank {skipper}, got: {e} after {took:?}")),
             Ok(()) => Err(anyhow!("the call succeeded without rank {skipper}")),
         };
-        tally.record("timeout: a rank skips a call", check);
+        tally.record(&format!("timeout: a rank skips a call ({algo})"), check);
         tally.record(
-            "timeout: the communicator is poisoned afterwards",
+            &format!("timeout: the communicator is poisoned afterwards ({algo})"),
             expect_err(
                 comm.all_reduce_using(Some(Algo::OneShot), &inp, &mut out, &s),
                 |e| matches!(e, Error::Poisoned { .. }),
@@ -500,7 +544,7 @@ fn many_replays(c: &mut Ctx, tally: &mut Tally, replays: usize) -> Result<()> {
         pool: c.stream.alloc_zeros(len)?,
         out: c.stream.alloc_zeros(len)?,
     };
-    for algo in [Algo::OneShot, Algo::TwoShot] {
+    for algo in [Algo::OneShot, Algo::TwoShot, Algo::Packet, Algo::PacketTwoPhase, Algo::Lamport] {
         let t0 = Instant::now();
         let r = graph_case(c, &mut b, algo, Path::GraphIpc, false, len, replays);
         if c.rank == 0 {
@@ -508,6 +552,71 @@ fn many_replays(c: &mut Ctx, tally: &mut Tally, replays: usize) -> Result<()> {
         }
         tally.record(&format!("graph: {replays} replays {algo} bf16 len={len}"), r);
     }
+    Ok(())
+}
+
+/// One graph of calls of several algorithms and sizes (Lamport after a larger and before a
+/// smaller one, LL calls of both parities), replayed `replays` times with fresh inputs: the
+/// packet epochs, Lamport generations and re-arming must stay right across algorithms, sizes
+/// and replays.
+fn mixed_graph(c: &mut Ctx, tally: &mut Tally, replays: usize) -> Result<()> {
+    let calls = [
+        (Algo::Lamport, 3000usize),
+        (Algo::Packet, 1000),
+        (Algo::Lamport, 100),
+        (Algo::PacketTwoPhase, 5000),
+        (Algo::OneShot, 2000),
+        (Algo::Lamport, 4001),
+        (Algo::Packet, 7),
+        (Algo::PacketTwoPhase, 3),
+    ];
+    // Each call gets its own 16-byte aligned range (8 bf16) of one input and one output buffer.
+    let mut offs = Vec::new();
+    let mut total = 0;
+    for &(_, len) in &calls {
+        offs.push(total);
+        total += len.div_ceil(8) * 8;
+    }
+    let s = c.stream.clone();
+    let comm = c.comm;
+    let mut inp = comm.alloc_device::<bf16>(total)?;
+    let mut out = s.alloc_zeros::<bf16>(total)?;
+    let graph = comm
+        .capture(&s, |st| {
+            for (&(algo, len), &o) in calls.iter().zip(&offs) {
+                comm.all_reduce_using(Some(algo), &inp.slice(o..o + len), &mut out.slice_mut(o..o + len), st)?;
+            }
+            Ok(())
+        })
+        .context("capture")?;
+    let t0 = Instant::now();
+    let r = (|| -> Result<()> {
+        for k in 0..replays {
+            let mut all_inputs = Vec::new();
+            for (&(_, len), &o) in calls.iter().zip(&offs) {
+                let inputs = Inputs::<bf16>::new(c.next_seed(), c.n, len);
+                s.memcpy_htod(&inputs.rank_input(c.rank, len), &mut inp.slice_mut(o..o + len))?;
+                poison(&s, &mut out.slice_mut(o..o + len))?;
+                all_inputs.push(inputs);
+            }
+            graph.launch()?;
+            s.synchronize()?;
+            comm.check_device_errors().with_context(|| format!("replay {k}"))?;
+            for ((&(algo, len), &o), inputs) in calls.iter().zip(&offs).zip(&all_inputs) {
+                let got = read(&s, &out.slice(o..o + len))?;
+                check_out(inputs, &got).with_context(|| format!("replay {k}, {algo} len={len}"))?;
+            }
+        }
+        Ok(())
+    })();
+    if c.rank == 0 {
+        println!(
+            "mixed graph: {replays} replays of {} calls checked in {:.1} s",
+            calls.len(),
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    tally.record(&format!("graph: {replays} replays of a mixed packet/Lamport/one-shot graph"), r);
     Ok(())
 }
 
@@ -533,7 +642,12 @@ fn bench(c: &mut Ctx) -> Result<()> {
         let mut out = s.alloc_zeros::<bf16>(len)?;
         let inputs = Inputs::<bf16>::new(5, c.n, len);
         s.memcpy_htod(&inputs.rank_input(c.rank, len), &mut shared.slice_mut(0..len))?;
-        for algo in [Algo::OneShot, Algo::TwoShot] {
+        for algo in [Algo::Packet, Algo::Lamport, Algo::OneShot, Algo::TwoShot] {
+            if bytes > c.comm.dispatch_table().packet_max_bytes.max(64 << 10)
+                && matches!(algo, Algo::Packet | Algo::Lamport)
+            {
+                continue;
+            }
             let mut eager = Vec::new();
             for i in 0..220 {
                 world.barrier();
@@ -610,12 +724,13 @@ fn main() -> Result<()> {
         }
         let max_bytes = config.custom_max_bytes;
         let mut c = Ctx { comm: &comm, stream, n, rank, seed: 1 };
-        let steps: [(&str, &mut Step); 5] = [
+        let steps: [(&str, &mut Step); 6] = [
             ("f32", &mut |c, t| run_dtype::<f32>(c, t, max_bytes, quick)),
             ("f16", &mut |c, t| run_dtype::<f16>(c, t, max_bytes, quick)),
             ("bf16", &mut |c, t| run_dtype::<bf16>(c, t, max_bytes, quick)),
             ("bad inputs", &mut |c, t| bad_inputs(c, t, max_bytes)),
             ("replays", &mut |c, t| many_replays(c, t, replays)),
+            ("mixed graph", &mut |c, t| mixed_graph(c, t, (replays / 10).max(10))),
         ];
         for (name, step) in steps {
             if bench_only {
@@ -637,11 +752,13 @@ fn main() -> Result<()> {
         }
     }
     if n > 1 && !bench_only {
-        let r = skipped_call(&world, &config, &mut tally);
-        tally.record("step timeout ran to its end", r);
+        for algo in [Algo::TwoShot, Algo::Packet, Algo::PacketTwoPhase, Algo::Lamport] {
+            let r = skipped_call(&world, &config, algo, &mut tally);
+            tally.record("step timeout ran to its end", r);
+        }
         let r = capture_mismatch(&world, &config, &mut tally);
         tally.record("step capture mismatch ran to its end", r);
-        for algo in [Algo::OneShot, Algo::TwoShot] {
+        for algo in [Algo::OneShot, Algo::TwoShot, Algo::Packet, Algo::PacketTwoPhase, Algo::Lamport] {
             let r = length_mismatch(&world, &config, algo, &mut tally);
             tally.record("step length mismatch ran to its end", r);
         }
