@@ -13,7 +13,7 @@
 //! |---|---|
 //! | `mscclpp_generate_unique_id()` | not needed: the MPI communicator is the bootstrap |
 //! | `mscclpp_init_context(unique_id, rank, world_size, scratch, put_buffer, nranks_per_node, rank_to_node, rank_to_ib, context_selection)` | [`PacketAllreduce::new`] over the node's communicator (allocates its scratch and receive buffers itself; the ranks of one node; across nodes the [`crate::Communicator`] composes backends) |
-//! | `mscclpp_allreduce(context, inp, out, nthreads, nblocks)` | [`PacketAllreduce::all_reduce`] (threads fixed at [`protocol::PACKET_THREADS`], blocks from [`PacketOptions::max_blocks`] or sized to the message) |
+//! | `mscclpp_allreduce(context, inp, out, nthreads, nblocks)` | [`PacketAllreduce::all_reduce`] (threads and blocks sized to the message by [`launch_shape`], blocks at most [`PacketOptions::max_blocks`]) |
 //!
 //! ## Memory every rank shares (CUDA IPC)
 //! - **LL scratch** ([`protocol::ll_scratch_bytes`]): `[parity][source][slots]` 16-byte packets,
@@ -84,13 +84,19 @@ pub struct PacketOptions {
     pub cache_dir: Option<PathBuf>,
 }
 
-/// Default block limit per launch before the shared-device cap: one vector per thread up to
-/// 256 KiB, enough parallel stores for the message sizes packets serve.
+/// Default block limit per launch before the shared-device cap.
 pub const DEFAULT_MAX_BLOCKS: usize = 64;
 
-/// Blocks for a message of `nvec` 16-byte vectors: one vector per thread, within `max_blocks`.
-pub fn grid_blocks(nvec: usize, max_blocks: usize) -> usize {
-    nvec.div_ceil(protocol::PACKET_THREADS).clamp(1, max_blocks.max(1))
+/// Blocks a small message is spread over before blocks grow past one warp of data threads:
+/// more SMs issue the stores and polls of a small message at once.
+const SPREAD_BLOCKS: usize = 8;
+
+/// Launch shape for `nvec` 16-byte vectors: `(blocks, data threads per block)`, one vector per
+/// data thread where the grid allows, data threads a multiple of 32 up to
+/// [`protocol::PACKET_THREADS`]. Each block also has the header warp.
+pub fn launch_shape(nvec: usize, max_blocks: usize) -> (usize, usize) {
+    let threads = nvec.div_ceil(SPREAD_BLOCKS).next_multiple_of(32).clamp(32, protocol::PACKET_THREADS);
+    (nvec.div_ceil(threads).clamp(1, max_blocks.max(1)), threads)
 }
 
 /// One rank's side of the packet allreduce.
@@ -207,7 +213,7 @@ impl PacketAllreduce {
         let cap = crate::cuda::co_resident_blocks(
             ctx,
             funcs.values(),
-            protocol::PACKET_THREADS,
+            protocol::PACKET_THREADS + protocol::PACKET_HEADER_THREADS,
             opts.ranks_per_device,
             "packet allreduce",
         )?;
@@ -309,11 +315,10 @@ impl PacketAllreduce {
             PacketKernel::AllPairs | PacketKernel::TwoPhase => (&self.ll_ptrs, protocol::ll_slots(self.max_bytes)),
             PacketKernel::Lamport => (&self.lamport_ptrs, protocol::lamport_slots(self.max_bytes)),
         };
-        let nvec = bytes.div_ceil(protocol::VEC_BYTES);
-        let blocks = grid_blocks(nvec, self.max_blocks);
+        let (blocks, threads) = launch_shape(bytes.div_ceil(protocol::VEC_BYTES), self.max_blocks);
         let cfg = LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
-            block_dim: (protocol::PACKET_THREADS as u32, 1, 1),
+            block_dim: ((threads + protocol::PACKET_HEADER_THREADS) as u32, 1, 1),
             shared_mem_bytes: 0,
         };
         let capturing = stream.capture_status().map_err(cuda("cuStreamIsCapturing"))?
@@ -375,12 +380,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn grid_is_sized_to_the_message() {
-        assert_eq!(grid_blocks(0, 64), 1);
-        assert_eq!(grid_blocks(256, 64), 1);
-        assert_eq!(grid_blocks(257, 64), 2);
-        assert_eq!(grid_blocks(1 << 20, 64), 64);
-        assert_eq!(grid_blocks(1 << 20, 0), 1);
+    fn small_messages_spread_over_blocks_large_ones_fill_them() {
+        assert_eq!(launch_shape(0, 64), (1, 32));
+        assert_eq!(launch_shape(256, 64), (8, 32)); // 4 KiB
+        assert_eq!(launch_shape(257, 64), (5, 64));
+        assert_eq!(launch_shape(2048, 64), (8, 256)); // 32 KiB
+        assert_eq!(launch_shape(4096, 64), (16, 256));
+        assert_eq!(launch_shape(1 << 20, 64), (64, 256));
+        assert_eq!(launch_shape(1 << 20, 0), (1, 256));
+        for nvec in 0..5000 {
+            let (b, t) = launch_shape(nvec, 64);
+            assert!(t % 32 == 0 && t <= protocol::PACKET_THREADS && (1..=64).contains(&b));
+            assert!(b * t >= nvec.min(64 * protocol::PACKET_THREADS));
+        }
     }
 
     #[test]

@@ -43,8 +43,11 @@ pub const ERR_MISMATCH: u64 = 1 << 62;
 
 /// Packet kernels: most blocks of one launch (the per-block counters exist for this many).
 pub const PACKET_MAX_BLOCKS: usize = 64;
-/// Packet kernels: threads per block (one 16-byte vector per thread per step).
+/// Packet kernels: most data threads per block (one 16-byte vector per thread per step); every
+/// block also has one warp that sends and checks the call headers.
 pub const PACKET_THREADS: usize = 256;
+/// Packet kernels: the header warp every block has besides its data threads.
+pub const PACKET_HEADER_THREADS: usize = 32;
 /// Lamport receive-buffer generations: the current call's, the previous call's (being re-armed)
 /// and one a fast peer may already fill for the next call.
 pub const LAMPORT_GENS: usize = 3;
