@@ -174,3 +174,24 @@ pub fn broadcast_bytes<C: Communicator>(comm: &C, root: usize, blob: &mut Vec<u8
         comm.process_at_rank(root as i32).broadcast_into(&mut blob[..]);
     }
 }
+
+/// Make every rank of `comm` agree whether a step succeeded everywhere, so no rank goes on to
+/// an exchange the others skip. Returns the local error where this rank failed, and
+/// [`Error::Unsupported`] naming the step where only another rank did.
+///
+/// # Collective
+/// Every rank of `comm`, after the same step.
+pub fn agree<C: Communicator, T>(comm: &C, local: Result<T>, step: &str) -> Result<T> {
+    use mpi::collective::SystemOperation;
+    let ok = u8::from(local.is_ok());
+    let mut all_ok = 0u8;
+    comm.all_reduce_into(&ok, &mut all_ok, SystemOperation::min());
+    match local {
+        Err(e) => Err(e),
+        Ok(_) if all_ok == 0 => Err(Error::Unsupported {
+            what: step.to_string(),
+            reason: "it failed on another rank (see that rank's error)".to_string(),
+        }),
+        Ok(v) => Ok(v),
+    }
+}

@@ -29,6 +29,7 @@
 //! Preconditions (as for every collective): all ranks make the same calls in the same order with
 //! the same length, dtype and algorithm, and calls on one instance are serialised.
 
+use crate::bootstrap::agree;
 use crate::cuda::ipc::{self, IpcBuffer, IpcHandle, PeerMappings, IPC_HANDLE_BYTES};
 use crate::cuda::module_cache::ModuleCache;
 use crate::cuda::{cuda, kernels, protocol, HostWord};
@@ -676,25 +677,6 @@ impl CustomAllreduce {
 
 /// The fallible part of [`CustomAllreduce::new`] before any exchange.
 type Prepared = (HashMap<(Kernel, DType), CudaFunction>, usize, IpcBuffer, IpcBuffer, IpcBuffer, bool);
-
-/// Make every rank of `comm` agree whether a step succeeded everywhere, so no rank goes on to
-/// an exchange the others skip. Returns the local error where this rank failed, and
-/// [`Error::Unsupported`] naming the step where only another rank did.
-fn agree<C: mpi::traits::Communicator, T>(comm: &C, local: Result<T>, step: &str) -> Result<T> {
-    use mpi::collective::SystemOperation;
-    use mpi::traits::*;
-    let ok = u8::from(local.is_ok());
-    let mut all_ok = 0u8;
-    comm.all_reduce_into(&ok, &mut all_ok, SystemOperation::min());
-    match local {
-        Err(e) => Err(e),
-        Ok(_) if all_ok == 0 => Err(Error::Unsupported {
-            what: step.to_string(),
-            reason: "it failed on another rank (see that rank's error)".to_string(),
-        }),
-        Ok(v) => Ok(v),
-    }
-}
 
 #[cfg(test)]
 mod tests {
