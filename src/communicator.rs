@@ -34,7 +34,7 @@ pub struct Communicator {
     gpu: Mutex<Option<GpuState>>,
     /// Every rank has a CUDA driver and can load libnccl (found once, at bootstrap).
     nccl_library: bool,
-    /// The note that large device messages go chunked for want of libnccl was printed.
+    /// The note that large device messages go chunked for want of NCCL was printed.
     chunk_note: std::sync::atomic::AtomicBool,
 }
 
@@ -240,19 +240,19 @@ impl Communicator {
         Ok(limit as usize)
     }
 
-    /// The request of a call of `len` elements of `T` in `memory`; `custom_available` tells
-    /// whether the custom kernels can run on this layout (device memory only).
-    fn request<T: Element>(&self, len: usize, memory: Memory, custom_available: bool) -> Request {
+    /// The request of a call of `len` elements of `T` in `memory`, served by `backends`
+    /// (device memory only).
+    fn request<T: Element>(&self, len: usize, memory: Memory, backends: Backends) -> Request {
         Request {
-            custom_available,
-            nccl_available: self.nccl_library,
+            custom_available: backends.custom,
+            nccl_available: backends.nccl,
             ..Request::new(len * size_of::<T>(), T::DTYPE, self.boot.size, self.boot.nodes, memory)
         }
     }
 
     /// The dispatch table's choice for a call of `len` elements of `T` in `memory`.
-    fn algo_for<T: Element>(&self, len: usize, memory: Memory, custom_available: bool) -> Result<Algo> {
-        self.table.read().unwrap_or_else(|e| e.into_inner()).choose(&self.request::<T>(len, memory, custom_available))
+    fn algo_for<T: Element>(&self, len: usize, memory: Memory, backends: Backends) -> Result<Algo> {
+        self.table.read().unwrap_or_else(|e| e.into_inner()).choose(&self.request::<T>(len, memory, backends))
     }
 
     /// The algorithm the dispatch table picks for a host call of `len` elements of `T`.
@@ -260,7 +260,7 @@ impl Communicator {
     /// # Errors
     /// As [`DispatchTable::choose`].
     pub fn host_algo<T: Element>(&self, len: usize) -> Result<Algo> {
-        self.algo_for::<T>(len, Memory::Host, false)
+        self.algo_for::<T>(len, Memory::Host, Backends { custom: false, nccl: false })
     }
 
     /// Sum `input` over all ranks into `output` (host memory).
@@ -487,6 +487,15 @@ use crate::cuda::ipc::IpcBuffer;
 use cudarc::driver::{CudaContext, CudaGraph, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceSlice, SyncOnDrop};
 use std::sync::Arc;
 
+/// Which device backends can serve calls on this layout (the same verdict on every rank).
+#[derive(Debug, Clone, Copy)]
+struct Backends {
+    /// The custom IPC kernels (one node, P2P between the GPUs in use).
+    custom: bool,
+    /// NCCL (libnccl on every rank, one rank per GPU, not found unsupported before).
+    nccl: bool,
+}
+
 /// The GPU side of a communicator.
 struct GpuState {
     ctx: Arc<CudaContext>,
@@ -495,6 +504,9 @@ struct GpuState {
     /// Why the custom allreduce cannot run on this GPU layout, once found (the same on every
     /// rank, so later calls fail at once without another collective check).
     custom_unsupported: Option<String>,
+    /// Ranks of this node share a GPU (found with the layout, by the first device call), which
+    /// NCCL refuses.
+    ranks_share_gpu: bool,
     /// Built by the first collective device call routed to NCCL.
     nccl: Option<NcclAllreduce>,
     /// Why NCCL cannot run here (shared GPUs, no libnccl), once found; the same on every rank.
@@ -593,6 +605,7 @@ impl Communicator {
                 ctx,
                 custom: None,
                 custom_unsupported: None,
+                ranks_share_gpu: false,
                 nccl: None,
                 nccl_unsupported: None,
                 shared: Vec::new(),
@@ -630,6 +643,7 @@ impl Communicator {
         }
         let node = self.boot.node();
         let layout = crate::topology::gpu_layout(node, &gpu.ctx);
+        gpu.ranks_share_gpu = layout.max_ranks_per_device > 1;
         if let Some(reason) = &layout.unsupported {
             // Logged once per communicator and rank: the caller may fall back silently.
             eprintln!("tpcomm: rank {}: custom CUDA IPC allreduce unavailable: {reason}", self.boot.rank);
@@ -657,17 +671,30 @@ impl Communicator {
         Ok(())
     }
 
-    /// Whether the custom kernels can run on this layout, building them on first use. `Ok(false)`
-    /// for a layout verdict (several nodes, no P2P), the same on every rank; other failures are
-    /// errors.
+    /// Which device backends can serve calls here, building the custom kernels on first use.
+    /// The custom kernels are unavailable for a layout verdict (several nodes, no P2P), the same
+    /// on every rank; their other failures are errors.
     ///
     /// # Collective
     /// Every rank, the first time.
-    fn custom_available(&self, gpu: &mut GpuState) -> Result<bool> {
-        match self.ensure_custom(gpu) {
-            Ok(()) => Ok(true),
-            Err(Error::Unsupported { .. }) if self.boot.nodes > 1 || gpu.custom_unsupported.is_some() => Ok(false),
-            Err(e) => Err(e),
+    fn device_backends(&self, gpu: &mut GpuState) -> Result<Backends> {
+        let custom = match self.ensure_custom(gpu) {
+            Ok(()) => true,
+            Err(Error::Unsupported { .. }) if self.boot.nodes > 1 || gpu.custom_unsupported.is_some() => false,
+            Err(e) => return Err(e),
+        };
+        let nccl = self.nccl_library && !gpu.ranks_share_gpu && gpu.nccl_unsupported.is_none();
+        Ok(Backends { custom, nccl })
+    }
+
+    /// Why NCCL is not available here, for debug output.
+    fn nccl_missing_reason(&self, gpu: &GpuState) -> String {
+        if !self.nccl_library {
+            "libnccl.so.2 cannot be loaded on every rank".into()
+        } else if gpu.ranks_share_gpu {
+            "ranks share a GPU, which NCCL refuses".into()
+        } else {
+            gpu.nccl_unsupported.clone().unwrap_or_default()
         }
     }
 
@@ -724,8 +751,8 @@ impl Communicator {
     /// # Errors
     /// As [`DispatchTable::choose`]; errors building the custom kernels.
     pub fn device_algo<T: Element>(&self, len: usize) -> Result<Algo> {
-        let custom = self.with_gpu(|gpu| self.custom_available(gpu))?;
-        self.algo_for::<T>(len, Memory::Device, custom)
+        let backends = self.with_gpu(|gpu| self.device_backends(gpu))?;
+        self.algo_for::<T>(len, Memory::Device, backends)
     }
 
     /// Sum `input` over all ranks into `output` (device memory: f32, f16 or bf16; f64 through
@@ -883,17 +910,22 @@ impl Communicator {
         registered_only: bool,
     ) -> Result<()> {
         let (algo, why) = match algo {
-            Some(a) => (a, ""),
+            Some(a) => (a, String::new()),
             None => {
-                let custom = self.with_gpu(|gpu| self.custom_available(gpu))?;
-                let algo = self.algo_for::<T>(len, Memory::Device, custom)?;
+                let (backends, nccl_missing) =
+                    self.with_gpu(|gpu| Ok((self.device_backends(gpu)?, self.nccl_missing_reason(gpu))))?;
+                let algo = self.algo_for::<T>(len, Memory::Device, backends)?;
                 let why = match algo {
-                    Algo::Nccl if self.boot.nodes > 1 => " (the ranks span several nodes)",
-                    Algo::Nccl if !custom => " (the custom kernels cannot run here: no P2P between the GPUs)",
-                    Algo::Nccl => " (over TPCOMM_CUSTOM_MAX_BYTES)",
-                    Algo::Chunked if self.config.deterministic => " (deterministic, over TPCOMM_CUSTOM_MAX_BYTES)",
-                    Algo::Chunked => " (over TPCOMM_CUSTOM_MAX_BYTES and libnccl.so.2 is missing)",
-                    _ => "",
+                    Algo::Nccl if self.boot.nodes > 1 => " (the ranks span several nodes)".to_string(),
+                    Algo::Nccl if !backends.custom => {
+                        " (the custom kernels cannot run here: no P2P between the GPUs)".to_string()
+                    }
+                    Algo::Nccl => " (over TPCOMM_CUSTOM_MAX_BYTES)".to_string(),
+                    Algo::Chunked if self.config.deterministic => {
+                        " (deterministic, over TPCOMM_CUSTOM_MAX_BYTES)".to_string()
+                    }
+                    Algo::Chunked => format!(" (over TPCOMM_CUSTOM_MAX_BYTES; NCCL unavailable: {nccl_missing})"),
+                    _ => String::new(),
                 };
                 (algo, why)
             }
@@ -902,8 +934,7 @@ impl Communicator {
             eprintln!("tpcomm: device allreduce {len} x {} -> {algo}{why}", T::DTYPE);
             if algo == Algo::Chunked && !self.config.deterministic && !self.chunk_note.swap(true, Ordering::Relaxed) {
                 eprintln!(
-                    "tpcomm: NCCL (libnccl.so.2) cannot be loaded on every rank: device messages over {} bytes go \
-                     through the custom kernels in chunks instead",
+                    "tpcomm: device messages over {} bytes go through the custom kernels in chunks{why}",
                     self.config.custom_max_bytes
                 );
             }
@@ -977,11 +1008,8 @@ impl Communicator {
         while start < len {
             let n = chunk.min(len - start);
             let offset = (start * size_of::<T>()) as u64;
-            let algo = self.table.read().unwrap_or_else(|e| e.into_inner()).choose_chunk(&self.request::<T>(
-                n,
-                Memory::Device,
-                true,
-            ))?;
+            let request = self.request::<T>(n, Memory::Device, Backends { custom: true, nccl: false });
+            let algo = self.table.read().unwrap_or_else(|e| e.into_inner()).choose_chunk(&request)?;
             self.device_call::<T>(Some(algo), input + offset, output + offset, n, stream, registered_only)?;
             start += n;
         }
@@ -1057,7 +1085,7 @@ impl Communicator {
         F: FnOnce(&Arc<CudaStream>) -> Result<()>,
     {
         // NCCL alone may serve the captured calls where the custom kernels cannot run.
-        self.with_gpu(|gpu| self.custom_available(gpu))?;
+        self.with_gpu(|gpu| self.device_backends(gpu))?;
         let begun = stream
             .begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
             .map_err(crate::cuda::cuda("cuStreamBeginCapture"));

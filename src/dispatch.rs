@@ -101,7 +101,8 @@ pub struct Request {
     /// The custom IPC kernels can run on this layout (one node, every pair of GPUs in use with
     /// P2P access). Ignored for host memory.
     pub custom_available: bool,
-    /// NCCL can be loaded on every rank (libnccl found). Ignored for host memory.
+    /// NCCL can run: libnccl loads on every rank and no two ranks share a GPU (NCCL refuses
+    /// that). Ignored for host memory.
     pub nccl_available: bool,
 }
 
@@ -273,7 +274,10 @@ impl DispatchTable {
             if !req.nccl_available {
                 return Err(Error::Unsupported {
                     what: "allreduce of device memory".into(),
-                    reason: format!("{why}, and NCCL (libnccl.so.2) cannot be loaded; install NCCL"),
+                    reason: format!(
+                        "{why}, and NCCL cannot run here: install NCCL (libnccl.so.2) on every node and give \
+                         each rank its own GPU"
+                    ),
                 });
             }
             return Ok(Algo::Nccl);
