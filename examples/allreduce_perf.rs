@@ -10,7 +10,7 @@
 //! `-w` warm-up iterations, `-d` datatype (float, double, half, bfloat16), `-c` check (0/1).
 //! `-G N` captures N calls in one CUDA graph and times its replays (device memory only).
 //! tpcomm's own: `--memory device|host` (device where a GPU is visible, else host), `--algo NAME`
-//! forces an algorithm (`auto` = dispatch table), `--compare mpi|none`, `--show-dispatch`,
+//! forces an algorithm (`auto` = dispatch table), `--compare mpi|nccl|none`, `--show-dispatch`,
 //! `--show-config`, `--autotune` (time the algorithms first and move the dispatch thresholds to the
 //! measured crossovers; saved to `TPCOMM_TUNE_FILE` when set).
 //!
@@ -23,6 +23,10 @@
 //! packets n(4n-2)S, Lamport n(3n-1)S for
 //! n ranks and S bytes) over the device-to-device copy bandwidth measured at start, and `floor%`,
 //! the floor over the measured time. On one GPU per rank the floor is only a lower bound.
+//! With `--compare nccl` (device memory) they are replaced by NCCL's time for the same call,
+//! timed in the same run the same way (eager or `-G` graphs) through a second communicator, and
+//! `ratio` = NCCL time / tpcomm time (above 1: tpcomm is faster). Where NCCL cannot run (ranks
+//! sharing a GPU, no libnccl) the reason is printed once and the columns read `n/a`.
 //!
 //! Times are the median over iterations of each rank's per-call time, then the maximum over
 //! ranks. `#wrong` counts elements whose bits differ from the exact rank-order sum, over all
@@ -47,6 +51,8 @@ struct Options {
     check: bool,
     algo: Option<Algo>,
     compare_mpi: bool,
+    /// Time NCCL beside tpcomm (device memory).
+    compare_nccl: bool,
     show_dispatch: bool,
     show_config: bool,
     /// Run `Communicator::tune` before the sweep.
@@ -61,7 +67,7 @@ struct Options {
 
 const USAGE: &str = "usage: allreduce_perf [-b MINBYTES] [-e MAXBYTES] [-f FACTOR] [-n ITERS] [-w WARMUP] \
 [-d float|double|half|bfloat16] [-c 0|1] [-G CALLS_PER_GRAPH] [--memory device|host] [--algo NAME|auto] \
-[--compare mpi|none] [--show-dispatch] [--show-config] [--autotune] [--floor]
+[--compare mpi|nccl|none] [--show-dispatch] [--show-config] [--autotune] [--floor]
 sizes take K, M, G suffixes; run under mpirun";
 
 fn parse_bytes(s: &str) -> Result<usize, String> {
@@ -85,6 +91,7 @@ fn parse_args() -> Result<Options, String> {
         check: true,
         algo: None,
         compare_mpi: true,
+        compare_nccl: false,
         show_dispatch: false,
         show_config: false,
         tune: false,
@@ -110,10 +117,11 @@ fn parse_args() -> Result<Options, String> {
                 }
             }
             "--compare" => {
-                o.compare_mpi = match value()?.as_str() {
-                    "mpi" => true,
-                    "none" => false,
-                    other => return Err(format!("--compare {other}: expected mpi or none")),
+                (o.compare_mpi, o.compare_nccl) = match value()?.as_str() {
+                    "mpi" => (true, false),
+                    "nccl" => (false, true),
+                    "none" => (false, false),
+                    other => return Err(format!("--compare {other}: expected mpi, nccl or none")),
                 }
             }
             "-G" | "--cudagraph" => o.graph_calls = value()?.parse().map_err(|_| "bad -G")?,
@@ -131,6 +139,9 @@ fn parse_args() -> Result<Options, String> {
             "-h" | "--help" => return Err(USAGE.to_string()),
             other => return Err(format!("unknown flag {other}\n{USAGE}")),
         }
+    }
+    if o.compare_nccl && !o.device {
+        return Err(format!("--compare nccl times device memory; add --memory device\n{USAGE}"));
     }
     if o.factor < 2 || o.iters == 0 || o.min_bytes > o.max_bytes {
         return Err(format!("need -f >= 2, -n >= 1 and -b <= -e\n{USAGE}"));
@@ -150,7 +161,10 @@ fn main() {
     };
     let opts = parse_args().unwrap_or_else(|e| fail(e));
     let config = Config::from_env().unwrap_or_else(|e| fail(e.to_string()));
-    let comm = Communicator::new(&world, config).unwrap_or_else(|e| fail(e.to_string()));
+    let comm = Communicator::new(&world, config.clone()).unwrap_or_else(|e| fail(e.to_string()));
+    // NCCL runs on a communicator of its own, so a failing NCCL never disturbs tpcomm's sweep.
+    let nccl_comm =
+        opts.compare_nccl.then(|| Communicator::new(&world, config).unwrap_or_else(|e| fail(e.to_string())));
     if opts.tune {
         if opts.device {
             // Device thresholds are tuned only once the GPU side exists.
@@ -166,9 +180,9 @@ fn main() {
         (false, DType::F64) => run::<f64>(&comm, &world, &opts, Some(mpi_f64)),
         (false, DType::F16) => run::<f16>(&comm, &world, &opts, None),
         (false, DType::BF16) => run::<bf16>(&comm, &world, &opts, None),
-        (true, DType::F32) => device::run::<f32>(&comm, &world, &opts),
-        (true, DType::F16) => device::run::<f16>(&comm, &world, &opts),
-        (true, DType::BF16) => device::run::<bf16>(&comm, &world, &opts),
+        (true, DType::F32) => device::run::<f32>(&comm, nccl_comm.as_ref(), &world, &opts),
+        (true, DType::F16) => device::run::<f16>(&comm, nccl_comm.as_ref(), &world, &opts),
+        (true, DType::BF16) => device::run::<bf16>(&comm, nccl_comm.as_ref(), &world, &opts),
         (true, DType::F64) => fail("device memory: double is not supported; use -d float, half or bfloat16".into()),
     };
     match wrong {
@@ -470,6 +484,9 @@ mod device {
                 }
             }
         } else {
+            // One eager call first: a backend built lazily (NCCL) must not be built during capture.
+            call(s)?;
+            s.synchronize().map_err(cuda("sync"))?;
             let graph = comm.capture(s, |st| (0..o.graph_calls).try_for_each(|_| call(st)))?;
             for i in 0..o.warmup.max(1) + o.iters {
                 world.barrier();
@@ -495,8 +512,28 @@ mod device {
         Ok(host)
     }
 
+    /// Whether NCCL can serve calls of `T` on `nccl_comm`: one eager call (it also builds NCCL's
+    /// communicator outside any graph capture). The reason it cannot is printed once, by rank 0.
+    fn nccl_usable<T: Element + DeviceRepr + ValidAsZeroBits>(
+        nccl_comm: &Communicator,
+        s: &Arc<CudaStream>,
+    ) -> Result<bool> {
+        let probe = s.alloc_zeros::<T>(256).map_err(cuda("alloc"))?;
+        let mut out = s.alloc_zeros::<T>(256).map_err(cuda("alloc"))?;
+        match nccl_comm.all_reduce_using(Some(Algo::Nccl), &probe, &mut out, s) {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                if nccl_comm.rank() == 0 {
+                    println!("# nccl: n/a on this run: {e}");
+                }
+                Ok(false)
+            }
+        }
+    }
+
     pub fn run<T: Element + DeviceRepr + ValidAsZeroBits>(
         comm: &Communicator,
+        nccl_comm: Option<&Communicator>,
         world: &SimpleCommunicator,
         o: &Options,
     ) -> Result<usize> {
@@ -522,14 +559,21 @@ mod device {
             );
             print_settings(comm, o);
         }
+        let nccl = match nccl_comm {
+            Some(nc) => nccl_usable::<T>(nc, &s)?.then_some(nc),
+            None => None,
+        };
         let flags = if o.floor { Some(time_calls(comm, world, o, &s, |st| comm.exchange_flags(st))?) } else { None };
         if root {
-            match flags {
-                Some(f) => {
-                    println!("# flag-exchange floor: {f:.2} us (one flag to and from every peer, same mode)");
-                    Table::print_header("flag floor", ["floor", "x floor"], ["(us)", ""]);
-                }
-                None => Table::print_header("HBM floor", ["floor", "floor%"], ["(us)", ""]),
+            if let Some(f) = flags {
+                println!("# flag-exchange floor: {f:.2} us (one flag to and from every peer, same mode)");
+            }
+            if nccl_comm.is_some() {
+                Table::print_header("NCCL", ["nccl", "ratio"], ["(us)", "nccl/tp"]);
+            } else if flags.is_some() {
+                Table::print_header("flag floor", ["floor", "x floor"], ["(us)", ""]);
+            } else {
+                Table::print_header("HBM floor", ["floor", "floor%"], ["(us)", ""]);
             }
         }
         let mut table = Table::new(n, o.check);
@@ -584,13 +628,31 @@ mod device {
                     let got: Vec<T> = read(&s, &input)?;
                     wrong_ip = count_wrong(&got, &expected);
                 }
-                let common = table.row(world, size, T::DTYPE, [t_oop, t_ip], [wrong_oop, wrong_ip]);
-                let floor_us = floor_bytes(algo, n, size) / bw * 1e6;
-                if root {
-                    match flags {
-                        Some(f) => println!("{common}  {f:8.2}  {:5.2}x  {algo}", t_oop / f),
-                        None => println!("{common}  {floor_us:8.2}  {:5.0}%  {algo}", 100.0 * floor_us / t_oop),
+                // NCCL on the same input, out of place, timed the same way (its result is not checked
+                // against the rank-order sum: NCCL's order of addition differs).
+                let t_nccl = match nccl {
+                    Some(nc) => {
+                        trace("nccl timing");
+                        Some(time_calls(nc, world, o, &s, |st| {
+                            nc.all_reduce_using(Some(Algo::Nccl), &*input, &mut output, st)
+                        })?)
                     }
+                    None => None,
+                };
+                let common = table.row(world, size, T::DTYPE, [t_oop, t_ip], [wrong_oop, wrong_ip]);
+                let extra = match (nccl_comm, t_nccl) {
+                    (None, _) => match flags {
+                        Some(f) => format!("{f:8.2}  {:5.2}x", t_oop / f),
+                        None => {
+                            let floor_us = floor_bytes(algo, n, size) / bw * 1e6;
+                            format!("{floor_us:8.2}  {:5.0}%", 100.0 * floor_us / t_oop)
+                        }
+                    },
+                    (Some(_), Some(t)) => format!("{t:8.2}  {:6.2}", t / t_oop),
+                    (Some(_), None) => format!("{:>8}  {:>6}", "n/a", "n/a"),
+                };
+                if root {
+                    println!("{common}  {extra}  {algo}");
                     let _ = std::io::stdout().flush();
                 }
             }

@@ -16,7 +16,14 @@
 //! - bad inputs: unregistered pointer on the registered path, oversize, misaligned pointers,
 //!   different input and output lengths, f64;
 //! - a rank that skips a call (the others must get `Error::PeerTimeout`), ranks capturing
-//!   different numbers of calls, and ranks passing different lengths (`Error::Mismatch`).
+//!   different numbers of calls, and ranks passing different lengths (`Error::Mismatch`);
+//! - NCCL: at world size 1, forced NCCL calls (eager, in place, graph) give the reference bits
+//!   for f32 and bf16; with ranks sharing a GPU, forcing NCCL gives `Error::Unsupported` naming
+//!   the duplicate GPU on every rank, and the communicator still works afterwards;
+//! - deterministic mode (a communicator with `deterministic` on and a 1 MiB custom limit):
+//!   messages of 3-5 MiB with odd lengths go chunked and give the rank-order reference bits
+//!   (eager, registered, staged, in place, graphs), and one probe embedded at different offsets
+//!   in messages of different sizes gives the same bits every time.
 //!
 //! Every rank's input is a pure function of (seed, rank, index), so every rank computes the
 //! reference over all ranks' inputs. Outputs, and 64 elements after them, are poisoned (NaN)
@@ -620,6 +627,183 @@ fn mixed_graph(c: &mut Ctx, tally: &mut Tally, replays: usize) -> Result<()> {
     Ok(())
 }
 
+/// NCCL: (a) bit-exact at world size 1 (the sum of one rank is a copy, still checked, and so
+/// are the paths around it); (b) refused on every rank, without a hang, where ranks share a GPU.
+fn nccl_checks(
+    c: &mut Ctx,
+    tally: &mut Tally,
+    world: &mpi::topology::SimpleCommunicator,
+    config: &Config,
+) -> Result<()> {
+    let ctx = c.comm.cuda_context()?;
+    let shared = tpcomm::topology::shared_gpus(world, &ctx);
+    if let Some((uuid, ranks)) = shared.first() {
+        if c.rank == 0 {
+            println!("nccl: ranks {ranks:?} share GPU {uuid}: checking that forced NCCL is refused");
+        }
+        return nccl_refused_on_shared_gpu(world, config, tally);
+    }
+    if c.n > 1 {
+        if c.rank == 0 {
+            println!(
+                "nccl: NOT CHECKED bit for bit: {} ranks on their own GPUs, and NCCL's order of addition is not \
+                 rank order; run at world size 1 for the exact check",
+                c.n
+            );
+        }
+        return Ok(());
+    }
+    nccl_exact::<f32>(c, tally)?;
+    nccl_exact::<bf16>(c, tally)
+}
+
+/// (a) Forced NCCL at world size 1: eager out of place and in place, and a graph of one call
+/// replayed with fresh inputs, against the reference bits.
+fn nccl_exact<T: Dev>(c: &mut Ctx, tally: &mut Tally) -> Result<()> {
+    let size = std::mem::size_of::<T>();
+    let bytes = [4, 1000, 4096 + 6, MIB + 6, 9 * MIB + 2];
+    let max_len = bytes.iter().map(|b| b / size).max().unwrap_or(1) + GUARD;
+    let mut b = Bufs {
+        shared: c.comm.alloc_shared::<T>(max_len)?,
+        ipc: c.comm.alloc_device::<T>(max_len)?,
+        pool: c.stream.alloc_zeros::<T>(max_len)?,
+        out: c.stream.alloc_zeros::<T>(max_len)?,
+    };
+    let dt = T::DTYPE;
+    for len in bytes.map(|b| (b / size).max(1)) {
+        for in_place in [false, true] {
+            let r = eager_case(c, &mut b, Algo::Nccl, Path::Staged, in_place, len);
+            tally.record(&format!("nccl: {dt} len={len} eager in_place={in_place}"), r);
+        }
+        let r = graph_case(c, &mut b, Algo::Nccl, Path::GraphPool, false, len, 3);
+        tally.record(&format!("nccl: {dt} len={len} graph"), r);
+    }
+    Ok(())
+}
+
+/// (b) Ranks sharing a GPU: a communicator forced to NCCL returns `Error::Unsupported` naming
+/// the duplicate GPU on every rank, within the timeout, and still serves custom calls after.
+fn nccl_refused_on_shared_gpu(
+    world: &mpi::topology::SimpleCommunicator,
+    config: &Config,
+    tally: &mut Tally,
+) -> Result<()> {
+    let n = world.size() as usize;
+    let cfg = Config { algo: Some(Algo::Nccl), deterministic: false, ..config.clone() };
+    let comm = Communicator::new(world, cfg)?;
+    let ctx = comm.cuda_context()?;
+    let s = ctx.new_stream()?;
+    let inputs = Inputs::<f32>::new(0x9cc1, n, 1000);
+    let mut inp = s.alloc_zeros::<f32>(1000)?;
+    s.memcpy_htod(&inputs.rank_input(world.rank() as usize, 1000), &mut inp)?;
+    let mut out = s.alloc_zeros::<f32>(1000)?;
+    let t0 = Instant::now();
+    let r = comm.all_reduce(&inp, &mut out, &s);
+    let took = t0.elapsed();
+    let check = match r {
+        Err(Error::Unsupported { reason, .. })
+            if reason.contains("duplicate GPU")
+                && reason.contains("one rank per GPU")
+                && took < Duration::from_secs(20) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(anyhow!("expected Unsupported naming the duplicate GPU, got: {e} after {took:?}")),
+        Ok(()) => Err(anyhow!("NCCL ran with ranks sharing a GPU")),
+    };
+    tally.record("nccl: forced NCCL refused on a shared GPU", check);
+    poison(&s, &mut out.slice_mut(0..1000))?;
+    let r = comm.all_reduce_using(Some(Algo::OneShot), &inp, &mut out, &s).map_err(anyhow::Error::from);
+    let r = r.and_then(|()| check_out(&inputs, &read(&s, &out.slice(0..1000))?));
+    tally.record("nccl: communicator still usable after the refusal", r);
+    world.barrier();
+    Ok(())
+}
+
+/// (c) Deterministic mode with a 1 MiB custom limit: large messages go chunked and give the
+/// rank-order reference bits, and a probe gives the same bits wherever it is embedded.
+fn deterministic_checks(
+    c: &mut Ctx,
+    tally: &mut Tally,
+    world: &mpi::topology::SimpleCommunicator,
+    config: &Config,
+) -> Result<()> {
+    let cfg =
+        Config { deterministic: true, algo: None, custom_max_bytes: MIB, oneshot_max_bytes: None, ..config.clone() };
+    let det = Communicator::new(world, cfg)?;
+    // SAFETY: as for the first communicator: all work is ordered on one stream.
+    unsafe { det.cuda_context()?.disable_event_tracking() };
+    let mut d = Ctx { comm: &det, stream: c.stream.clone(), n: c.n, rank: c.rank, seed: c.seed + 100_000 };
+    deterministic_dtype::<f32>(&mut d, tally)?;
+    deterministic_dtype::<bf16>(&mut d, tally)?;
+    world.barrier();
+    Ok(())
+}
+
+fn deterministic_dtype<T: Dev>(d: &mut Ctx, tally: &mut Tally) -> Result<()> {
+    let size = std::mem::size_of::<T>();
+    let dt = T::DTYPE;
+    // Odd element counts of 3 to 5 MiB: a tail that is not a whole chunk nor a whole vector.
+    let lens = [3 * MIB / size + 1, 4 * MIB / size + 3, 5 * MIB / size - 1];
+    let max_len = 5 * MIB / size + GUARD;
+    let mut b = Bufs {
+        shared: d.comm.alloc_shared::<T>(max_len)?,
+        ipc: d.comm.alloc_device::<T>(max_len)?,
+        pool: d.stream.alloc_zeros::<T>(max_len)?,
+        out: d.stream.alloc_zeros::<T>(max_len)?,
+    };
+    for len in lens {
+        let chosen = d.comm.device_algo::<T>(len);
+        let r = match chosen {
+            Ok(Algo::Chunked) => Ok(()),
+            other => Err(anyhow!("the dispatch table chose {other:?}, not chunked")),
+        };
+        tally.record(&format!("deterministic: {dt} len={len} is dispatched chunked"), r);
+        for (path, in_place) in
+            [(Path::Registered, false), (Path::Staged, false), (Path::Staged, true), (Path::Registered, true)]
+        {
+            let r = eager_case(d, &mut b, Algo::Chunked, path, in_place, len);
+            tally.record(&format!("deterministic: {dt} len={len} {path:?} in_place={in_place}"), r);
+        }
+        for (path, in_place) in [(Path::GraphIpc, false), (Path::GraphPool, true)] {
+            let r = graph_case(d, &mut b, Algo::Chunked, path, in_place, len, 2);
+            tally.record(&format!("deterministic: {dt} len={len} {path:?} in_place={in_place}"), r);
+        }
+    }
+    let r = probe_invariance::<T>(d, &mut b);
+    tally.record(&format!("deterministic: {dt} probe gives the same bits at every offset and size"), r);
+    Ok(())
+}
+
+/// One probe of every rank, embedded at offsets across chunk boundaries in messages of
+/// different sizes and reduced through the dispatch table, gives the probe's reference bits.
+fn probe_invariance<T: Dev>(d: &mut Ctx, b: &mut Bufs<T>) -> Result<()> {
+    const W: usize = 300_007;
+    let size = std::mem::size_of::<T>();
+    let probe_seed = d.next_seed();
+    let probes: Vec<Vec<T>> = (0..d.n).map(|r| (0..W).map(|i| value(probe_seed, r, i)).collect()).collect();
+    let want = reference_sum(&probes.iter().map(|p| &p[..]).collect::<Vec<_>>());
+    let chunk = MIB / size;
+    let cases = [(W, 0), (W + 1, 1), (3 * MIB / size + 5, chunk - 7), (5 * MIB / size - 1, 2 * chunk - W / 2)];
+    let s = d.stream.clone();
+    for (len, offset) in cases {
+        let filler_seed = d.next_seed();
+        let mut x: Vec<T> = (0..len).map(|i| value(filler_seed, d.rank, i)).collect();
+        x[offset..offset + W].copy_from_slice(&probes[d.rank]);
+        s.memcpy_htod(&x, &mut b.pool.slice_mut(0..len))?;
+        poison(&s, &mut b.out.slice_mut(0..len))?;
+        let g = guard_poison(&s, &mut b.out, len)?;
+        d.comm.all_reduce(&b.pool.slice(0..len), &mut b.out.slice_mut(0..len), &s)?;
+        let got = read(&s, &b.out.slice(offset..offset + W))?;
+        let wrong = got.iter().zip(&want).filter(|(g, w)| g.to_f64().to_bits() != w.to_f64().to_bits()).count();
+        if wrong > 0 {
+            return Err(anyhow!("len {len} offset {offset}: {wrong} of {W} probe elements differ from the reference"));
+        }
+        guard_check(&s, &b.out, len, g).with_context(|| format!("len {len} offset {offset}"))?;
+    }
+    Ok(())
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -724,13 +908,15 @@ fn main() -> Result<()> {
         }
         let max_bytes = config.custom_max_bytes;
         let mut c = Ctx { comm: &comm, stream, n, rank, seed: 1 };
-        let steps: [(&str, &mut Step); 6] = [
+        let steps: [(&str, &mut Step); 8] = [
             ("f32", &mut |c, t| run_dtype::<f32>(c, t, max_bytes, quick)),
             ("f16", &mut |c, t| run_dtype::<f16>(c, t, max_bytes, quick)),
             ("bf16", &mut |c, t| run_dtype::<bf16>(c, t, max_bytes, quick)),
             ("bad inputs", &mut |c, t| bad_inputs(c, t, max_bytes)),
             ("replays", &mut |c, t| many_replays(c, t, replays)),
             ("mixed graph", &mut |c, t| mixed_graph(c, t, (replays / 10).max(10))),
+            ("nccl", &mut |c, t| nccl_checks(c, t, &world, &config)),
+            ("deterministic", &mut |c, t| deterministic_checks(c, t, &world, &config)),
         ];
         for (name, step) in steps {
             if bench_only {

@@ -178,7 +178,10 @@ pub fn broadcast_bytes<C: Communicator>(comm: &C, root: usize, blob: &mut Vec<u8
 /// Make every rank of `comm` agree whether a step succeeded everywhere, so no rank goes on to
 /// an exchange the others skip. Returns the local error where this rank failed, and
 /// [`Error::Unsupported`] naming the step where only another rank did.
-pub fn agree<C: mpi::traits::Communicator, T>(comm: &C, local: Result<T>, step: &str) -> Result<T> {
+///
+/// # Collective
+/// Every rank of `comm`, after the same step.
+pub fn agree<C: Communicator, T>(comm: &C, local: Result<T>, step: &str) -> Result<T> {
     use mpi::collective::SystemOperation;
     let ok = u8::from(local.is_ok());
     let mut all_ok = 0u8;

@@ -32,6 +32,10 @@ pub struct Communicator {
     /// The GPU side, created on the first device call (`None` until then, and on machines
     /// without CUDA).
     gpu: Mutex<Option<GpuState>>,
+    /// Every rank has a CUDA driver and can load libnccl (found once, at bootstrap).
+    nccl_library: bool,
+    /// The note that large device messages go chunked for want of NCCL was printed.
+    chunk_note: std::sync::atomic::AtomicBool,
 }
 
 /// Everything that changes per call, behind the communicator's lock.
@@ -54,6 +58,7 @@ impl Communicator {
     /// # Examples
     /// See `examples/hello_allreduce.rs`.
     pub fn new<C: mpi::traits::Communicator>(comm: &C, config: Config) -> Result<Self> {
+        config.validate()?;
         let boot = Bootstrap::new(comm, config.fake_nodes)?;
         check_same_config(&boot, &config)?;
         let host = open_host_segment(&boot, &config)?;
@@ -64,12 +69,15 @@ impl Communicator {
         let mut table = DispatchTable::new(&config, boot.size);
         load_tuned_table(&boot, &config, &mut table)?;
         let table = std::sync::RwLock::new(table);
+        let nccl_library = nccl_everywhere(&boot);
         Ok(Communicator {
             boot,
             config,
             table,
             state: Mutex::new(State { host, cross, poisoned: None }),
             gpu: Mutex::new(None),
+            nccl_library,
+            chunk_note: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -232,15 +240,19 @@ impl Communicator {
         Ok(limit as usize)
     }
 
+    /// The request of a call of `len` elements of `T` in `memory`, served by `backends`
+    /// (device memory only).
+    fn request<T: Element>(&self, len: usize, memory: Memory, backends: Backends) -> Request {
+        Request {
+            custom_available: backends.custom,
+            nccl_available: backends.nccl,
+            ..Request::new(len * size_of::<T>(), T::DTYPE, self.boot.size, self.boot.nodes, memory)
+        }
+    }
+
     /// The dispatch table's choice for a call of `len` elements of `T` in `memory`.
-    fn algo_for<T: Element>(&self, len: usize, memory: Memory) -> Result<Algo> {
-        self.table.read().unwrap_or_else(|e| e.into_inner()).choose(&Request {
-            bytes: len * size_of::<T>(),
-            dtype: T::DTYPE,
-            world_size: self.boot.size,
-            nodes: self.boot.nodes,
-            memory,
-        })
+    fn algo_for<T: Element>(&self, len: usize, memory: Memory, backends: Backends) -> Result<Algo> {
+        self.table.read().unwrap_or_else(|e| e.into_inner()).choose(&self.request::<T>(len, memory, backends))
     }
 
     /// The algorithm the dispatch table picks for a host call of `len` elements of `T`.
@@ -248,7 +260,7 @@ impl Communicator {
     /// # Errors
     /// As [`DispatchTable::choose`].
     pub fn host_algo<T: Element>(&self, len: usize) -> Result<Algo> {
-        self.algo_for::<T>(len, Memory::Host)
+        self.algo_for::<T>(len, Memory::Host, Backends { custom: false, nccl: false })
     }
 
     /// Sum `input` over all ranks into `output` (host memory).
@@ -454,14 +466,36 @@ fn open_host_segment(boot: &Bootstrap, config: &Config) -> Result<HostAllreduce>
     HostAllreduce::new(seg, boot.local_rank, global_ranks, config.host_chunk_bytes, config.timeout)
 }
 
+/// Whether every rank has a CUDA driver and can load libnccl, so the dispatch table may choose
+/// NCCL. Loads nothing where there is no CUDA driver (host-only machines).
+///
+/// # Collective
+/// Every rank of the bootstrap's communicator.
+fn nccl_everywhere(boot: &Bootstrap) -> bool {
+    let mine = u8::from(crate::cuda::driver_present() && crate::backend::nccl::library_present());
+    let mut all = 0u8;
+    boot.world().all_reduce_into(&mine, &mut all, mpi::collective::SystemOperation::min());
+    all == 1
+}
+
 // ------------------------------------------------------------------------------------------------
 // Device memory: the custom CUDA IPC allreduce.
 
 use crate::backend::custom::{CustomAllreduce, CustomOptions, Kernel, Mode};
+use crate::backend::nccl::{NcclAllreduce, NcclOptions};
 use crate::backend::packet::{PacketAllreduce, PacketKernel, PacketOptions};
 use crate::cuda::ipc::IpcBuffer;
 use cudarc::driver::{CudaContext, CudaGraph, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceSlice, SyncOnDrop};
 use std::sync::Arc;
+
+/// Which device backends can serve calls on this layout (the same verdict on every rank).
+#[derive(Debug, Clone, Copy)]
+struct Backends {
+    /// The custom IPC kernels (one node, P2P between the GPUs in use).
+    custom: bool,
+    /// NCCL (libnccl on every rank, one rank per GPU, not found unsupported before).
+    nccl: bool,
+}
 
 /// The GPU side of a communicator.
 struct GpuState {
@@ -473,6 +507,13 @@ struct GpuState {
     /// Why the CUDA IPC kernels (custom and packet) cannot run on this GPU layout, once found
     /// (the same on every rank, so later calls fail at once without another collective check).
     ipc_unsupported: Option<String>,
+    /// Ranks of this node share a GPU (found with the layout, by the first device call), which
+    /// NCCL refuses.
+    ranks_share_gpu: bool,
+    /// Built by the first collective device call routed to NCCL.
+    nccl: Option<NcclAllreduce>,
+    /// Why NCCL cannot run here (shared GPUs, no libnccl), once found; the same on every rank.
+    nccl_unsupported: Option<String>,
     /// Buffers from [`Communicator::alloc_shared`] and [`Communicator::alloc_device`], kept
     /// until the communicator goes: peers may hold mappings of them, and a freed allocation
     /// whose memory a peer still maps cannot be opened again by that peer.
@@ -568,6 +609,9 @@ impl Communicator {
                 custom: None,
                 packet: None,
                 ipc_unsupported: None,
+                ranks_share_gpu: false,
+                nccl: None,
+                nccl_unsupported: None,
                 shared: Vec::new(),
                 poisoned: None,
             });
@@ -595,11 +639,12 @@ impl Communicator {
         }
         if self.boot.nodes > 1 {
             return Err(Error::Unsupported {
-                what: "allreduce of device memory across nodes".into(),
-                reason: "the CUDA IPC kernels serve one node; no network backend is built in yet".into(),
+                what: "CUDA IPC allreduce across nodes".into(),
+                reason: format!("the ranks span {} nodes and the CUDA IPC kernels serve one node", self.boot.nodes),
             });
         }
         let layout = crate::topology::gpu_layout(self.boot.node(), &gpu.ctx);
+        gpu.ranks_share_gpu = layout.max_ranks_per_device > 1;
         if let Some(reason) = &layout.unsupported {
             // Logged once per communicator and rank: the caller may fall back silently.
             eprintln!("tpcomm: rank {}: {WHAT} unavailable: {reason}", self.boot.rank);
@@ -667,6 +712,68 @@ impl Communicator {
         Ok(())
     }
 
+    /// Which device backends can serve calls here, building the custom kernels on first use.
+    /// The custom kernels are unavailable for a layout verdict (several nodes, no P2P), the same
+    /// on every rank; their other failures are errors.
+    ///
+    /// # Collective
+    /// Every rank, the first time.
+    fn device_backends(&self, gpu: &mut GpuState) -> Result<Backends> {
+        let custom = match self.ensure_custom(gpu) {
+            Ok(()) => true,
+            Err(Error::Unsupported { .. }) if self.boot.nodes > 1 || gpu.ipc_unsupported.is_some() => false,
+            Err(e) => return Err(e),
+        };
+        let nccl = self.nccl_library && !gpu.ranks_share_gpu && gpu.nccl_unsupported.is_none();
+        Ok(Backends { custom, nccl })
+    }
+
+    /// Why NCCL is not available here, for debug output.
+    fn nccl_missing_reason(&self, gpu: &GpuState) -> String {
+        if !self.nccl_library {
+            "libnccl.so.2 cannot be loaded on every rank".into()
+        } else if gpu.ranks_share_gpu {
+            "ranks share a GPU, which NCCL refuses".into()
+        } else {
+            gpu.nccl_unsupported.clone().unwrap_or_default()
+        }
+    }
+
+    /// Build the NCCL communicator on first use.
+    ///
+    /// # Collective
+    /// Every rank, through the same collective call.
+    fn ensure_nccl(&self, gpu: &mut GpuState) -> Result<()> {
+        if gpu.nccl.is_some() {
+            return Ok(());
+        }
+        if let Some(reason) = &gpu.nccl_unsupported {
+            return Err(Error::Unsupported { what: "NCCL allreduce".into(), reason: reason.clone() });
+        }
+        match NcclAllreduce::new(self.boot.world(), &gpu.ctx, &NcclOptions { timeout: self.config.timeout }) {
+            Ok(nccl) => {
+                if self.config.debug && self.boot.rank == 0 {
+                    eprintln!(
+                        "tpcomm: NCCL ready: {} ranks, libnccl version code {}",
+                        nccl.world_size(),
+                        nccl.version()
+                    );
+                }
+                gpu.nccl = Some(nccl);
+                Ok(())
+            }
+            Err(e) => {
+                if let Error::Unsupported { reason, .. } = &e {
+                    if self.config.debug {
+                        eprintln!("tpcomm: rank {}: NCCL unavailable: {reason}", self.boot.rank);
+                    }
+                    gpu.nccl_unsupported = Some(reason.clone());
+                }
+                Err(e)
+            }
+        }
+    }
+
     /// The CUDA context of this rank's GPU (`local_rank % devices`), created on first use.
     /// Allocate buffers and streams from it.
     ///
@@ -678,26 +785,37 @@ impl Communicator {
 
     /// The algorithm the dispatch table picks for a device call of `len` elements of `T`.
     ///
+    /// # Collective
+    /// Every rank, the first time it is called or any device call is made: it learns whether
+    /// the custom kernels can run on this layout (and builds them where they can).
+    ///
     /// # Errors
-    /// As [`DispatchTable::choose`].
+    /// As [`DispatchTable::choose`]; errors building the custom kernels.
     pub fn device_algo<T: Element>(&self, len: usize) -> Result<Algo> {
-        self.algo_for::<T>(len, Memory::Device)
+        let backends = self.with_gpu(|gpu| self.device_backends(gpu))?;
+        self.algo_for::<T>(len, Memory::Device, backends)
     }
 
-    /// Sum `input` over all ranks into `output` (device memory: f32, f16 or bf16), on `stream`.
+    /// Sum `input` over all ranks into `output` (device memory: f32, f16 or bf16; f64 through
+    /// NCCL), on `stream`.
     ///
-    /// An input inside a buffer from [`Communicator::alloc_shared`] is read in place by the
-    /// peers; any other input is first copied into this rank's IPC staging buffer. Outside
-    /// stream capture the call waits for the result; while `stream` captures (inside
-    /// [`Communicator::capture`]) it is recorded instead.
+    /// The dispatch table picks the algorithm: the custom IPC kernels up to
+    /// `TPCOMM_CUSTOM_MAX_BYTES`, NCCL above and where the custom kernels cannot run (several
+    /// nodes, no P2P), chunked custom calls in deterministic mode or without libnccl. For the
+    /// custom kernels, an input inside a buffer from [`Communicator::alloc_shared`] is read in
+    /// place by the peers; any other input is first copied into this rank's IPC staging
+    /// buffer. Outside stream capture the call waits for the result (bounded by
+    /// `TPCOMM_TIMEOUT_MS`); while `stream` captures (inside [`Communicator::capture`]) it is
+    /// recorded instead.
     ///
     /// # Collective
     /// Every rank, same length and element type.
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] for different input and output lengths or pointers that are not
-    /// 16-byte aligned; [`Error::Unsupported`] for f64, for messages over
-    /// `TPCOMM_CUSTOM_MAX_BYTES`, or where the GPUs cannot reach each other;
+    /// 16-byte aligned (custom kernels); [`Error::Unsupported`] for f64 on the custom kernels,
+    /// for NCCL where two ranks share a GPU or libnccl is missing, and for deterministic calls
+    /// across nodes; [`Error::Nccl`] for NCCL's failures;
     /// [`Error::PeerTimeout`] when a peer does not arrive within `TPCOMM_TIMEOUT_MS`;
     /// [`Error::Mismatch`] when ranks pass different lengths, element types or algorithms (the
     /// kernels compare a tag of the call at every barrier; where the difference also changes
@@ -730,8 +848,9 @@ impl Communicator {
         self.all_reduce_using(None, input, output, stream)
     }
 
-    /// As [`Communicator::all_reduce`] with an explicit algorithm ([`Algo::OneShot`] or
-    /// [`Algo::TwoShot`]; `None` asks the dispatch table). For tests and benchmarks.
+    /// As [`Communicator::all_reduce`] with an explicit algorithm ([`Algo::OneShot`],
+    /// [`Algo::TwoShot`], [`Algo::Nccl`] or [`Algo::Chunked`]; `None` asks the dispatch table).
+    /// For tests and benchmarks.
     ///
     /// # Collective
     /// Every rank, same length, element type and algorithm.
@@ -831,41 +950,53 @@ impl Communicator {
         stream: &Arc<CudaStream>,
         registered_only: bool,
     ) -> Result<()> {
-        let algo = match algo {
-            Some(a) => a,
-            None => self.device_algo::<T>(len)?,
+        let (algo, why) = match algo {
+            Some(a) => (a, String::new()),
+            None => {
+                let (backends, nccl_missing) =
+                    self.with_gpu(|gpu| Ok((self.device_backends(gpu)?, self.nccl_missing_reason(gpu))))?;
+                let algo = self.algo_for::<T>(len, Memory::Device, backends)?;
+                let why = match algo {
+                    Algo::Nccl if self.boot.nodes > 1 => " (the ranks span several nodes)".to_string(),
+                    Algo::Nccl if !backends.custom => {
+                        " (the custom kernels cannot run here: no P2P between the GPUs)".to_string()
+                    }
+                    Algo::Nccl => " (over TPCOMM_CUSTOM_MAX_BYTES)".to_string(),
+                    Algo::Chunked if self.config.deterministic => {
+                        " (deterministic, over TPCOMM_CUSTOM_MAX_BYTES)".to_string()
+                    }
+                    Algo::Chunked => format!(" (over TPCOMM_CUSTOM_MAX_BYTES; NCCL unavailable: {nccl_missing})"),
+                    _ => String::new(),
+                };
+                (algo, why)
+            }
         };
+        if self.config.debug && self.boot.rank == 0 {
+            eprintln!("tpcomm: device allreduce {len} x {} -> {algo}{why}", T::DTYPE);
+            if algo == Algo::Chunked && !self.config.deterministic && !self.chunk_note.swap(true, Ordering::Relaxed) {
+                eprintln!(
+                    "tpcomm: device messages over {} bytes go through the custom kernels in chunks{why}",
+                    self.config.custom_max_bytes
+                );
+            }
+        }
         let kernel = match algo {
             Algo::OneShot => Kernel::OneShot,
             Algo::TwoShot => Kernel::TwoShot,
-            Algo::Packet | Algo::PacketTwoPhase | Algo::Lamport => {
-                let kernel = match algo {
-                    Algo::Packet => PacketKernel::AllPairs,
-                    Algo::PacketTwoPhase => PacketKernel::TwoPhase,
-                    _ => PacketKernel::Lamport,
-                };
-                if self.config.debug && self.boot.rank == 0 {
-                    eprintln!("tpcomm: device allreduce {len} x {} -> {algo}", T::DTYPE);
-                }
-                return self.with_gpu(|gpu| {
-                    self.ensure_packet(gpu)?;
-                    let packet = gpu.packet.as_ref().expect("built above");
-                    // SAFETY: both pointers come from cudarc slices of `len` elements of T on
-                    // this context, kept alive (and their stream order recorded) by the caller.
-                    unsafe { packet.all_reduce(stream, kernel, T::DTYPE, input, output, len) }
-                });
-            }
+            Algo::Chunked => return self.chunked_call::<T>(input, output, len, stream, registered_only),
+            Algo::Nccl => return self.nccl_call::<T>(input, output, len, stream),
+            Algo::Packet => return self.packet_call::<T>(PacketKernel::AllPairs, input, output, len, stream),
+            Algo::PacketTwoPhase => return self.packet_call::<T>(PacketKernel::TwoPhase, input, output, len, stream),
+            Algo::Lamport => return self.packet_call::<T>(PacketKernel::Lamport, input, output, len, stream),
             other => {
                 return Err(Error::Unsupported {
                     what: format!("algorithm {other} on device memory"),
-                    reason: "pick a device algorithm (oneshot, twoshot, packet, packet2, lamport) or unset TPCOMM_ALGO"
+                    reason: "pick a device algorithm (oneshot, twoshot, packet, packet2, lamport, nccl, chunked) or \
+                             unset TPCOMM_ALGO"
                         .into(),
                 })
             }
         };
-        if self.config.debug && self.boot.rank == 0 {
-            eprintln!("tpcomm: device allreduce {len} x {} -> {algo}", T::DTYPE);
-        }
         self.with_gpu(|gpu| {
             self.ensure_custom(gpu)?;
             let ctx = gpu.ctx.clone();
@@ -903,6 +1034,68 @@ impl Communicator {
             // SAFETY: no element is read or written (length 0).
             unsafe { packet.all_reduce(stream, PacketKernel::AllPairs, crate::dtype::DType::BF16, 0, 0, 0) }
         })
+    }
+
+    /// Packet allreduce, building the packet backend on first use.
+    fn packet_call<T: Element>(
+        &self,
+        kernel: PacketKernel,
+        input: u64,
+        output: u64,
+        len: usize,
+        stream: &Arc<CudaStream>,
+    ) -> Result<()> {
+        self.with_gpu(|gpu| {
+            self.ensure_packet(gpu)?;
+            let packet = gpu.packet.as_ref().expect("built above");
+            // SAFETY: as for the custom kernels: cudarc slices of `len` elements of T on this
+            // context, kept alive and stream-ordered by the caller's guards.
+            unsafe { packet.all_reduce(stream, kernel, T::DTYPE, input, output, len) }
+        })
+    }
+
+    /// NCCL allreduce, building the communicator on first use. An aborted NCCL communicator
+    /// (timeout, NCCL error) poisons the GPU side.
+    fn nccl_call<T: Element>(&self, input: u64, output: u64, len: usize, stream: &Arc<CudaStream>) -> Result<()> {
+        self.with_gpu(|gpu| {
+            self.ensure_nccl(gpu)?;
+            let nccl = gpu.nccl.as_mut().expect("built above");
+            // SAFETY: as for the custom kernels: cudarc slices of `len` elements of T on this
+            // context, kept alive and stream-ordered by the caller's guards.
+            let result = unsafe { nccl.all_reduce(stream, T::DTYPE, input, output, len) };
+            if let (Err(e), Some(_)) = (&result, nccl.aborted()) {
+                if gpu.poisoned.is_none() {
+                    gpu.poisoned = Some(e.to_string());
+                }
+            }
+            result
+        })
+    }
+
+    /// The message in consecutive chunks of at most the staging size, each an ordinary custom
+    /// call chosen by the dispatch table. Chunk boundaries fall on 16-byte multiples, so every
+    /// chunk keeps the alignment of the whole; each element is summed in rank order by its
+    /// chunk's kernel, so the bits are those of one unchunked call.
+    fn chunked_call<T: Element>(
+        &self,
+        input: u64,
+        output: u64,
+        len: usize,
+        stream: &Arc<CudaStream>,
+        registered_only: bool,
+    ) -> Result<()> {
+        let align = crate::cuda::protocol::ALIGN;
+        let chunk = (self.config.custom_max_bytes / align * align / size_of::<T>()).max(1);
+        let mut start = 0;
+        while start < len {
+            let n = chunk.min(len - start);
+            let offset = (start * size_of::<T>()) as u64;
+            let request = self.request::<T>(n, Memory::Device, Backends { custom: true, nccl: false });
+            let algo = self.table.read().unwrap_or_else(|e| e.into_inner()).choose_chunk(&request)?;
+            self.device_call::<T>(Some(algo), input + offset, output + offset, n, stream, registered_only)?;
+            start += n;
+        }
+        Ok(())
     }
 
     /// Allocate `len` elements of device memory every peer maps, registered for zero-copy
@@ -956,7 +1149,9 @@ impl Communicator {
     /// cudarc's event tracking on (several streams in use), a buffer last touched on another
     /// stream makes the captured stream wait on that stream's event, which CUDA may refuse
     /// during capture: order such work first, or turn tracking off as `examples/gpu_check.rs`
-    /// does.
+    /// does. Calls served by NCCL are captured as NCCL nodes; NCCL's communicator is built by
+    /// the first call it serves, which must not be a captured one: make one eager call of an
+    /// NCCL-served size (or forced [`Algo::Nccl`]) before capturing such calls.
     ///
     /// After replaying the graph, synchronise the stream and call
     /// [`Communicator::check_device_errors`] to learn of peers that did not arrive.
@@ -971,8 +1166,14 @@ impl Communicator {
     where
         F: FnOnce(&Arc<CudaStream>) -> Result<()>,
     {
-        // Both IPC backends allocate and synchronise when built: never during capture.
-        self.with_gpu(|gpu| self.ensure_custom(gpu).and_then(|()| self.ensure_packet(gpu)))?;
+        // Built before capture (they allocate and synchronise); NCCL alone may serve the
+        // captured calls where the IPC kernels cannot run.
+        self.with_gpu(|gpu| {
+            if self.device_backends(gpu)?.custom {
+                self.ensure_packet(gpu)?;
+            }
+            Ok(())
+        })?;
         let begun = stream
             .begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
             .map_err(crate::cuda::cuda("cuStreamBeginCapture"));
@@ -985,12 +1186,13 @@ impl Communicator {
         });
         let ok = u8::from(body_result.is_ok());
         let mut all_ok = 0u8;
-        self.boot.node().all_reduce_into(&ok, &mut all_ok, mpi::collective::SystemOperation::min());
+        self.boot.world().all_reduce_into(&ok, &mut all_ok, mpi::collective::SystemOperation::min());
         self.with_gpu(|gpu| {
-            let custom = gpu.custom.as_mut().expect("built before capture");
             if all_ok == 0 {
                 // Nothing will be replayed; forget the calls recorded by this capture.
-                custom.discard_graph_pending();
+                if let Some(custom) = gpu.custom.as_mut() {
+                    custom.discard_graph_pending();
+                }
                 return Err(match body_result {
                     Err(e) => e,
                     Ok(_) => Error::Unsupported {
@@ -999,7 +1201,9 @@ impl Communicator {
                     },
                 });
             }
-            custom.exchange_graph_buffers(self.boot.node())?;
+            if let Some(custom) = gpu.custom.as_mut() {
+                custom.exchange_graph_buffers(self.boot.node())?;
+            }
             body_result?.ok_or_else(|| Error::invalid("capture", "the body enqueued no work on the stream"))
         })
     }
@@ -1015,11 +1219,20 @@ impl Communicator {
     ///
     /// # Errors
     /// [`Error::PeerTimeout`]; [`Error::Mismatch`] when ranks replayed graphs of different
-    /// calls; [`Error::Poisoned`] after an earlier desynchronising error.
+    /// calls; [`Error::Nccl`] for an asynchronous NCCL error (NCCL is then aborted);
+    /// [`Error::Poisoned`] after an earlier desynchronising error.
     pub fn check_device_errors(&self) -> Result<()> {
         self.with_gpu(|gpu| {
-            gpu.custom.as_ref().map_or(Ok(()), CustomAllreduce::check_error)?;
-            gpu.packet.as_ref().map_or(Ok(()), PacketAllreduce::check_error)
+            if let Some(c) = &gpu.custom {
+                c.check_error()?;
+            }
+            if let Some(p) = &gpu.packet {
+                p.check_error()?;
+            }
+            match gpu.nccl.as_mut() {
+                Some(nccl) => nccl.check_error(),
+                None => Ok(()),
+            }
         })
     }
 }

@@ -47,6 +47,12 @@ pub struct Config {
     /// A dispatch table tuned by [`crate::Communicator::tune`]: loaded at start when the file
     /// exists and was tuned for this machine and layout, written by `tune` (`TPCOMM_TUNE_FILE`).
     pub tune_file: Option<std::path::PathBuf>,
+    /// Bitwise reproducible results (`TPCOMM_DETERMINISTIC`): every element is summed in
+    /// absolute rank order whatever the message size, so the bits of element `i` depend only on
+    /// the ranks' inputs at `i`. NCCL (whose ring and tree orders vary with size and layout) is
+    /// never chosen; device messages over `TPCOMM_CUSTOM_MAX_BYTES` go through the custom kernels
+    /// in chunks instead.
+    pub deterministic: bool,
 }
 
 impl Default for Config {
@@ -64,6 +70,7 @@ impl Default for Config {
             packet_max_bytes: None,
             oneshot_max_bytes: None,
             tune_file: None,
+            deterministic: false,
         }
     }
 }
@@ -235,6 +242,15 @@ const PARAMS: &[Param] = &[
         },
         show: |c| c.tune_file.as_ref().map_or("none".to_string(), |d| d.display().to_string()),
     },
+    Param {
+        key: "TPCOMM_DETERMINISTIC",
+        help: "1 keeps every sum in rank order (bitwise reproducible, never NCCL; large device messages in chunks)",
+        set: |c, v| {
+            c.deterministic = parse_bool(v)?;
+            Ok(())
+        },
+        show: |c| u8::from(c.deterministic).to_string(),
+    },
 ];
 
 impl Config {
@@ -271,7 +287,26 @@ impl Config {
                 expected,
             })?;
         }
+        config.validate()?;
         Ok(config)
+    }
+
+    /// Check settings that are valid alone but not together.
+    ///
+    /// # Errors
+    /// [`Error::Config`] when `TPCOMM_ALGO=nccl` is combined with `TPCOMM_DETERMINISTIC=1`:
+    /// NCCL's summation order is not fixed, so it cannot serve deterministic mode.
+    pub fn validate(&self) -> Result<()> {
+        if self.deterministic && self.algo == Some(Algo::Nccl) {
+            return Err(Error::Config {
+                key: "TPCOMM_ALGO",
+                value: Algo::Nccl.as_str().to_string(),
+                expected: "another algorithm (or auto) while TPCOMM_DETERMINISTIC=1: NCCL does not sum in a fixed \
+                           rank order; unset TPCOMM_ALGO or TPCOMM_DETERMINISTIC"
+                    .into(),
+            });
+        }
+        Ok(())
     }
 
     /// Every parameter, its current value and its meaning, one per line.
@@ -326,11 +361,37 @@ mod tests {
             ("TPCOMM_CACHE_DIR", ""),
             ("TPCOMM_CUSTOM_MAX_BYTES", "1000"),
             ("TPCOMM_TIMEOUTMS", "10"),
+            ("TPCOMM_DETERMINISTIC", "2"),
+            ("TPCOMM_DETERMINISTIC", "maybe"),
         ] {
             let err = Config::from_vars([(k, v)]).unwrap_err();
             let text = err.to_string();
             assert!(matches!(err, Error::Config { .. }), "{k}={v}: {text}");
             assert!(text.contains(v), "{k}={v}: {text}");
         }
+    }
+
+    #[test]
+    fn deterministic_values() {
+        for (v, want) in [("1", true), ("on", true), ("true", true), ("0", false), ("off", false), ("no", false)] {
+            assert_eq!(Config::from_vars([("TPCOMM_DETERMINISTIC", v)]).unwrap().deterministic, want, "{v}");
+        }
+        assert!(!Config::default().deterministic);
+        let dump = Config { deterministic: true, ..Config::default() }.dump();
+        assert!(dump.lines().any(|l| l.starts_with("TPCOMM_DETERMINISTIC") && l.contains(" 1 ")), "{dump}");
+    }
+
+    #[test]
+    fn nccl_with_deterministic_is_refused_naming_both() {
+        let err = Config::from_vars([("TPCOMM_ALGO", "nccl"), ("TPCOMM_DETERMINISTIC", "1")]).unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, Error::Config { key: "TPCOMM_ALGO", .. }), "{text}");
+        assert!(text.contains("TPCOMM_ALGO") && text.contains("TPCOMM_DETERMINISTIC"), "{text}");
+        // Either alone is fine, and so is another forced algorithm with deterministic mode.
+        assert_eq!(Config::from_vars([("TPCOMM_ALGO", "nccl")]).unwrap().algo, Some(Algo::Nccl));
+        let c = Config::from_vars([("TPCOMM_ALGO", "twoshot"), ("TPCOMM_DETERMINISTIC", "1")]).unwrap();
+        assert!(c.deterministic && c.algo == Some(Algo::TwoShot));
+        // A configuration built in code is checked too.
+        assert!(Config { algo: Some(Algo::Nccl), deterministic: true, ..Config::default() }.validate().is_err());
     }
 }

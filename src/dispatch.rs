@@ -1,7 +1,7 @@
 //! The dispatch table: which algorithm serves a call.
 //!
 //! The [`crate::Communicator`] describes each call as a [`Request`] (bytes, dtype, world size,
-//! node layout, memory kind) and asks [`DispatchTable::choose`]. This is the only place that
+//! node layout, memory kind, which backends can run) and asks [`DispatchTable::choose`]. This is the only place that
 //! decides between backends; backends never know of each other. `TPCOMM_ALGO` (or
 //! [`crate::Config::algo`]) forces one algorithm; a forced algorithm that cannot serve the call is
 //! an error naming the variable, never a silent fallback.
@@ -31,6 +31,14 @@ pub enum Algo {
     PacketTwoPhase,
     /// Device memory, Lamport push: raw data into sentinel-filled buffers; no barrier, no flags.
     Lamport,
+    /// Device memory, NCCL (large messages, several nodes, GPUs without P2P). Its summation
+    /// order depends on size and layout, so deterministic mode never uses it.
+    Nccl,
+    /// Device memory: the custom IPC kernels called on consecutive chunks of at most
+    /// `TPCOMM_CUSTOM_MAX_BYTES`, each an ordinary packet, one-shot or two-shot call. Every element is
+    /// still summed in rank order, so the bits are those of an unchunked call. Serves messages
+    /// over the custom limit in deterministic mode, and where NCCL is not installed.
+    Chunked,
 }
 
 impl Algo {
@@ -43,6 +51,8 @@ impl Algo {
         Algo::Packet,
         Algo::PacketTwoPhase,
         Algo::Lamport,
+        Algo::Nccl,
+        Algo::Chunked,
     ];
 
     /// The name used by `TPCOMM_ALGO` and `--algo`.
@@ -55,6 +65,8 @@ impl Algo {
             Algo::Packet => "packet",
             Algo::PacketTwoPhase => "packet2",
             Algo::Lamport => "lamport",
+            Algo::Nccl => "nccl",
+            Algo::Chunked => "chunked",
         }
     }
 
@@ -62,7 +74,13 @@ impl Algo {
     pub const fn memory(self) -> Memory {
         match self {
             Algo::HostOneShot | Algo::HostTwoShot => Memory::Host,
-            Algo::OneShot | Algo::TwoShot | Algo::Packet | Algo::PacketTwoPhase | Algo::Lamport => Memory::Device,
+            Algo::OneShot
+            | Algo::TwoShot
+            | Algo::Packet
+            | Algo::PacketTwoPhase
+            | Algo::Lamport
+            | Algo::Nccl
+            | Algo::Chunked => Memory::Device,
         }
     }
 }
@@ -105,6 +123,19 @@ pub struct Request {
     pub nodes: usize,
     /// Kind of memory.
     pub memory: Memory,
+    /// The custom IPC kernels can run on this layout (one node, every pair of GPUs in use with
+    /// P2P access). Ignored for host memory.
+    pub custom_available: bool,
+    /// NCCL can run: libnccl loads on every rank and no two ranks share a GPU (NCCL refuses
+    /// that). Ignored for host memory.
+    pub nccl_available: bool,
+}
+
+impl Request {
+    /// A request for `bytes` of `dtype` in `memory`, with both device backends available.
+    pub fn new(bytes: usize, dtype: DType, world_size: usize, nodes: usize, memory: Memory) -> Self {
+        Request { bytes, dtype, world_size, nodes, memory, custom_available: true, nccl_available: true }
+    }
 }
 
 /// Size thresholds between algorithms for one world size, from defaults and `TPCOMM_*`
@@ -119,6 +150,8 @@ pub struct DispatchTable {
     pub oneshot_max_bytes: usize,
     /// Largest device message (bytes per rank) the custom IPC kernels serve (their staging size).
     pub custom_max_bytes: usize,
+    /// Deterministic mode (`TPCOMM_DETERMINISTIC`): never NCCL, chunked custom calls instead.
+    pub deterministic: bool,
     forced: Option<Algo>,
 }
 
@@ -162,6 +195,7 @@ impl DispatchTable {
                 .min(config.packet_buffer_bytes),
             oneshot_max_bytes: config.oneshot_max_bytes.unwrap_or(oneshot_max_bytes(world_size)),
             custom_max_bytes: config.custom_max_bytes,
+            deterministic: config.deterministic,
             forced: config.algo,
         }
     }
@@ -237,8 +271,15 @@ impl DispatchTable {
 
     /// The algorithm for `req`.
     ///
+    /// Device memory: one-shot up to `oneshot_max_bytes`, two-shot up to `custom_max_bytes`,
+    /// NCCL above (or [`Algo::Chunked`] where NCCL is not installed) and wherever the custom
+    /// kernels cannot run (several nodes, no P2P). In deterministic mode NCCL is never chosen:
+    /// large messages go [`Algo::Chunked`], and layouts without the custom kernels are refused.
+    ///
     /// # Errors
-    /// [`Error::Unsupported`] when a forced algorithm cannot serve this kind of memory.
+    /// [`Error::Unsupported`] when a forced algorithm cannot serve this kind of memory, or no
+    /// backend can serve the call (naming why and what to change); [`Error::Config`] for
+    /// `TPCOMM_ALGO=nccl` in deterministic mode.
     pub fn choose(&self, req: &Request) -> Result<Algo> {
         if let Some(algo) = self.forced {
             if algo.memory() != req.memory {
@@ -247,27 +288,74 @@ impl DispatchTable {
                     reason: format!("{algo} reduces {:?} memory only; unset TPCOMM_ALGO", algo.memory()),
                 });
             }
+            if algo == Algo::Nccl && self.deterministic {
+                return Err(Error::Config {
+                    key: "TPCOMM_ALGO",
+                    value: algo.to_string(),
+                    expected: "another algorithm (or auto) while TPCOMM_DETERMINISTIC=1: NCCL does not sum in a \
+                               fixed rank order"
+                        .into(),
+                });
+            }
             return Ok(algo);
         }
-        match req.memory {
-            Memory::Host if req.bytes <= self.host_oneshot_max_bytes => Ok(Algo::HostOneShot),
-            Memory::Host => Ok(Algo::HostTwoShot),
-            Memory::Device if req.nodes > 1 => Err(Error::Unsupported {
-                what: "allreduce of device memory across nodes".into(),
-                reason: "the custom IPC kernels serve one node; no network backend is built in yet".into(),
-            }),
-            Memory::Device if req.bytes <= self.packet_max_bytes => Ok(Algo::Packet),
-            Memory::Device if req.bytes <= self.oneshot_max_bytes => Ok(Algo::OneShot),
-            Memory::Device if req.bytes <= self.custom_max_bytes => Ok(Algo::TwoShot),
-            Memory::Device => Err(Error::Unsupported {
-                what: format!("allreduce of {} bytes of device memory", req.bytes),
-                reason: format!(
-                    "the custom IPC kernels take at most TPCOMM_CUSTOM_MAX_BYTES={} bytes and no larger-message \
-                     backend is built in yet",
-                    self.custom_max_bytes
-                ),
-            }),
+        if req.memory == Memory::Host {
+            return Ok(if req.bytes <= self.host_oneshot_max_bytes { Algo::HostOneShot } else { Algo::HostTwoShot });
         }
+        let custom = req.custom_available && req.nodes == 1;
+        if !custom {
+            let why = if req.nodes > 1 {
+                format!("the ranks span {} nodes and the custom IPC kernels serve one node", req.nodes)
+            } else {
+                "the GPUs in use cannot access each other (no P2P), which the custom IPC kernels need".to_string()
+            };
+            if self.deterministic {
+                return Err(Error::Unsupported {
+                    what: "deterministic allreduce of device memory".into(),
+                    reason: format!(
+                        "{why}, and NCCL, which would serve it, does not sum in a fixed rank order; unset \
+                         TPCOMM_DETERMINISTIC, or reduce host copies of the data (host memory is deterministic)"
+                    ),
+                });
+            }
+            if !req.nccl_available {
+                return Err(Error::Unsupported {
+                    what: "allreduce of device memory".into(),
+                    reason: format!(
+                        "{why}, and NCCL cannot run here: install NCCL (libnccl.so.2) on every node and give \
+                         each rank its own GPU"
+                    ),
+                });
+            }
+            return Ok(Algo::Nccl);
+        }
+        Ok(if req.bytes <= self.packet_max_bytes {
+            Algo::Packet
+        } else if req.bytes <= self.oneshot_max_bytes {
+            Algo::OneShot
+        } else if req.bytes <= self.custom_max_bytes {
+            Algo::TwoShot
+        } else if self.deterministic || !req.nccl_available {
+            Algo::Chunked
+        } else {
+            Algo::Nccl
+        })
+    }
+
+    /// The algorithm for one chunk of an [`Algo::Chunked`] call: `req` with `bytes` at most
+    /// `custom_max_bytes`, chosen as an unforced call would be (packet, one-shot or two-shot).
+    ///
+    /// # Errors
+    /// [`Error::Internal`] when `req` is larger than a chunk may be.
+    pub fn choose_chunk(&self, req: &Request) -> Result<Algo> {
+        if req.bytes > self.custom_max_bytes {
+            return Err(Error::Internal(format!(
+                "chunk of {} bytes over the custom limit of {}",
+                req.bytes, self.custom_max_bytes
+            )));
+        }
+        let unforced = DispatchTable { forced: None, ..self.clone() };
+        unforced.choose(&Request { custom_available: true, ..*req })
     }
 }
 
@@ -280,7 +368,26 @@ impl fmt::Display for DispatchTable {
         writeln!(f, "# host memory:   bytes >  {:>10}: {}", self.host_oneshot_max_bytes, Algo::HostTwoShot)?;
         writeln!(f, "# device memory: bytes <= {:>10}: {}", self.packet_max_bytes, Algo::Packet)?;
         writeln!(f, "# device memory: bytes <= {:>10}: {}", self.oneshot_max_bytes, Algo::OneShot)?;
-        writeln!(f, "# device memory: bytes <= {:>10}: {}", self.custom_max_bytes, Algo::TwoShot)
+        writeln!(f, "# device memory: bytes <= {:>10}: {}", self.custom_max_bytes, Algo::TwoShot)?;
+        if self.deterministic {
+            writeln!(
+                f,
+                "# device memory: bytes >  {:>10}: {} (deterministic: custom kernels in chunks of at most {} bytes)",
+                self.custom_max_bytes,
+                Algo::Chunked,
+                self.custom_max_bytes
+            )?;
+            writeln!(f, "# device memory: several nodes or no P2P: unsupported (deterministic mode never uses NCCL)")
+        } else {
+            writeln!(
+                f,
+                "# device memory: bytes >  {:>10}: {} ({} where libnccl.so.2 is missing)",
+                self.custom_max_bytes,
+                Algo::Nccl,
+                Algo::Chunked
+            )?;
+            writeln!(f, "# device memory: several nodes or no P2P: {} (any size)", Algo::Nccl)
+        }
     }
 }
 
@@ -368,7 +475,7 @@ mod tests {
     }
 
     fn host(bytes: usize) -> Request {
-        Request { bytes, dtype: DType::F32, world_size: 4, nodes: 1, memory: Memory::Host }
+        Request::new(bytes, DType::F32, 4, 1, Memory::Host)
     }
 
     #[test]
@@ -412,7 +519,7 @@ mod tests {
         assert_eq!(t8.choose(&dev(256 << 10, 8)).unwrap(), Algo::OneShot);
         assert_eq!(t8.choose(&dev((256 << 10) + 1, 8)).unwrap(), Algo::TwoShot);
         assert_eq!(t8.choose(&dev(8 << 20, 8)).unwrap(), Algo::TwoShot);
-        assert!(matches!(t8.choose(&dev((8 << 20) + 1, 8)), Err(Error::Unsupported { .. })));
+        assert_eq!(t8.choose(&dev((8 << 20) + 1, 8)).unwrap(), Algo::Nccl);
         let env = DispatchTable::new(&Config { oneshot_max_bytes: Some(1 << 20), ..config }, 8);
         assert_eq!(env.choose(&dev(1 << 20, 8)).unwrap(), Algo::OneShot);
         let forced = DispatchTable::new(&Config { algo: Some(Algo::OneShot), ..Config::default() }, 4);
@@ -437,5 +544,104 @@ mod tests {
         for name in ["packet", "packet2", "lamport"] {
             assert_eq!(name.parse::<Algo>().unwrap().memory(), Memory::Device);
         }
+    }
+
+    fn device(bytes: usize) -> Request {
+        Request::new(bytes, DType::BF16, 4, 1, Memory::Device)
+    }
+
+    fn table(config: Config) -> DispatchTable {
+        DispatchTable::new(&Config { custom_max_bytes: 8 << 20, oneshot_max_bytes: Some(512 << 10), ..config }, 4)
+    }
+
+    #[test]
+    fn nccl_serves_large_messages_and_layouts_without_custom_kernels() {
+        let t = table(Config::default());
+        assert_eq!(t.choose(&device(8 << 20)).unwrap(), Algo::TwoShot);
+        assert_eq!(t.choose(&device((8 << 20) + 1)).unwrap(), Algo::Nccl);
+        assert_eq!(t.choose(&device(1 << 30)).unwrap(), Algo::Nccl);
+        // Several nodes, or GPUs without P2P: NCCL at every size, even the smallest.
+        for bytes in [0, 16, 512 << 10, 64 << 20] {
+            assert_eq!(t.choose(&Request { nodes: 2, ..device(bytes) }).unwrap(), Algo::Nccl, "{bytes}");
+            assert_eq!(t.choose(&Request { custom_available: false, ..device(bytes) }).unwrap(), Algo::Nccl);
+        }
+        // Host memory never goes to NCCL.
+        assert_eq!(t.choose(&Request { nodes: 2, ..host(64 << 20) }).unwrap(), Algo::HostTwoShot);
+    }
+
+    #[test]
+    fn without_libnccl_large_messages_go_chunked_and_other_layouts_fail() {
+        let t = table(Config::default());
+        let no_nccl = |r: Request| Request { nccl_available: false, ..r };
+        assert_eq!(t.choose(&no_nccl(device(512 << 10))).unwrap(), Algo::OneShot);
+        assert_eq!(t.choose(&no_nccl(device((8 << 20) + 1))).unwrap(), Algo::Chunked);
+        let err = t.choose(&no_nccl(Request { nodes: 2, ..device(64) })).unwrap_err();
+        assert!(matches!(err, Error::Unsupported { .. }) && err.to_string().contains("libnccl"), "{err}");
+        let err = t.choose(&no_nccl(Request { custom_available: false, ..device(64) })).unwrap_err();
+        assert!(err.to_string().contains("P2P") && err.to_string().contains("libnccl"), "{err}");
+    }
+
+    #[test]
+    fn deterministic_mode_never_chooses_nccl() {
+        let t = table(Config { deterministic: true, ..Config::default() });
+        assert_eq!(t.choose(&device(512 << 10)).unwrap(), Algo::OneShot);
+        assert_eq!(t.choose(&device((512 << 10) + 1)).unwrap(), Algo::TwoShot);
+        assert_eq!(t.choose(&device(8 << 20)).unwrap(), Algo::TwoShot);
+        for bytes in [(8 << 20) + 1, 64 << 20, (1 << 34) + 3] {
+            assert_eq!(t.choose(&device(bytes)).unwrap(), Algo::Chunked, "{bytes}");
+            assert_eq!(t.choose(&Request { nccl_available: false, ..device(bytes) }).unwrap(), Algo::Chunked);
+        }
+        for req in [Request { nodes: 2, ..device(64) }, Request { custom_available: false, ..device(64 << 20) }] {
+            let err = t.choose(&req).unwrap_err();
+            let text = err.to_string();
+            assert!(matches!(err, Error::Unsupported { .. }), "{text}");
+            assert!(text.contains("deterministic") && text.contains("TPCOMM_DETERMINISTIC"), "{text}");
+        }
+        // Host memory is unchanged.
+        assert_eq!(t.choose(&host(64 << 20)).unwrap(), Algo::HostTwoShot);
+    }
+
+    #[test]
+    fn chunks_are_chosen_as_unforced_custom_calls() {
+        for config in [
+            Config { deterministic: true, ..Config::default() },
+            Config { algo: Some(Algo::Chunked), ..Config::default() },
+        ] {
+            let t = table(config);
+            assert_eq!(t.choose_chunk(&device(4096)).unwrap(), Algo::Packet);
+            assert_eq!(t.choose_chunk(&device(t.packet_max_bytes + 16)).unwrap(), Algo::OneShot);
+            assert_eq!(t.choose_chunk(&device(8 << 20)).unwrap(), Algo::TwoShot);
+            assert!(matches!(t.choose_chunk(&device((8 << 20) + 16)), Err(Error::Internal(_))));
+        }
+    }
+
+    #[test]
+    fn forced_device_algorithms() {
+        let forced = |algo| table(Config { algo: Some(algo), ..Config::default() });
+        // Forced NCCL serves any device size and layout, never host memory.
+        for req in [device(16), device(1 << 30), Request { nodes: 3, ..device(16) }] {
+            assert_eq!(forced(Algo::Nccl).choose(&req).unwrap(), Algo::Nccl);
+        }
+        let err = forced(Algo::Nccl).choose(&host(16)).unwrap_err();
+        assert!(matches!(err, Error::Unsupported { .. }) && err.to_string().contains("TPCOMM_ALGO=nccl"), "{err}");
+        assert!(matches!(forced(Algo::Chunked).choose(&host(16)), Err(Error::Unsupported { .. })));
+        assert_eq!(forced(Algo::Chunked).choose(&device(16)).unwrap(), Algo::Chunked);
+        // NCCL forced in deterministic mode (a Config built in code, past Config::validate).
+        let t = table(Config { algo: Some(Algo::Nccl), deterministic: true, ..Config::default() });
+        let err = t.choose(&device(16)).unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, Error::Config { .. }), "{text}");
+        assert!(text.contains("TPCOMM_ALGO") && text.contains("TPCOMM_DETERMINISTIC"), "{text}");
+        // Other forced algorithms stay allowed in deterministic mode.
+        let t = table(Config { algo: Some(Algo::TwoShot), deterministic: true, ..Config::default() });
+        assert_eq!(t.choose(&device(64 << 20)).unwrap(), Algo::TwoShot);
+    }
+
+    #[test]
+    fn the_printed_table_names_the_nccl_and_deterministic_rows() {
+        let text = table(Config::default()).to_string();
+        assert!(text.contains("nccl") && text.contains("several nodes or no P2P: nccl"), "{text}");
+        let text = table(Config { deterministic: true, ..Config::default() }).to_string();
+        assert!(text.contains("chunked") && text.contains("unsupported") && !text.contains(": nccl"), "{text}");
     }
 }

@@ -77,6 +77,15 @@ pub enum Error {
         /// The driver's error.
         source: cudarc::driver::DriverError,
     },
+    /// An NCCL call failed (or NCCL reported an asynchronous error).
+    Nccl {
+        /// The operation.
+        op: &'static str,
+        /// NCCL's result code, e.g. `ncclInvalidUsage`.
+        code: String,
+        /// NCCL's description of the code and its last error message.
+        detail: String,
+    },
     /// Run-time compilation of a kernel failed; the log and the options are kept.
     Compile {
         /// Kernel family.
@@ -132,6 +141,9 @@ impl fmt::Display for Error {
             Error::Unsupported { what, reason } => write!(f, "{what} is not supported: {reason}"),
             Error::System { op, source } => write!(f, "{op}: {source}"),
             Error::Cuda { op, source } => write!(f, "{op}: CUDA error {source:?}"),
+            Error::Nccl { op, code, detail } => {
+                write!(f, "{op}: NCCL error {code}: {detail} (NCCL_DEBUG=WARN prints NCCL's own account of it)")
+            }
             Error::Compile { kernel, log } => write!(f, "compiling kernel {kernel} failed:\n{log}"),
             Error::Mpi(msg) => write!(f, "MPI: {msg}"),
             Error::Internal(msg) => write!(f, "internal error in tpcomm (please report): {msg}"),

@@ -144,6 +144,62 @@ fn device_identity(ctx: &cudarc::driver::CudaContext) -> ([u8; 16], String) {
     (uuid, bus)
 }
 
+/// Ranks of `comm` that share a GPU: one entry per GPU used by more than one rank, holding the
+/// GPU's UUID (as `GPU-xxxxxxxx-...`) and the ranks (in `comm`) that use it, in rank order.
+/// Ranks whose driver reports no UUID are never counted as sharing.
+///
+/// # Collective
+/// Every rank of `comm` (any number of nodes).
+pub fn shared_gpus<C: mpi::traits::Communicator>(
+    comm: &C,
+    ctx: &cudarc::driver::CudaContext,
+) -> Vec<(String, Vec<usize>)> {
+    let (uuid, _) = device_identity(ctx);
+    let all = crate::bootstrap::all_gather_bytes(comm, &uuid);
+    group_shared(&all)
+}
+
+/// The shared groups of [`shared_gpus`] from every rank's 16 UUID bytes.
+fn group_shared(uuids: &[Vec<u8>]) -> Vec<(String, Vec<usize>)> {
+    let mut groups: Vec<(&[u8], Vec<usize>)> = Vec::new();
+    for (rank, u) in uuids.iter().enumerate() {
+        if u.iter().all(|&b| b == 0) {
+            continue;
+        }
+        match groups.iter_mut().find(|(g, _)| *g == &u[..]) {
+            Some((_, ranks)) => ranks.push(rank),
+            None => groups.push((u, vec![rank])),
+        }
+    }
+    groups.into_iter().filter(|(_, r)| r.len() > 1).map(|(u, r)| (format_uuid(u), r)).collect()
+}
+
+/// A UUID as `nvidia-smi -L` prints it: `GPU-` and 8-4-4-4-12 hex digits.
+fn format_uuid(u: &[u8]) -> String {
+    let hex: String = u.iter().map(|b| format!("{b:02x}")).collect();
+    if hex.len() != 32 {
+        return format!("GPU-{hex}");
+    }
+    format!("GPU-{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
+}
+
+#[cfg(test)]
+mod shared_tests {
+    use super::*;
+
+    #[test]
+    fn shared_gpus_are_grouped_by_uuid() {
+        let a = vec![1u8; 16];
+        let b = vec![2u8; 16];
+        let none = vec![0u8; 16];
+        let groups = group_shared(&[a.clone(), b.clone(), a.clone(), none.clone(), none, b.clone(), vec![3u8; 16]]);
+        assert_eq!(groups.len(), 2);
+        assert_eq!(groups[0], ("GPU-01010101-0101-0101-0101-010101010101".to_string(), vec![0, 2]));
+        assert_eq!(groups[1].1, vec![1, 5]);
+        assert!(group_shared(&[a, b]).is_empty());
+    }
+}
+
 /// Find which ranks of `node` share a GPU (by device UUID) and whether every pair of distinct
 /// GPUs used can access each other (P2P), for the custom IPC allreduce.
 ///

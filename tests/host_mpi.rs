@@ -62,7 +62,20 @@ fn launcher() {
     for ranks in [3, 4] {
         jobs.push(Job { case: "batch_invariance", ranks, env: &[("TPCOMM_HOST_CHUNK_BYTES", "4096")] });
     }
+    for ranks in [1, 2, 3, 4] {
+        jobs.push(Job {
+            case: "deterministic",
+            ranks,
+            env: &[("TPCOMM_DETERMINISTIC", "1"), ("TPCOMM_HOST_CHUNK_BYTES", "4096")],
+        });
+    }
+    jobs.push(Job {
+        case: "deterministic",
+        ranks: 4,
+        env: &[("TPCOMM_DETERMINISTIC", "1"), ("TPCOMM_FAKE_NODES", "2"), ("TPCOMM_HOST_CHUNK_BYTES", "8192")],
+    });
     jobs.push(Job { case: "invalid_config", ranks: 1, env: &[("TPCOMM_ALGO", "fastest")] });
+    jobs.push(Job { case: "invalid_config", ranks: 1, env: &[("TPCOMM_ALGO", "nccl"), ("TPCOMM_DETERMINISTIC", "1")] });
     jobs.push(Job { case: "invalid_config", ranks: 1, env: &[("TPCOMM_TIMEOUT_MS", "-3")] });
     jobs.push(Job { case: "invalid_config", ranks: 1, env: &[("TPCOMM_NO_SUCH_KNOB", "1")] });
 
@@ -182,6 +195,7 @@ fn worker(case: &str) -> i32 {
         "exact" => exact(&comm),
         "mismatched_lengths" => mismatched_lengths(&comm),
         "batch_invariance" => batch_invariance(&comm),
+        "deterministic" => deterministic(&comm),
         "nodes_disagree_on_length" => nodes_disagree_on_length(&comm),
         "rank_skips_call" => rank_skips_call(&comm),
         "input_output_lengths_differ" => input_output_lengths_differ(&comm),
@@ -413,6 +427,91 @@ fn batch_invariance(comm: &Communicator) -> Result<String, String> {
         }
     }
     Ok(format!("{runs} embeddings gave identical bits"))
+}
+
+/// Deterministic mode (run with `TPCOMM_DETERMINISTIC=1`): the same values per rank, embedded
+/// at many offsets in messages of many sizes, in place and not, through the dispatch table's
+/// choice and both host algorithms, give the reference bits of `tpcomm::verify` every time and
+/// on every rank, and the whole message matches the reference too. The dispatch table must also
+/// keep large device messages off NCCL.
+fn deterministic(comm: &Communicator) -> Result<String, String> {
+    use tpcomm::dispatch::{Memory, Request};
+    if !comm.config().deterministic {
+        return Err("run this case with TPCOMM_DETERMINISTIC=1".into());
+    }
+    let (rank, n) = (comm.rank(), comm.size());
+    let boot = comm.bootstrap();
+    let device = Request::new(64 << 20, tpcomm::DType::BF16, n, boot.nodes, Memory::Device);
+    match comm.dispatch_table().choose(&device) {
+        Ok(Algo::Chunked) if boot.nodes == 1 => {}
+        Err(Error::Unsupported { .. }) if boot.nodes > 1 => {}
+        other => return Err(format!("64 MiB of device memory on {} node(s) went to {other:?}", boot.nodes)),
+    }
+    let mut checks = deterministic_for::<f32>(comm)?;
+    checks += deterministic_for::<bf16>(comm)?;
+    // Every rank reached the same count: no rank skipped a case.
+    let mut all = vec![0u64; n];
+    {
+        use mpi::collective::CommunicatorCollectives as _;
+        comm.bootstrap().world().all_gather_into(&(checks as u64), &mut all[..]);
+    }
+    if all.iter().any(|&c| c != checks as u64) {
+        return Err(format!("ranks ran different numbers of checks: {all:?} (rank {rank})"));
+    }
+    Ok(format!("{checks} embeddings gave the reference bits"))
+}
+
+fn deterministic_for<T: Element>(comm: &Communicator) -> Result<usize, String> {
+    const WINDOW: usize = 777;
+    const PROBE_SEED: u64 = 0xde7e;
+    let (rank, n) = (comm.rank(), comm.size());
+    let rank_to_node = comm.bootstrap().rank_to_node.clone();
+    // The probe's expected bits, from the reference of the plan in force (flat on one node).
+    let want_probe: Vec<T> = expected_hierarchical_sum(PROBE_SEED, &rank_to_node, WINDOW);
+    let probe_of = |r: usize| rank_input::<T>(PROBE_SEED, r, WINDOW);
+    let message = |r: usize, len: usize, offset: usize| {
+        let mut buf: Vec<T> = rank_input(0x5a17 ^ len as u64, r, len);
+        buf[offset..offset + WINDOW].copy_from_slice(&probe_of(r));
+        buf
+    };
+    let mut checks = 0;
+    let cases =
+        [(777, 0), (778, 1), (1000, 223), (1024, 7), (2048 + 3, 1024), (5000, 4095), (20000, 9999), (70001, 69224)];
+    for (len, offset) in cases {
+        let all: Vec<Vec<T>> = (0..n).map(|r| message(r, len, offset)).collect();
+        let views: Vec<&[T]> = all.iter().map(|b| &b[..]).collect();
+        let want_all = tpcomm::hierarchy::hierarchical_reference(&views, &rank_to_node);
+        for (algo, in_place) in
+            [(None, false), (None, true), (Some(Algo::HostOneShot), false), (Some(Algo::HostTwoShot), true)]
+        {
+            let input = all[rank].clone();
+            let mut out = vec![poison::<T>(); len];
+            let what = format!("{} len {len} offset {offset} {algo:?} in_place {in_place}", T::DTYPE);
+            let r = match (algo, in_place) {
+                (None, false) => comm.all_reduce_host(&input, &mut out),
+                (None, true) => {
+                    out.copy_from_slice(&input);
+                    comm.all_reduce_host_in_place(&mut out)
+                }
+                (Some(a), false) => comm.all_reduce_host_using(a, Some(&input), &mut out),
+                (Some(a), true) => {
+                    out.copy_from_slice(&input);
+                    comm.all_reduce_host_using(a, None, &mut out)
+                }
+            };
+            r.map_err(|e| format!("{what}: {e}"))?;
+            let wrong = count_wrong(&out[offset..offset + WINDOW], &want_probe);
+            if wrong > 0 {
+                return Err(format!("{what}: {wrong} of {WINDOW} probe elements differ from the reference"));
+            }
+            let wrong = count_wrong(&out, &want_all);
+            if wrong > 0 {
+                return Err(format!("{what}: {wrong} of {len} elements differ from the reference"));
+            }
+            checks += 1;
+        }
+    }
+    Ok(checks)
 }
 
 /// The ranks of each (pretend) node agree on the length, but the nodes do not: the cross-node

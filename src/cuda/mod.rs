@@ -17,6 +17,20 @@ pub fn driver_present() -> bool {
     unsafe { sys::is_culib_present() }
 }
 
+/// Whether all work enqueued on `stream` so far has finished (`cuStreamQuery`), without
+/// waiting: for bounded waits that poll other conditions between queries.
+///
+/// # Errors
+/// [`Error::Cuda`] naming `op` when the stream holds a failed operation.
+pub fn stream_done(stream: &cudarc::driver::CudaStream, op: &'static str) -> Result<bool> {
+    // SAFETY: the stream handle is live for the borrow of `stream`.
+    match unsafe { sys::cuStreamQuery(stream.cu_stream()) } {
+        sys::CUresult::CUDA_SUCCESS => Ok(true),
+        sys::CUresult::CUDA_ERROR_NOT_READY => Ok(false),
+        other => check(op, other).map(|()| false),
+    }
+}
+
 /// Turn a raw driver result into [`Error::Cuda`] naming `op`.
 pub(crate) fn check(op: &'static str, r: sys::CUresult) -> Result<()> {
     r.result().map_err(|source| Error::Cuda { op, source })
