@@ -112,6 +112,21 @@ __device__ __forceinline__ u64 globaltimer() {
     return t;
 }
 
+// A bounded wait: the clock is read only every 64 polls and the deadline is set at the first
+// read, so a wait that succeeds at once never touches %globaltimer (a slow register) and a
+// spinning loop stays tight. Each wait is bounded by `timeout_ns` on its own.
+struct Spin {
+    u64 deadline;
+    u32 polls;
+    __device__ __forceinline__ Spin() : deadline(0), polls(0) {}
+    __device__ __forceinline__ bool expired(u64 timeout_ns) {
+        if ((++polls & 63) != 0) return false;
+        const u64 now = globaltimer();
+        if (deadline == 0) deadline = now + timeout_ns;
+        return now > deadline;
+    }
+};
+
 __device__ __forceinline__ void st_release_sys(u64* addr, u64 v) {
     asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(addr), "l"(v) : "memory");
 }

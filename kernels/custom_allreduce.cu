@@ -56,11 +56,11 @@ struct Signal {
 // word and the block leaves the kernel before touching any data (the host returns
 // Error::Mismatch). Every rank sees the other's tag, so every rank stops.
 //
-// The spin is bounded by `deadline` (globaltimer, ns). On timeout the thread records
+// The spin is bounded by `timeout_ns` (see Spin in common.cuh). On timeout the thread records
 // (barrier, peer, block) into the host-visible error word unless a mismatch is already there,
 // and the whole block leaves the kernel; the host turns that into Error::PeerTimeout.
 template <bool PUBLISH>
-__device__ __forceinline__ bool barrier(Signal* self, const Ptrs& sigs, int rank, u32 id, u32 tag, u64 deadline,
+__device__ __forceinline__ bool barrier(Signal* self, const Ptrs& sigs, int rank, u32 id, u32 tag, u64 timeout_ns,
                                         volatile u64* err, volatile int* failed) {
     __syncthreads();
     if (threadIdx.x < TPCOMM_WORLD) {
@@ -78,8 +78,9 @@ __device__ __forceinline__ bool barrier(Signal* self, const Ptrs& sigs, int rank
             st_relaxed_sys(theirs, word);
         }
         u64 got;
+        Spin spin;
         while ((u32)(got = (PUBLISH ? ld_acquire_sys(mine) : ld_relaxed_sys(mine))) != c) {
-            if (globaltimer() > deadline) {
+            if (spin.expired(timeout_ns)) {
                 if (*err == 0) *err = (1ull << 63) | ((u64)id << 32) | ((u64)p << 16) | (u64)blockIdx.x;
                 __threadfence_system();
                 *failed = 1;
@@ -128,12 +129,11 @@ __device__ void oneshot(const Ptrs* __restrict__ rd, const Ptrs& sigs, char* out
                         u64 timeout_ns, u64* err, u32 tag) {
     __shared__ int failed;
     if (threadIdx.x == 0) failed = 0;
-    const u64 deadline = globaltimer() + timeout_ns;
     Signal* self = (Signal*)sigs.p[rank];
     const Ptrs in = *rd;
     // Start: every peer's kernel is running, so its input (written by earlier work on its
     // stream) is complete.
-    if (!barrier<false>(self, sigs, rank, TPCOMM_BARRIER_START, tag, deadline, err, &failed)) return;
+    if (!barrier<false>(self, sigs, rank, TPCOMM_BARRIER_START, tag, timeout_ns, err, &failed)) return;
     const u64 nvec = count / T::PER_VEC;
     const u64 tid = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     const u64 stride = (u64)gridDim.x * blockDim.x;
@@ -141,7 +141,7 @@ __device__ void oneshot(const Ptrs* __restrict__ rd, const Ptrs& sigs, char* out
     const u64 j = nvec * T::PER_VEC + tid;
     if (j < count) ((typename T::Bits*)out)[j] = sum_elem<T>(in, j);
     // End: no rank returns (and lets its caller overwrite its input) while a peer still reads it.
-    barrier<false>(self, sigs, rank, TPCOMM_BARRIER_END, tag, deadline, err, &failed);
+    barrier<false>(self, sigs, rank, TPCOMM_BARRIER_END, tag, timeout_ns, err, &failed);
 }
 
 // Shard r of nvec vectors: [start, end), the first nvec % WORLD shards one vector longer.
@@ -166,10 +166,9 @@ __device__ void twoshot(const Ptrs* __restrict__ rd, const Ptrs& sigs, const Ptr
                         u64 count, u64 timeout_ns, u64* err, u32 tag) {
     __shared__ int failed;
     if (threadIdx.x == 0) failed = 0;
-    const u64 deadline = globaltimer() + timeout_ns;
     Signal* self = (Signal*)sigs.p[rank];
     const Ptrs in = *rd;
-    if (!barrier<false>(self, sigs, rank, TPCOMM_BARRIER_START, tag, deadline, err, &failed)) return;
+    if (!barrier<false>(self, sigs, rank, TPCOMM_BARRIER_START, tag, timeout_ns, err, &failed)) return;
     const u64 nvec = count / T::PER_VEC;
     const u64 tid = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     const u64 stride = (u64)gridDim.x * blockDim.x;
@@ -182,7 +181,7 @@ __device__ void twoshot(const Ptrs* __restrict__ rd, const Ptrs& sigs, const Ptr
         if (j < count) ((typename T::Bits*)mine)[j] = sum_elem<T>(in, j);
     }
     // Middle: every shard is reduced and published (release at system scope).
-    if (!barrier<true>(self, sigs, rank, TPCOMM_BARRIER_MID, tag, deadline, err, &failed)) return;
+    if (!barrier<true>(self, sigs, rank, TPCOMM_BARRIER_MID, tag, timeout_ns, err, &failed)) return;
 #pragma unroll 1
     for (int s = 0; s < TPCOMM_WORLD; s++) {
         shard(nvec, s, &s0, &s1);

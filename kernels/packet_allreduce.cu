@@ -120,9 +120,9 @@ __device__ __forceinline__ void finish_block(u32* per_block, u32 value) {
 // header (every call exchanges a header with every peer), which we send only after our kernel
 // of epoch e, the last reader of those slots, has finished (stream order).
 //
-// Scratch of one rank: [parity 2][source WORLD][slots] packets; slot 0 of each region is the
-// call header (the call tag, so ranks making different calls stop with a mismatch), slots
-// 1 + 2i and 2 + 2i hold vector i. The layout depends only on the slot count, never on the
+// Scratch of one rank: [parity 2][source WORLD][slots] packets; slots 0 and 1 of each region
+// hold the call header (the call tag, so ranks making different calls stop with a mismatch,
+// sent as one vector like any other), slots 2 + 2i and 3 + 2i hold vector i. The layout depends only on the slot count, never on the
 // message size or the grid.
 struct LLWire {
     struct Raw {
@@ -217,10 +217,10 @@ __device__ __forceinline__ Call make_call(const Ptrs& bufs, int rank, u64 slots,
 }
 
 // The header warp: send (block 0) and check the call headers. It waits only for its own
-// deadline (not for `failed`), so a peer that never started is named even when a data thread
+// timeout (not for `failed`), so a peer that never started is named even when a data thread
 // timed out first on a rank that waits for that peer.
 template <typename Wire>
-__device__ __forceinline__ void headers(const Call& c, const Ptrs& bufs, int rank, u32 tag, u64 deadline, u64* err,
+__device__ __forceinline__ void headers(const Call& c, const Ptrs& bufs, int rank, u32 tag, u64 timeout_ns, u64* err,
                                         volatile int* failed) {
     const int q = threadIdx.x - data_threads();
     if (q >= TPCOMM_WORLD || q == rank) return;
@@ -228,8 +228,9 @@ __device__ __forceinline__ void headers(const Call& c, const Ptrs& bufs, int ran
     if (blockIdx.x == 0) Wire::store((char*)bufs.p[q] + c.send_off, h, c.flag);
     typename Wire::Raw raw;
     Wire::load(c.own + (u64)q * c.region, &raw);
+    Spin spin;
     while (!Wire::ready(raw, c.flag)) {
-        if (globaltimer() > deadline) {
+        if (spin.expired(timeout_ns)) {
             fail(err, failed, TPCOMM_ERR_TIMEOUT, TPCOMM_WAIT_HEADER, q);
             return;
         }
@@ -240,15 +241,16 @@ __device__ __forceinline__ void headers(const Call& c, const Ptrs& bufs, int ran
 
 // Wait for slot offset `at` of every peer and sum all n contributions in rank order, `mine`
 // being ours. Every sweep loads from all pending peers before looking at any value. Gives up
-// at the deadline (naming the first missing peer) or when another thread of the block failed.
+// at the timeout (naming the first missing peer) or when another thread of the block failed.
 template <typename T, typename Wire>
-__device__ __forceinline__ bool sum_arrivals(const Call& c, u64 at, const Vec16& mine, int rank, u64 deadline, u64* err,
+__device__ __forceinline__ bool sum_arrivals(const Call& c, u64 at, const Vec16& mine, int rank, u64 timeout_ns, u64* err,
                                              volatile int* failed, Vec16* result) {
     Vec16 got[TPCOMM_WORLD];
     u32 pending = ((1u << TPCOMM_WORLD) - 1) & ~(1u << rank);
 #pragma unroll
     for (int r = 0; r < TPCOMM_WORLD; r++)
         if (r == rank) got[r] = mine;
+    Spin spin;
     while (pending) {
         typename Wire::Raw raw[TPCOMM_WORLD];
 #pragma unroll
@@ -260,7 +262,7 @@ __device__ __forceinline__ bool sum_arrivals(const Call& c, u64 at, const Vec16&
                 got[r] = Wire::data(raw[r]);
                 pending &= ~(1u << r);
             }
-        if (pending && (*failed || globaltimer() > deadline)) {
+        if (pending && (*failed || spin.expired(timeout_ns))) {
             if (!*failed) fail(err, failed, TPCOMM_ERR_TIMEOUT, TPCOMM_WAIT_DATA, __ffs(pending) - 1);
             return false;
         }
@@ -273,26 +275,27 @@ __device__ __forceinline__ bool sum_arrivals(const Call& c, u64 at, const Vec16&
     return true;
 }
 
-// All-pairs (LL or Lamport): push every vector to every peer, then sum what arrived. Vector i
-// lives at slot 1 + per_vec * i. In place is safe: the thread that reads in[i] is the one that
+// All-pairs (LL or Lamport): push every vector to every peer, then sum what arrived. A vector
+// takes `per_vec` slots; the header is vector -1 (slot 0), vector i starts at slot
+// per_vec * (1 + i). In place is safe: the thread that reads in[i] is the one that
 // writes out[i], after reading it.
 template <typename T, typename Wire>
 __device__ __forceinline__ void allpairs(const char* in, char* out, const Call& c, const Ptrs& bufs, int rank,
-                                         u64 count, u64 per_vec, u64 deadline, u64* err, volatile int* failed) {
+                                         u64 count, u64 per_vec, u64 timeout_ns, u64* err, volatile int* failed) {
     const u64 nvec = (count + T::PER_VEC - 1) / T::PER_VEC;
     const u64 tid = (u64)blockIdx.x * data_threads() + threadIdx.x;
     const u64 stride = (u64)gridDim.x * data_threads();
     // Push first: no thread waits before all of its vectors are on their way.
     for (u64 i = tid; i < nvec; i += stride) {
         const Vec16 v = load_vec<T>(in, i, count);
-        const u64 at = (1 + per_vec * i) * 16;
+        const u64 at = per_vec * (1 + i) * 16;
 #pragma unroll
         for (int q = 0; q < TPCOMM_WORLD; q++)
             if (q != rank) Wire::store((char*)bufs.p[q] + c.send_off + at, v, c.flag);
     }
     for (u64 i = tid; i < nvec; i += stride) {
         Vec16 sum;
-        if (!sum_arrivals<T, Wire>(c, (1 + per_vec * i) * 16, load_vec<T>(in, i, count), rank, deadline, err, failed,
+        if (!sum_arrivals<T, Wire>(c, per_vec * (1 + i) * 16, load_vec<T>(in, i, count), rank, timeout_ns, err, failed,
                                    &sum))
             break;
         store_vec<T>(out, i, count, sum);
@@ -309,13 +312,12 @@ __device__ void ll_allpairs(const char* in, char* out, const Ptrs& scratch, Pack
     __shared__ volatile int failed;
     if (threadIdx.x == 0) failed = 0;
     __syncthreads();
-    const u64 deadline = globaltimer() + timeout_ns;
     const u32 e = next_epoch(st->ll_epoch[blockIdx.x]);
     const Call c = make_call(scratch, rank, slots, e & 1, e);
     if (threadIdx.x >= data_threads())
-        headers<LLWire>(c, scratch, rank, tag, deadline, err, &failed);
+        headers<LLWire>(c, scratch, rank, tag, timeout_ns, err, &failed);
     else
-        allpairs<T, LLWire>(in, out, c, scratch, rank, count, 2, deadline, err, &failed);
+        allpairs<T, LLWire>(in, out, c, scratch, rank, count, 2, timeout_ns, err, &failed);
     finish_block(st->ll_epoch, e);
 }
 
@@ -333,21 +335,21 @@ __device__ __forceinline__ int owner_of(u64 i, u64 nvec) {
 // epoch. Each thread handles the same i in every phase, so in place is safe.
 template <typename T>
 __device__ __forceinline__ void twophase(const char* in, char* out, const Call& c, const Ptrs& scratch, int rank,
-                                         u64 count, u64 deadline, u64* err, volatile int* failed) {
+                                         u64 count, u64 timeout_ns, u64* err, volatile int* failed) {
     const u64 nvec = (count + T::PER_VEC - 1) / T::PER_VEC;
     const u64 tid = (u64)blockIdx.x * data_threads() + threadIdx.x;
     const u64 stride = (u64)gridDim.x * data_threads();
     // 1. Scatter: every vector we do not own goes to its owner.
     for (u64 i = tid; i < nvec; i += stride) {
         const int o = owner_of(i, nvec);
-        if (o != rank) LLWire::store((char*)scratch.p[o] + c.send_off + (1 + 2 * i) * 16, load_vec<T>(in, i, count), c.flag);
+        if (o != rank) LLWire::store((char*)scratch.p[o] + c.send_off + (1 + i) * 32, load_vec<T>(in, i, count), c.flag);
     }
     // 2. Reduce our shard and broadcast it. Waits only on phase 1, which never waits.
     for (u64 i = tid; i < nvec; i += stride) {
         if (owner_of(i, nvec) != rank) continue;
-        const u64 at = (1 + 2 * i) * 16;
+        const u64 at = (1 + i) * 32;
         Vec16 sum;
-        if (!sum_arrivals<T, LLWire>(c, at, load_vec<T>(in, i, count), rank, deadline, err, failed, &sum)) return;
+        if (!sum_arrivals<T, LLWire>(c, at, load_vec<T>(in, i, count), rank, timeout_ns, err, failed, &sum)) return;
         store_vec<T>(out, i, count, sum);
 #pragma unroll
         for (int q = 0; q < TPCOMM_WORLD; q++)
@@ -357,12 +359,13 @@ __device__ __forceinline__ void twophase(const char* in, char* out, const Call& 
     for (u64 i = tid; i < nvec; i += stride) {
         const int o = owner_of(i, nvec);
         if (o == rank) continue;
-        const char* src = c.own + (u64)o * c.region + (1 + 2 * i) * 16;
+        const char* src = c.own + (u64)o * c.region + (1 + i) * 32;
         LLWire::Raw raw;
         LLWire::load(src, &raw);
+        Spin spin;
         while (!LLWire::ready(raw, c.flag)) {
             if (*failed) return;
-            if (globaltimer() > deadline) {
+            if (spin.expired(timeout_ns)) {
                 fail(err, failed, TPCOMM_ERR_TIMEOUT, TPCOMM_WAIT_RESULT, o);
                 return;
             }
@@ -378,13 +381,12 @@ __device__ void ll_twophase(const char* in, char* out, const Ptrs& scratch, Pack
     __shared__ volatile int failed;
     if (threadIdx.x == 0) failed = 0;
     __syncthreads();
-    const u64 deadline = globaltimer() + timeout_ns;
     const u32 e = next_epoch(st->ll_epoch[blockIdx.x]);
     const Call c = make_call(scratch, rank, slots, e & 1, e);
     if (threadIdx.x >= data_threads())
-        headers<LLWire>(c, scratch, rank, tag, deadline, err, &failed);
+        headers<LLWire>(c, scratch, rank, tag, timeout_ns, err, &failed);
     else
-        twophase<T>(in, out, c, scratch, rank, count, deadline, err, &failed);
+        twophase<T>(in, out, c, scratch, rank, count, timeout_ns, err, &failed);
     finish_block(st->ll_epoch, e);
 }
 
@@ -396,14 +398,13 @@ __device__ void lamport(const char* in, char* out, const Ptrs& bufs, PacketState
     __shared__ volatile int failed;
     if (threadIdx.x == 0) failed = 0;
     __syncthreads();
-    const u64 deadline = globaltimer() + timeout_ns;
     const u32 prev = st->lamport_gen[blockIdx.x];
     const u32 gen = prev + 1 == TPCOMM_LAMPORT_GENS ? 0 : prev + 1;
     const Call c = make_call(bufs, rank, slots, gen, 0);
     if (threadIdx.x >= data_threads()) {
-        headers<LamportWire>(c, bufs, rank, tag, deadline, err, &failed);
+        headers<LamportWire>(c, bufs, rank, tag, timeout_ns, err, &failed);
     } else {
-        allpairs<T, LamportWire>(in, out, c, bufs, rank, count, 1, deadline, err, &failed);
+        allpairs<T, LamportWire>(in, out, c, bufs, rank, count, 1, timeout_ns, err, &failed);
         // Re-arm the slots the previous call filled in generation `prev`: no peer writes them
         // again before our next call has started.
         const u64 used = st->lamport_used[prev];

@@ -61,10 +61,10 @@ pub const WAIT_DATA: u32 = 4;
 /// An owner's reduced shard (two-phase gather).
 pub const WAIT_RESULT: u32 = 5;
 
-/// LL packet slots per source region for messages up to `max_bytes`: a header, then two
-/// 16-byte packets per 16-byte vector.
+/// LL packet slots per source region for messages up to `max_bytes`: two 16-byte packets per
+/// 16-byte vector, the header (one vector) first.
 pub const fn ll_slots(max_bytes: usize) -> usize {
-    1 + 2 * max_bytes.div_ceil(VEC_BYTES)
+    2 * (1 + max_bytes.div_ceil(VEC_BYTES))
 }
 
 /// Bytes of one rank's LL scratch: `[parity 2][source world][ll_slots]` packets of 16 bytes.
@@ -200,10 +200,10 @@ mod tests {
 
     #[test]
     fn packet_layouts_hold_a_header_and_every_vector() {
-        assert_eq!(ll_slots(16), 3);
-        assert_eq!(ll_slots(17), 5);
+        assert_eq!(ll_slots(16), 4);
+        assert_eq!(ll_slots(17), 6);
         assert_eq!(lamport_slots(0), 1);
-        assert_eq!(ll_scratch_bytes(2, 16), 2 * 2 * 3 * 16);
+        assert_eq!(ll_scratch_bytes(2, 16), 2 * 2 * 4 * 16);
         assert_eq!(lamport_bytes(3, 32), 3 * 3 * 3 * 16);
         for count in [0, 1, 1 << 20] {
             assert_ne!(packet_tag(count, 2, 7), 0xffff_ffff);
