@@ -505,6 +505,14 @@ mod device {
         Ok(worst)
     }
 
+    /// Say on stderr where a result differs from the reference (first elements only).
+    fn report_wrong<T: Element>(rank: usize, size: usize, algo: Algo, what: &str, got: &[T], want: &[T]) {
+        let wrong = tpcomm::verify::first_wrong(got, want, 6);
+        if !wrong.is_empty() {
+            eprintln!("rank {rank}: {size} bytes {algo} {what}: wrong (index, got, want): {wrong:?}");
+        }
+    }
+
     fn read<T: DeviceRepr + Default + Clone>(s: &Arc<CudaStream>, buf: &CudaSlice<T>) -> Result<Vec<T>> {
         let mut host = vec![T::default(); buf.len()];
         s.memcpy_dtoh(buf, &mut host[..]).map_err(cuda("memcpy_dtoh"))?;
@@ -614,7 +622,9 @@ mod device {
                     trace("out-of-place check");
                     s.memcpy_htod(&poison[..], &mut output).map_err(cuda("memcpy_htod"))?;
                     comm.all_reduce_using(Some(algo), &*input, &mut output, &s)?;
-                    wrong_oop = count_wrong(&read(&s, &output)?, &expected);
+                    let got = read(&s, &output)?;
+                    wrong_oop = count_wrong(&got, &expected);
+                    report_wrong(rank, size, algo, "out-of-place", &got, &expected);
                 }
                 // In place, in the registered buffer (values keep growing while timing).
                 trace("in-place timing");
@@ -627,6 +637,7 @@ mod device {
                     comm.all_reduce_in_place_using(Some(algo), &mut *input, &s)?;
                     let got: Vec<T> = read(&s, &input)?;
                     wrong_ip = count_wrong(&got, &expected);
+                    report_wrong(rank, size, algo, "in-place", &got, &expected);
                 }
                 // NCCL on the same input, out of place, timed the same way (its result is not checked
                 // against the rank-order sum: NCCL's order of addition differs).

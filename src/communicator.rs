@@ -112,8 +112,8 @@ impl Communicator {
     /// `TPCOMM_TUNE_FILE` set, rank 0 also saves the table there (keyed by CPU and GPU model,
     /// world size and layout), and later communicators load it instead of tuning again.
     /// Tunes the host one-shot limit and, where every rank has already used its GPU (for example
-    /// through [`Communicator::cuda_context`]) on one node with custom kernels, the device
-    /// one-shot limit (bf16, registered input, CUDA graphs of 10 calls). Thresholds set through
+    /// through [`Communicator::cuda_context`]) on one node with custom kernels, the device packet
+    /// and one-shot limits (bf16, registered input, CUDA graphs of 10 calls). Thresholds set through
     /// `TPCOMM_*_MAX_BYTES` are kept.
     ///
     /// # Collective
@@ -132,8 +132,11 @@ impl Communicator {
         if self.config.host_oneshot_max_bytes.is_none() {
             table.host_oneshot_max_bytes = host;
         }
-        if let (Some(limit), None) = (device, self.config.oneshot_max_bytes) {
+        if let (Some((_, limit)), None) = (device, self.config.oneshot_max_bytes) {
             table.oneshot_max_bytes = limit;
+        }
+        if let (Some((limit, _)), None) = (device, self.config.packet_max_bytes) {
+            table.packet_max_bytes = limit;
         }
         if let (Some(path), 0) = (&self.config.tune_file, self.boot.rank) {
             table.save(path, &tune_key(&self.boot))?;
@@ -165,12 +168,12 @@ impl Communicator {
     /// each timed as CUDA-graph replays of 10 calls. `None` unless every rank's GPU side exists
     /// already (after [`Communicator::cuda_context`] or any device call: a host-only job never
     /// touches the GPU here) and the ranks share one node.
-    fn tune_device(&self) -> Result<Option<usize>> {
+    fn tune_device(&self) -> Result<Option<(usize, usize)>> {
         use mpi::collective::SystemOperation;
         let mine = u8::from(self.gpu_lock()?.is_some());
         let mut everyone = 0u8;
         self.boot.world().all_reduce_into(&mine, &mut everyone, SystemOperation::min());
-        if everyone == 0 || self.boot.nodes > 1 {
+        if everyone == 0 || self.boot.nodes > 1 || self.boot.size == 1 {
             return Ok(None);
         }
         let ctx = self.cuda_context()?;
@@ -184,7 +187,7 @@ impl Communicator {
         // SAFETY: plain-old-data view of the bf16 values.
         input.mem.write_at(0, unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), len * 2) })?;
         let (inp, out) = (input.device_address(), output.device_address());
-        let limit = self.measure_crossover(&sizes, [Algo::OneShot, Algo::TwoShot], |algo, bytes| {
+        let mut time = |algo: Algo, bytes: usize| -> Result<f64> {
             let n = bytes / 2;
             let graph = self.capture(&stream, |s| {
                 (0..10).try_for_each(|_| self.device_call::<half::bf16>(Some(algo), inp, out, n, s, true))
@@ -201,8 +204,12 @@ impl Communicator {
             }
             self.check_device_errors()?;
             Ok(median(samples))
-        })?;
-        Ok(Some(limit))
+        };
+        let oneshot = self.measure_crossover(&sizes, [Algo::OneShot, Algo::TwoShot], &mut time)?;
+        let packet_top = self.config.packet_buffer_bytes.min(512 << 10);
+        let small: Vec<usize> = sizes.iter().copied().filter(|&b| b <= packet_top).collect();
+        let packet = self.measure_crossover(&small, [Algo::Packet, Algo::OneShot], &mut time)?;
+        Ok(Some((packet, oneshot)))
     }
 
     /// Time `candidates[0]` against `candidates[1]` at every size (`time` gives this rank's
@@ -985,6 +992,7 @@ impl Communicator {
             Algo::TwoShot => Kernel::TwoShot,
             Algo::Chunked => return self.chunked_call::<T>(input, output, len, stream, registered_only),
             Algo::Nccl => return self.nccl_call::<T>(input, output, len, stream),
+            Algo::Copy => return self.copy_call::<T>(input, output, len, stream),
             Algo::Packet => return self.packet_call::<T>(PacketKernel::AllPairs, input, output, len, stream),
             Algo::PacketTwoPhase => return self.packet_call::<T>(PacketKernel::TwoPhase, input, output, len, stream),
             Algo::Lamport => return self.packet_call::<T>(PacketKernel::Lamport, input, output, len, stream),
@@ -1033,6 +1041,20 @@ impl Communicator {
             let packet = gpu.packet.as_ref().expect("built above");
             // SAFETY: no element is read or written (length 0).
             unsafe { packet.all_reduce(stream, PacketKernel::AllPairs, crate::dtype::DType::BF16, 0, 0, 0) }
+        })
+    }
+
+    /// The allreduce of one rank: its input, copied unless in place.
+    fn copy_call<T: Element>(&self, input: u64, output: u64, len: usize, stream: &Arc<CudaStream>) -> Result<()> {
+        if input == output || len == 0 {
+            return Ok(());
+        }
+        self.with_gpu(|_| {
+            // SAFETY: both ranges are device memory of `len` elements of T (caller's slices).
+            unsafe {
+                cudarc::driver::result::memcpy_dtod_async(output, input, len * size_of::<T>(), stream.cu_stream())
+            }
+            .map_err(crate::cuda::cuda("cuMemcpyDtoDAsync(one rank)"))
         })
     }
 

@@ -39,6 +39,9 @@ pub enum Algo {
     /// still summed in rank order, so the bits are those of an unchunked call. Serves messages
     /// over the custom limit in deterministic mode, and where NCCL is not installed.
     Chunked,
+    /// Device memory, one rank: the sum of one input is the input, so the call is a
+    /// device-to-device copy (nothing at all in place). No kernel, no backend.
+    Copy,
 }
 
 impl Algo {
@@ -53,6 +56,7 @@ impl Algo {
         Algo::Lamport,
         Algo::Nccl,
         Algo::Chunked,
+        Algo::Copy,
     ];
 
     /// The name used by `TPCOMM_ALGO` and `--algo`.
@@ -67,6 +71,7 @@ impl Algo {
             Algo::Lamport => "lamport",
             Algo::Nccl => "nccl",
             Algo::Chunked => "chunked",
+            Algo::Copy => "copy",
         }
     }
 
@@ -80,7 +85,8 @@ impl Algo {
             | Algo::PacketTwoPhase
             | Algo::Lamport
             | Algo::Nccl
-            | Algo::Chunked => Memory::Device,
+            | Algo::Chunked
+            | Algo::Copy => Memory::Device,
         }
     }
 }
@@ -173,9 +179,12 @@ pub const fn oneshot_max_bytes(world: usize) -> usize {
 
 /// Largest device message reduced by packets for `world` ranks. All-pairs packets push
 /// `(n - 1) * 2 * S` bytes per rank (the flags double it) but skip one-shot's two barriers; on
-/// one H100 shared by all ranks they win up to about 32 KiB (bench/RESULTS.md).
+/// one H100 shared by all ranks they beat one-shot up to 64 KiB at 2 ranks, 32 KiB at 4 and
+/// 16 KiB at 8 (bench/RESULTS.md).
 pub const fn packet_max_bytes(world: usize) -> usize {
-    if world <= 4 {
+    if world <= 2 {
+        64 << 10
+    } else if world <= 4 {
         32 << 10
     } else {
         16 << 10
@@ -302,6 +311,9 @@ impl DispatchTable {
         if req.memory == Memory::Host {
             return Ok(if req.bytes <= self.host_oneshot_max_bytes { Algo::HostOneShot } else { Algo::HostTwoShot });
         }
+        if req.world_size == 1 {
+            return Ok(Algo::Copy);
+        }
         let custom = req.custom_available && req.nodes == 1;
         if !custom {
             let why = if req.nodes > 1 {
@@ -366,6 +378,7 @@ impl fmt::Display for DispatchTable {
         }
         writeln!(f, "# host memory:   bytes <= {:>10}: {}", self.host_oneshot_max_bytes, Algo::HostOneShot)?;
         writeln!(f, "# host memory:   bytes >  {:>10}: {}", self.host_oneshot_max_bytes, Algo::HostTwoShot)?;
+        writeln!(f, "# device memory: one rank: {} (no kernel)", Algo::Copy)?;
         writeln!(f, "# device memory: bytes <= {:>10}: {}", self.packet_max_bytes, Algo::Packet)?;
         writeln!(f, "# device memory: bytes <= {:>10}: {}", self.oneshot_max_bytes, Algo::OneShot)?;
         writeln!(f, "# device memory: bytes <= {:>10}: {}", self.custom_max_bytes, Algo::TwoShot)?;
@@ -541,7 +554,13 @@ mod tests {
         assert_eq!(DispatchTable::new(&big, 2).packet_max_bytes, 1 << 20);
         let off = Config { packet_max_bytes: Some(0), ..Config::default() };
         assert_eq!(DispatchTable::new(&off, 2).choose(&dev(16, 2)).unwrap(), Algo::OneShot);
-        for name in ["packet", "packet2", "lamport"] {
+        // One rank: a copy, whatever the size; a forced algorithm still runs its kernel.
+        for bytes in [0, 4096, 64 << 20] {
+            assert_eq!(t.choose(&dev(bytes, 1)).unwrap(), Algo::Copy);
+        }
+        let forced = DispatchTable::new(&Config { algo: Some(Algo::Lamport), ..Config::default() }, 1);
+        assert_eq!(forced.choose(&dev(4096, 1)).unwrap(), Algo::Lamport);
+        for name in ["packet", "packet2", "lamport", "copy"] {
             assert_eq!(name.parse::<Algo>().unwrap().memory(), Memory::Device);
         }
     }

@@ -74,6 +74,17 @@ pub fn count_wrong<T: Element>(got: &[T], want: &[T]) -> usize {
     got.iter().zip(want).filter(|(a, b)| !same_bits(**a, **b)).count()
 }
 
+/// The first `k` elements whose bits differ: `(index, got, want)`, for error messages.
+pub fn first_wrong<T: Element>(got: &[T], want: &[T], k: usize) -> Vec<(usize, f64, f64)> {
+    got.iter()
+        .zip(want)
+        .enumerate()
+        .filter(|(_, (a, b))| !same_bits(**a, **b))
+        .take(k)
+        .map(|(i, (a, b))| (i, a.to_f64(), b.to_f64()))
+        .collect()
+}
+
 /// Bitwise equality (NaN payloads and signed zeros included).
 pub fn same_bits<T: Element>(a: T, b: T) -> bool {
     // SAFETY: Element types are plain floats of size_of::<T>() bytes.
