@@ -450,7 +450,7 @@ mod device {
     fn floor_bytes(algo: Algo, n: usize, size: usize) -> f64 {
         let (n, s) = (n as f64, size as f64);
         match algo {
-            Algo::TwoShot => (3.0 * n + 1.0) * s,
+            Algo::TwoShot | Algo::Chunked => (3.0 * n + 1.0) * s,
             // LL packets are twice the data: pushed (n-1) times and read back by each rank.
             Algo::Packet => n * (4.0 * n - 2.0) * s,
             Algo::PacketTwoPhase => n * (8.0 * (n - 1.0) / n + 2.0) * s,
