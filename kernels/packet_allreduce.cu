@@ -305,22 +305,6 @@ __device__ __forceinline__ void allpairs(const char* in, char* out, const Call& 
 // ---------------------------------------------------------------------------------------------
 // Kernels.
 
-// LL all-pairs: every rank pushes its whole input to every peer.
-template <typename T>
-__device__ void ll_allpairs(const char* in, char* out, const Ptrs& scratch, PacketState* st, int rank, u64 count,
-                            u64 slots, u64 timeout_ns, u64* err, u32 tag) {
-    __shared__ volatile int failed;
-    if (threadIdx.x == 0) failed = 0;
-    __syncthreads();
-    const u32 e = next_epoch(st->ll_epoch[blockIdx.x]);
-    const Call c = make_call(scratch, rank, slots, e & 1, e);
-    if (threadIdx.x >= data_threads())
-        headers<LLWire>(c, scratch, rank, tag, timeout_ns, err, &failed);
-    else
-        allpairs<T, LLWire>(in, out, c, scratch, rank, count, 2, timeout_ns, err, &failed);
-    finish_block(st->ll_epoch, e);
-}
-
 // Owner of vector i: the rank whose two-shot shard holds it (first nvec % WORLD shards one longer).
 __device__ __forceinline__ int owner_of(u64 i, u64 nvec) {
     const u64 base = nvec / TPCOMM_WORLD, rem = nvec % TPCOMM_WORLD;
@@ -375,9 +359,10 @@ __device__ __forceinline__ void twophase(const char* in, char* out, const Call& 
     }
 }
 
-template <typename T>
-__device__ void ll_twophase(const char* in, char* out, const Ptrs& scratch, PacketState* st, int rank, u64 count,
-                            u64 slots, u64 timeout_ns, u64* err, u32 tag) {
+// The LL kernels: all-pairs (every rank pushes its whole input to every peer) or two-phase.
+template <typename T, bool TWO_PHASE>
+__device__ void ll(const char* in, char* out, const Ptrs& scratch, PacketState* st, int rank, u64 count, u64 slots,
+                   u64 timeout_ns, u64* err, u32 tag) {
     __shared__ volatile int failed;
     if (threadIdx.x == 0) failed = 0;
     __syncthreads();
@@ -385,8 +370,10 @@ __device__ void ll_twophase(const char* in, char* out, const Ptrs& scratch, Pack
     const Call c = make_call(scratch, rank, slots, e & 1, e);
     if (threadIdx.x >= data_threads())
         headers<LLWire>(c, scratch, rank, tag, timeout_ns, err, &failed);
-    else
+    else if (TWO_PHASE)
         twophase<T>(in, out, c, scratch, rank, count, timeout_ns, err, &failed);
+    else
+        allpairs<T, LLWire>(in, out, c, scratch, rank, count, 2, timeout_ns, err, &failed);
     finish_block(st->ll_epoch, e);
 }
 
@@ -426,19 +413,19 @@ __device__ void lamport(const char* in, char* out, const Ptrs& bufs, PacketState
 // (input, output, every rank's buffers, our state, rank, count, slots per source region,
 //  timeout_ns, error word, call tag). Blocks are data threads plus one header warp.
 
-#define TPCOMM_PACKET_ENTRY(NAME, ALGO, T)                                                                      \
+#define TPCOMM_PACKET_ENTRY(NAME, ...)                                                                          \
     extern "C" __global__ void __launch_bounds__(TPCOMM_PACKET_THREADS + 32)                                    \
         NAME(const char* in, char* out, Ptrs scratch, PacketState* st, int rank, u64 count, u64 slots,          \
              u64 timeout_ns, u64* err, u32 tag) {                                                               \
-        ALGO<T>(in, out, scratch, st, rank, count, slots, timeout_ns, err, tag);                                \
+        __VA_ARGS__(in, out, scratch, st, rank, count, slots, timeout_ns, err, tag);                            \
     }
 
-TPCOMM_PACKET_ENTRY(packet_f32, ll_allpairs, F32)
-TPCOMM_PACKET_ENTRY(packet_f16, ll_allpairs, F16)
-TPCOMM_PACKET_ENTRY(packet_bf16, ll_allpairs, BF16)
-TPCOMM_PACKET_ENTRY(packet2_f32, ll_twophase, F32)
-TPCOMM_PACKET_ENTRY(packet2_f16, ll_twophase, F16)
-TPCOMM_PACKET_ENTRY(packet2_bf16, ll_twophase, BF16)
-TPCOMM_PACKET_ENTRY(lamport_f32, lamport, F32)
-TPCOMM_PACKET_ENTRY(lamport_f16, lamport, F16)
-TPCOMM_PACKET_ENTRY(lamport_bf16, lamport, BF16)
+TPCOMM_PACKET_ENTRY(packet_f32, ll<F32, false>)
+TPCOMM_PACKET_ENTRY(packet_f16, ll<F16, false>)
+TPCOMM_PACKET_ENTRY(packet_bf16, ll<BF16, false>)
+TPCOMM_PACKET_ENTRY(packet2_f32, ll<F32, true>)
+TPCOMM_PACKET_ENTRY(packet2_f16, ll<F16, true>)
+TPCOMM_PACKET_ENTRY(packet2_bf16, ll<BF16, true>)
+TPCOMM_PACKET_ENTRY(lamport_f32, lamport<F32>)
+TPCOMM_PACKET_ENTRY(lamport_f16, lamport<F16>)
+TPCOMM_PACKET_ENTRY(lamport_bf16, lamport<BF16>)

@@ -450,24 +450,8 @@ impl CustomAllreduce {
         mode: Mode,
     ) -> Result<()> {
         const OP: &str = "custom all_reduce";
-        let Some(name) = kernel_name(kernel, dtype) else {
-            return Err(Error::Unsupported {
-                what: format!("custom allreduce of {dtype}"),
-                reason: "the kernels reduce float, half and bfloat16".into(),
-            });
-        };
+        let name = crate::cuda::check_launch(OP, "custom allreduce", kernel_name(kernel, dtype), dtype, input, output)?;
         let bytes = len * dtype.size();
-        if input % protocol::ALIGN as u64 != 0 || output % protocol::ALIGN as u64 != 0 {
-            return Err(Error::invalid(
-                OP,
-                format!(
-                    "input {input:#x} and output {output:#x} must be {}-byte aligned (offset a view by a \
-                     multiple of {} elements)",
-                    protocol::ALIGN,
-                    protocol::ALIGN / dtype.size()
-                ),
-            ));
-        }
         let needs_staging_room = mode == Mode::Staged || kernel == Kernel::TwoShot;
         if needs_staging_room && bytes > self.max_bytes {
             return Err(Error::invalid(

@@ -111,7 +111,6 @@ pub struct PacketAllreduce {
     lamport_ptrs: [u64; protocol::MAX_RANKS],
     state: IpcBuffer,
     err: HostWord,
-    kernels_from_disk: bool,
     // Dropped before our own buffers: peers' mappings close first.
     _peers: PeerMappings,
     _ll: IpcBuffer,
@@ -125,7 +124,6 @@ struct Prepared {
     ll: IpcBuffer,
     lamport: IpcBuffer,
     state: IpcBuffer,
-    from_disk: bool,
 }
 
 const KERNELS: [PacketKernel; 3] = [PacketKernel::AllPairs, PacketKernel::TwoPhase, PacketKernel::Lamport];
@@ -186,7 +184,6 @@ impl PacketAllreduce {
             lamport_ptrs,
             state: p.state,
             err: HostWord::new()?,
-            kernels_from_disk: p.from_disk,
             _peers: peers,
             _ll: p.ll,
             _lamport: p.lamport,
@@ -224,12 +221,7 @@ impl PacketAllreduce {
         lamport.fill(0xff)?;
         let state = IpcBuffer::alloc(ctx, protocol::PACKET_STATE_BYTES)?;
         state.zero()?;
-        Ok(Prepared { funcs, max_blocks, ll, lamport, state, from_disk: cache.disk_hits() > 0 })
-    }
-
-    /// Rank in the group.
-    pub fn rank(&self) -> usize {
-        self.rank
+        Ok(Prepared { funcs, max_blocks, ll, lamport, state })
     }
 
     /// Ranks in the group.
@@ -245,11 +237,6 @@ impl PacketAllreduce {
     /// Most blocks of one launch (after the shared-device cap).
     pub fn max_blocks(&self) -> usize {
         self.max_blocks
-    }
-
-    /// True when the kernels' CUBIN came from the disk cache rather than NVRTC.
-    pub fn kernels_from_disk_cache(&self) -> bool {
-        self.kernels_from_disk
     }
 
     /// Sum `len` elements of `dtype` at `input` over all ranks into `output` (may equal
@@ -283,24 +270,8 @@ impl PacketAllreduce {
         len: usize,
     ) -> Result<()> {
         const OP: &str = "packet all_reduce";
-        let Some(name) = kernel.entry(dtype) else {
-            return Err(Error::Unsupported {
-                what: format!("packet allreduce of {dtype}"),
-                reason: "the kernels reduce float, half and bfloat16".into(),
-            });
-        };
+        let name = crate::cuda::check_launch(OP, "packet allreduce", kernel.entry(dtype), dtype, input, output)?;
         let bytes = len * dtype.size();
-        if input % protocol::ALIGN as u64 != 0 || output % protocol::ALIGN as u64 != 0 {
-            return Err(Error::invalid(
-                OP,
-                format!(
-                    "input {input:#x} and output {output:#x} must be {}-byte aligned (offset a view by a \
-                     multiple of {} elements)",
-                    protocol::ALIGN,
-                    protocol::ALIGN / dtype.size()
-                ),
-            ));
-        }
         if bytes > self.max_bytes {
             return Err(Error::invalid(
                 OP,

@@ -76,6 +76,40 @@ pub fn co_resident_blocks<'a>(
     Ok(cap)
 }
 
+/// The checks every IPC kernel family makes before a launch: `entry` (the kernel for `dtype`,
+/// `None` where the family has none) exists and both pointers are 16-byte aligned.
+///
+/// # Errors
+/// [`Error::Unsupported`] naming `family` for a dtype without kernel; [`Error::InvalidArgument`]
+/// for misaligned pointers, saying how to fix them.
+pub(crate) fn check_launch(
+    op: &'static str,
+    family: &str,
+    entry: Option<&'static str>,
+    dtype: crate::dtype::DType,
+    input: u64,
+    output: u64,
+) -> Result<&'static str> {
+    let Some(name) = entry else {
+        return Err(Error::Unsupported {
+            what: format!("{family} of {dtype}"),
+            reason: "the kernels reduce float, half and bfloat16".into(),
+        });
+    };
+    if input % protocol::ALIGN as u64 != 0 || output % protocol::ALIGN as u64 != 0 {
+        return Err(Error::invalid(
+            op,
+            format!(
+                "input {input:#x} and output {output:#x} must be {}-byte aligned (offset a view by a multiple of {} \
+                 elements)",
+                protocol::ALIGN,
+                protocol::ALIGN / dtype.size()
+            ),
+        ));
+    }
+    Ok(name)
+}
+
 /// One 64-bit word of pinned host memory mapped into the device address space: kernels store
 /// into it, the host reads it after synchronising, without a copy.
 pub struct HostWord {
