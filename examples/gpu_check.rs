@@ -1,7 +1,7 @@
 //! Self-checking GPU test of the custom CUDA IPC allreduce. Run under mpirun:
 //!
 //! ```text
-//! mpirun -np 4 target/release/examples/gpu_check [--quick] [--bench | --bench-only]
+//! mpirun -np 4 target/release/examples/gpu_check [--quick] [--bench | --bench-only] [--topology]
 //! ```
 //!
 //! Objective: prove that every device path gives `tpcomm::dtype::reference_sum`'s bits on every
@@ -882,6 +882,16 @@ fn main() -> Result<()> {
     let do_bench = bench_only || args.iter().any(|a| a == "--bench");
     let replays: usize = std::env::var("GPU_CHECK_REPLAYS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
     let config = Config::from_env()?;
+    if args.iter().any(|a| a == "--topology") {
+        // The node's GPUs and links as tpcomm sees them, then nothing else.
+        let comm = Communicator::new(&world, config.clone())?;
+        let ctx = comm.cuda_context()?;
+        let report = tpcomm::topology::link_report(comm.bootstrap().node(), &ctx);
+        if world.rank() == 0 {
+            println!("{}\n{report}", comm.bootstrap().summary());
+        }
+        return Ok(());
+    }
     let rank = world.rank() as usize;
     let n = world.size() as usize;
     let mut tally = Tally { rank, passed: 0, failed: 0 };

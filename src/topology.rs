@@ -260,6 +260,47 @@ pub fn gpu_layout<C: mpi::traits::Communicator>(node: &C, ctx: &cudarc::driver::
     GpuLayout { device_of_rank, max_ranks_per_device, unsupported, full_nvlink: all_nvlink == 1 }
 }
 
+/// A readable report of the node's GPUs as tpcomm sees them: one line per rank (its GPU, name,
+/// PCI bus id) and, per pair of distinct GPUs, whether the driver allows peer access (P2P) and
+/// native atomics (NVLink), then the layout verdict of [`gpu_layout`]. For the topology step of
+/// multi-GPU runs (`gpu_check --topology`).
+///
+/// # Collective
+/// Every rank of `node` (one node); the same text on every rank.
+pub fn link_report<C: mpi::traits::Communicator>(node: &C, ctx: &cudarc::driver::CudaContext) -> String {
+    let (_, bus) = device_identity(ctx);
+    let name = gpu_name(ctx.ordinal()).unwrap_or_else(|| "unknown GPU".into());
+    let buses = crate::bootstrap::all_gather_bytes(node, bus.as_bytes());
+    let buses: Vec<String> = buses.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect();
+    let mut row = format!("rank {}: GPU {} {name} (bus {bus})", node.rank(), ctx.ordinal());
+    let mut seen: Vec<&str> = Vec::new();
+    for peer in &buses {
+        if *peer == bus || seen.contains(&peer.as_str()) {
+            continue;
+        }
+        seen.push(peer);
+        let p2p = match p2p_access(ctx, peer) {
+            Ok(true) => "P2P yes",
+            Ok(false) => "P2P NO",
+            Err(_) => "P2P unknown",
+        };
+        let nvlink = if native_atomics(ctx, peer) { "NVLink (native atomics) yes" } else { "NVLink no" };
+        row.push_str(&format!("\n  -> bus {peer}: {p2p}, {nvlink}"));
+    }
+    let rows = crate::bootstrap::all_gather_bytes(node, row.as_bytes());
+    let mut text: String = rows.iter().map(|r| String::from_utf8_lossy(r).into_owned() + "\n").collect();
+    let layout = gpu_layout(node, ctx);
+    text.push_str(&format!(
+        "layout: {} GPU(s) for {} rank(s), at most {} rank(s) per GPU, full NVLink {}, IPC kernels {}\n",
+        layout.device_of_rank.iter().max().map_or(0, |m| m + 1),
+        layout.device_of_rank.len(),
+        layout.max_ranks_per_device,
+        layout.full_nvlink,
+        layout.unsupported.as_deref().unwrap_or("supported")
+    ));
+    text
+}
+
 /// Whether the link from this context's device to `peer_bus` supports native atomics (NVLink
 /// does, PCIe peer access does not); false when the driver cannot tell.
 fn native_atomics(ctx: &cudarc::driver::CudaContext, peer_bus: &str) -> bool {

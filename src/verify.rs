@@ -74,6 +74,27 @@ pub fn count_wrong<T: Element>(got: &[T], want: &[T]) -> usize {
     got.iter().zip(want).filter(|(a, b)| !same_bits(**a, **b)).count()
 }
 
+/// Elements farther from `want` (the exact rank-order sum of [`rank_input`] data over `ranks`
+/// ranks) than any order of addition can explain: `2 * ranks^2 * 64 * eps` of the dtype (each
+/// input is below 64 in magnitude, and each of up to `ranks` roundings errs by at most eps times
+/// a partial sum). For algorithms that sum in another order (NCCL), where bits cannot match.
+pub fn count_outside_order_tolerance<T: Element>(got: &[T], want: &[T], ranks: usize) -> usize {
+    let eps = match T::DTYPE {
+        crate::DType::F64 => f64::EPSILON,
+        crate::DType::F32 => f64::from(f32::EPSILON),
+        crate::DType::F16 => 2f64.powi(-10),
+        crate::DType::BF16 => 2f64.powi(-7),
+    };
+    let tol = 2.0 * (ranks * ranks) as f64 * 64.0 * eps;
+    got.iter()
+        .zip(want)
+        .filter(|(g, w)| {
+            let d = (g.to_f64() - w.to_f64()).abs();
+            d.is_nan() || d > tol
+        })
+        .count()
+}
+
 /// The first `k` elements whose bits differ: `(index, got, want)`, for error messages.
 pub fn first_wrong<T: Element>(got: &[T], want: &[T], k: usize) -> Vec<(usize, f64, f64)> {
     got.iter()
@@ -95,6 +116,34 @@ pub fn same_bits<T: Element>(a: T, b: T) -> bool {
 /// A value no correct allreduce of [`rank_input`] data produces (a NaN), to poison outputs.
 pub fn poison<T: Element>() -> T {
     T::from_f64(f64::NAN)
+}
+
+#[cfg(test)]
+mod order_tolerance_tests {
+    use super::*;
+
+    #[test]
+    fn another_order_of_addition_passes_and_a_wrong_value_does_not() {
+        let (seed, ranks, len) = (3, 8, 4096);
+        let want: Vec<half::bf16> = expected_sum(seed, ranks, len);
+        let inputs: Vec<Vec<half::bf16>> = (0..ranks).map(|r| rank_input(seed, r, len)).collect();
+        // Sum in reverse rank order, rounding to bf16 after every addition (a ring's order).
+        let reversed: Vec<half::bf16> = (0..len)
+            .map(|i| {
+                let mut acc = inputs[ranks - 1][i];
+                for r in (0..ranks - 1).rev() {
+                    acc = half::bf16::from_f32(acc.to_f32() + inputs[r][i].to_f32());
+                }
+                acc
+            })
+            .collect();
+        assert!(count_wrong(&reversed, &want) > 0, "the orders should differ somewhere");
+        assert_eq!(count_outside_order_tolerance(&reversed, &want, ranks), 0);
+        let mut broken = reversed.clone();
+        broken[7] = half::bf16::from_f32(broken[7].to_f32() + 100.0);
+        broken[9] = poison();
+        assert_eq!(count_outside_order_tolerance(&broken, &want, ranks), 2);
+    }
 }
 
 #[cfg(test)]
