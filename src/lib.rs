@@ -23,8 +23,8 @@
 //! - `_host`: the buffers are host memory. `_in_place`: the result overwrites the input.
 //! - **Rank order**: element `i` of the result is the sum over ranks `0..n-1`, in that order, in a
 //!   wider accumulator, rounded once ([`dtype::reference_sum`]). Every rank gets the same bits.
-//!   Host memory and the custom device kernels always sum in rank order; NCCL ([`Algo::Nccl`])
-//!   does not, so [`Config::deterministic`] keeps every call off it.
+//!   Host memory, the custom device kernels and the packet kernels always sum in rank order;
+//!   NCCL ([`Algo::Nccl`]) does not, so [`Config::deterministic`] keeps every call off it.
 
 #![deny(missing_docs)]
 
