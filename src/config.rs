@@ -38,6 +38,8 @@ pub struct Config {
     /// Bytes of the largest message the packet kernels take; sizes each rank's LL scratch and
     /// Lamport buffers (about 7 x world x this) (`TPCOMM_PACKET_BUFFER_BYTES`).
     pub packet_buffer_bytes: usize,
+    /// Blocks a small packet call is spread over (`TPCOMM_PACKET_BLOCKS`; `None`: 8).
+    pub packet_blocks: Option<usize>,
     /// Device messages up to this many bytes use LL packets (`TPCOMM_PACKET_MAX_BYTES`; `None`
     /// keeps the tuned or default value; capped by the packet buffer).
     pub packet_max_bytes: Option<usize>,
@@ -67,6 +69,7 @@ impl Default for Config {
             cache_dir: None,
             custom_max_bytes: 8 << 20,
             packet_buffer_bytes: 1 << 20,
+            packet_blocks: None,
             packet_max_bytes: None,
             oneshot_max_bytes: None,
             tune_file: None,
@@ -210,6 +213,21 @@ const PARAMS: &[Param] = &[
             Ok(())
         },
         show: |c| c.packet_buffer_bytes.to_string(),
+    },
+    Param {
+        key: "TPCOMM_PACKET_BLOCKS",
+        help: "blocks a small packet call is spread over (auto = 8); larger messages use more",
+        set: |c, v| {
+            c.packet_blocks = match v.trim() {
+                "auto" | "" => None,
+                s => match parse_usize(s)? {
+                    b @ 1..=64 => Some(b),
+                    _ => return Err("auto or 1 to 64".into()),
+                },
+            };
+            Ok(())
+        },
+        show: |c| c.packet_blocks.map_or("auto".to_string(), |b| b.to_string()),
     },
     Param {
         key: "TPCOMM_PACKET_MAX_BYTES",
@@ -357,6 +375,9 @@ mod tests {
             ("TPCOMM_TIMEOUT_MS", "0"),
             ("TPCOMM_ALGO", "fastest"),
             ("TPCOMM_HOST_CHUNK_BYTES", "100"),
+            ("TPCOMM_PACKET_BLOCKS", "0"),
+            ("TPCOMM_PACKET_BLOCKS", "65"),
+            ("TPCOMM_PACKET_BUFFER_BYTES", "17"),
             ("TPCOMM_DEBUG", "maybe"),
             ("TPCOMM_CACHE_DIR", ""),
             ("TPCOMM_CUSTOM_MAX_BYTES", "1000"),

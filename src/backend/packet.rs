@@ -13,7 +13,7 @@
 //! |---|---|
 //! | `mscclpp_generate_unique_id()` | not needed: the MPI communicator is the bootstrap |
 //! | `mscclpp_init_context(unique_id, rank, world_size, scratch, put_buffer, nranks_per_node, rank_to_node, rank_to_ib, context_selection)` | [`PacketAllreduce::new`] over the node's communicator (allocates its scratch and receive buffers itself; the ranks of one node; across nodes the [`crate::Communicator`] composes backends) |
-//! | `mscclpp_allreduce(context, inp, out, nthreads, nblocks)` | [`PacketAllreduce::all_reduce`] (threads and blocks sized to the message by [`launch_shape`], blocks at most [`PacketOptions::max_blocks`]) |
+//! | `mscclpp_allreduce(context, inp, out, nthreads, nblocks)` | [`PacketAllreduce::all_reduce`] (threads and blocks sized to the message by [`launch_shape`]: `nblocks` is [`PacketOptions::spread_blocks`], `TPCOMM_PACKET_BLOCKS`) |
 //!
 //! ## Memory every rank shares (CUDA IPC)
 //! - **LL scratch** ([`protocol::ll_scratch_bytes`]): `[parity][source][slots]` 16-byte packets,
@@ -80,6 +80,9 @@ pub struct PacketOptions {
     pub ranks_per_device: usize,
     /// Most blocks of one launch (`None`: [`DEFAULT_MAX_BLOCKS`]), before the shared-device cap.
     pub max_blocks: Option<usize>,
+    /// Blocks a small message is spread over before blocks grow past one warp of data threads
+    /// (the seed's `nblocks` for small messages; `None`: [`DEFAULT_SPREAD_BLOCKS`]).
+    pub spread_blocks: Option<usize>,
     /// Kernel cache directory (`None`: compile every time).
     pub cache_dir: Option<PathBuf>,
 }
@@ -87,15 +90,16 @@ pub struct PacketOptions {
 /// Default block limit per launch before the shared-device cap.
 pub const DEFAULT_MAX_BLOCKS: usize = 64;
 
-/// Blocks a small message is spread over before blocks grow past one warp of data threads:
-/// more SMs issue the stores and polls of a small message at once.
-const SPREAD_BLOCKS: usize = 8;
+/// Blocks a small message is spread over by default: more SMs issue the stores and polls of a
+/// small message at once.
+pub const DEFAULT_SPREAD_BLOCKS: usize = 8;
 
-/// Launch shape for `nvec` 16-byte vectors: `(blocks, data threads per block)`, one vector per
-/// data thread where the grid allows, data threads a multiple of 32 up to
-/// [`protocol::PACKET_THREADS`]. Each block also has the header warp.
-pub fn launch_shape(nvec: usize, max_blocks: usize) -> (usize, usize) {
-    let threads = nvec.div_ceil(SPREAD_BLOCKS).next_multiple_of(32).clamp(32, protocol::PACKET_THREADS);
+/// Launch shape for `nvec` 16-byte vectors: `(blocks, data threads per block)`. Up to `spread`
+/// blocks of at least one warp of data threads share a small message; larger ones grow the
+/// blocks to [`protocol::PACKET_THREADS`] data threads, then the grid to `max_blocks`; one
+/// vector per data thread where the grid allows. Each block also has the header warp.
+pub fn launch_shape(nvec: usize, spread: usize, max_blocks: usize) -> (usize, usize) {
+    let threads = nvec.div_ceil(spread.max(1)).next_multiple_of(32).clamp(32, protocol::PACKET_THREADS);
     (nvec.div_ceil(threads).clamp(1, max_blocks.max(1)), threads)
 }
 
@@ -105,6 +109,7 @@ pub struct PacketAllreduce {
     world: usize,
     funcs: HashMap<(PacketKernel, DType), CudaFunction>,
     max_blocks: usize,
+    spread_blocks: usize,
     max_bytes: usize,
     timeout: Duration,
     ll_ptrs: [u64; protocol::MAX_RANKS],
@@ -178,6 +183,7 @@ impl PacketAllreduce {
             world,
             funcs: p.funcs,
             max_blocks: p.max_blocks,
+            spread_blocks: opts.spread_blocks.unwrap_or(DEFAULT_SPREAD_BLOCKS),
             max_bytes: opts.max_bytes,
             timeout: opts.timeout,
             ll_ptrs,
@@ -286,7 +292,7 @@ impl PacketAllreduce {
             PacketKernel::AllPairs | PacketKernel::TwoPhase => (&self.ll_ptrs, protocol::ll_slots(self.max_bytes)),
             PacketKernel::Lamport => (&self.lamport_ptrs, protocol::lamport_slots(self.max_bytes)),
         };
-        let (blocks, threads) = launch_shape(bytes.div_ceil(protocol::VEC_BYTES), self.max_blocks);
+        let (blocks, threads) = launch_shape(bytes.div_ceil(protocol::VEC_BYTES), self.spread_blocks, self.max_blocks);
         let cfg = LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
             block_dim: ((threads + protocol::PACKET_HEADER_THREADS) as u32, 1, 1),
@@ -352,15 +358,18 @@ mod tests {
 
     #[test]
     fn small_messages_spread_over_blocks_large_ones_fill_them() {
-        assert_eq!(launch_shape(0, 64), (1, 32));
-        assert_eq!(launch_shape(256, 64), (8, 32)); // 4 KiB
-        assert_eq!(launch_shape(257, 64), (5, 64));
-        assert_eq!(launch_shape(2048, 64), (8, 256)); // 32 KiB
-        assert_eq!(launch_shape(4096, 64), (16, 256));
-        assert_eq!(launch_shape(1 << 20, 64), (64, 256));
-        assert_eq!(launch_shape(1 << 20, 0), (1, 256));
+        assert_eq!(launch_shape(0, 8, 64), (1, 32));
+        assert_eq!(launch_shape(256, 8, 64), (8, 32)); // 4 KiB
+        assert_eq!(launch_shape(257, 8, 64), (5, 64));
+        assert_eq!(launch_shape(2048, 8, 64), (8, 256)); // 32 KiB
+        assert_eq!(launch_shape(4096, 8, 64), (16, 256));
+        assert_eq!(launch_shape(1 << 20, 8, 64), (64, 256));
+        assert_eq!(launch_shape(1 << 20, 8, 0), (1, 256));
+        assert_eq!(launch_shape(256, 1, 64), (1, 256));
+        assert_eq!(launch_shape(256, 2, 64), (2, 128));
+        assert_eq!(launch_shape(256, 0, 64), (1, 256));
         for nvec in 0..5000 {
-            let (b, t) = launch_shape(nvec, 64);
+            let (b, t) = launch_shape(nvec, 8, 64);
             assert!(t % 32 == 0 && t <= protocol::PACKET_THREADS && (1..=64).contains(&b));
             assert!(b * t >= nvec.min(64 * protocol::PACKET_THREADS));
         }
