@@ -676,7 +676,7 @@ impl Communicator {
             timeout: self.config.timeout,
             ranks_per_device: layout.max_ranks_per_device,
             max_blocks: None,
-            spread_blocks: self.config.packet_blocks,
+            block_threads: self.config.packet_threads,
             cache_dir: self.cache_dir(),
         };
         let packet = PacketAllreduce::new(self.boot.node(), &gpu.ctx, &opts)?;

@@ -38,8 +38,9 @@ pub struct Config {
     /// Bytes of the largest message the packet kernels take; sizes each rank's LL scratch and
     /// Lamport buffers (about 7 x world x this) (`TPCOMM_PACKET_BUFFER_BYTES`).
     pub packet_buffer_bytes: usize,
-    /// Blocks a small packet call is spread over (`TPCOMM_PACKET_BLOCKS`; `None`: 8).
-    pub packet_blocks: Option<usize>,
+    /// Data threads per block of the packet kernels (`TPCOMM_PACKET_THREADS`; `None`: 128 at 2
+    /// ranks, 64 above).
+    pub packet_threads: Option<usize>,
     /// Device messages up to this many bytes use LL packets (`TPCOMM_PACKET_MAX_BYTES`; `None`
     /// keeps the tuned or default value; capped by the packet buffer).
     pub packet_max_bytes: Option<usize>,
@@ -69,7 +70,7 @@ impl Default for Config {
             cache_dir: None,
             custom_max_bytes: 8 << 20,
             packet_buffer_bytes: 1 << 20,
-            packet_blocks: None,
+            packet_threads: None,
             packet_max_bytes: None,
             oneshot_max_bytes: None,
             tune_file: None,
@@ -215,19 +216,19 @@ const PARAMS: &[Param] = &[
         show: |c| c.packet_buffer_bytes.to_string(),
     },
     Param {
-        key: "TPCOMM_PACKET_BLOCKS",
-        help: "blocks a small packet call is spread over (auto = 8); larger messages use more",
+        key: "TPCOMM_PACKET_THREADS",
+        help: "data threads per block of the packet kernels (auto = 128 at 2 ranks, 64 above)",
         set: |c, v| {
-            c.packet_blocks = match v.trim() {
+            c.packet_threads = match v.trim() {
                 "auto" | "" => None,
                 s => match parse_usize(s)? {
-                    b @ 1..=64 => Some(b),
-                    _ => return Err("auto or 1 to 64".into()),
+                    t @ 32..=256 if t % 32 == 0 => Some(t),
+                    _ => return Err("auto or a multiple of 32 from 32 to 256".into()),
                 },
             };
             Ok(())
         },
-        show: |c| c.packet_blocks.map_or("auto".to_string(), |b| b.to_string()),
+        show: |c| c.packet_threads.map_or("auto".to_string(), |t| t.to_string()),
     },
     Param {
         key: "TPCOMM_PACKET_MAX_BYTES",
@@ -375,8 +376,9 @@ mod tests {
             ("TPCOMM_TIMEOUT_MS", "0"),
             ("TPCOMM_ALGO", "fastest"),
             ("TPCOMM_HOST_CHUNK_BYTES", "100"),
-            ("TPCOMM_PACKET_BLOCKS", "0"),
-            ("TPCOMM_PACKET_BLOCKS", "65"),
+            ("TPCOMM_PACKET_THREADS", "0"),
+            ("TPCOMM_PACKET_THREADS", "48"),
+            ("TPCOMM_PACKET_THREADS", "512"),
             ("TPCOMM_PACKET_BUFFER_BYTES", "17"),
             ("TPCOMM_DEBUG", "maybe"),
             ("TPCOMM_CACHE_DIR", ""),

@@ -13,7 +13,7 @@
 //! |---|---|
 //! | `mscclpp_generate_unique_id()` | not needed: the MPI communicator is the bootstrap |
 //! | `mscclpp_init_context(unique_id, rank, world_size, scratch, put_buffer, nranks_per_node, rank_to_node, rank_to_ib, context_selection)` | [`PacketAllreduce::new`] over the node's communicator (allocates its scratch and receive buffers itself; the ranks of one node; across nodes the [`crate::Communicator`] composes backends) |
-//! | `mscclpp_allreduce(context, inp, out, nthreads, nblocks)` | [`PacketAllreduce::all_reduce`] (threads and blocks sized to the message by [`launch_shape`]: `nblocks` is [`PacketOptions::spread_blocks`], `TPCOMM_PACKET_BLOCKS`) |
+//! | `mscclpp_allreduce(context, inp, out, nthreads, nblocks)` | [`PacketAllreduce::all_reduce`] (threads and blocks sized to the message by [`launch_shape`]: `nthreads` is [`PacketOptions::block_threads`] (`TPCOMM_PACKET_THREADS`), `nblocks` at most [`PacketOptions::max_blocks`]) |
 //!
 //! ## Memory every rank shares (CUDA IPC)
 //! - **LL scratch** ([`protocol::ll_scratch_bytes`]): `[parity][source][slots]` 16-byte packets,
@@ -80,9 +80,9 @@ pub struct PacketOptions {
     pub ranks_per_device: usize,
     /// Most blocks of one launch (`None`: [`DEFAULT_MAX_BLOCKS`]), before the shared-device cap.
     pub max_blocks: Option<usize>,
-    /// Blocks a small message is spread over before blocks grow past one warp of data threads
-    /// (the seed's `nblocks` for small messages; `None`: [`DEFAULT_SPREAD_BLOCKS`]).
-    pub spread_blocks: Option<usize>,
+    /// Data threads per block while the grid has room (the seed's `nthreads`; a multiple of 32
+    /// up to [`protocol::PACKET_THREADS`]; `None`: [`default_block_threads`]).
+    pub block_threads: Option<usize>,
     /// Kernel cache directory (`None`: compile every time).
     pub cache_dir: Option<PathBuf>,
 }
@@ -90,17 +90,29 @@ pub struct PacketOptions {
 /// Default block limit per launch before the shared-device cap.
 pub const DEFAULT_MAX_BLOCKS: usize = 64;
 
-/// Blocks a small message is spread over by default: more SMs issue the stores and polls of a
-/// small message at once.
-pub const DEFAULT_SPREAD_BLOCKS: usize = 8;
+/// Data threads per block for `world` ranks: small blocks spread a small message over several
+/// SMs, and with more peers each thread stores and polls more, so blocks shrink. Measured on one
+/// H100 shared by all ranks (bench/RESULTS.md): 128 best at 2 ranks, 64 at 4 and 8 (4 KiB:
+/// 3.17 / 4.28 / 6.30 us against 3.37 / 4.51 / 6.34 with 8 blocks of 32).
+pub const fn default_block_threads(world: usize) -> usize {
+    if world <= 2 {
+        128
+    } else {
+        64
+    }
+}
 
-/// Launch shape for `nvec` 16-byte vectors: `(blocks, data threads per block)`. Up to `spread`
-/// blocks of at least one warp of data threads share a small message; larger ones grow the
-/// blocks to [`protocol::PACKET_THREADS`] data threads, then the grid to `max_blocks`; one
-/// vector per data thread where the grid allows. Each block also has the header warp.
-pub fn launch_shape(nvec: usize, spread: usize, max_blocks: usize) -> (usize, usize) {
-    let threads = nvec.div_ceil(spread.max(1)).next_multiple_of(32).clamp(32, protocol::PACKET_THREADS);
-    (nvec.div_ceil(threads).clamp(1, max_blocks.max(1)), threads)
+/// Launch shape for `nvec` 16-byte vectors: `(blocks, data threads per block)`. One vector per
+/// data thread in blocks of `block_threads` while the grid has room for them (at most
+/// `max_blocks`); beyond that the blocks grow, to [`protocol::PACKET_THREADS`] data threads, and
+/// threads take several vectors. Each block also has the header warp.
+pub fn launch_shape(nvec: usize, block_threads: usize, max_blocks: usize) -> (usize, usize) {
+    let max_blocks = max_blocks.max(1);
+    let mut threads = block_threads.next_multiple_of(32).clamp(32, protocol::PACKET_THREADS);
+    if nvec.div_ceil(threads) > max_blocks {
+        threads = nvec.div_ceil(max_blocks).next_multiple_of(32).clamp(32, protocol::PACKET_THREADS);
+    }
+    (nvec.div_ceil(threads).clamp(1, max_blocks), threads)
 }
 
 /// One rank's side of the packet allreduce.
@@ -109,7 +121,7 @@ pub struct PacketAllreduce {
     world: usize,
     funcs: HashMap<(PacketKernel, DType), CudaFunction>,
     max_blocks: usize,
-    spread_blocks: usize,
+    block_threads: usize,
     max_bytes: usize,
     timeout: Duration,
     ll_ptrs: [u64; protocol::MAX_RANKS],
@@ -183,7 +195,7 @@ impl PacketAllreduce {
             world,
             funcs: p.funcs,
             max_blocks: p.max_blocks,
-            spread_blocks: opts.spread_blocks.unwrap_or(DEFAULT_SPREAD_BLOCKS),
+            block_threads: opts.block_threads.unwrap_or(default_block_threads(world)),
             max_bytes: opts.max_bytes,
             timeout: opts.timeout,
             ll_ptrs,
@@ -292,7 +304,7 @@ impl PacketAllreduce {
             PacketKernel::AllPairs | PacketKernel::TwoPhase => (&self.ll_ptrs, protocol::ll_slots(self.max_bytes)),
             PacketKernel::Lamport => (&self.lamport_ptrs, protocol::lamport_slots(self.max_bytes)),
         };
-        let (blocks, threads) = launch_shape(bytes.div_ceil(protocol::VEC_BYTES), self.spread_blocks, self.max_blocks);
+        let (blocks, threads) = launch_shape(bytes.div_ceil(protocol::VEC_BYTES), self.block_threads, self.max_blocks);
         let cfg = LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
             block_dim: ((threads + protocol::PACKET_HEADER_THREADS) as u32, 1, 1),
@@ -358,20 +370,21 @@ mod tests {
 
     #[test]
     fn small_messages_spread_over_blocks_large_ones_fill_them() {
-        assert_eq!(launch_shape(0, 8, 64), (1, 32));
-        assert_eq!(launch_shape(256, 8, 64), (8, 32)); // 4 KiB
-        assert_eq!(launch_shape(257, 8, 64), (5, 64));
-        assert_eq!(launch_shape(2048, 8, 64), (8, 256)); // 32 KiB
-        assert_eq!(launch_shape(4096, 8, 64), (16, 256));
-        assert_eq!(launch_shape(1 << 20, 8, 64), (64, 256));
-        assert_eq!(launch_shape(1 << 20, 8, 0), (1, 256));
-        assert_eq!(launch_shape(256, 1, 64), (1, 256));
-        assert_eq!(launch_shape(256, 2, 64), (2, 128));
-        assert_eq!(launch_shape(256, 0, 64), (1, 256));
-        for nvec in 0..5000 {
-            let (b, t) = launch_shape(nvec, 8, 64);
-            assert!(t % 32 == 0 && t <= protocol::PACKET_THREADS && (1..=64).contains(&b));
-            assert!(b * t >= nvec.min(64 * protocol::PACKET_THREADS));
+        assert_eq!(launch_shape(0, 128, 64), (1, 128));
+        assert_eq!(launch_shape(256, 128, 64), (2, 128)); // 4 KiB at 2 ranks
+        assert_eq!(launch_shape(256, 64, 64), (4, 64)); // 4 KiB at 4-8 ranks
+        assert_eq!(launch_shape(2048, 64, 64), (32, 64)); // 32 KiB
+        assert_eq!(launch_shape(4096, 64, 64), (64, 64));
+        assert_eq!(launch_shape(4097, 64, 64), (43, 96));
+        assert_eq!(launch_shape(1 << 20, 64, 64), (64, 256));
+        assert_eq!(launch_shape(1 << 20, 64, 0), (1, 256));
+        assert_eq!(launch_shape(100, 40, 64), (2, 64));
+        for nvec in 0..20_000 {
+            for bt in [32, 64, 128, 256] {
+                let (b, t) = launch_shape(nvec, bt, 64);
+                assert!(t % 32 == 0 && t <= protocol::PACKET_THREADS && (1..=64).contains(&b));
+                assert!(b * t >= nvec.min(64 * protocol::PACKET_THREADS), "{nvec} {bt}: {b} x {t}");
+            }
         }
     }
 
