@@ -506,11 +506,12 @@ mod device {
         Ok(worst)
     }
 
-    /// Wrong elements: bits that differ from the rank-order sum, except for NCCL over several
-    /// ranks, whose order of addition is its own: there, values outside the error any order of
-    /// addition can make ([`tpcomm::verify::count_outside_order_tolerance`]).
+    /// Wrong elements: bits that differ from the rank-order sum, except where NCCL sums (NCCL,
+    /// and the hierarchy's cross-node leg) over several ranks, whose order of addition is its
+    /// own: there, values outside the error any order of addition can make
+    /// ([`tpcomm::verify::count_outside_order_tolerance`]).
     fn check<T: Element>(got: &[T], want: &[T], algo: Algo, ranks: usize) -> usize {
-        if algo == Algo::Nccl && ranks > 1 {
+        if matches!(algo, Algo::Nccl | Algo::Hierarchical) && ranks > 1 {
             tpcomm::verify::count_outside_order_tolerance(got, want, ranks)
         } else {
             count_wrong(got, want)
@@ -519,7 +520,7 @@ mod device {
 
     /// Say on stderr where a result differs from the reference (first elements only).
     fn report_wrong<T: Element>(rank: usize, size: usize, algo: Algo, what: &str, got: &[T], want: &[T]) {
-        if algo == Algo::Nccl {
+        if matches!(algo, Algo::Nccl | Algo::Hierarchical) {
             return;
         }
         let wrong = tpcomm::verify::first_wrong(got, want, 6);

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The multi-GPU run: one rank per GPU of this machine, everything the single-GPU runs cannot show.
 #   1. topology: GPUs, P2P and NVLink between every pair as tpcomm detects them;
-#   2. the GPU test suite at 1, 2, 4 and 8 ranks (as many as there are GPUs), and the dispatch
-#      across two pretend nodes (TPCOMM_FAKE_NODES=2: NCCL, results within the order tolerance);
+#   2. the GPU test suite at 1, 2, 4 and 8 ranks (as many as there are GPUs), and device calls
+#      across two pretend nodes (TPCOMM_FAKE_NODES=2: the hierarchy, then flat NCCL; results
+#      within the error NCCL's order of addition can make);
 #   3. allreduce_perf bf16 8 B..1 GiB, graph mode and eager, every device algorithm forced in turn
 #      and the dispatch's choice, each with NCCL measured in the same run (--compare nccl), and
 #      Communicator::tune() once (table saved in $OUT);
@@ -54,9 +55,12 @@ for n in "${ranks[@]}"; do
     run "gpu_check_np$n" "$n" "$BIN_DIR/gpu_check"
 done
 if [ "$top" -ge 2 ]; then
-    # Two pretend nodes: device calls cross "nodes", so the table sends them to NCCL.
+    # Two pretend nodes: device calls cross "nodes": the hierarchy (IPC kernels in each node,
+    # NCCL per local index between them) up to the staging size, flat NCCL above; forced too.
     TPCOMM_FAKE_NODES=2 run perf_fake_nodes "$top" -x TPCOMM_FAKE_NODES \
         "$BIN_DIR/allreduce_perf" -d bfloat16 -b 8 -e 64M -f 4 -n 20 -w 3 -G 10
+    TPCOMM_FAKE_NODES=2 run perf_fake_nodes_eager "$top" -x TPCOMM_FAKE_NODES \
+        "$BIN_DIR/allreduce_perf" -d bfloat16 -b 8 -e 8M -f 4 -n 20 -w 3 --algo hier
 fi
 perf=("$BIN_DIR/allreduce_perf" -d bfloat16 -b 8 -f 2 -n 20 -w 3 --compare nccl)
 # Forced algorithms up to the largest message they take (packet buffer 1M, staging 8M).

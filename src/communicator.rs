@@ -34,6 +34,9 @@ pub struct Communicator {
     gpu: Mutex<Option<GpuState>>,
     /// Every rank has a CUDA driver and can load libnccl (found once, at bootstrap).
     nccl_library: bool,
+    /// The ranks of my local index on every node, for the NCCL leg of device calls across nodes
+    /// (`None` on one node and on ranks that own no shard).
+    cross_device: Option<mpi::topology::SimpleCommunicator>,
     /// The note that large device messages go chunked for want of NCCL was printed.
     chunk_note: std::sync::atomic::AtomicBool,
 }
@@ -63,6 +66,7 @@ impl Communicator {
         check_same_config(&boot, &config)?;
         let host = open_host_segment(&boot, &config)?;
         let cross = if boot.nodes > 1 { Some(CrossNode::new(&boot)?) } else { None };
+        let cross_device = if boot.nodes > 1 { crate::hierarchy::cross_communicator(&boot) } else { None };
         if config.debug {
             eprintln!("tpcomm: {}", boot.summary());
         }
@@ -77,6 +81,7 @@ impl Communicator {
             state: Mutex::new(State { host, cross, poisoned: None }),
             gpu: Mutex::new(None),
             nccl_library,
+            cross_device,
             chunk_note: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -519,6 +524,10 @@ struct GpuState {
     ranks_share_gpu: bool,
     /// Built by the first collective device call routed to NCCL.
     nccl: Option<NcclAllreduce>,
+    /// NCCL among the ranks of my local index on every node (the hierarchy's cross-node leg);
+    /// `None` on ranks that own no shard. Built once `nccl_cross_built`.
+    nccl_cross: Option<NcclAllreduce>,
+    nccl_cross_built: bool,
     /// Why NCCL cannot run here (shared GPUs, no libnccl), once found; the same on every rank.
     nccl_unsupported: Option<String>,
     /// Buffers from [`Communicator::alloc_shared`] and [`Communicator::alloc_device`], kept
@@ -618,6 +627,8 @@ impl Communicator {
                 ipc_unsupported: None,
                 ranks_share_gpu: false,
                 nccl: None,
+                nccl_cross: None,
+                nccl_cross_built: false,
                 nccl_unsupported: None,
                 shared: Vec::new(),
                 poisoned: None,
@@ -644,12 +655,7 @@ impl Communicator {
         if let Some(reason) = &gpu.ipc_unsupported {
             return Err(Error::Unsupported { what: WHAT.into(), reason: reason.clone() });
         }
-        if self.boot.nodes > 1 {
-            return Err(Error::Unsupported {
-                what: "CUDA IPC allreduce across nodes".into(),
-                reason: format!("the ranks span {} nodes and the CUDA IPC kernels serve one node", self.boot.nodes),
-            });
-        }
+        // Across nodes the kernels serve each node's ranks (the hierarchy's node steps).
         let layout = crate::topology::gpu_layout(self.boot.node(), &gpu.ctx);
         gpu.ranks_share_gpu = layout.max_ranks_per_device > 1;
         if let Some(reason) = &layout.unsupported {
@@ -979,6 +985,13 @@ impl Communicator {
                 (algo, why)
             }
         };
+        if self.boot.nodes > 1 && !matches!(algo, Algo::Nccl | Algo::Hierarchical) {
+            return Err(Error::Unsupported {
+                what: format!("{algo} across {} nodes", self.boot.nodes),
+                reason: "it reduces among the ranks of one node; across nodes use hier or nccl (or unset TPCOMM_ALGO)"
+                    .into(),
+            });
+        }
         if self.config.debug && self.boot.rank == 0 {
             eprintln!("tpcomm: device allreduce {len} x {} -> {algo}{why}", T::DTYPE);
             if algo == Algo::Chunked && !self.config.deterministic && !self.chunk_note.swap(true, Ordering::Relaxed) {
@@ -988,11 +1001,26 @@ impl Communicator {
                 );
             }
         }
+        self.run_device::<T>(algo, input, output, len, stream, registered_only)
+    }
+
+    /// Run a chosen device algorithm (the node steps of the hierarchy and the chunks of a
+    /// chunked call come here directly).
+    fn run_device<T: Element>(
+        &self,
+        algo: Algo,
+        input: u64,
+        output: u64,
+        len: usize,
+        stream: &Arc<CudaStream>,
+        registered_only: bool,
+    ) -> Result<()> {
         let kernel = match algo {
             Algo::OneShot => Kernel::OneShot,
             Algo::TwoShot => Kernel::TwoShot,
             Algo::Chunked => return self.chunked_call::<T>(input, output, len, stream, registered_only),
             Algo::Nccl => return self.nccl_call::<T>(input, output, len, stream),
+            Algo::Hierarchical => return self.hierarchical_call::<T>(input, output, len, stream, registered_only),
             Algo::Copy => return self.copy_call::<T>(input, output, len, stream),
             Algo::Packet => return self.packet_call::<T>(PacketKernel::AllPairs, input, output, len, stream),
             Algo::PacketTwoPhase => return self.packet_call::<T>(PacketKernel::TwoPhase, input, output, len, stream),
@@ -1000,8 +1028,8 @@ impl Communicator {
             other => {
                 return Err(Error::Unsupported {
                     what: format!("algorithm {other} on device memory"),
-                    reason: "pick a device algorithm (oneshot, twoshot, packet, packet2, lamport, nccl, chunked) or \
-                             unset TPCOMM_ALGO"
+                    reason: "pick a device algorithm (oneshot, twoshot, packet, packet2, lamport, nccl, chunked, \
+                             hier) or unset TPCOMM_ALGO"
                         .into(),
                 })
             }
@@ -1059,6 +1087,72 @@ impl Communicator {
         })
     }
 
+    /// Ranks on several nodes (the plan of [`crate::hierarchy`], as the host path): every node
+    /// sums the message with its IPC kernels; each local rank that owns a shard sums it across
+    /// nodes with NCCL (ranks of its local index, in place); every node then gathers the shards
+    /// by an in-place node allreduce of the message with all but the rank's own shard zeroed
+    /// (x + 0 = x, so every element takes its owner's value on every rank; a -0 comes out +0).
+    fn hierarchical_call<T: Element>(
+        &self,
+        input: u64,
+        output: u64,
+        len: usize,
+        stream: &Arc<CudaStream>,
+        registered_only: bool,
+    ) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let size = size_of::<T>();
+        let local = self.boot.nranks_per_node;
+        let node_table = DispatchTable::new(&self.config, local);
+        let node_algo = node_table.choose_within_node(&Request::new(len * size, T::DTYPE, local, 1, Memory::Device))?;
+        // 1. This node's partial sums (rank order inside the node) into `output`.
+        self.run_device::<T>(node_algo, input, output, len, stream, registered_only)?;
+        // 2. My shard across nodes.
+        let ranges = crate::hierarchy::shard_ranges(len, self.boot.min_ranks_per_node(), local);
+        let mine = ranges[self.boot.local_rank].clone();
+        let shard = output + (mine.start * size) as u64;
+        self.with_gpu(|gpu| {
+            self.ensure_nccl_cross(gpu)?;
+            let Some(nccl) = gpu.nccl_cross.as_mut() else { return Ok(()) };
+            // SAFETY: `shard` is `mine.len()` elements of T inside the caller's output.
+            let result = unsafe { nccl.all_reduce(stream, T::DTYPE, shard, shard, mine.len()) };
+            if let (Err(e), Some(_)) = (&result, nccl.aborted()) {
+                if gpu.poisoned.is_none() {
+                    gpu.poisoned = Some(e.to_string());
+                }
+            }
+            result
+        })?;
+        // 3. Gather: only my shard is non-zero in `output`, then the node sums it in place.
+        for (start, end) in [(0, mine.start), (mine.end, len)] {
+            if end > start {
+                let at = output + (start * size) as u64;
+                // SAFETY: the range lies inside the caller's output of `len` elements.
+                unsafe { cudarc::driver::result::memset_d8_async(at, 0, (end - start) * size, stream.cu_stream()) }
+                    .map_err(crate::cuda::cuda("cuMemsetD8Async(hierarchy gather)"))?;
+            }
+        }
+        self.run_device::<T>(node_algo, output, output, len, stream, false)
+    }
+
+    /// Build NCCL among the ranks of my local index on every node, once (collective: every
+    /// rank reaches it through the same hierarchical call; a failure anywhere fails everywhere).
+    fn ensure_nccl_cross(&self, gpu: &mut GpuState) -> Result<()> {
+        if gpu.nccl_cross_built {
+            return Ok(());
+        }
+        let opts = NcclOptions { timeout: self.config.timeout };
+        let built = match &self.cross_device {
+            Some(comm) => NcclAllreduce::new(comm, &gpu.ctx, &opts).map(Some),
+            None => Ok(None),
+        };
+        gpu.nccl_cross = crate::bootstrap::agree(self.boot.world(), built, "NCCL across nodes (hierarchy)")?;
+        gpu.nccl_cross_built = true;
+        Ok(())
+    }
+
     /// Packet allreduce, building the packet backend on first use.
     fn packet_call<T: Element>(
         &self,
@@ -1109,13 +1203,23 @@ impl Communicator {
     ) -> Result<()> {
         let align = crate::cuda::protocol::ALIGN;
         let chunk = (self.config.custom_max_bytes / align * align / size_of::<T>()).max(1);
+        // Chunks are node-local calls: across nodes (the hierarchy's node steps) they are chosen
+        // for the node's ranks.
+        let (table, world) = if self.boot.nodes > 1 {
+            (DispatchTable::new(&self.config, self.boot.nranks_per_node), self.boot.nranks_per_node)
+        } else {
+            (self.dispatch_table(), self.boot.size)
+        };
         let mut start = 0;
         while start < len {
             let n = chunk.min(len - start);
             let offset = (start * size_of::<T>()) as u64;
-            let request = self.request::<T>(n, Memory::Device, Backends { custom: true, nccl: false });
-            let algo = self.table.read().unwrap_or_else(|e| e.into_inner()).choose_chunk(&request)?;
-            self.device_call::<T>(Some(algo), input + offset, output + offset, n, stream, registered_only)?;
+            let request = Request {
+                nccl_available: false,
+                ..Request::new(n * size_of::<T>(), T::DTYPE, world, 1, Memory::Device)
+            };
+            let algo = table.choose_chunk(&request)?;
+            self.run_device::<T>(algo, input + offset, output + offset, n, stream, registered_only)?;
             start += n;
         }
         Ok(())
@@ -1192,8 +1296,12 @@ impl Communicator {
         // Built before capture (they allocate and synchronise); NCCL alone may serve the
         // captured calls where the IPC kernels cannot run.
         self.with_gpu(|gpu| {
-            if self.device_backends(gpu)?.custom {
+            let backends = self.device_backends(gpu)?;
+            if backends.custom {
                 self.ensure_packet(gpu)?;
+            }
+            if backends.custom && backends.nccl && self.boot.nodes > 1 && !self.config.deterministic {
+                self.ensure_nccl_cross(gpu)?;
             }
             Ok(())
         })?;

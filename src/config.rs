@@ -316,10 +316,10 @@ impl Config {
     /// [`Error::Config`] when `TPCOMM_ALGO=nccl` is combined with `TPCOMM_DETERMINISTIC=1`:
     /// NCCL's summation order is not fixed, so it cannot serve deterministic mode.
     pub fn validate(&self) -> Result<()> {
-        if self.deterministic && self.algo == Some(Algo::Nccl) {
+        if let (true, Some(algo @ (Algo::Nccl | Algo::Hierarchical))) = (self.deterministic, self.algo) {
             return Err(Error::Config {
                 key: "TPCOMM_ALGO",
-                value: Algo::Nccl.as_str().to_string(),
+                value: algo.as_str().to_string(),
                 expected: "another algorithm (or auto) while TPCOMM_DETERMINISTIC=1: NCCL does not sum in a fixed \
                            rank order; unset TPCOMM_ALGO or TPCOMM_DETERMINISTIC"
                     .into(),
@@ -414,7 +414,8 @@ mod tests {
         assert_eq!(Config::from_vars([("TPCOMM_ALGO", "nccl")]).unwrap().algo, Some(Algo::Nccl));
         let c = Config::from_vars([("TPCOMM_ALGO", "twoshot"), ("TPCOMM_DETERMINISTIC", "1")]).unwrap();
         assert!(c.deterministic && c.algo == Some(Algo::TwoShot));
-        // A configuration built in code is checked too.
+        // A configuration built in code is checked too, and the hierarchy (NCCL between nodes) likewise.
         assert!(Config { algo: Some(Algo::Nccl), deterministic: true, ..Config::default() }.validate().is_err());
+        assert!(Config::from_vars([("TPCOMM_ALGO", "hier"), ("TPCOMM_DETERMINISTIC", "1")]).is_err());
     }
 }

@@ -42,6 +42,10 @@ pub enum Algo {
     /// Device memory, one rank: the sum of one input is the input, so the call is a
     /// device-to-device copy (nothing at all in place). No kernel, no backend.
     Copy,
+    /// Device memory, ranks on several nodes: each node sums the message with its IPC kernels,
+    /// NCCL sums each local rank's shard across nodes, each node gathers the shards (the plan
+    /// of [`crate::hierarchy`]).
+    Hierarchical,
 }
 
 impl Algo {
@@ -57,6 +61,7 @@ impl Algo {
         Algo::Nccl,
         Algo::Chunked,
         Algo::Copy,
+        Algo::Hierarchical,
     ];
 
     /// The name used by `TPCOMM_ALGO` and `--algo`.
@@ -72,6 +77,7 @@ impl Algo {
             Algo::Nccl => "nccl",
             Algo::Chunked => "chunked",
             Algo::Copy => "copy",
+            Algo::Hierarchical => "hier",
         }
     }
 
@@ -86,7 +92,8 @@ impl Algo {
             | Algo::Lamport
             | Algo::Nccl
             | Algo::Chunked
-            | Algo::Copy => Memory::Device,
+            | Algo::Copy
+            | Algo::Hierarchical => Memory::Device,
         }
     }
 }
@@ -129,8 +136,8 @@ pub struct Request {
     pub nodes: usize,
     /// Kind of memory.
     pub memory: Memory,
-    /// The custom IPC kernels can run on this layout (one node, every pair of GPUs in use with
-    /// P2P access). Ignored for host memory.
+    /// The custom IPC kernels can run among the ranks of each node (every pair of GPUs in use
+    /// on a node with P2P access). Ignored for host memory.
     pub custom_available: bool,
     /// NCCL can run: libnccl loads on every rank and no two ranks share a GPU (NCCL refuses
     /// that). Ignored for host memory.
@@ -297,7 +304,7 @@ impl DispatchTable {
                     reason: format!("{algo} reduces {:?} memory only; unset TPCOMM_ALGO", algo.memory()),
                 });
             }
-            if algo == Algo::Nccl && self.deterministic {
+            if matches!(algo, Algo::Nccl | Algo::Hierarchical) && self.deterministic {
                 return Err(Error::Config {
                     key: "TPCOMM_ALGO",
                     value: algo.to_string(),
@@ -313,6 +320,12 @@ impl DispatchTable {
         }
         if req.world_size == 1 {
             return Ok(Algo::Copy);
+        }
+        // Across nodes: the IPC kernels inside each node and NCCL between them, while the
+        // message fits the staging buffers; flat NCCL beyond (bandwidth-bound, NCCL's rings).
+        let hierarchical = req.nodes > 1 && req.custom_available && req.nccl_available && !self.deterministic;
+        if hierarchical && req.bytes <= self.custom_max_bytes {
+            return Ok(Algo::Hierarchical);
         }
         let custom = req.custom_available && req.nodes == 1;
         if !custom {
@@ -369,6 +382,16 @@ impl DispatchTable {
         let unforced = DispatchTable { forced: None, ..self.clone() };
         unforced.choose(&Request { custom_available: true, ..*req })
     }
+
+    /// The algorithm for the node-local steps of an [`Algo::Hierarchical`] call: `req` as a
+    /// one-node call without NCCL (packet, one-shot, two-shot or chunked), never forced.
+    ///
+    /// # Errors
+    /// As [`DispatchTable::choose`].
+    pub fn choose_within_node(&self, req: &Request) -> Result<Algo> {
+        let unforced = DispatchTable { forced: None, ..self.clone() };
+        unforced.choose(&Request { nodes: 1, custom_available: true, nccl_available: false, ..*req })
+    }
 }
 
 impl fmt::Display for DispatchTable {
@@ -399,7 +422,15 @@ impl fmt::Display for DispatchTable {
                 Algo::Nccl,
                 Algo::Chunked
             )?;
-            writeln!(f, "# device memory: several nodes or no P2P: {} (any size)", Algo::Nccl)
+            writeln!(
+                f,
+                "# device memory: several nodes: bytes <= {:>10}: {} (IPC kernels in each node, NCCL between), \
+                 larger: {}",
+                self.custom_max_bytes,
+                Algo::Hierarchical,
+                Algo::Nccl
+            )?;
+            writeln!(f, "# device memory: no P2P: {} (any size)", Algo::Nccl)
         }
     }
 }
@@ -579,11 +610,22 @@ mod tests {
         assert_eq!(t.choose(&device(8 << 20)).unwrap(), Algo::TwoShot);
         assert_eq!(t.choose(&device((8 << 20) + 1)).unwrap(), Algo::Nccl);
         assert_eq!(t.choose(&device(1 << 30)).unwrap(), Algo::Nccl);
-        // Several nodes, or GPUs without P2P: NCCL at every size, even the smallest.
+        // GPUs without P2P: NCCL at every size, even the smallest. Several nodes: the
+        // hierarchy up to the staging size, flat NCCL above it, NCCL alone where the IPC kernels
+        // cannot run inside the nodes.
         for bytes in [0, 16, 512 << 10, 64 << 20] {
-            assert_eq!(t.choose(&Request { nodes: 2, ..device(bytes) }).unwrap(), Algo::Nccl, "{bytes}");
             assert_eq!(t.choose(&Request { custom_available: false, ..device(bytes) }).unwrap(), Algo::Nccl);
+            let no_p2p = Request { nodes: 2, custom_available: false, ..device(bytes) };
+            assert_eq!(t.choose(&no_p2p).unwrap(), Algo::Nccl, "{bytes}");
         }
+        for bytes in [0, 16, 512 << 10, 8 << 20] {
+            assert_eq!(t.choose(&Request { nodes: 2, ..device(bytes) }).unwrap(), Algo::Hierarchical, "{bytes}");
+        }
+        assert_eq!(t.choose(&Request { nodes: 2, ..device((8 << 20) + 16) }).unwrap(), Algo::Nccl);
+        // The node steps of the hierarchy: one-node choices without NCCL, never forced.
+        let forced = table(Config { algo: Some(Algo::Hierarchical), ..Config::default() });
+        assert_eq!(forced.choose_within_node(&Request { nodes: 2, ..device(64) }).unwrap(), Algo::Packet);
+        assert_eq!(forced.choose_within_node(&Request { nodes: 2, ..device(64 << 20) }).unwrap(), Algo::Chunked);
         // Host memory never goes to NCCL.
         assert_eq!(t.choose(&Request { nodes: 2, ..host(64 << 20) }).unwrap(), Algo::HostTwoShot);
     }
@@ -659,7 +701,7 @@ mod tests {
     #[test]
     fn the_printed_table_names_the_nccl_and_deterministic_rows() {
         let text = table(Config::default()).to_string();
-        assert!(text.contains("nccl") && text.contains("several nodes or no P2P: nccl"), "{text}");
+        assert!(text.contains("nccl") && text.contains("no P2P: nccl") && text.contains("hier"), "{text}");
         let text = table(Config { deterministic: true, ..Config::default() }).to_string();
         assert!(text.contains("chunked") && text.contains("unsupported") && !text.contains(": nccl"), "{text}");
     }

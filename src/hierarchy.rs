@@ -44,9 +44,7 @@ impl CrossNode {
     /// Every rank of the bootstrap's communicator.
     pub fn new(boot: &Bootstrap) -> Result<Self> {
         let shards = boot.min_ranks_per_node();
-        let color =
-            if boot.local_rank < shards { Color::with_value(boot.local_rank as i32) } else { Color::undefined() };
-        let comm = boot.world().split_by_color_with_key(color, boot.node_index() as i32);
+        let comm = cross_communicator(boot);
         let members = match &comm {
             Some(c) => {
                 let mut ranks = vec![0u64; c.size() as usize];
@@ -61,7 +59,7 @@ impl CrossNode {
     /// The shard of every local rank of my node for a message of `len` elements (empty for
     /// local ranks that own none).
     pub fn shard_ranges(&self, len: usize) -> Vec<Range<usize>> {
-        (0..self.local_size).map(|l| if l < self.shards { split(len, self.shards, l) } else { len..len }).collect()
+        shard_ranges(len, self.shards, self.local_size)
     }
 
     /// My shard of a message of `len` elements.
@@ -117,6 +115,23 @@ impl CrossNode {
         }
         Ok(())
     }
+}
+
+/// The ranks with my local index on every node, in node order, for the local ranks that own a
+/// shard (`local_rank < min_ranks_per_node`); `None` for the others.
+///
+/// # Collective
+/// Every rank of the bootstrap's communicator.
+pub fn cross_communicator(boot: &Bootstrap) -> Option<SimpleCommunicator> {
+    let shards = boot.min_ranks_per_node();
+    let color = if boot.local_rank < shards { Color::with_value(boot.local_rank as i32) } else { Color::undefined() };
+    boot.world().split_by_color_with_key(color, boot.node_index() as i32)
+}
+
+/// The shard of every local rank of a node of `local_size` ranks for a message of `len`
+/// elements cut into `shards` pieces (empty for local ranks that own none).
+pub fn shard_ranges(len: usize, shards: usize, local_size: usize) -> Vec<Range<usize>> {
+    (0..local_size).map(|l| if l < shards { split(len, shards, l) } else { len..len }).collect()
 }
 
 fn dtype_name(code: u64) -> String {
