@@ -1118,12 +1118,7 @@ impl Communicator {
             let Some(nccl) = gpu.nccl_cross.as_mut() else { return Ok(()) };
             // SAFETY: `shard` is `mine.len()` elements of T inside the caller's output.
             let result = unsafe { nccl.all_reduce(stream, T::DTYPE, shard, shard, mine.len()) };
-            if let (Err(e), Some(_)) = (&result, nccl.aborted()) {
-                if gpu.poisoned.is_none() {
-                    gpu.poisoned = Some(e.to_string());
-                }
-            }
-            result
+            poison_on_abort(&mut gpu.poisoned, nccl, result)
         })?;
         // 3. Gather: only my shard is non-zero in `output`, then the node sums it in place.
         for (start, end) in [(0, mine.start), (mine.end, len)] {
@@ -1180,12 +1175,7 @@ impl Communicator {
             // SAFETY: as for the custom kernels: cudarc slices of `len` elements of T on this
             // context, kept alive and stream-ordered by the caller's guards.
             let result = unsafe { nccl.all_reduce(stream, T::DTYPE, input, output, len) };
-            if let (Err(e), Some(_)) = (&result, nccl.aborted()) {
-                if gpu.poisoned.is_none() {
-                    gpu.poisoned = Some(e.to_string());
-                }
-            }
-            result
+            poison_on_abort(&mut gpu.poisoned, nccl, result)
         })
     }
 
@@ -1366,4 +1356,13 @@ impl Communicator {
             }
         })
     }
+}
+
+/// An NCCL call's result; an NCCL communicator that aborted (timeout, NCCL error) poisons the
+/// GPU side, whose later calls then fail at once.
+fn poison_on_abort(poisoned: &mut Option<String>, nccl: &NcclAllreduce, result: Result<()>) -> Result<()> {
+    if let (Err(e), Some(_), true) = (&result, nccl.aborted(), poisoned.is_none()) {
+        *poisoned = Some(e.to_string());
+    }
+    result
 }
