@@ -813,12 +813,13 @@ impl Communicator {
     /// Sum `input` over all ranks into `output` (device memory: f32, f16 or bf16; f64 through
     /// NCCL), on `stream`.
     ///
-    /// The dispatch table picks the algorithm: the custom IPC kernels up to
-    /// `TPCOMM_CUSTOM_MAX_BYTES`, NCCL above and where the custom kernels cannot run (several
-    /// nodes, no P2P), chunked custom calls in deterministic mode or without libnccl. For the
-    /// custom kernels, an input inside a buffer from [`Communicator::alloc_shared`] is read in
-    /// place by the peers; any other input is first copied into this rank's IPC staging
-    /// buffer. Outside stream capture the call waits for the result (bounded by
+    /// The dispatch table picks the algorithm: one rank copies; the packet kernels up to
+    /// `TPCOMM_PACKET_MAX_BYTES` (no registration needed: every rank pushes its own data); the
+    /// custom IPC kernels up to `TPCOMM_CUSTOM_MAX_BYTES`; NCCL above and where the GPUs lack
+    /// P2P; the hierarchy (`hier`) when the ranks span nodes; chunked custom calls in
+    /// deterministic mode or without libnccl. For the custom kernels, an input inside a buffer
+    /// from [`Communicator::alloc_shared`] is read in place by the peers; any other input is
+    /// first copied into this rank's IPC staging buffer. Outside stream capture the call waits for the result (bounded by
     /// `TPCOMM_TIMEOUT_MS`); while `stream` captures (inside [`Communicator::capture`]) it is
     /// recorded instead.
     ///
@@ -832,8 +833,9 @@ impl Communicator {
     /// across nodes; [`Error::Nccl`] for NCCL's failures;
     /// [`Error::PeerTimeout`] when a peer does not arrive within `TPCOMM_TIMEOUT_MS`;
     /// [`Error::Mismatch`] when ranks pass different lengths, element types or algorithms (the
-    /// kernels compare a tag of the call at every barrier; where the difference also changes
-    /// the grid, the rank with more blocks returns only after its extra blocks time out).
+    /// custom kernels compare a tag of the call at every barrier, the packet kernels in a call
+    /// header; where the difference also changes a custom kernel's grid, the rank with more
+    /// blocks returns only after its extra blocks time out).
     ///
     /// # Examples
     /// ```no_run
