@@ -503,7 +503,7 @@ use std::sync::Arc;
 /// Which device backends can serve calls on this layout (the same verdict on every rank).
 #[derive(Debug, Clone, Copy)]
 struct Backends {
-    /// The custom IPC kernels (one node, P2P between the GPUs in use).
+    /// The custom IPC kernels (P2P between the GPUs in use on every node).
     custom: bool,
     /// NCCL (libnccl on every rank, one rank per GPU, not found unsupported before).
     nccl: bool,
@@ -528,6 +528,8 @@ struct GpuState {
     /// `None` on ranks that own no shard. Built once `nccl_cross_built`.
     nccl_cross: Option<NcclAllreduce>,
     nccl_cross_built: bool,
+    /// The backends every rank can use, once found (see [`Communicator::device_backends`]).
+    backends: Option<Backends>,
     /// Why NCCL cannot run here (shared GPUs, no libnccl), once found; the same on every rank.
     nccl_unsupported: Option<String>,
     /// Buffers from [`Communicator::alloc_shared`] and [`Communicator::alloc_device`], kept
@@ -629,6 +631,7 @@ impl Communicator {
                 nccl: None,
                 nccl_cross: None,
                 nccl_cross_built: false,
+                backends: None,
                 nccl_unsupported: None,
                 shared: Vec::new(),
                 poisoned: None,
@@ -655,7 +658,18 @@ impl Communicator {
         if let Some(reason) = &gpu.ipc_unsupported {
             return Err(Error::Unsupported { what: WHAT.into(), reason: reason.clone() });
         }
-        // Across nodes the kernels serve each node's ranks (the hierarchy's node steps).
+        // Across nodes the kernels serve each node's ranks (the hierarchy's node steps). More
+        // ranks on a node than the kernels span go to NCCL instead (the same verdict on every
+        // rank of the node, from the bootstrap's layout).
+        if self.boot.nranks_per_node > crate::cuda::protocol::MAX_RANKS {
+            let reason = format!(
+                "{} ranks share a node and the IPC kernels span at most {}",
+                self.boot.nranks_per_node,
+                crate::cuda::protocol::MAX_RANKS
+            );
+            gpu.ipc_unsupported = Some(reason.clone());
+            return Err(Error::Unsupported { what: WHAT.into(), reason });
+        }
         let layout = crate::topology::gpu_layout(self.boot.node(), &gpu.ctx);
         gpu.ranks_share_gpu = layout.max_ranks_per_device > 1;
         if let Some(reason) = &layout.unsupported {
@@ -726,20 +740,46 @@ impl Communicator {
         Ok(())
     }
 
-    /// Which device backends can serve calls here, building the custom kernels on first use.
-    /// The custom kernels are unavailable for a layout verdict (several nodes, no P2P), the same
-    /// on every rank; their other failures are errors.
+    /// Which device backends can serve calls here, building the custom kernels on first use and
+    /// remembering the answer. The custom kernels are unavailable for a layout verdict (no P2P,
+    /// more ranks on a node than they span), the same on every rank of a node; across nodes the
+    /// verdicts of all nodes are combined, so every rank chooses alike. Their other failures are
+    /// errors (on every rank).
     ///
     /// # Collective
     /// Every rank, the first time.
     fn device_backends(&self, gpu: &mut GpuState) -> Result<Backends> {
-        let custom = match self.ensure_custom(gpu) {
-            Ok(()) => true,
-            Err(Error::Unsupported { .. }) if self.boot.nodes > 1 || gpu.ipc_unsupported.is_some() => false,
+        if let Some(b) = gpu.backends {
+            return Ok(b);
+        }
+        let (custom, failure) = match self.ensure_custom(gpu) {
+            Ok(()) => (true, None),
+            Err(Error::Unsupported { .. }) if self.boot.nodes > 1 || gpu.ipc_unsupported.is_some() => (false, None),
+            // One node alone failing must not leave the other nodes waiting below.
+            Err(e) if self.boot.nodes > 1 => (false, Some(e)),
             Err(e) => return Err(e),
         };
         let nccl = self.nccl_library && !gpu.ranks_share_gpu && gpu.nccl_unsupported.is_none();
-        Ok(Backends { custom, nccl })
+        let mut backends = Backends { custom, nccl };
+        if self.boot.nodes > 1 {
+            // Each node found its own verdict; every rank must choose alike.
+            use mpi::collective::SystemOperation;
+            let mine = [u8::from(custom), u8::from(nccl), u8::from(failure.is_none())];
+            let mut all = [0u8; 3];
+            self.boot.world().all_reduce_into(&mine[..], &mut all[..], SystemOperation::min());
+            if let Some(e) = failure {
+                return Err(e);
+            }
+            if all[2] == 0 {
+                return Err(Error::Unsupported {
+                    what: "device allreduce across nodes".into(),
+                    reason: "setting up the IPC kernels failed on another node (see its error)".into(),
+                });
+            }
+            backends = Backends { custom: all[0] == 1, nccl: all[1] == 1 };
+        }
+        gpu.backends = Some(backends);
+        Ok(backends)
     }
 
     /// Why NCCL is not available here, for debug output.
@@ -782,6 +822,7 @@ impl Communicator {
                         eprintln!("tpcomm: rank {}: NCCL unavailable: {reason}", self.boot.rank);
                     }
                     gpu.nccl_unsupported = Some(reason.clone());
+                    gpu.backends = None;
                 }
                 Err(e)
             }
