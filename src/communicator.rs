@@ -1082,8 +1082,7 @@ impl Communicator {
             let ctx = gpu.ctx.clone();
             let custom = gpu.custom.as_mut().expect("built above");
             let bytes = len * size_of::<T>();
-            let capturing = stream.capture_status().map_err(crate::cuda::cuda("cuStreamIsCapturing"))?
-                == cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE;
+            let capturing = crate::cuda::is_capturing(stream)?;
             let mode = if registered_only || custom.is_registered(input, bytes) {
                 Mode::Registered
             } else if capturing && crate::cuda::ipc::export(&ctx, input).is_ok() {

@@ -35,7 +35,7 @@ use crate::cuda::module_cache::ModuleCache;
 use crate::cuda::{cuda, kernels, protocol, HostWord};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use cudarc::driver::{sys, CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 use mpi::collective::CommunicatorCollectives;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -473,8 +473,7 @@ impl CustomAllreduce {
                 format!("in-place one-shot stages its input: {bytes} bytes exceed {} bytes", self.max_bytes),
             ));
         }
-        let capturing = stream.capture_status().map_err(cuda("cuStreamIsCapturing"))?
-            == sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE;
+        let capturing = crate::cuda::is_capturing(stream)?;
         let row = if capturing {
             let local = if stage { self.staging.ptr() } else { input };
             let row = self.reserve_row()?;
@@ -517,7 +516,7 @@ impl CustomAllreduce {
         let rd = self.rank_data.ptr() + (row * protocol::RANK_DATA_ROW_BYTES) as u64;
         let rank = self.rank as i32;
         let count = len as u64;
-        let timeout_ns = u64::try_from(self.timeout.as_nanos()).unwrap_or(u64::MAX / 2);
+        let timeout_ns = crate::cuda::timeout_ns(self.timeout);
         let err = self.err.device_ptr();
         let tag = protocol::call_tag(count, dtype.code(), kernel as u32);
         let mut launch = stream.launch_builder(func);

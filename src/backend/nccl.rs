@@ -370,8 +370,7 @@ impl NcclAllreduce {
         if len == 0 {
             return Ok(());
         }
-        let capturing = stream.capture_status().map_err(crate::cuda::cuda("cuStreamIsCapturing"))?
-            == cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE;
+        let capturing = crate::cuda::is_capturing(stream)?;
         let deadline = Instant::now() + self.timeout;
         // SAFETY: pointers valid for `len` elements (caller); live communicator and stream.
         let r = unsafe {

@@ -31,7 +31,7 @@ use crate::cuda::module_cache::ModuleCache;
 use crate::cuda::{cuda, kernels, protocol, HostWord};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use cudarc::driver::{sys, CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 use mpi::collective::CommunicatorCollectives;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -310,13 +310,12 @@ impl PacketAllreduce {
             block_dim: ((threads + protocol::PACKET_HEADER_THREADS) as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let capturing = stream.capture_status().map_err(cuda("cuStreamIsCapturing"))?
-            == sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE;
+        let capturing = crate::cuda::is_capturing(stream)?;
         let state = self.state.ptr();
         let rank = self.rank as i32;
         let count = len as u64;
         let slots = slots as u64;
-        let timeout_ns = u64::try_from(self.timeout.as_nanos()).unwrap_or(u64::MAX / 2);
+        let timeout_ns = crate::cuda::timeout_ns(self.timeout);
         let err = self.err.device_ptr();
         let tag = protocol::packet_tag(count, dtype.code(), 16 + kernel as u32);
         let mut launch = stream.launch_builder(func);

@@ -76,6 +76,20 @@ pub fn co_resident_blocks<'a>(
     Ok(cap)
 }
 
+/// Whether `stream` is capturing a CUDA graph now (work enqueued is recorded, not run).
+///
+/// # Errors
+/// [`Error::Cuda`] when the driver cannot tell.
+pub(crate) fn is_capturing(stream: &cudarc::driver::CudaStream) -> Result<bool> {
+    Ok(stream.capture_status().map_err(cuda("cuStreamIsCapturing"))?
+        == sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE)
+}
+
+/// A wait limit as the kernels take it: nanoseconds, saturated far beyond any real wait.
+pub(crate) fn timeout_ns(timeout: std::time::Duration) -> u64 {
+    u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX / 2)
+}
+
 /// The checks every IPC kernel family makes before a launch: `entry` (the kernel for `dtype`,
 /// `None` where the family has none) exists and both pointers are 16-byte aligned.
 ///
