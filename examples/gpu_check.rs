@@ -145,6 +145,18 @@ struct Bufs<T> {
 trait Dev: Element + DeviceRepr + ValidAsZeroBits {}
 impl<T: Element + DeviceRepr + ValidAsZeroBits> Dev for T {}
 
+impl<T: Dev> Bufs<T> {
+    /// Every kind of buffer, `len` elements each (collective: `alloc_shared` registers).
+    fn new(c: &Ctx, len: usize) -> Result<Self> {
+        Ok(Bufs {
+            shared: c.comm.alloc_shared::<T>(len)?,
+            ipc: c.comm.alloc_device::<T>(len)?,
+            pool: c.stream.alloc_zeros::<T>(len)?,
+            out: c.stream.alloc_zeros::<T>(len)?,
+        })
+    }
+}
+
 struct Ctx<'a> {
     comm: &'a Communicator,
     stream: Arc<CudaStream>,
@@ -294,12 +306,7 @@ fn lens_for<T: Element>(max_bytes: usize, quick: bool) -> Vec<usize> {
 
 fn run_dtype<T: Dev>(c: &mut Ctx, tally: &mut Tally, max_bytes: usize, quick: bool) -> Result<()> {
     let max_len = max_bytes / std::mem::size_of::<T>();
-    let mut b = Bufs {
-        shared: c.comm.alloc_shared::<T>(max_len)?,
-        ipc: c.comm.alloc_device::<T>(max_len)?,
-        pool: c.stream.alloc_zeros::<T>(max_len)?,
-        out: c.stream.alloc_zeros::<T>(max_len)?,
-    };
+    let mut b = Bufs::<T>::new(c, max_len)?;
     let dt = T::DTYPE;
     let packet_bytes = c.comm.config().packet_buffer_bytes;
     for len in lens_for::<T>(max_bytes, quick) {
@@ -544,12 +551,7 @@ fn length_mismatch(
 /// The long graph run: one capture replayed `replays` times with fresh inputs.
 fn many_replays(c: &mut Ctx, tally: &mut Tally, replays: usize) -> Result<()> {
     let len = 3000; // 6000 bytes of bf16: a tail of 0 and an odd number of vectors per rank
-    let mut b = Bufs::<bf16> {
-        shared: c.comm.alloc_shared(len)?,
-        ipc: c.comm.alloc_device(len)?,
-        pool: c.stream.alloc_zeros(len)?,
-        out: c.stream.alloc_zeros(len)?,
-    };
+    let mut b = Bufs::<bf16>::new(c, len)?;
     for algo in [Algo::OneShot, Algo::TwoShot, Algo::Packet, Algo::PacketTwoPhase, Algo::Lamport] {
         let t0 = Instant::now();
         let r = graph_case(c, &mut b, algo, Path::GraphIpc, false, len, replays);
@@ -662,12 +664,7 @@ fn nccl_exact<T: Dev>(c: &mut Ctx, tally: &mut Tally) -> Result<()> {
     let size = std::mem::size_of::<T>();
     let bytes = [4, 1000, 4096 + 6, MIB + 6, 9 * MIB + 2];
     let max_len = bytes.iter().map(|b| b / size).max().unwrap_or(1) + GUARD;
-    let mut b = Bufs {
-        shared: c.comm.alloc_shared::<T>(max_len)?,
-        ipc: c.comm.alloc_device::<T>(max_len)?,
-        pool: c.stream.alloc_zeros::<T>(max_len)?,
-        out: c.stream.alloc_zeros::<T>(max_len)?,
-    };
+    let mut b = Bufs::<T>::new(c, max_len)?;
     let dt = T::DTYPE;
     for len in bytes.map(|b| (b / size).max(1)) {
         for in_place in [false, true] {
@@ -745,12 +742,7 @@ fn deterministic_dtype<T: Dev>(d: &mut Ctx, tally: &mut Tally) -> Result<()> {
     // Odd element counts of 3 to 5 MiB: a tail that is not a whole chunk nor a whole vector.
     let lens = [3 * MIB / size + 1, 4 * MIB / size + 3, 5 * MIB / size - 1];
     let max_len = 5 * MIB / size + GUARD;
-    let mut b = Bufs {
-        shared: d.comm.alloc_shared::<T>(max_len)?,
-        ipc: d.comm.alloc_device::<T>(max_len)?,
-        pool: d.stream.alloc_zeros::<T>(max_len)?,
-        out: d.stream.alloc_zeros::<T>(max_len)?,
-    };
+    let mut b = Bufs::<T>::new(d, max_len)?;
     for len in lens {
         let chosen = d.comm.device_algo::<T>(len);
         let r = match chosen {
