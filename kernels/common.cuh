@@ -5,12 +5,16 @@
 // this file to each family's source (src/cuda/mod.rs), so every family is compiled with the
 // same helpers and the same fp32 rank-order arithmetic.
 //
-// Defines every family passes (from src/cuda/protocol.rs):
+// Defines every family passes (from src/runtime/protocol.rs):
 //   TPCOMM_WORLD        ranks of this module (1..=TPCOMM_MAX_RANKS)
 //   TPCOMM_MAX_RANKS    width of every per-rank table (`struct Ptrs`)
 //   TPCOMM_VEC_BYTES    bytes per vector access (16)
+//   TPCOMM_ERR_*        kind bits of the host-visible error word
+//   TPCOMM_FAULT_POLLS  waits read the group's fault word once per this many polls
 
-#if !defined(TPCOMM_WORLD) || !defined(TPCOMM_MAX_RANKS) || !defined(TPCOMM_VEC_BYTES)
+#if !defined(TPCOMM_WORLD) || !defined(TPCOMM_MAX_RANKS) || !defined(TPCOMM_VEC_BYTES) ||           \
+    !defined(TPCOMM_ERR_TIMEOUT) || !defined(TPCOMM_ERR_MISMATCH) || !defined(TPCOMM_ERR_PEER_FAILED) || \
+    !defined(TPCOMM_ERR_BAD_ROW) || !defined(TPCOMM_FAULT_POLLS)
 #error "compile through tpcomm's module cache: protocol defines are missing"
 #endif
 #if TPCOMM_WORLD < 1 || TPCOMM_WORLD > TPCOMM_MAX_RANKS
@@ -112,18 +116,35 @@ __device__ __forceinline__ u64 globaltimer() {
     return t;
 }
 
+// The group's fault word (a page of node-shared host memory mapped into the device): nonzero
+// once any rank of the node failed or aborted. Kernels read it only while they already wait (a
+// read of host memory is slow), and store `raise` into it when they fail themselves, so every
+// other kernel of the node stops waiting and every host sees the failure at its next call.
+struct Fault {
+    volatile u64* word;
+    u64 raise;
+    __device__ __forceinline__ bool raised() const { return *word != 0; }
+    __device__ __forceinline__ void raise_now() const {
+        if (*word == 0) *word = raise;
+        __threadfence_system();
+    }
+};
+
 // A bounded wait: the clock is read only every 64 polls and the deadline is set at the first
 // read, so a wait that succeeds at once never touches %globaltimer (a slow register) and a
-// spinning loop stays tight. Each wait is bounded by `timeout_ns` on its own.
+// spinning loop stays tight; the fault word is read every TPCOMM_FAULT_POLLS polls. Each wait is
+// bounded by `timeout_ns` on its own. `check` returns 0 to keep waiting, else the error kind
+// (TPCOMM_ERR_TIMEOUT, or TPCOMM_ERR_PEER_FAILED when another rank failed meanwhile).
 struct Spin {
     u64 deadline;
     u32 polls;
     __device__ __forceinline__ Spin() : deadline(0), polls(0) {}
-    __device__ __forceinline__ bool expired(u64 timeout_ns) {
-        if ((++polls & 63) != 0) return false;
+    __device__ __forceinline__ u64 check(u64 timeout_ns, const Fault& fault) {
+        if ((++polls & 63) != 0) return 0;
+        if ((polls % TPCOMM_FAULT_POLLS) == 0 && fault.raised()) return TPCOMM_ERR_PEER_FAILED;
         const u64 now = globaltimer();
         if (deadline == 0) deadline = now + timeout_ns;
-        return now > deadline;
+        return now > deadline ? TPCOMM_ERR_TIMEOUT : 0;
     }
 };
 

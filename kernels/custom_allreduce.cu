@@ -2,7 +2,7 @@
 //
 // Types and memory helpers come from kernels/common.cuh, prepended by the module cache.
 //
-// Compiled at run time with these defines (from src/cuda/protocol.rs, never hard-coded here):
+// Compiled at run time with these defines (from src/runtime/protocol.rs, never hard-coded here):
 //   TPCOMM_WORLD        ranks of this module (1..=TPCOMM_MAX_RANKS); 1 makes the kernels a copy
 //   TPCOMM_MAX_RANKS    row width of the rank-data table and of the signal mailboxes
 //   TPCOMM_MAX_BLOCKS   blocks the signal area has counters for
@@ -10,6 +10,7 @@
 //   TPCOMM_VEC_BYTES    bytes per vector access (16)
 //   TPCOMM_THREADS      threads per block of every launch
 //   TPCOMM_BARRIER_*    barrier ids reported in the error word
+//   TPCOMM_ERR_*        error word kinds (common.cuh)
 //
 // Results: element i is sum(x_r[i] for r = 0..WORLD-1) in that order, in fp32, rounded once,
 // the first term taken as is (not 0 + x_0, which would turn -0 into +0). Both algorithms and
@@ -58,10 +59,12 @@ struct Signal {
 //
 // The spin is bounded by `timeout_ns` (see Spin in common.cuh). On timeout the thread records
 // (barrier, peer, block) into the host-visible error word unless a mismatch is already there,
-// and the whole block leaves the kernel; the host turns that into Error::PeerTimeout.
+// raises the group's fault word (so the other ranks' kernels stop waiting for us), and the
+// whole block leaves the kernel; the host turns that into Error::PeerTimeout. A wait that finds
+// the fault word raised by another rank records TPCOMM_ERR_PEER_FAILED and leaves at once.
 template <bool PUBLISH>
 __device__ __forceinline__ bool barrier(Signal* self, const Ptrs& sigs, int rank, u32 id, u32 tag, u64 timeout_ns,
-                                        volatile u64* err, volatile int* failed) {
+                                        volatile u64* err, const Fault& fault, volatile int* failed) {
     __syncthreads();
     if (threadIdx.x < TPCOMM_WORLD) {
         const int p = threadIdx.x;
@@ -80,16 +83,17 @@ __device__ __forceinline__ bool barrier(Signal* self, const Ptrs& sigs, int rank
         u64 got;
         Spin spin;
         while ((u32)(got = (PUBLISH ? ld_acquire_sys(mine) : ld_relaxed_sys(mine))) != c) {
-            if (spin.expired(timeout_ns)) {
-                if (*err == 0) *err = (1ull << 63) | ((u64)id << 32) | ((u64)p << 16) | (u64)blockIdx.x;
+            if (const u64 kind = spin.check(timeout_ns, fault)) {
+                if (*err == 0) *err = kind | ((u64)id << 32) | ((u64)p << 16) | (u64)blockIdx.x;
+                if (kind != TPCOMM_ERR_PEER_FAILED) fault.raise_now();
                 __threadfence_system();
                 *failed = 1;
                 break;
             }
         }
         if ((u32)got == c && (u32)(got >> 32) != tag) {
-            *err = (1ull << 62) | ((u64)id << 32) | ((u64)p << 16) | (u64)blockIdx.x;
-            __threadfence_system();
+            *err = TPCOMM_ERR_MISMATCH | ((u64)id << 32) | ((u64)p << 16) | (u64)blockIdx.x;
+            fault.raise_now();
             *failed = 1;
         }
     }
@@ -118,22 +122,42 @@ __device__ __forceinline__ typename T::Bits sum_elem(const Ptrs& in, u64 j) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The rank-data row of a call: every rank's input, `in_offset` bytes into the buffers the row
+// names. A row must hold this rank's own input at index `rank`: a call captured into a CUDA
+// graph outside a registration, or replayed after its registration was dropped, finds a zeroed
+// or reused row there. The kernel then records TPCOMM_ERR_BAD_ROW, raises the fault word and
+// leaves before it reads any address the row names.
+__device__ __forceinline__ bool load_row(const Ptrs* __restrict__ rd, u64 in_offset, const char* local_in, int rank,
+                                         Ptrs* in, volatile u64* err, const Fault& fault) {
+    *in = *rd;
+#pragma unroll
+    for (int r = 0; r < TPCOMM_WORLD; r++) in->p[r] += in_offset;
+    if (in->p[rank] == (u64)local_in) return true;
+    if (threadIdx.x == 0) {
+        if (*err == 0) *err = TPCOMM_ERR_BAD_ROW | ((u64)rank << 16) | (u64)blockIdx.x;
+        fault.raise_now();
+    }
+    return false;
+}
+
+// ---------------------------------------------------------------------------------------------
 // One-shot: every rank reads every input and writes its whole output.
 //
-// rd:      rank-data row: rd->p[r] is rank r's input (device address valid in this process)
+// rd:      rank-data row: rd->p[r] + in_offset is rank r's input (an address valid here)
 // sigs:    every rank's signal area, sigs.p[rank] being our own
 // out:     our output (may be our own input only when no peer reads it: the host stages then)
 // count:   elements; the last count % PER_VEC are summed element by element
 template <typename T>
-__device__ void oneshot(const Ptrs* __restrict__ rd, const Ptrs& sigs, char* out, int rank, u64 count,
-                        u64 timeout_ns, u64* err, u32 tag) {
+__device__ void oneshot(const Ptrs* __restrict__ rd, u64 in_offset, const char* local_in, const Ptrs& sigs, char* out,
+                        int rank, u64 count, u64 timeout_ns, u64* err, u32 tag, const Fault& fault) {
     __shared__ int failed;
     if (threadIdx.x == 0) failed = 0;
     Signal* self = (Signal*)sigs.p[rank];
-    const Ptrs in = *rd;
+    Ptrs in;
+    if (!load_row(rd, in_offset, local_in, rank, &in, err, fault)) return;
     // Start: every peer's kernel is running, so its input (written by earlier work on its
     // stream) is complete.
-    if (!barrier<false>(self, sigs, rank, TPCOMM_BARRIER_START, tag, timeout_ns, err, &failed)) return;
+    if (!barrier<false>(self, sigs, rank, TPCOMM_BARRIER_START, tag, timeout_ns, err, fault, &failed)) return;
     const u64 nvec = count / T::PER_VEC;
     const u64 tid = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     const u64 stride = (u64)gridDim.x * blockDim.x;
@@ -141,7 +165,7 @@ __device__ void oneshot(const Ptrs* __restrict__ rd, const Ptrs& sigs, char* out
     const u64 j = nvec * T::PER_VEC + tid;
     if (j < count) ((typename T::Bits*)out)[j] = sum_elem<T>(in, j);
     // End: no rank returns (and lets its caller overwrite its input) while a peer still reads it.
-    barrier<false>(self, sigs, rank, TPCOMM_BARRIER_END, tag, timeout_ns, err, &failed);
+    barrier<false>(self, sigs, rank, TPCOMM_BARRIER_END, tag, timeout_ns, err, fault, &failed);
 }
 
 // Shard r of nvec vectors: [start, end), the first nvec % WORLD shards one vector longer.
@@ -162,13 +186,15 @@ __device__ __forceinline__ void shard(u64 nvec, int r, u64* start, u64* end) {
 // call's start barrier, and we write our scratch again only after passing that barrier; our
 // input is last read before the middle barrier.
 template <typename T>
-__device__ void twoshot(const Ptrs* __restrict__ rd, const Ptrs& sigs, const Ptrs& scratch, char* out, int rank,
-                        u64 count, u64 timeout_ns, u64* err, u32 tag) {
+__device__ void twoshot(const Ptrs* __restrict__ rd, u64 in_offset, const char* local_in, const Ptrs& sigs,
+                        const Ptrs& scratch, char* out, int rank, u64 count, u64 timeout_ns, u64* err, u32 tag,
+                        const Fault& fault) {
     __shared__ int failed;
     if (threadIdx.x == 0) failed = 0;
     Signal* self = (Signal*)sigs.p[rank];
-    const Ptrs in = *rd;
-    if (!barrier<false>(self, sigs, rank, TPCOMM_BARRIER_START, tag, timeout_ns, err, &failed)) return;
+    Ptrs in;
+    if (!load_row(rd, in_offset, local_in, rank, &in, err, fault)) return;
+    if (!barrier<false>(self, sigs, rank, TPCOMM_BARRIER_START, tag, timeout_ns, err, fault, &failed)) return;
     const u64 nvec = count / T::PER_VEC;
     const u64 tid = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     const u64 stride = (u64)gridDim.x * blockDim.x;
@@ -181,7 +207,7 @@ __device__ void twoshot(const Ptrs* __restrict__ rd, const Ptrs& sigs, const Ptr
         if (j < count) ((typename T::Bits*)mine)[j] = sum_elem<T>(in, j);
     }
     // Middle: every shard is reduced and published (release at system scope).
-    if (!barrier<true>(self, sigs, rank, TPCOMM_BARRIER_MID, tag, timeout_ns, err, &failed)) return;
+    if (!barrier<true>(self, sigs, rank, TPCOMM_BARRIER_MID, tag, timeout_ns, err, fault, &failed)) return;
 #pragma unroll 1
     for (int s = 0; s < TPCOMM_WORLD; s++) {
         shard(nvec, s, &s0, &s1);
@@ -196,18 +222,25 @@ __device__ void twoshot(const Ptrs* __restrict__ rd, const Ptrs& sigs, const Ptr
 
 // ---------------------------------------------------------------------------------------------
 // Entry points, one per (algorithm, dtype), all with one signature:
-// (rank-data row, signals, scratch, out, rank, count, timeout_ns, error word, call tag)
+// (rank-data row, input offset into the row's buffers, our own input, signals, scratch, out,
+//  rank, count, timeout_ns, error word, call tag, fault word, the value to raise it with)
 
-#define TPCOMM_ENTRY(NAME, ALGO)                                                                   \
-    extern "C" __global__ void __launch_bounds__(TPCOMM_THREADS) NAME(const Ptrs* __restrict__ rd, Ptrs sigs,   \
-                                                            Ptrs scratch, char* out, int rank,       \
-                                                            u64 count, u64 timeout_ns, u64* err, u32 tag) {   \
-        ALGO;                                                                                       \
+#define TPCOMM_ENTRY(NAME, ALGO)                                                                          \
+    extern "C" __global__ void __launch_bounds__(TPCOMM_THREADS)                                          \
+        NAME(const Ptrs* __restrict__ rd, u64 in_offset, const char* local_in, Ptrs sigs, Ptrs scratch,      \
+             char* out, int rank, u64 count, u64 timeout_ns, u64* err, u32 tag, u64* fault_word,          \
+             u64 fault_raise) {                                                                           \
+        const Fault fault = {fault_word, fault_raise};                                                    \
+        ALGO;                                                                                             \
     }
 
-TPCOMM_ENTRY(oneshot_f32, (oneshot<F32>(rd, sigs, out, rank, count, timeout_ns, err, tag)))
-TPCOMM_ENTRY(oneshot_f16, (oneshot<F16>(rd, sigs, out, rank, count, timeout_ns, err, tag)))
-TPCOMM_ENTRY(oneshot_bf16, (oneshot<BF16>(rd, sigs, out, rank, count, timeout_ns, err, tag)))
-TPCOMM_ENTRY(twoshot_f32, (twoshot<F32>(rd, sigs, scratch, out, rank, count, timeout_ns, err, tag)))
-TPCOMM_ENTRY(twoshot_f16, (twoshot<F16>(rd, sigs, scratch, out, rank, count, timeout_ns, err, tag)))
-TPCOMM_ENTRY(twoshot_bf16, (twoshot<BF16>(rd, sigs, scratch, out, rank, count, timeout_ns, err, tag)))
+#define TPCOMM_ONESHOT(T) oneshot<T>(rd, in_offset, local_in, sigs, out, rank, count, timeout_ns, err, tag, fault)
+#define TPCOMM_TWOSHOT(T) \
+    twoshot<T>(rd, in_offset, local_in, sigs, scratch, out, rank, count, timeout_ns, err, tag, fault)
+
+TPCOMM_ENTRY(oneshot_f32, TPCOMM_ONESHOT(F32))
+TPCOMM_ENTRY(oneshot_f16, TPCOMM_ONESHOT(F16))
+TPCOMM_ENTRY(oneshot_bf16, TPCOMM_ONESHOT(BF16))
+TPCOMM_ENTRY(twoshot_f32, TPCOMM_TWOSHOT(F32))
+TPCOMM_ENTRY(twoshot_f16, TPCOMM_TWOSHOT(F16))
+TPCOMM_ENTRY(twoshot_bf16, TPCOMM_TWOSHOT(BF16))

@@ -15,20 +15,18 @@
 //   lamport                   like all-pairs but raw data, no flags: receive slots hold a
 //                             sentinel until the data lands, and are re-armed one call later.
 //
-// Compiled with these defines (from src/cuda/protocol.rs) besides those of common.cuh:
+// Compiled with these defines (from src/runtime/protocol.rs) besides those of common.cuh:
 //   TPCOMM_PACKET_MAX_BLOCKS  blocks the per-block counters exist for
 //   TPCOMM_PACKET_THREADS     most data threads per block (every block adds one header warp)
 //   TPCOMM_LAMPORT_GENS       Lamport buffer generations (3)
 //   TPCOMM_WAIT_*             wait ids reported in the error word
-//   TPCOMM_ERR_TIMEOUT / _MISMATCH  error word kind bits
 //
 // Results: element i is sum(x_r[i] for r = 0..WORLD-1) in that order, in fp32, rounded once,
 // the first term taken as is: the same bits as the custom kernels and as
 // tpcomm::dtype::reference_sum, whatever the algorithm, grid or message size.
 
 #if !defined(TPCOMM_PACKET_MAX_BLOCKS) || !defined(TPCOMM_PACKET_THREADS) || !defined(TPCOMM_LAMPORT_GENS) || \
-    !defined(TPCOMM_WAIT_HEADER) || !defined(TPCOMM_WAIT_DATA) || !defined(TPCOMM_WAIT_RESULT) ||            \
-    !defined(TPCOMM_ERR_TIMEOUT) || !defined(TPCOMM_ERR_MISMATCH)
+    !defined(TPCOMM_WAIT_HEADER) || !defined(TPCOMM_WAIT_DATA) || !defined(TPCOMM_WAIT_RESULT)
 #error "compile through tpcomm's module cache: protocol defines are missing"
 #endif
 #if TPCOMM_LAMPORT_GENS != 3
@@ -77,21 +75,23 @@ __device__ __forceinline__ void store_vec(char* out, u64 i, u64 count, const Vec
     for (u64 j = first; j < count; j++) ((typename T::Bits*)out)[j] = lanes[j - first];
 }
 
-// Record a failure in the host-visible error word and make the whole block leave. Priority:
+// Record a failure in the host-visible error word, raise the group's fault word (unless another
+// rank raised it: then this rank only stops waiting) and make the whole block leave. Priority:
 // a mismatch (the cause) over a missing header (the peer never started this call) over any
 // other timeout (which may only wait on a rank that itself waits for the missing peer).
-__device__ __noinline__ void fail(u64* err, volatile int* failed, u64 kind, u32 where, int peer) {
+__device__ __noinline__ void fail(u64* err, volatile int* failed, const Fault& fault, u64 kind, u32 where, int peer) {
     volatile u64* e = err;
     const u64 old = *e;
     const bool old_header = old != 0 && ((old >> 32) & 0xff) == TPCOMM_WAIT_HEADER;
     bool take;
     if (kind == TPCOMM_ERR_MISMATCH)
         take = !(old & TPCOMM_ERR_MISMATCH);
-    else if (where == TPCOMM_WAIT_HEADER)
+    else if (where == TPCOMM_WAIT_HEADER && kind == TPCOMM_ERR_TIMEOUT)
         take = old == 0 || (!(old & TPCOMM_ERR_MISMATCH) && !old_header);
     else
         take = old == 0;
     if (take) *e = kind | ((u64)where << 32) | ((u64)peer << 16) | blockIdx.x;
+    if (kind != TPCOMM_ERR_PEER_FAILED) fault.raise_now();
     __threadfence_system();
     *failed = 1;
 }
@@ -221,7 +221,7 @@ __device__ __forceinline__ Call make_call(const Ptrs& bufs, int rank, u64 slots,
 // timed out first on a rank that waits for that peer.
 template <typename Wire>
 __device__ __forceinline__ void headers(const Call& c, const Ptrs& bufs, int rank, u32 tag, u64 timeout_ns, u64* err,
-                                        volatile int* failed) {
+                                        const Fault& fault, volatile int* failed) {
     const int q = threadIdx.x - data_threads();
     if (q >= TPCOMM_WORLD || q == rank) return;
     const Vec16 h = {{tag, tag, tag, tag}};
@@ -230,13 +230,13 @@ __device__ __forceinline__ void headers(const Call& c, const Ptrs& bufs, int ran
     Wire::load(c.own + (u64)q * c.region, &raw);
     Spin spin;
     while (!Wire::ready(raw, c.flag)) {
-        if (spin.expired(timeout_ns)) {
-            fail(err, failed, TPCOMM_ERR_TIMEOUT, TPCOMM_WAIT_HEADER, q);
+        if (const u64 kind = spin.check(timeout_ns, fault)) {
+            fail(err, failed, fault, kind, TPCOMM_WAIT_HEADER, q);
             return;
         }
         Wire::load(c.own + (u64)q * c.region, &raw);
     }
-    if (Wire::data(raw).w[0] != tag) fail(err, failed, TPCOMM_ERR_MISMATCH, TPCOMM_WAIT_HEADER, q);
+    if (Wire::data(raw).w[0] != tag) fail(err, failed, fault, TPCOMM_ERR_MISMATCH, TPCOMM_WAIT_HEADER, q);
 }
 
 // Wait for slot offset `at` of every peer and sum all n contributions in rank order, `mine`
@@ -244,7 +244,7 @@ __device__ __forceinline__ void headers(const Call& c, const Ptrs& bufs, int ran
 // at the timeout (naming the first missing peer) or when another thread of the block failed.
 template <typename T, typename Wire>
 __device__ __forceinline__ bool sum_arrivals(const Call& c, u64 at, const Vec16& mine, int rank, u64 timeout_ns, u64* err,
-                                             volatile int* failed, Vec16* result) {
+                                             const Fault& fault, volatile int* failed, Vec16* result) {
     Vec16 got[TPCOMM_WORLD];
     u32 pending = ((1u << TPCOMM_WORLD) - 1) & ~(1u << rank);
 #pragma unroll
@@ -262,9 +262,12 @@ __device__ __forceinline__ bool sum_arrivals(const Call& c, u64 at, const Vec16&
                 got[r] = Wire::data(raw[r]);
                 pending &= ~(1u << r);
             }
-        if (pending && (*failed || spin.expired(timeout_ns))) {
-            if (!*failed) fail(err, failed, TPCOMM_ERR_TIMEOUT, TPCOMM_WAIT_DATA, __ffs(pending) - 1);
-            return false;
+        if (pending) {
+            if (*failed) return false;
+            if (const u64 kind = spin.check(timeout_ns, fault)) {
+                fail(err, failed, fault, kind, TPCOMM_WAIT_DATA, __ffs(pending) - 1);
+                return false;
+            }
         }
     }
     float acc[T::PER_VEC];
@@ -281,7 +284,8 @@ __device__ __forceinline__ bool sum_arrivals(const Call& c, u64 at, const Vec16&
 // writes out[i], after reading it.
 template <typename T, typename Wire>
 __device__ __forceinline__ void allpairs(const char* in, char* out, const Call& c, const Ptrs& bufs, int rank,
-                                         u64 count, u64 per_vec, u64 timeout_ns, u64* err, volatile int* failed) {
+                                         u64 count, u64 per_vec, u64 timeout_ns, u64* err, const Fault& fault,
+                                         volatile int* failed) {
     const u64 nvec = (count + T::PER_VEC - 1) / T::PER_VEC;
     const u64 tid = (u64)blockIdx.x * data_threads() + threadIdx.x;
     const u64 stride = (u64)gridDim.x * data_threads();
@@ -295,8 +299,8 @@ __device__ __forceinline__ void allpairs(const char* in, char* out, const Call& 
     }
     for (u64 i = tid; i < nvec; i += stride) {
         Vec16 sum;
-        if (!sum_arrivals<T, Wire>(c, per_vec * (1 + i) * 16, load_vec<T>(in, i, count), rank, timeout_ns, err, failed,
-                                   &sum))
+        if (!sum_arrivals<T, Wire>(c, per_vec * (1 + i) * 16, load_vec<T>(in, i, count), rank, timeout_ns, err, fault,
+                                   failed, &sum))
             break;
         store_vec<T>(out, i, count, sum);
     }
@@ -319,7 +323,7 @@ __device__ __forceinline__ int owner_of(u64 i, u64 nvec) {
 // epoch. Each thread handles the same i in every phase, so in place is safe.
 template <typename T>
 __device__ __forceinline__ void twophase(const char* in, char* out, const Call& c, const Ptrs& scratch, int rank,
-                                         u64 count, u64 timeout_ns, u64* err, volatile int* failed) {
+                                         u64 count, u64 timeout_ns, u64* err, const Fault& fault, volatile int* failed) {
     const u64 nvec = (count + T::PER_VEC - 1) / T::PER_VEC;
     const u64 tid = (u64)blockIdx.x * data_threads() + threadIdx.x;
     const u64 stride = (u64)gridDim.x * data_threads();
@@ -333,7 +337,8 @@ __device__ __forceinline__ void twophase(const char* in, char* out, const Call& 
         if (owner_of(i, nvec) != rank) continue;
         const u64 at = (1 + i) * 32;
         Vec16 sum;
-        if (!sum_arrivals<T, LLWire>(c, at, load_vec<T>(in, i, count), rank, timeout_ns, err, failed, &sum)) return;
+        if (!sum_arrivals<T, LLWire>(c, at, load_vec<T>(in, i, count), rank, timeout_ns, err, fault, failed, &sum))
+            return;
         store_vec<T>(out, i, count, sum);
 #pragma unroll
         for (int q = 0; q < TPCOMM_WORLD; q++)
@@ -349,8 +354,8 @@ __device__ __forceinline__ void twophase(const char* in, char* out, const Call& 
         Spin spin;
         while (!LLWire::ready(raw, c.flag)) {
             if (*failed) return;
-            if (spin.expired(timeout_ns)) {
-                fail(err, failed, TPCOMM_ERR_TIMEOUT, TPCOMM_WAIT_RESULT, o);
+            if (const u64 kind = spin.check(timeout_ns, fault)) {
+                fail(err, failed, fault, kind, TPCOMM_WAIT_RESULT, o);
                 return;
             }
             LLWire::load(src, &raw);
@@ -362,18 +367,18 @@ __device__ __forceinline__ void twophase(const char* in, char* out, const Call& 
 // The LL kernels: all-pairs (every rank pushes its whole input to every peer) or two-phase.
 template <typename T, bool TWO_PHASE>
 __device__ void ll(const char* in, char* out, const Ptrs& scratch, PacketState* st, int rank, u64 count, u64 slots,
-                   u64 timeout_ns, u64* err, u32 tag) {
+                   u64 timeout_ns, u64* err, u32 tag, const Fault& fault) {
     __shared__ volatile int failed;
     if (threadIdx.x == 0) failed = 0;
     __syncthreads();
     const u32 e = next_epoch(st->ll_epoch[blockIdx.x]);
     const Call c = make_call(scratch, rank, slots, e & 1, e);
     if (threadIdx.x >= data_threads())
-        headers<LLWire>(c, scratch, rank, tag, timeout_ns, err, &failed);
+        headers<LLWire>(c, scratch, rank, tag, timeout_ns, err, fault, &failed);
     else if (TWO_PHASE)
-        twophase<T>(in, out, c, scratch, rank, count, timeout_ns, err, &failed);
+        twophase<T>(in, out, c, scratch, rank, count, timeout_ns, err, fault, &failed);
     else
-        allpairs<T, LLWire>(in, out, c, scratch, rank, count, 2, timeout_ns, err, &failed);
+        allpairs<T, LLWire>(in, out, c, scratch, rank, count, 2, timeout_ns, err, fault, &failed);
     finish_block(st->ll_epoch, e);
 }
 
@@ -381,7 +386,7 @@ __device__ void ll(const char* in, char* out, const Ptrs& scratch, PacketState* 
 // critical path of the peers (our data is already on its way).
 template <typename T>
 __device__ void lamport(const char* in, char* out, const Ptrs& bufs, PacketState* st, int rank, u64 count, u64 slots,
-                        u64 timeout_ns, u64* err, u32 tag) {
+                        u64 timeout_ns, u64* err, u32 tag, const Fault& fault) {
     __shared__ volatile int failed;
     if (threadIdx.x == 0) failed = 0;
     __syncthreads();
@@ -389,9 +394,9 @@ __device__ void lamport(const char* in, char* out, const Ptrs& bufs, PacketState
     const u32 gen = prev + 1 == TPCOMM_LAMPORT_GENS ? 0 : prev + 1;
     const Call c = make_call(bufs, rank, slots, gen, 0);
     if (threadIdx.x >= data_threads()) {
-        headers<LamportWire>(c, bufs, rank, tag, timeout_ns, err, &failed);
+        headers<LamportWire>(c, bufs, rank, tag, timeout_ns, err, fault, &failed);
     } else {
-        allpairs<T, LamportWire>(in, out, c, bufs, rank, count, 1, timeout_ns, err, &failed);
+        allpairs<T, LamportWire>(in, out, c, bufs, rank, count, 1, timeout_ns, err, fault, &failed);
         // Re-arm the slots the previous call filled in generation `prev`: no peer writes them
         // again before our next call has started.
         const u64 used = st->lamport_used[prev];
@@ -411,13 +416,15 @@ __device__ void lamport(const char* in, char* out, const Ptrs& bufs, PacketState
 // ---------------------------------------------------------------------------------------------
 // Entry points, one per (algorithm, dtype), all with one signature:
 // (input, output, every rank's buffers, our state, rank, count, slots per source region,
-//  timeout_ns, error word, call tag). Blocks are data threads plus one header warp.
+//  timeout_ns, error word, call tag, fault word, the value to raise it with). Blocks are data
+// threads plus one header warp.
 
 #define TPCOMM_PACKET_ENTRY(NAME, ...)                                                                          \
     extern "C" __global__ void __launch_bounds__(TPCOMM_PACKET_THREADS + 32)                                    \
         NAME(const char* in, char* out, Ptrs scratch, PacketState* st, int rank, u64 count, u64 slots,          \
-             u64 timeout_ns, u64* err, u32 tag) {                                                               \
-        __VA_ARGS__(in, out, scratch, st, rank, count, slots, timeout_ns, err, tag);                            \
+             u64 timeout_ns, u64* err, u32 tag, u64* fault_word, u64 fault_raise) {                             \
+        const Fault fault = {fault_word, fault_raise};                                                          \
+        __VA_ARGS__(in, out, scratch, st, rank, count, slots, timeout_ns, err, tag, fault);                     \
     }
 
 TPCOMM_PACKET_ENTRY(packet_f32, ll<F32, false>)

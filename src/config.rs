@@ -5,7 +5,7 @@
 //! ignored. [`Config::dump`] prints every parameter with its value and its meaning;
 //! `allreduce_perf --show-config` shows it.
 
-use crate::dispatch::Algo;
+use crate::algo::Algo;
 use crate::error::{Error, Result};
 use std::time::Duration;
 
@@ -28,8 +28,12 @@ pub struct Config {
     /// Split each physical node into this many pretend nodes, to exercise the multi-node
     /// hierarchy on one machine (`TPCOMM_FAKE_NODES`; 0 or 1 = off).
     pub fake_nodes: usize,
-    /// Print each dispatch decision and the bootstrap summary on stderr (`TPCOMM_DEBUG`).
+    /// Log each dispatch decision, the bootstrap summary and what `init_device` built, at info
+    /// level through the `log` facade (`TPCOMM_DEBUG`).
     pub debug: bool,
+    /// Make every eager device call wait for its result and report its own errors, instead of
+    /// only enqueueing (`TPCOMM_SYNC_CALLS`; for debugging: it blocks the host on every call).
+    pub sync_calls: bool,
     /// Where compiled kernels (CUBIN) are cached (`TPCOMM_CACHE_DIR`; `None` = `~/.cache/tpcomm`).
     pub cache_dir: Option<std::path::PathBuf>,
     /// Largest device message (bytes per rank) the custom IPC allreduce serves; each rank
@@ -67,6 +71,7 @@ impl Default for Config {
             host_chunk_bytes: 1 << 20,
             fake_nodes: 0,
             debug: false,
+            sync_calls: false,
             cache_dir: None,
             custom_max_bytes: 8 << 20,
             packet_buffer_bytes: 1 << 20,
@@ -83,8 +88,18 @@ impl Default for Config {
 struct Param {
     key: &'static str,
     help: &'static str,
+    /// Parse a value into the configuration.
     set: fn(&mut Config, &str) -> std::result::Result<(), String>,
+    /// Check the field's value (for environment strings and for configurations built in code
+    /// alike): `Err(what is accepted)`.
+    check: fn(&Config) -> std::result::Result<(), String>,
     show: fn(&Config) -> String,
+    /// The setting only changes this rank (logging, cache location): ranks may differ in it.
+    local: bool,
+}
+
+fn ok(_: &Config) -> std::result::Result<(), String> {
+    Ok(())
 }
 
 fn parse_usize(v: &str) -> std::result::Result<usize, String> {
@@ -113,16 +128,14 @@ fn parse_bool(v: &str) -> std::result::Result<bool, String> {
 const PARAMS: &[Param] = &[
     Param {
         key: "TPCOMM_TIMEOUT_MS",
-        help: "milliseconds any wait on a peer may take before it is an error",
+        help: "milliseconds any wait on a peer (set-up included) may take before it is an error",
         set: |c, v| {
-            let ms = parse_usize(v)?;
-            if ms == 0 {
-                return Err("a positive number of milliseconds".into());
-            }
-            c.timeout = Duration::from_millis(ms as u64);
+            c.timeout = Duration::from_millis(parse_usize(v)? as u64);
             Ok(())
         },
+        check: |c| if c.timeout.is_zero() { Err("a positive number of milliseconds".into()) } else { Ok(()) },
         show: |c| c.timeout.as_millis().to_string(),
+        local: false,
     },
     Param {
         key: "TPCOMM_ALGO",
@@ -134,7 +147,9 @@ const PARAMS: &[Param] = &[
             };
             Ok(())
         },
+        check: ok,
         show: |c| c.algo.map_or("auto".to_string(), |a| a.as_str().to_string()),
+        local: false,
     },
     Param {
         key: "TPCOMM_HOST_ONESHOT_MAX_BYTES",
@@ -143,20 +158,26 @@ const PARAMS: &[Param] = &[
             c.host_oneshot_max_bytes = Some(parse_usize(v)?);
             Ok(())
         },
+        check: ok,
         show: |c| c.host_oneshot_max_bytes.map_or("default".to_string(), |b| b.to_string()),
+        local: false,
     },
     Param {
         key: "TPCOMM_HOST_CHUNK_BYTES",
         help: "bytes per rank of each host shared-memory slot (larger messages go in chunks)",
         set: |c, v| {
-            let b = parse_usize(v)?;
+            c.host_chunk_bytes = parse_usize(v)?;
+            Ok(())
+        },
+        check: |c| {
+            let b = c.host_chunk_bytes;
             if b < 4096 || b % 64 != 0 || b > (1 << 30) {
                 return Err("a multiple of 64 between 4096 and 1G".into());
             }
-            c.host_chunk_bytes = b;
             Ok(())
         },
         show: |c| c.host_chunk_bytes.to_string(),
+        local: false,
     },
     Param {
         key: "TPCOMM_FAKE_NODES",
@@ -165,55 +186,80 @@ const PARAMS: &[Param] = &[
             c.fake_nodes = parse_usize(v)?;
             Ok(())
         },
+        check: ok,
         show: |c| c.fake_nodes.to_string(),
+        local: false,
     },
     Param {
         key: "TPCOMM_DEBUG",
-        help: "1 prints the bootstrap summary and each dispatch decision on stderr",
+        help: "1 logs the bootstrap summary, what init_device built and each dispatch decision (log facade, info)",
         set: |c, v| {
             c.debug = parse_bool(v)?;
             Ok(())
         },
+        check: ok,
         show: |c| u8::from(c.debug).to_string(),
+        local: true,
+    },
+    Param {
+        key: "TPCOMM_SYNC_CALLS",
+        help: "1 makes every eager device call wait for its result (debugging; blocks the host per call)",
+        set: |c, v| {
+            c.sync_calls = parse_bool(v)?;
+            Ok(())
+        },
+        check: ok,
+        show: |c| u8::from(c.sync_calls).to_string(),
+        local: true,
     },
     Param {
         key: "TPCOMM_CACHE_DIR",
         help: "directory for compiled kernels (default ~/.cache/tpcomm)",
         set: |c, v| {
             let v = v.trim();
+            c.cache_dir = (!v.is_empty()).then(|| std::path::PathBuf::from(v));
             if v.is_empty() {
                 return Err("a directory path".into());
             }
-            c.cache_dir = Some(std::path::PathBuf::from(v));
             Ok(())
         },
+        check: ok,
         show: |c| c.cache_dir.as_ref().map_or("default".to_string(), |d| d.display().to_string()),
+        local: true,
     },
     Param {
         key: "TPCOMM_CUSTOM_MAX_BYTES",
-        help: "largest device message (bytes) of the custom IPC allreduce; sizes its staging buffers",
+        help: "largest device message (bytes) of one IPC kernel call; sizes their staging buffers",
         set: |c, v| {
-            let b = parse_usize(v)?;
+            c.custom_max_bytes = parse_usize(v)?;
+            Ok(())
+        },
+        check: |c| {
+            let b = c.custom_max_bytes;
             if b < 4096 || b % 4096 != 0 || b > (1 << 34) {
                 return Err("a multiple of 4096 between 4096 and 16G".into());
             }
-            c.custom_max_bytes = b;
             Ok(())
         },
         show: |c| c.custom_max_bytes.to_string(),
+        local: false,
     },
     Param {
         key: "TPCOMM_PACKET_BUFFER_BYTES",
         help: "largest message (bytes) the packet kernels take; sizes their buffers (~7 x ranks x this)",
         set: |c, v| {
-            let b = parse_usize(v)?;
+            c.packet_buffer_bytes = parse_usize(v)?;
+            Ok(())
+        },
+        check: |c| {
+            let b = c.packet_buffer_bytes;
             if b % 16 != 0 || b > (64 << 20) {
                 return Err("a multiple of 16 up to 64M".into());
             }
-            c.packet_buffer_bytes = b;
             Ok(())
         },
         show: |c| c.packet_buffer_bytes.to_string(),
+        local: false,
     },
     Param {
         key: "TPCOMM_PACKET_THREADS",
@@ -221,14 +267,16 @@ const PARAMS: &[Param] = &[
         set: |c, v| {
             c.packet_threads = match v.trim() {
                 "auto" | "" => None,
-                s => match parse_usize(s)? {
-                    t @ 32..=256 if t % 32 == 0 => Some(t),
-                    _ => return Err("auto or a multiple of 32 from 32 to 256".into()),
-                },
+                s => Some(parse_usize(s)?),
             };
             Ok(())
         },
+        check: |c| match c.packet_threads {
+            Some(t) if !(32..=256).contains(&t) || t % 32 != 0 => Err("auto or a multiple of 32 from 32 to 256".into()),
+            _ => Ok(()),
+        },
         show: |c| c.packet_threads.map_or("auto".to_string(), |t| t.to_string()),
+        local: false,
     },
     Param {
         key: "TPCOMM_PACKET_MAX_BYTES",
@@ -237,7 +285,9 @@ const PARAMS: &[Param] = &[
             c.packet_max_bytes = Some(parse_usize(v)?);
             Ok(())
         },
+        check: ok,
         show: |c| c.packet_max_bytes.map_or("default".to_string(), |b| b.to_string()),
+        local: false,
     },
     Param {
         key: "TPCOMM_ONESHOT_MAX_BYTES",
@@ -246,7 +296,9 @@ const PARAMS: &[Param] = &[
             c.oneshot_max_bytes = Some(parse_usize(v)?);
             Ok(())
         },
+        check: ok,
         show: |c| c.oneshot_max_bytes.map_or("default".to_string(), |b| b.to_string()),
+        local: false,
     },
     Param {
         key: "TPCOMM_TUNE_FILE",
@@ -259,7 +311,9 @@ const PARAMS: &[Param] = &[
             c.tune_file = Some(std::path::PathBuf::from(v));
             Ok(())
         },
+        check: ok,
         show: |c| c.tune_file.as_ref().map_or("none".to_string(), |d| d.display().to_string()),
+        local: false,
     },
     Param {
         key: "TPCOMM_DETERMINISTIC",
@@ -268,10 +322,17 @@ const PARAMS: &[Param] = &[
             c.deterministic = parse_bool(v)?;
             Ok(())
         },
+        check: |c| match (c.deterministic, c.algo) {
+            (true, Some(algo)) if !algo.sums_in_rank_order() => Err(format!(
+                "TPCOMM_ALGO={algo} cannot be combined with TPCOMM_DETERMINISTIC=1: {algo} does not sum in a fixed \
+                 rank order; unset one of them"
+            )),
+            _ => Ok(()),
+        },
         show: |c| u8::from(c.deterministic).to_string(),
+        local: false,
     },
 ];
-
 impl Config {
     /// Defaults overridden by every `TPCOMM_*` variable of the process environment.
     ///
@@ -295,7 +356,7 @@ impl Config {
             let Some(param) = PARAMS.iter().find(|p| p.key == key) else {
                 let known: Vec<&str> = PARAMS.iter().map(|p| p.key).collect();
                 return Err(Error::Config {
-                    key: "TPCOMM_* variable",
+                    key: "TPCOMM_*",
                     value: format!("{key}={value}"),
                     expected: format!("one of the known variables {}", known.join(", ")),
                 });
@@ -310,20 +371,18 @@ impl Config {
         Ok(config)
     }
 
-    /// Check settings that are valid alone but not together.
+    /// Check every setting, as the environment's values are checked (a configuration built in
+    /// code passes the same range checks), and settings that are valid alone but not together.
     ///
     /// # Errors
-    /// [`Error::Config`] when `TPCOMM_ALGO=nccl` is combined with `TPCOMM_DETERMINISTIC=1`:
-    /// NCCL's summation order is not fixed, so it cannot serve deterministic mode.
+    /// [`Error::Config`] naming the first setting that is out of range, or `TPCOMM_ALGO` when a
+    /// forced algorithm that does not sum in rank order (NCCL) meets `TPCOMM_DETERMINISTIC=1`.
     pub fn validate(&self) -> Result<()> {
-        if let (true, Some(algo @ (Algo::Nccl | Algo::Hierarchical))) = (self.deterministic, self.algo) {
-            return Err(Error::Config {
-                key: "TPCOMM_ALGO",
-                value: algo.as_str().to_string(),
-                expected: "another algorithm (or auto) while TPCOMM_DETERMINISTIC=1: NCCL does not sum in a fixed \
-                           rank order; unset TPCOMM_ALGO or TPCOMM_DETERMINISTIC"
-                    .into(),
-            });
+        for p in PARAMS {
+            (p.check)(self).map_err(|expected| {
+                let key = if p.key == "TPCOMM_DETERMINISTIC" { "TPCOMM_ALGO" } else { p.key };
+                Error::Config { key, value: (p.show)(self), expected }
+            })?;
         }
         Ok(())
     }
@@ -331,6 +390,16 @@ impl Config {
     /// Every parameter, its current value and its meaning, one per line.
     pub fn dump(&self) -> String {
         PARAMS.iter().map(|p| format!("{:<32} {:<10} {}\n", p.key, (p.show)(self), p.help)).collect()
+    }
+
+    /// The settings every rank must share (those that change the protocol), one per line.
+    pub(crate) fn protocol_dump(&self) -> String {
+        PARAMS.iter().filter(|p| !p.local).map(|p| format!("{}={}\n", p.key, (p.show)(self))).collect()
+    }
+
+    /// Where compiled kernels are cached.
+    pub(crate) fn cache_dir(&self) -> std::path::PathBuf {
+        self.cache_dir.clone().unwrap_or_else(crate::runtime::module_cache::default_cache_dir)
     }
 }
 
@@ -417,5 +486,30 @@ mod tests {
         // A configuration built in code is checked too, and the hierarchy (NCCL between nodes) likewise.
         assert!(Config { algo: Some(Algo::Nccl), deterministic: true, ..Config::default() }.validate().is_err());
         assert!(Config::from_vars([("TPCOMM_ALGO", "hier"), ("TPCOMM_DETERMINISTIC", "1")]).is_err());
+    }
+
+    #[test]
+    fn configurations_built_in_code_get_the_range_checks_of_the_environment() {
+        for (bad, key) in [
+            (Config { packet_threads: Some(48), ..Config::default() }, "TPCOMM_PACKET_THREADS"),
+            (Config { custom_max_bytes: 1000, ..Config::default() }, "TPCOMM_CUSTOM_MAX_BYTES"),
+            (Config { host_chunk_bytes: 100, ..Config::default() }, "TPCOMM_HOST_CHUNK_BYTES"),
+            (Config { timeout: Duration::ZERO, ..Config::default() }, "TPCOMM_TIMEOUT_MS"),
+        ] {
+            match bad.validate() {
+                Err(Error::Config { key: k, .. }) => assert_eq!(k, key),
+                other => panic!("{key}: {other:?}"),
+            }
+        }
+        assert!(Config::default().validate().is_ok());
+    }
+
+    #[test]
+    fn only_protocol_settings_must_match_across_ranks() {
+        let a = Config::default();
+        let b = Config { debug: true, sync_calls: true, cache_dir: Some("/elsewhere".into()), ..a.clone() };
+        assert_eq!(a.protocol_dump(), b.protocol_dump());
+        assert_ne!(a.protocol_dump(), Config { custom_max_bytes: 1 << 20, ..a.clone() }.protocol_dump());
+        assert_ne!(a.dump(), b.dump());
     }
 }

@@ -53,6 +53,11 @@ impl DType {
             DType::BF16 => 4,
         }
     }
+
+    /// The dtype of a [`DType::code`] (a peer's descriptor), for error messages.
+    pub(crate) fn from_code(code: u32) -> Option<DType> {
+        DType::ALL.into_iter().find(|d| d.code() == code)
+    }
 }
 
 impl fmt::Display for DType {
@@ -74,6 +79,11 @@ impl FromStr for DType {
     }
 }
 
+/// Plain numbers without padding, whose bytes may be sent as they are.
+pub(crate) trait Pod: Copy {}
+impl Pod for u64 {}
+impl<T: Element> Pod for T {}
+
 mod sealed {
     pub trait Sealed {}
     impl Sealed for f32 {}
@@ -91,8 +101,20 @@ impl Accumulator for f32 {}
 impl Accumulator for f64 {}
 
 /// An element type tpcomm can reduce. Sealed: implemented for `f32`, `f64`, [`half::f16`] and
-/// [`half::bf16`].
-pub trait Element: sealed::Sealed + Copy + Send + Sync + Default + PartialEq + fmt::Debug + 'static {
+/// [`half::bf16`]. It implies what cudarc needs of device memory (`DeviceRepr`,
+/// `ValidAsZeroBits`), so generic device code needs this one bound.
+pub trait Element:
+    sealed::Sealed
+    + Copy
+    + Send
+    + Sync
+    + Default
+    + PartialEq
+    + fmt::Debug
+    + cudarc::driver::DeviceRepr
+    + cudarc::driver::ValidAsZeroBits
+    + 'static
+{
     /// The runtime tag.
     const DTYPE: DType;
     /// The accumulator summed in.

@@ -3,8 +3,9 @@
 //! Every fallible call returns [`Result<T>`]. Each variant names what went wrong and, where the
 //! caller can act on it, what to do. Errors are never fatal to the process: MPI and CUDA failures
 //! are turned into values. After an error that leaves peers out of step (a timeout, a mismatched
-//! call) the communicator is *poisoned*: later calls return [`Error::Poisoned`] instead of
-//! hanging or corrupting data.
+//! call, a collective call one rank rejected) the whole group is *failed*: every later call on
+//! every rank of the node returns [`Error::Poisoned`] naming the first cause, instead of hanging
+//! or handing back data. Build a new communicator (collectively) to go on.
 
 use std::fmt;
 use std::time::Duration;
@@ -55,6 +56,22 @@ pub enum Error {
     Poisoned {
         /// The first error, as text.
         cause: String,
+    },
+    /// The call is not allowed in this state or with these settings: a forced algorithm that
+    /// cannot serve the call, a device call before [`crate::Communicator::init_device`], a call
+    /// captured into a CUDA graph outside a [`crate::GraphRegistration`]. The same verdict on
+    /// every rank; nothing was sent.
+    InvalidUsage {
+        /// What was asked for.
+        what: String,
+        /// Why it cannot be done, and what to do instead.
+        detail: String,
+    },
+    /// A collective step failed on another rank (its own error says why); this rank stopped
+    /// too, so no rank waits for the others.
+    PeerFailed {
+        /// The step that failed.
+        step: String,
     },
     /// The request is valid but cannot be served here (topology, world size, missing library).
     Unsupported {
@@ -110,9 +127,17 @@ impl Error {
         Error::System { op: op.into(), source: std::io::Error::last_os_error() }
     }
 
-    /// True for errors after which the ranks may be out of step (the communicator gets poisoned).
+    /// Shorthand for [`Error::InvalidUsage`].
+    pub(crate) fn usage(what: impl Into<String>, detail: impl Into<String>) -> Self {
+        Error::InvalidUsage { what: what.into(), detail: detail.into() }
+    }
+
+    /// True for errors after which the ranks may be out of step (the group is failed).
     pub fn desynchronizes(&self) -> bool {
-        matches!(self, Error::PeerTimeout { .. } | Error::Mismatch { .. } | Error::Poisoned { .. })
+        matches!(
+            self,
+            Error::PeerTimeout { .. } | Error::Mismatch { .. } | Error::Poisoned { .. } | Error::PeerFailed { .. }
+        )
     }
 }
 
@@ -137,6 +162,10 @@ impl fmt::Display for Error {
             ),
             Error::Poisoned { cause } => {
                 write!(f, "communicator is unusable after an earlier error ({cause}); create a new one")
+            }
+            Error::InvalidUsage { what, detail } => write!(f, "{what}: invalid usage: {detail}"),
+            Error::PeerFailed { step } => {
+                write!(f, "{step} failed on another rank (that rank's error says why; this rank stopped too)")
             }
             Error::Unsupported { what, reason } => write!(f, "{what} is not supported: {reason}"),
             Error::System { op, source } => write!(f, "{op}: {source}"),

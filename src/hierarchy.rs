@@ -15,11 +15,12 @@
 use crate::bootstrap::Bootstrap;
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
+use crate::exchange::MpiBuf;
 use mpi::request::StaticScope;
-use mpi::topology::{Color, SimpleCommunicator};
+use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 use std::ops::Range;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Largest piece sent in one MPI message (MPI counts are 32-bit).
 const MAX_MESSAGE_BYTES: usize = 1 << 30;
@@ -27,9 +28,9 @@ const MAX_MESSAGE_BYTES: usize = 1 << 30;
 const TAG_SHARD: i32 = 0x7c01;
 
 /// The cross-node leg of one rank.
-pub struct CrossNode {
+pub(crate) struct CrossNode {
     /// Ranks with my local index on the other nodes (None when I own no shard).
-    comm: Option<SimpleCommunicator>,
+    comm: Option<crate::exchange::Comm>,
     /// Global rank of every member of `comm`, in node order.
     members: Vec<usize>,
     shards: usize,
@@ -42,28 +43,32 @@ impl CrossNode {
     ///
     /// # Collective
     /// Every rank of the bootstrap's communicator.
-    pub fn new(boot: &Bootstrap) -> Result<Self> {
-        let shards = boot.min_ranks_per_node();
-        let comm = cross_communicator(boot);
+    ///
+    /// # Errors
+    /// [`Error::PeerTimeout`] when a rank does not arrive within the timeout.
+    pub(crate) fn new(boot: &Bootstrap) -> Result<Self> {
+        let l = &boot.layout;
+        crate::exchange::barrier(boot.world(), boot.timeout, "building the cross-node communicators")?;
+        let comm = boot.cross_communicator();
         let members = match &comm {
-            Some(c) => {
-                let mut ranks = vec![0u64; c.size() as usize];
-                c.all_gather_into(&(boot.rank as u64), &mut ranks[..]);
-                ranks.into_iter().map(|r| r as usize).collect()
-            }
+            Some(c) => crate::exchange::all_gather_u64(&**c, l.rank as u64, boot.timeout, "cross-node members")?
+                .into_iter()
+                .map(|r| r as usize)
+                .collect(),
             None => Vec::new(),
         };
-        Ok(CrossNode { comm, members, shards, local_rank: boot.local_rank, local_size: boot.nranks_per_node })
+        let shards = l.min_ranks_per_node();
+        Ok(CrossNode { comm, members, shards, local_rank: l.local_rank, local_size: l.ranks_per_node })
     }
 
     /// The shard of every local rank of my node for a message of `len` elements (empty for
     /// local ranks that own none).
-    pub fn shard_ranges(&self, len: usize) -> Vec<Range<usize>> {
+    pub(crate) fn shard_ranges(&self, len: usize) -> Vec<Range<usize>> {
         shard_ranges(len, self.shards, self.local_size)
     }
 
     /// My shard of a message of `len` elements.
-    pub fn my_shard(&self, len: usize) -> Range<usize> {
+    pub(crate) fn my_shard(&self, len: usize) -> Range<usize> {
         self.shard_ranges(len)[self.local_rank].clone()
     }
 
@@ -71,7 +76,7 @@ impl CrossNode {
     ///
     /// # Collective
     /// Every rank that owns a shard, with equal shard lengths per local index.
-    pub fn sum_across_nodes<T: Element>(&self, shard: &mut [T], timeout: Duration) -> Result<()> {
+    pub(crate) fn sum_across_nodes<T: Element>(&self, shard: &mut [T], timeout: Duration) -> Result<()> {
         let Some(comm) = &self.comm else { return Ok(()) };
         let nodes = self.members.len();
         if nodes == 1 {
@@ -82,14 +87,16 @@ impl CrossNode {
         let descs = exchange(comm, &self.members, slice_bytes(&mine), timeout)?;
         for (node, d) in descs.iter().enumerate() {
             if d[..] != *slice_bytes(&mine) {
-                let theirs: Vec<u64> = d.chunks(8).map(|c| u64::from_ne_bytes(c.try_into().unwrap())).collect();
+                let word = |i: usize| {
+                    d.get(i * 8..i * 8 + 8).map_or(0, |b| u64::from_ne_bytes(b.try_into().unwrap_or_default()))
+                };
                 return Err(Error::Mismatch {
                     op: "cross-node allreduce",
                     detail: format!(
                         "rank {} has a shard of {} elements of {}, this rank {} of {}",
                         self.members[node],
-                        theirs[0],
-                        dtype_name(theirs[1]),
+                        word(0),
+                        DType::from_code(word(1) as u32).map_or("an unknown dtype", DType::as_str),
                         shard.len(),
                         T::DTYPE
                     ),
@@ -117,28 +124,14 @@ impl CrossNode {
     }
 }
 
-/// The ranks with my local index on every node, in node order, for the local ranks that own a
-/// shard (`local_rank < min_ranks_per_node`); `None` for the others.
-///
-/// # Collective
-/// Every rank of the bootstrap's communicator.
-pub fn cross_communicator(boot: &Bootstrap) -> Option<SimpleCommunicator> {
-    let shards = boot.min_ranks_per_node();
-    let color = if boot.local_rank < shards { Color::with_value(boot.local_rank as i32) } else { Color::undefined() };
-    boot.world().split_by_color_with_key(color, boot.node_index() as i32)
-}
-
 /// The shard of every local rank of a node of `local_size` ranks for a message of `len`
 /// elements cut into `shards` pieces (empty for local ranks that own none).
-pub fn shard_ranges(len: usize, shards: usize, local_size: usize) -> Vec<Range<usize>> {
+pub(crate) fn shard_ranges(len: usize, shards: usize, local_size: usize) -> Vec<Range<usize>> {
     (0..local_size).map(|l| if l < shards { split(len, shards, l) } else { len..len }).collect()
 }
 
-fn dtype_name(code: u64) -> String {
-    DType::ALL.iter().find(|d| d.code() as u64 == code).map_or(format!("dtype code {code}"), |d| d.to_string())
-}
-
-fn slice_bytes<T: Copy>(x: &[T]) -> &[u8] {
+/// The bytes of plain integers or floats (no padding).
+fn slice_bytes<T: crate::dtype::Pod>(x: &[T]) -> &[u8] {
     // SAFETY: plain-old-data view of the same memory.
     unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, std::mem::size_of_val(x)) }
 }
@@ -152,57 +145,28 @@ fn split(len: usize, parts: usize, i: usize) -> Range<usize> {
 
 /// Every member sends `mine` to every other member; returns all blobs in member order. Waits are
 /// bounded: a member that does not answer within `timeout` is named in the error. On timeout
-/// the buffers are leaked on purpose (MPI may still write to them), and the caller poisons.
+/// the buffers stay leaked on purpose (MPI may still write to them), and the caller poisons.
 fn exchange(comm: &SimpleCommunicator, members: &[usize], mine: &[u8], timeout: Duration) -> Result<Vec<Vec<u8>>> {
     let me = comm.rank() as usize;
     let n = members.len();
-    let send: &'static [u8] = Box::leak(mine.to_vec().into_boxed_slice());
-    let mut recvs: Vec<(usize, *mut u8, usize)> = Vec::new();
+    let send = MpiBuf::new(mine.to_vec().into_boxed_slice());
+    let mut recvs: Vec<(usize, MpiBuf<[u8]>)> =
+        (0..n).filter(|&q| q != me).map(|q| (q, MpiBuf::new(vec![0u8; mine.len()].into_boxed_slice()))).collect();
     let mut requests = Vec::new();
-    for q in 0..n {
-        if q == me {
-            continue;
-        }
-        let buf: &'static mut [u8] = Box::leak(vec![0u8; mine.len()].into_boxed_slice());
-        recvs.push((q, buf.as_mut_ptr(), buf.len()));
-        requests.push((
-            Some(q),
-            comm.process_at_rank(q as i32).immediate_receive_into_with_tag(StaticScope, buf, TAG_SHARD),
-        ));
-        requests.push((None, comm.process_at_rank(q as i32).immediate_send_with_tag(StaticScope, send, TAG_SHARD)));
+    let mut peer_of = Vec::new();
+    for (q, buf) in recvs.iter_mut() {
+        let p = comm.process_at_rank(*q as i32);
+        requests.push(p.immediate_receive_into_with_tag(StaticScope, buf.exclusive(), TAG_SHARD));
+        peer_of.push(*q);
+        requests.push(p.immediate_send_with_tag(StaticScope, send.shared(), TAG_SHARD));
+        peer_of.push(*q);
     }
-    let start = Instant::now();
-    let mut pending: Vec<_> = requests.into_iter().map(|(q, r)| (q, Some(r))).collect();
-    let mut spins = 0u32;
-    while pending.iter().any(|(_, r)| r.is_some()) {
-        for (_, slot) in pending.iter_mut() {
-            if let Some(req) = slot.take() {
-                if let Err(req) = req.test() {
-                    *slot = Some(req);
-                }
-            }
-        }
-        spins += 1;
-        if spins > 1024 {
-            let waited = start.elapsed();
-            if waited > timeout {
-                let missing = pending.iter().find_map(|(q, r)| r.as_ref().and(*q)).map(|q| members[q]);
-                for (_, r) in pending.iter_mut() {
-                    std::mem::forget(r.take());
-                }
-                return Err(Error::PeerTimeout { op: "cross-node allreduce", peer: missing, waited });
-            }
-            std::thread::sleep(Duration::from_micros(20));
-        }
-    }
+    crate::exchange::wait_all(requests, |i| peer_of.get(i).map(|&q| members[q]), timeout, "cross-node allreduce")?;
     let mut out: Vec<Vec<u8>> = vec![Vec::new(); n];
-    out[me] = mine.to_vec();
-    for (q, ptr, len) in recvs {
-        // SAFETY: the receive completed; the buffer came from Box::leak above and MPI is done with it.
-        out[q] = unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, len)) }.into_vec();
+    out[me] = send.take().into_vec();
+    for (q, buf) in recvs {
+        out[q] = buf.take().into_vec();
     }
-    // SAFETY: every send completed; reclaim the leaked send buffer.
-    drop(unsafe { Box::from_raw(send as *const [u8] as *mut [u8]) });
     Ok(out)
 }
 

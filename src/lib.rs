@@ -2,8 +2,7 @@
 //!
 //! Tensor-parallel inference engines and HPC codes launch with `mpirun`, build one
 //! [`Communicator`] over an MPI communicator, and call `all_reduce`. tpcomm picks the fastest
-//! correct algorithm for each call from its dispatch table ([`dispatch`]) and the backend that
-//! implements it ([`backend`]).
+//! correct algorithm for each call ([`Algo`]) and the backend that runs it.
 //!
 //! ```no_run
 //! # fn main() -> tpcomm::Result<()> {
@@ -16,34 +15,83 @@
 //! # Ok(()) }
 //! ```
 //!
+//! The engine flow on the GPU (its own context, its own capture, a registration, `poll`):
+//!
+//! ```no_run
+//! # fn main() -> tpcomm::Result<()> {
+//! use tpcomm::cudarc::driver::{sys, CudaContext};
+//! let universe = mpi::initialize().expect("MPI initialised twice");
+//! let ctx = CudaContext::new(0)?;                                  // the engine's context
+//! let comm = tpcomm::Communicator::builder(&universe.world()).context(ctx.clone()).build()?;
+//! let stream = ctx.new_stream()?;
+//! let x = comm.alloc_shared::<tpcomm::bf16>(4096)?;                // collective, zero-copy
+//! let mut y = stream.alloc_zeros::<tpcomm::bf16>(4096)?;
+//! comm.all_reduce(&x, &mut y, &stream)?;                           // enqueued, never waits
+//! comm.poll()?;                                                    // cheap error check
+//! let reg = comm.begin_graph_registration()?;
+//! stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)?;
+//! comm.all_reduce(&x, &mut y, &stream)?;                           // captured by the engine
+//! let graph = reg.finish(stream.end_capture(sys::CUgraphInstantiate_flags(0))?)?; // collective
+//! graph.launch()?;
+//! comm.synchronize(&stream)?;                                      // results and errors
+//! comm.finalize()?;                                                // collective teardown
+//! # Ok(()) }
+//! ```
+//!
 //! ## Words used throughout
 //! - **Collective**: every rank of the communicator must make the call, in the same order, with
-//!   the same lengths and dtypes. A rank that does not arrive within `TPCOMM_TIMEOUT_MS` turns
-//!   into [`Error::PeerTimeout`] on the others, never a hang.
+//!   the same lengths and dtypes. Every wait on a peer is bounded by `TPCOMM_TIMEOUT_MS`: a rank
+//!   that does not arrive turns into [`Error::PeerTimeout`] on the others, never a hang.
 //! - `_host`: the buffers are host memory. `_in_place`: the result overwrites the input.
+//!   `_with`: per-call [`CallOptions`].
+//! - **Enqueue**: device calls put work on the caller's stream and return; their errors surface
+//!   at the next call, [`Communicator::poll`] or [`Communicator::synchronize`].
 //! - **Rank order**: element `i` of the result is the sum over ranks `0..n-1`, in that order, in a
-//!   wider accumulator, rounded once ([`dtype::reference_sum`]). Every rank gets the same bits.
+//!   wider accumulator, rounded once ([`verify::reference_sum`]). Every rank gets the same bits.
 //!   Host memory, the custom device kernels and the packet kernels always sum in rank order;
 //!   NCCL ([`Algo::Nccl`]) does not, so [`Config::deterministic`] keeps every call off it.
+//!   Across nodes each node's partial sum (rank order) is rounded to the element type and the
+//!   partials are summed in node order ([`verify::expected_hierarchical_sum`]).
+//!
+//! ## Layout of the crate
+//! `communicator.rs` is the face; `plan.rs` the pure dispatch over the algorithm table
+//! (`algo.rs`); `device/` runs plans on the device backends (`backend/`) through the vendor
+//! runtime (`runtime/`); `exchange.rs` is the bounded MPI byte exchange everything is built on.
 
 #![deny(missing_docs)]
 
-pub mod backend;
-pub mod bootstrap;
-pub mod communicator;
-pub mod config;
-pub mod cuda;
-pub mod dispatch;
-pub mod dtype;
-pub mod error;
-pub mod hierarchy;
-pub mod shm;
-pub mod topology;
+mod algo;
+mod backend;
+mod bootstrap;
+mod communicator;
+mod config;
+mod device;
+mod dtype;
+mod error;
+mod exchange;
+mod fault;
+mod hierarchy;
+mod plan;
+mod runtime;
+mod shm;
+#[doc(hidden)]
+pub mod testing;
+mod topology;
+mod tune;
+mod tune_file;
 pub mod verify;
 
-pub use communicator::Communicator;
+pub use algo::{Algo, Memory};
+pub use bootstrap::Layout;
+pub use communicator::{AbortHandle, CallOptions, Communicator, CommunicatorBuilder};
 pub use config::Config;
-pub use dispatch::{Algo, DispatchTable};
+/// The CUDA driver bindings tpcomm's signatures use, re-exported so applications need not
+/// match cudarc's version and features by hand.
+pub use cudarc;
+pub use device::buffer::DeviceBuffer;
+pub use device::graph::{GraphRegistration, RegisteredGraph};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};
+pub use plan::DispatchTable;
+pub use topology::cuda_device_count;

@@ -105,11 +105,6 @@ impl ShmSegment {
         self.len
     }
 
-    /// True for a zero-length mapping (never made by tpcomm).
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     /// The segment's name.
     pub fn name(&self) -> &str {
         &self.name
@@ -121,6 +116,66 @@ impl Drop for ShmSegment {
         // SAFETY: ptr/len are the mapping made in `map`; nothing uses it after drop.
         unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
     }
+}
+
+/// Segments made by this process, so two communicators never pick the same name.
+static SEGMENTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A segment of `len` bytes shared by every rank of `node`: local rank 0 creates it and
+/// broadcasts its name, the others open it, and once everyone has tried the name is unlinked,
+/// so nothing outlives the job. `tag` names the segment's purpose in `/dev/shm`.
+///
+/// # Collective
+/// Every rank of `node` (the ranks of one node).
+///
+/// # Errors
+/// [`Error::System`] when the segment cannot be made or opened (on every rank of the node);
+/// [`Error::PeerTimeout`] when a rank does not arrive within `timeout`.
+pub(crate) fn node_segment<C: mpi::traits::Communicator>(
+    node: &C,
+    tag: &str,
+    len: usize,
+    timeout: std::time::Duration,
+) -> Result<ShmSegment> {
+    use std::sync::atomic::Ordering;
+    let local_rank = node.rank();
+    let mut name = Vec::new();
+    let mut created = None;
+    let mut failure = None;
+    if local_rank == 0 {
+        let candidate = format!("/tpcomm.{}.{tag}.{}", std::process::id(), SEGMENTS.fetch_add(1, Ordering::Relaxed));
+        match ShmSegment::create(&candidate, len) {
+            Ok(seg) => {
+                name = candidate.into_bytes();
+                created = Some(seg);
+            }
+            Err(e) => failure = Some(e),
+        }
+    }
+    crate::exchange::broadcast_bytes(node, 0, &mut name, timeout, "sharing a shared-memory segment's name")?;
+    if name.is_empty() {
+        return Err(failure.unwrap_or_else(|| Error::System {
+            op: format!("creating the node's shared-memory segment of {len} bytes on local rank 0"),
+            source: std::io::Error::other("failed on local rank 0; see its error"),
+        }));
+    }
+    let opened = match created {
+        Some(seg) => Ok(seg),
+        None => ShmSegment::open(&String::from_utf8_lossy(&name), len),
+    };
+    // Everyone has tried to open before the name goes away.
+    let all = crate::exchange::all_min_u64(node, u64::from(opened.is_ok()), timeout, "opening a shared-memory segment");
+    if let (Ok(seg), 0) = (&opened, local_rank) {
+        seg.unlink()?;
+    }
+    let seg = opened?;
+    if all? == 0 {
+        return Err(Error::System {
+            op: format!("opening shared-memory segment {}", seg.name()),
+            source: std::io::Error::other("another rank of this node could not open it"),
+        });
+    }
+    Ok(seg)
 }
 
 #[cfg(test)]

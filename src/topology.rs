@@ -1,6 +1,11 @@
-//! What the machine looks like: GPUs and network devices near them.
+//! What the machine looks like: GPUs, the links between them, and network devices near them.
+//!
+//! Every verdict about a node's GPUs ([`gpu_layout`]) is made from data gathered from every rank
+//! of the node, so it is the same on every rank.
 
+use crate::error::Result;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// Number of CUDA devices visible to this process, or 0 where no CUDA driver can be loaded.
 pub fn cuda_device_count() -> usize {
@@ -75,7 +80,7 @@ fn nearest(devs: &[(String, PathBuf)], gpu: &Path) -> Option<usize> {
 /// The network device (index into the sorted `/sys/class/infiniband` entries) nearest the GPU
 /// of the rank with this local index; its local GPU index where there is no network device or
 /// the GPU's place on the PCI bus is unknown.
-pub fn nearest_network_device(local_rank: usize) -> usize {
+pub(crate) fn nearest_network_device(local_rank: usize) -> usize {
     let gpu = local_gpu_index(local_rank);
     let devs = network_devices(Path::new("/sys/class/infiniband"));
     if devs.is_empty() {
@@ -89,31 +94,9 @@ pub fn nearest_network_device(local_rank: usize) -> usize {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn nearest_prefers_the_same_switch() {
-        let devs = vec![
-            ("mlx5_0".to_string(), PathBuf::from("/sys/devices/pci0000:00/0000:00:01.0/0000:01:00.0")),
-            ("mlx5_1".to_string(), PathBuf::from("/sys/devices/pci0000:80/0000:80:01.0/0000:81:00.0")),
-        ];
-        let gpu = Path::new("/sys/devices/pci0000:80/0000:80:01.0/0000:82:00.0");
-        assert_eq!(nearest(&devs, gpu), Some(1));
-        assert_eq!(nearest(&[], gpu), None);
-    }
-
-    #[test]
-    fn no_network_devices_means_gpu_index() {
-        let tmp = std::env::temp_dir().join(format!("tpcomm-no-ib-{}", std::process::id()));
-        assert!(network_devices(&tmp).is_empty());
-    }
-}
-
 /// How the ranks of one node map onto GPUs, as the custom IPC allreduce needs to know it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GpuLayout {
+pub(crate) struct GpuLayout {
     /// Per rank of the node communicator: index of its GPU among the node's distinct GPUs
     /// (numbered by first appearance in rank order).
     pub device_of_rank: Vec<usize>,
@@ -130,10 +113,9 @@ pub struct GpuLayout {
 }
 
 impl GpuLayout {
-    /// Ranks sharing the GPU of `rank` (itself included).
-    pub fn ranks_on_device_of(&self, rank: usize) -> usize {
-        let d = self.device_of_rank[rank];
-        self.device_of_rank.iter().filter(|&&x| x == d).count()
+    /// Distinct GPUs the node's ranks use.
+    pub fn devices(&self) -> usize {
+        self.device_of_rank.iter().max().map_or(0, |m| m + 1)
     }
 }
 
@@ -150,13 +132,17 @@ fn device_identity(ctx: &cudarc::driver::CudaContext) -> ([u8; 16], String) {
 ///
 /// # Collective
 /// Every rank of `comm` (any number of nodes).
-pub fn shared_gpus<C: mpi::traits::Communicator>(
+///
+/// # Errors
+/// [`crate::Error::PeerTimeout`] when a rank does not arrive within `timeout`.
+pub(crate) fn shared_gpus<C: mpi::traits::Communicator>(
     comm: &C,
     ctx: &cudarc::driver::CudaContext,
-) -> Vec<(String, Vec<usize>)> {
+    timeout: Duration,
+) -> Result<Vec<(String, Vec<usize>)>> {
     let (uuid, _) = device_identity(ctx);
-    let all = crate::bootstrap::all_gather_bytes(comm, &uuid);
-    group_shared(&all)
+    let all = crate::exchange::all_gather_bytes(comm, &uuid, timeout, "comparing GPU UUIDs")?;
+    Ok(group_shared(&all))
 }
 
 /// The shared groups of [`shared_gpus`] from every rank's 16 UUID bytes.
@@ -183,35 +169,24 @@ fn format_uuid(u: &[u8]) -> String {
     format!("GPU-{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
 }
 
-#[cfg(test)]
-mod shared_tests {
-    use super::*;
-
-    #[test]
-    fn shared_gpus_are_grouped_by_uuid() {
-        let a = vec![1u8; 16];
-        let b = vec![2u8; 16];
-        let none = vec![0u8; 16];
-        let groups = group_shared(&[a.clone(), b.clone(), a.clone(), none.clone(), none, b.clone(), vec![3u8; 16]]);
-        assert_eq!(groups.len(), 2);
-        assert_eq!(groups[0], ("GPU-01010101-0101-0101-0101-010101010101".to_string(), vec![0, 2]));
-        assert_eq!(groups[1].1, vec![1, 5]);
-        assert!(group_shared(&[a, b]).is_empty());
-    }
-}
-
 /// Find which ranks of `node` share a GPU (by device UUID) and whether every pair of distinct
 /// GPUs used can access each other (P2P), for the custom IPC allreduce.
 ///
 /// # Collective
 /// Every rank of `node` (one node).
-pub fn gpu_layout<C: mpi::traits::Communicator>(node: &C, ctx: &cudarc::driver::CudaContext) -> GpuLayout {
-    use mpi::collective::SystemOperation;
-    use mpi::traits::*;
+///
+/// # Errors
+/// [`crate::Error::PeerTimeout`] when a rank does not arrive within `timeout`.
+pub(crate) fn gpu_layout<C: mpi::traits::Communicator>(
+    node: &C,
+    ctx: &cudarc::driver::CudaContext,
+    timeout: Duration,
+) -> Result<GpuLayout> {
+    const STEP: &str = "finding the node's GPU layout";
     let (uuid, bus) = device_identity(ctx);
     let mut mine = uuid.to_vec();
     mine.extend_from_slice(bus.as_bytes());
-    let all = crate::bootstrap::all_gather_bytes(node, &mine);
+    let all = crate::exchange::all_gather_bytes(node, &mine, timeout, STEP)?;
     let ids: Vec<(&[u8], String)> = all
         .iter()
         .map(|b| (&b[..16.min(b.len())], String::from_utf8_lossy(b.get(16..).unwrap_or(&[])).into_owned()))
@@ -247,17 +222,16 @@ pub fn gpu_layout<C: mpi::traits::Communicator>(node: &C, ctx: &cudarc::driver::
             Err(e) => problem = Some(format!("cannot check P2P from GPU {bus} to GPU {peer_bus}: {e}")),
         }
     }
-    let ok = u8::from(problem.is_none());
-    let mut all_ok = 0u8;
-    node.all_reduce_into(&ok, &mut all_ok, SystemOperation::min());
-    let mut all_nvlink = 0u8;
-    node.all_reduce_into(&u8::from(nvlink), &mut all_nvlink, SystemOperation::min());
-    let unsupported = match (all_ok, problem) {
+    // Two bits per rank: P2P to every GPU in use, NVLink to every GPU in use.
+    let verdict = u64::from(problem.is_none()) | (u64::from(nvlink) << 1);
+    let all = crate::exchange::all_min_u64(node, verdict, timeout, STEP)?;
+    let all_nvlink = crate::exchange::all_min_u64(node, verdict >> 1, timeout, STEP)?;
+    let unsupported = match (all & 1, problem) {
         (1, _) => None,
         (_, Some(p)) => Some(p),
         (_, None) => Some("another rank's GPU lacks P2P access to a GPU in use (see its log)".into()),
     };
-    GpuLayout { device_of_rank, max_ranks_per_device, unsupported, full_nvlink: all_nvlink == 1 }
+    Ok(GpuLayout { device_of_rank, max_ranks_per_device, unsupported, full_nvlink: all_nvlink == 1 })
 }
 
 /// A readable report of the node's GPUs as tpcomm sees them: one line per rank (its GPU, name,
@@ -267,10 +241,18 @@ pub fn gpu_layout<C: mpi::traits::Communicator>(node: &C, ctx: &cudarc::driver::
 ///
 /// # Collective
 /// Every rank of `node` (one node); the same text on every rank.
-pub fn link_report<C: mpi::traits::Communicator>(node: &C, ctx: &cudarc::driver::CudaContext) -> String {
+///
+/// # Errors
+/// [`crate::Error::PeerTimeout`] when a rank does not arrive within `timeout`.
+pub(crate) fn link_report<C: mpi::traits::Communicator>(
+    node: &C,
+    ctx: &cudarc::driver::CudaContext,
+    timeout: Duration,
+) -> Result<String> {
+    const STEP: &str = "the topology report";
     let (_, bus) = device_identity(ctx);
     let name = gpu_name(ctx.ordinal()).unwrap_or_else(|| "unknown GPU".into());
-    let buses = crate::bootstrap::all_gather_bytes(node, bus.as_bytes());
+    let buses = crate::exchange::all_gather_bytes(node, bus.as_bytes(), timeout, STEP)?;
     let buses: Vec<String> = buses.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect();
     let mut row = format!("rank {}: GPU {} {name} (bus {bus})", node.rank(), ctx.ordinal());
     let mut seen: Vec<&str> = Vec::new();
@@ -287,18 +269,18 @@ pub fn link_report<C: mpi::traits::Communicator>(node: &C, ctx: &cudarc::driver:
         let nvlink = if native_atomics(ctx, peer) { "NVLink (native atomics) yes" } else { "NVLink no" };
         row.push_str(&format!("\n  -> bus {peer}: {p2p}, {nvlink}"));
     }
-    let rows = crate::bootstrap::all_gather_bytes(node, row.as_bytes());
+    let rows = crate::exchange::all_gather_bytes(node, row.as_bytes(), timeout, STEP)?;
     let mut text: String = rows.iter().map(|r| String::from_utf8_lossy(r).into_owned() + "\n").collect();
-    let layout = gpu_layout(node, ctx);
+    let layout = gpu_layout(node, ctx, timeout)?;
     text.push_str(&format!(
         "layout: {} GPU(s) for {} rank(s), at most {} rank(s) per GPU, full NVLink {}, IPC kernels {}\n",
-        layout.device_of_rank.iter().max().map_or(0, |m| m + 1),
+        layout.devices(),
         layout.device_of_rank.len(),
         layout.max_ranks_per_device,
         layout.full_nvlink,
         layout.unsupported.as_deref().unwrap_or("supported")
     ));
-    text
+    Ok(text)
 }
 
 /// Whether the link from this context's device to `peer_bus` supports native atomics (NVLink
@@ -329,11 +311,55 @@ fn p2p_access(ctx: &cudarc::driver::CudaContext, peer_bus: &str) -> Result<bool,
     let c = std::ffi::CString::new(peer_bus).map_err(|e| e.to_string())?;
     let mut peer: sys::CUdevice = 0;
     // SAFETY: valid out pointer and NUL-terminated id.
-    unsafe { sys::cuDeviceGetByPCIBusId(&mut peer, c.as_ptr()) }
-        .result()
-        .map_err(|e| format!("GPU {peer_bus} is not visible to this process ({e:?})"))?;
+    unsafe { sys::cuDeviceGetByPCIBusId(&mut peer, c.as_ptr()) }.result().map_err(|e| {
+        format!(
+            "GPU {peer_bus}, used by another rank, is not visible to this process ({e:?}); when \
+             CUDA_VISIBLE_DEVICES gives each rank only its own GPU, tpcomm cannot check peer access between \
+             GPUs, so the IPC kernels stay off and NCCL serves the calls: make every GPU of the node visible \
+             to every rank and pick each rank's GPU with Communicator::builder(..).device(ordinal)"
+        )
+    })?;
     let mut can = 0;
     // SAFETY: valid out pointer and device handles.
     unsafe { sys::cuDeviceCanAccessPeer(&mut can, ctx.cu_device(), peer) }.result().map_err(|e| format!("{e:?}"))?;
     Ok(can != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_prefers_the_same_switch() {
+        let devs = vec![
+            ("mlx5_0".to_string(), PathBuf::from("/sys/devices/pci0000:00/0000:00:01.0/0000:01:00.0")),
+            ("mlx5_1".to_string(), PathBuf::from("/sys/devices/pci0000:80/0000:80:01.0/0000:81:00.0")),
+        ];
+        let gpu = Path::new("/sys/devices/pci0000:80/0000:80:01.0/0000:82:00.0");
+        assert_eq!(nearest(&devs, gpu), Some(1));
+        assert_eq!(nearest(&[], gpu), None);
+    }
+
+    #[test]
+    fn no_network_devices_means_gpu_index() {
+        let tmp = std::env::temp_dir().join(format!("tpcomm-no-ib-{}", std::process::id()));
+        assert!(network_devices(&tmp).is_empty());
+    }
+}
+
+#[cfg(test)]
+mod shared_tests {
+    use super::*;
+
+    #[test]
+    fn shared_gpus_are_grouped_by_uuid() {
+        let a = vec![1u8; 16];
+        let b = vec![2u8; 16];
+        let none = vec![0u8; 16];
+        let groups = group_shared(&[a.clone(), b.clone(), a.clone(), none.clone(), none, b.clone(), vec![3u8; 16]]);
+        assert_eq!(groups.len(), 2);
+        assert_eq!(groups[0], ("GPU-01010101-0101-0101-0101-010101010101".to_string(), vec![0, 2]));
+        assert_eq!(groups[1].1, vec![1, 5]);
+        assert!(group_shared(&[a, b]).is_empty());
+    }
 }

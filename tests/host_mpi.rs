@@ -1,15 +1,22 @@
-//! Integration tests of the host backend as real MPI jobs.
+//! Integration tests as real MPI jobs: the host backend, the device layer on the CPU stand-in
+//! of the device backends, set-up, and a randomized fault suite.
 //!
 //! Run by plain `cargo test`: this binary (harness = false) is the launcher. For each case it
 //! starts itself under `mpiexec -n k` with `TPCOMMTEST_CASE` set; the copies it starts are the
 //! ranks, which run the case and exit non-zero on any failure. Every job runs under a
 //! wall-clock limit, so a protocol bug fails the test instead of hanging it. The launcher ends
 //! with `N passed, M failed`.
+//!
+//! The device cases build communicators with the CPU stand-in (`mock_device()`): the real plan,
+//! chunking, hierarchy steps, failure state and set-up run, with every device backend replaced
+//! by an exact rank-order sum over MPI, so their results are checked bit for bit without a GPU.
 
+use mpi::traits::Communicator as _;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use tpcomm::testing::mock_all_reduce;
 use tpcomm::verify::{count_wrong, expected_hierarchical_sum, fill_rank_input, poison, rank_input, SplitMix64};
-use tpcomm::{bf16, f16, Algo, Communicator, Config, Element, Error};
+use tpcomm::{bf16, f16, Algo, CallOptions, Communicator, Config, Element, Error};
 
 const CASE_VAR: &str = "TPCOMMTEST_CASE";
 const JOB_LIMIT: Duration = Duration::from_secs(240);
@@ -35,6 +42,8 @@ fn launcher() {
         jobs.push(Job { case: "exact", ranks, env: &[] });
         // Small chunks: long messages cross many chunk boundaries and buffer parities.
         jobs.push(Job { case: "exact", ranks, env: &[("TPCOMM_HOST_CHUNK_BYTES", "4096")] });
+        // The device layer on the CPU stand-in; small IPC limits make calls chunk.
+        jobs.push(Job { case: "mock_exact", ranks, env: &[("TPCOMM_CUSTOM_MAX_BYTES", "8192")] });
     }
     for ranks in 2..=4 {
         jobs.push(Job {
@@ -42,10 +51,22 @@ fn launcher() {
             ranks,
             env: &[("TPCOMM_FAKE_NODES", "2"), ("TPCOMM_HOST_CHUNK_BYTES", "8192")],
         });
+        jobs.push(Job {
+            case: "mock_exact",
+            ranks,
+            env: &[("TPCOMM_FAKE_NODES", "2"), ("TPCOMM_CUSTOM_MAX_BYTES", "8192")],
+        });
         jobs.push(Job { case: "mismatched_lengths", ranks, env: &[("TPCOMM_TIMEOUT_MS", "20000")] });
         jobs.push(Job { case: "rank_skips_call", ranks, env: &[("TPCOMM_TIMEOUT_MS", "1500")] });
-        jobs.push(Job { case: "input_output_lengths_differ", ranks, env: &[("TPCOMM_TIMEOUT_MS", "1500")] });
+        jobs.push(Job { case: "input_output_lengths_differ", ranks, env: &[("TPCOMM_TIMEOUT_MS", "20000")] });
+        jobs.push(Job { case: "forced_algorithms", ranks, env: &[] });
+        jobs.push(Job { case: "abort_and_rebuild", ranks, env: &[("TPCOMM_TIMEOUT_MS", "20000")] });
+        jobs.push(Job { case: "setup_rank_never_arrives", ranks, env: &[("TPCOMM_TIMEOUT_MS", "1000")] });
     }
+    for ranks in [2, 3, 4] {
+        jobs.push(Job { case: "fault_suite", ranks, env: &[("TPCOMM_TIMEOUT_MS", "800")] });
+    }
+    jobs.push(Job { case: "fault_suite", ranks: 4, env: &[("TPCOMM_TIMEOUT_MS", "800"), ("TPCOMM_FAKE_NODES", "2")] });
     jobs.push(Job { case: "exact", ranks: 4, env: &[("TPCOMM_FAKE_NODES", "4")] });
     jobs.push(Job { case: "nodes_disagree_on_length", ranks: 4, env: &[("TPCOMM_FAKE_NODES", "2")] });
     jobs.push(Job {
@@ -66,7 +87,11 @@ fn launcher() {
         jobs.push(Job {
             case: "deterministic",
             ranks,
-            env: &[("TPCOMM_DETERMINISTIC", "1"), ("TPCOMM_HOST_CHUNK_BYTES", "4096")],
+            env: &[
+                ("TPCOMM_DETERMINISTIC", "1"),
+                ("TPCOMM_HOST_CHUNK_BYTES", "4096"),
+                ("TPCOMM_CUSTOM_MAX_BYTES", "8192"),
+            ],
         });
     }
     jobs.push(Job {
@@ -95,7 +120,7 @@ fn launcher() {
             }
         }
     }
-    println!("{passed} passed, {failed} failed");
+    println!("host_mpi: {passed} passed, {failed} failed");
     if failed > 0 {
         std::process::exit(1);
     }
@@ -155,6 +180,8 @@ fn run_job(job: &Job) -> Result<(), String> {
 
 // ---------------------------------------------------------------- ranks
 
+type World = mpi::topology::SimpleCommunicator;
+
 /// Runs one case on this rank; returns the process exit code.
 fn worker(case: &str) -> i32 {
     let universe = mpi::initialize().expect("MPI initialises once");
@@ -175,41 +202,97 @@ fn worker(case: &str) -> i32 {
         println!("FAIL: the invalid configuration was accepted: {config:?}");
         return 1;
     }
-    if case == "different_config_per_rank" {
-        return different_config_per_rank(&world, config);
-    }
-    if case == "byte_exchange" {
-        return report(&world, byte_exchange(&world));
-    }
-    if case == "tune_save_and_load" {
-        return report(&world, tune_save_and_load(&world, config));
-    }
-    let comm = match Communicator::new(&world, config) {
-        Ok(c) => c,
-        Err(e) => {
-            println!("FAIL: Communicator::new: {e}");
-            return 1;
-        }
-    };
     let result = match case {
-        "exact" => exact(&comm),
-        "mismatched_lengths" => mismatched_lengths(&comm),
-        "batch_invariance" => batch_invariance(&comm),
-        "deterministic" => deterministic(&comm),
-        "nodes_disagree_on_length" => nodes_disagree_on_length(&comm),
-        "rank_skips_call" => rank_skips_call(&comm),
-        "input_output_lengths_differ" => input_output_lengths_differ(&comm),
-        other => Err(format!("unknown case {other}")),
+        "different_config_per_rank" => different_config_per_rank(&world, config),
+        "byte_exchange" => byte_exchange(&world),
+        "tune_save_and_load" => tune_save_and_load(&world, config),
+        "setup_rank_never_arrives" => setup_rank_never_arrives(&world, config),
+        "fault_suite" => fault_suite(&world, config),
+        "abort_and_rebuild" => abort_and_rebuild(&world, config),
+        _ => match build(
+            &world,
+            config,
+            case.starts_with("mock") || case == "deterministic" || case == "forced_algorithms",
+        ) {
+            Err(e) => Err(format!("Communicator::new: {e}")),
+            Ok(comm) => match case {
+                "exact" => exact(&comm),
+                "mock_exact" => mock_exact(&comm),
+                "forced_algorithms" => forced_algorithms(&comm),
+                "mismatched_lengths" => mismatched_lengths(&comm),
+                "batch_invariance" => batch_invariance(&comm),
+                "deterministic" => deterministic(&comm),
+                "nodes_disagree_on_length" => nodes_disagree_on_length(&comm),
+                "rank_skips_call" => rank_skips_call(&comm),
+                "input_output_lengths_differ" => input_output_lengths_differ(&comm),
+                other => Err(format!("unknown case {other}")),
+            },
+        },
     };
     match result {
         Ok(summary) => {
-            println!("rank {} ok: {summary}", comm.rank());
+            println!("rank {} ok: {summary}", world.rank());
             0
         }
         Err(msg) => {
-            println!("FAIL rank {}: {msg}", comm.rank());
+            println!("FAIL rank {}: {msg}", world.rank());
             1
         }
+    }
+}
+
+/// A communicator, with the CPU stand-in of the device backends when `mock`.
+fn build(world: &World, config: Config, mock: bool) -> tpcomm::Result<Communicator> {
+    let b = Communicator::builder(world).config(config);
+    if mock {
+        b.mock_device().build()
+    } else {
+        b.build()
+    }
+}
+
+/// Host memory aligned as the IPC kernels' pointers must be (16 bytes), for the stand-in.
+struct Aligned<T> {
+    words: Vec<u128>,
+    len: usize,
+    _t: std::marker::PhantomData<T>,
+}
+
+impl<T: Element> Aligned<T> {
+    fn from(data: &[T]) -> Self {
+        let mut a = Aligned {
+            words: vec![0u128; std::mem::size_of_val(data).div_ceil(16) + 1],
+            len: data.len(),
+            _t: std::marker::PhantomData,
+        };
+        a.as_mut().copy_from_slice(data);
+        a
+    }
+    fn as_mut(&mut self) -> &mut [T] {
+        // SAFETY: the words hold at least len elements of T; u128 alignment covers T's.
+        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr() as *mut T, self.len) }
+    }
+    fn ptr(&mut self) -> *mut T {
+        self.words.as_mut_ptr() as *mut T
+    }
+}
+
+/// A device call on the stand-in, out of place (`input` given) or in place.
+fn mock_call<T: Element>(
+    comm: &Communicator,
+    opts: &CallOptions,
+    input: Option<&[T]>,
+    out: &mut Aligned<T>,
+) -> tpcomm::Result<()> {
+    let len = out.len;
+    match input {
+        Some(x) => {
+            let mut inp = Aligned::from(x);
+            // SAFETY: both buffers hold `len` elements and outlive the (synchronous) call.
+            unsafe { mock_all_reduce(comm, opts, inp.ptr(), out.ptr(), len) }
+        }
+        // SAFETY: as above; in place.
+        None => unsafe { mock_all_reduce(comm, opts, out.ptr(), out.ptr(), len) },
     }
 }
 
@@ -226,53 +309,106 @@ fn exact(comm: &Communicator) -> Result<String, String> {
     let mut checks = 0;
     for dtype_case in 0..4 {
         checks += match dtype_case {
-            0 => exact_for::<f32>(comm)?,
-            1 => exact_for::<f64>(comm)?,
-            2 => exact_for::<f16>(comm)?,
-            _ => exact_for::<bf16>(comm)?,
+            0 => exact_for::<f32>(comm, false)?,
+            1 => exact_for::<f64>(comm, false)?,
+            2 => exact_for::<f16>(comm, false)?,
+            _ => exact_for::<bf16>(comm, false)?,
         };
     }
     Ok(format!("{checks} results bit-exact"))
 }
 
-fn exact_for<T: Element>(comm: &Communicator) -> Result<usize, String> {
+/// The device layer on the stand-in: the dispatch's choice and every forced algorithm that can
+/// serve the call, in place and not, give the exact bits of the plan in force (rank order on
+/// one node; node partials in node order across pretend nodes).
+fn mock_exact(comm: &Communicator) -> Result<String, String> {
+    comm.init_device().map_err(|e| format!("init_device: {e}"))?;
+    let mut checks = exact_for::<f32>(comm, true)?;
+    checks += exact_for::<bf16>(comm, true)?;
+    checks += exact_for::<f16>(comm, true)?;
+    Ok(format!("{checks} device results (CPU stand-in) bit-exact"))
+}
+
+fn exact_for<T: Element>(comm: &Communicator, device: bool) -> Result<usize, String> {
     let (rank, n) = (comm.rank(), comm.size());
-    let rank_to_node = comm.bootstrap().rank_to_node.clone();
+    let layout = comm.layout();
+    let rank_to_node = layout.rank_to_node.clone();
     let mut checks = 0;
     // The same seed on every rank: sizes agree, inputs differ by rank.
     let base_seed = 0x5eed ^ (n as u64) << 8 ^ T::DTYPE as u64;
+    let one_node = layout.nodes == 1;
     for (i, &len) in sizes(base_seed).iter().enumerate() {
-        // Large messages once per dtype and algorithm is plenty; keep the job quick.
-        let algos: &[Option<Algo>] = if len > 1 << 18 {
-            &[Some(Algo::HostTwoShot)]
+        // The stand-in moves every byte through MPI: chunking is covered at small sizes (the
+        // jobs lower the IPC limit), so the multi-MiB sizes are host-only.
+        if device && len > 1 << 18 {
+            continue;
+        }
+        let bytes = len * size_of::<T>();
+        let algos: Vec<Option<Algo>> = if !device {
+            // Large messages once per dtype and algorithm is plenty; keep the job quick.
+            if len > 1 << 18 {
+                vec![Some(Algo::HostTwoShot)]
+            } else {
+                vec![None, Some(Algo::HostOneShot), Some(Algo::HostTwoShot)]
+            }
         } else {
-            &[None, Some(Algo::HostOneShot), Some(Algo::HostTwoShot)]
+            let mut a = vec![None];
+            if one_node && n > 1 && len <= 1 << 18 {
+                a.push(Some(Algo::Chunked));
+                if bytes <= 8192 {
+                    a.extend([Some(Algo::OneShot), Some(Algo::TwoShot)]);
+                }
+                if bytes <= comm.config().packet_buffer_bytes {
+                    a.extend([Some(Algo::Packet), Some(Algo::Lamport), Some(Algo::PacketTwoPhase)]);
+                }
+            }
+            if !one_node && len <= 4096 {
+                a.push(Some(Algo::Hierarchical));
+            }
+            a
         };
         for (a, algo) in algos.iter().enumerate() {
             for in_place in [false, true] {
-                let seed = base_seed.wrapping_mul(31).wrapping_add((i * 8 + a * 2 + in_place as usize) as u64);
+                let seed = base_seed.wrapping_mul(31).wrapping_add((i * 16 + a * 2 + in_place as usize) as u64);
                 let input: Vec<T> = rank_input(seed, rank, len);
-                let mut out = vec![poison::<T>(); len];
-                let res = match (algo, in_place) {
-                    (None, false) => comm.all_reduce_host(&input, &mut out),
-                    (None, true) => {
-                        out.copy_from_slice(&input);
-                        comm.all_reduce_host_in_place(&mut out)
-                    }
-                    (Some(algo), false) => comm.all_reduce_host_using(*algo, Some(&input), &mut out),
-                    (Some(algo), true) => {
+                let opts = CallOptions { algo: *algo, registered_only: false };
+                let (res, out) = if device {
+                    let mut out = Aligned::from(&vec![poison::<T>(); len]);
+                    let r = if in_place {
+                        out.as_mut().copy_from_slice(&input);
+                        mock_call(comm, &opts, None, &mut out)
+                    } else {
+                        mock_call(comm, &opts, Some(&input), &mut out)
+                    };
+                    (r, out.as_mut().to_vec())
+                } else {
+                    let mut out = vec![poison::<T>(); len];
+                    let r = if in_place {
                         fill_rank_input(seed, rank, &mut out);
-                        comm.all_reduce_host_using(*algo, None, &mut out)
-                    }
+                        comm.all_reduce_host_with(&opts, None, &mut out)
+                    } else {
+                        comm.all_reduce_host_with(&opts, Some(&input), &mut out)
+                    };
+                    (r, out)
                 };
-                res.map_err(|e| format!("{} len {len} algo {algo:?} in_place {in_place}: {e}", T::DTYPE))?;
-                let want: Vec<T> = expected_hierarchical_sum(seed, &rank_to_node, len);
+                let what = format!("{} len {len} algo {algo:?} in_place {in_place}", T::DTYPE);
+                res.map_err(|e| format!("{what}: {e}"))?;
+                // Flat NCCL (above the IPC limit across nodes) sums over all ranks at once: on the
+                // stand-in in flat rank order (real NCCL in its own order, checked within a
+                // tolerance on the GPU).
+                let flat =
+                    device && algo.is_none() && comm.device_algo::<T>(len).map_err(|e| e.to_string())? == Algo::Nccl;
+                let want: Vec<T> = if flat {
+                    tpcomm::verify::expected_sum(seed, n, len)
+                } else {
+                    expected_hierarchical_sum(seed, &rank_to_node, len)
+                };
                 let wrong = count_wrong(&out, &want);
                 if wrong > 0 {
                     let first = out.iter().zip(&want).position(|(a, b)| !tpcomm::verify::same_bits(*a, *b)).unwrap();
                     return Err(format!(
-                        "{} len {len} algo {algo:?} in_place {in_place}: {wrong} wrong elements, first at {first}: got {:?} want {:?}",
-                        T::DTYPE, out[first], want[first]
+                        "{what}: {wrong} wrong elements, first at {first}: got {:?} want {:?}",
+                        out[first], want[first]
                     ));
                 }
                 checks += 1;
@@ -282,32 +418,71 @@ fn exact_for<T: Element>(comm: &Communicator) -> Result<usize, String> {
     Ok(checks)
 }
 
-fn report(world: &mpi::topology::SimpleCommunicator, result: Result<String, String>) -> i32 {
-    use mpi::traits::Communicator as _;
-    match result {
-        Ok(summary) => {
-            println!("rank {} ok: {summary}", world.rank());
-            0
-        }
-        Err(msg) => {
-            println!("FAIL rank {}: {msg}", world.rank());
-            1
-        }
+/// Forced algorithms that cannot serve a call are errors on every rank, before anything is
+/// sent, and leave the communicator usable; `copy` with several ranks would hand back each
+/// rank's own input, so it must be refused.
+fn forced_algorithms(comm: &Communicator) -> Result<String, String> {
+    comm.init_device().map_err(|e| format!("init_device: {e}"))?;
+    let n = comm.size();
+    let input: Vec<f32> = rank_input(11, comm.rank(), 1000);
+    let mut out = Aligned::from(&vec![poison::<f32>(); 1000]);
+    let refuse = |algo: Algo, what: &str, r: tpcomm::Result<()>| match r {
+        Err(Error::InvalidUsage { .. }) => Ok(()),
+        other => Err(format!("forced {algo} ({what}) gave {other:?}, not InvalidUsage")),
+    };
+    refuse(
+        Algo::Copy,
+        "device, several ranks",
+        mock_call(comm, &CallOptions::algo(Algo::Copy), Some(&input), &mut out),
+    )?;
+    refuse(
+        Algo::HostOneShot,
+        "on device memory",
+        mock_call(comm, &CallOptions::algo(Algo::HostOneShot), Some(&input), &mut out),
+    )?;
+    refuse(
+        Algo::Hierarchical,
+        "one node",
+        mock_call(comm, &CallOptions::algo(Algo::Hierarchical), Some(&input), &mut out),
+    )?;
+    refuse(
+        Algo::OneShot,
+        "on host memory",
+        comm.all_reduce_host_with(&CallOptions::algo(Algo::OneShot), Some(&input), out.as_mut()),
+    )?;
+    let big: Vec<f32> = rank_input(12, comm.rank(), (2 << 20) / 4);
+    let mut big_out = Aligned::from(&big);
+    refuse(
+        Algo::Packet,
+        "over the packet buffer",
+        mock_call(comm, &CallOptions::algo(Algo::Packet), Some(&big), &mut big_out),
+    )?;
+    // Still usable, and exact.
+    let mut out = Aligned::from(&vec![poison::<f32>(); 1000]);
+    mock_call(comm, &CallOptions::default(), Some(&input), &mut out).map_err(|e| format!("after the refusals: {e}"))?;
+    let want: Vec<f32> = tpcomm::verify::expected_sum(11, n, 1000);
+    if count_wrong(out.as_mut(), &want) > 0 {
+        return Err("a call after the refusals was wrong".into());
     }
+    let mut host = input.clone();
+    comm.all_reduce_host_in_place(&mut host).map_err(|e| format!("host after the refusals: {e}"))?;
+    if count_wrong(&host, &want) > 0 {
+        return Err("a host call after the refusals was wrong".into());
+    }
+    Ok("every impossible forced algorithm refused on every rank, communicator still exact".into())
 }
 
 /// The bootstrap's byte exchange with blobs of different lengths, empty ones included (an empty
 /// buffer once reached MPI as an invalid pointer and aborted the job).
-fn byte_exchange(world: &mpi::topology::SimpleCommunicator) -> Result<String, String> {
-    use mpi::traits::Communicator as _;
-    use tpcomm::bootstrap::{all_gather_bytes, broadcast_bytes};
+fn byte_exchange(world: &World) -> Result<String, String> {
+    use tpcomm::testing::{all_gather_bytes, broadcast_bytes};
     let (rank, n) = (world.rank() as usize, world.size() as usize);
     let blob = |r: usize| -> Vec<u8> { (0..r * 3).map(|i| (r * 31 + i) as u8).collect() };
-    let all = all_gather_bytes(world, &blob(rank));
+    let all = all_gather_bytes(world, &blob(rank)).map_err(|e| e.to_string())?;
     if all != (0..n).map(blob).collect::<Vec<_>>() {
         return Err(format!("all_gather_bytes gave {all:?}"));
     }
-    let empty = all_gather_bytes(world, &[]);
+    let empty = all_gather_bytes(world, &[]).map_err(|e| e.to_string())?;
     if empty.len() != n || empty.iter().any(|b| !b.is_empty()) {
         return Err(format!("all_gather_bytes of nothing gave {empty:?}"));
     }
@@ -315,7 +490,7 @@ fn byte_exchange(world: &mpi::topology::SimpleCommunicator) -> Result<String, St
         for len in [0usize, 1, 1000] {
             let mut b: Vec<u8> =
                 if rank == root { (0..len).map(|i| (i * 7 + root) as u8).collect() } else { vec![9; 5] };
-            broadcast_bytes(world, root, &mut b);
+            broadcast_bytes(world, root, &mut b).map_err(|e| e.to_string())?;
             if b != (0..len).map(|i| (i * 7 + root) as u8).collect::<Vec<u8>>() {
                 return Err(format!("broadcast_bytes from {root} of {len} bytes gave {} bytes", b.len()));
             }
@@ -326,37 +501,37 @@ fn byte_exchange(world: &mpi::topology::SimpleCommunicator) -> Result<String, St
 
 /// `tune` gives every rank the same table and saves it; a new communicator loads it; a table
 /// tuned for another machine is refused on every rank.
-fn tune_save_and_load(world: &mpi::topology::SimpleCommunicator, mut config: Config) -> Result<String, String> {
-    use mpi::traits::{Communicator as _, CommunicatorCollectives as _};
+fn tune_save_and_load(world: &World, mut config: Config) -> Result<String, String> {
+    use tpcomm::testing::{all_gather_bytes, barrier};
     let dir = std::path::PathBuf::from(std::env::var("TPCOMMTEST_DIR").map_err(|e| e.to_string())?);
     let file = dir.join("dispatch.txt");
     config.tune_file = Some(file.clone());
+    let wait = Duration::from_secs(60);
     let comm = Communicator::new(world, config.clone()).map_err(|e| format!("new: {e}"))?;
     let tuned = comm.tune().map_err(|e| format!("tune: {e}"))?;
-    let limit = tuned.host_oneshot_max_bytes as u64;
-    let mut all = vec![0u64; world.size() as usize];
-    world.all_gather_into(&limit, &mut all[..]);
-    if all.iter().any(|&l| l != limit) {
+    let limit = tuned.host_oneshot_max_bytes() as u64;
+    let all = all_gather_bytes(world, &limit.to_le_bytes()).map_err(|e| e.to_string())?;
+    if all.iter().any(|l| l[..] != limit.to_le_bytes()) {
         return Err(format!("ranks ended with different tuned limits {all:?}"));
     }
     if limit != 0 && !(12..=22).any(|p| limit == 1 << p) {
         return Err(format!("tuned limit {limit} is not one of the measured sizes"));
     }
-    if comm.dispatch_table().host_oneshot_max_bytes as u64 != limit {
+    if comm.dispatch_table().host_oneshot_max_bytes() as u64 != limit {
         return Err("the communicator does not use the tuned table".into());
     }
-    // The tuned limit must route calls: one byte above it goes two-shot.
+    // The tuned limit must route calls: one element above it goes two-shot.
     if comm.host_algo::<f32>((limit as usize + 4) / 4).map_err(|e| e.to_string())? != Algo::HostTwoShot {
         return Err("a call above the tuned limit is not two-shot".into());
     }
     drop(comm);
-    world.barrier();
+    barrier(world, wait).map_err(|e| e.to_string())?;
     let again = Communicator::new(world, config.clone()).map_err(|e| format!("new after tune: {e}"))?;
     if again.dispatch_table() != tuned {
         return Err(format!("loaded table {:?} differs from tuned {tuned:?}", again.dispatch_table()));
     }
     drop(again);
-    world.barrier();
+    barrier(world, wait).map_err(|e| e.to_string())?;
     if world.rank() == 0 {
         let text = std::fs::read_to_string(&file).map_err(|e| e.to_string())?;
         let other: String = text
@@ -365,7 +540,7 @@ fn tune_save_and_load(world: &mpi::topology::SimpleCommunicator, mut config: Con
             .collect();
         std::fs::write(&file, other).map_err(|e| e.to_string())?;
     }
-    world.barrier();
+    barrier(world, wait).map_err(|e| e.to_string())?;
     match Communicator::new(world, config) {
         Err(Error::Config { expected, .. }) if expected.contains("--autotune") => {
             Ok(format!("tuned host one-shot limit {limit} B: shared, saved, loaded; a foreign table refused"))
@@ -375,9 +550,12 @@ fn tune_save_and_load(world: &mpi::topology::SimpleCommunicator, mut config: Con
     }
 }
 
-/// Rank 2 runs with another chunk size: every rank must refuse to build the communicator.
-fn different_config_per_rank(world: &mpi::topology::SimpleCommunicator, mut config: Config) -> i32 {
-    use mpi::traits::Communicator as _;
+/// Rank 2 runs with another chunk size: every rank must refuse to build the communicator; a
+/// setting that only changes one rank (logging) is fine.
+fn different_config_per_rank(world: &World, mut config: Config) -> Result<String, String> {
+    let mut logging = config.clone();
+    logging.debug = world.rank() == 1;
+    drop(Communicator::new(world, logging).map_err(|e| format!("ranks differing only in TPCOMM_DEBUG: {e}"))?);
     if world.rank() == 2 {
         config.host_chunk_bytes *= 2;
     }
@@ -385,17 +563,10 @@ fn different_config_per_rank(world: &mpi::topology::SimpleCommunicator, mut conf
         Err(Error::Mismatch { detail, .. })
             if detail.contains("rank 2") && detail.contains("TPCOMM_HOST_CHUNK_BYTES") =>
         {
-            println!("rank {} ok: refused: {detail}", world.rank());
-            0
+            Ok(format!("refused: {detail}"))
         }
-        Err(e) => {
-            println!("FAIL rank {}: expected a Mismatch naming rank 2, got {e}", world.rank());
-            1
-        }
-        Ok(_) => {
-            println!("FAIL rank {}: a communicator was built with differing configurations", world.rank());
-            1
-        }
+        Err(e) => Err(format!("expected a Mismatch naming rank 2, got {e}")),
+        Ok(_) => Err("a communicator was built with differing configurations".into()),
     }
 }
 
@@ -411,7 +582,8 @@ fn batch_invariance(comm: &Communicator) -> Result<String, String> {
         for algo in [Algo::HostOneShot, Algo::HostTwoShot] {
             let mut buf: Vec<bf16> = rank_input(len as u64, comm.rank(), len);
             buf[offset..offset + WINDOW].copy_from_slice(&probe);
-            comm.all_reduce_host_using(algo, None, &mut buf).map_err(|e| format!("len {len} {algo}: {e}"))?;
+            comm.all_reduce_host_with(&CallOptions::algo(algo), None, &mut buf)
+                .map_err(|e| format!("len {len} {algo}: {e}"))?;
             let window = buf[offset..offset + WINDOW].to_vec();
             match &first {
                 None => first = Some(window),
@@ -432,42 +604,42 @@ fn batch_invariance(comm: &Communicator) -> Result<String, String> {
 /// Deterministic mode (run with `TPCOMM_DETERMINISTIC=1`): the same values per rank, embedded
 /// at many offsets in messages of many sizes, in place and not, through the dispatch table's
 /// choice and both host algorithms, give the reference bits of `tpcomm::verify` every time and
-/// on every rank, and the whole message matches the reference too. The dispatch table must also
-/// keep large device messages off NCCL.
+/// on every rank, and the whole message matches the reference too. Device calls (the CPU
+/// stand-in) must stay off NCCL and match too.
 fn deterministic(comm: &Communicator) -> Result<String, String> {
-    use tpcomm::dispatch::{Memory, Request};
     if !comm.config().deterministic {
         return Err("run this case with TPCOMM_DETERMINISTIC=1".into());
     }
-    let (rank, n) = (comm.rank(), comm.size());
-    let boot = comm.bootstrap();
-    let device = Request::new(64 << 20, tpcomm::DType::BF16, n, boot.nodes, Memory::Device);
-    match comm.dispatch_table().choose(&device) {
+    comm.init_device().map_err(|e| format!("init_device: {e}"))?;
+    let n = comm.size();
+    let nodes = comm.layout().nodes;
+    match comm.device_algo::<bf16>(32 << 20) {
         // One rank copies its input: exact, hence deterministic.
         Ok(Algo::Copy) if n == 1 => {}
-        Ok(Algo::Chunked) if boot.nodes == 1 && n > 1 => {}
-        Err(Error::Unsupported { .. }) if boot.nodes > 1 => {}
-        other => return Err(format!("64 MiB of device memory on {} node(s) went to {other:?}", boot.nodes)),
+        Ok(Algo::Chunked) if nodes == 1 && n > 1 => {}
+        Err(Error::Unsupported { .. }) if nodes > 1 => {}
+        other => return Err(format!("64 MiB of device memory on {nodes} node(s) went to {other:?}")),
     }
-    let mut checks = deterministic_for::<f32>(comm)?;
-    checks += deterministic_for::<bf16>(comm)?;
+    let mut checks = deterministic_for::<f32>(comm, false)?;
+    checks += deterministic_for::<bf16>(comm, false)?;
+    if nodes == 1 {
+        checks += deterministic_for::<bf16>(comm, true)?;
+    }
     // Every rank reached the same count: no rank skipped a case.
-    let mut all = vec![0u64; n];
-    {
-        use mpi::collective::CommunicatorCollectives as _;
-        comm.bootstrap().world().all_gather_into(&(checks as u64), &mut all[..]);
-    }
-    if all.iter().any(|&c| c != checks as u64) {
-        return Err(format!("ranks ran different numbers of checks: {all:?} (rank {rank})"));
+    let all =
+        tpcomm::testing::all_gather_bytes(&mpi::topology::SimpleCommunicator::world(), &(checks as u64).to_le_bytes())
+            .map_err(|e| e.to_string())?;
+    if all.iter().any(|c| c[..] != (checks as u64).to_le_bytes()) {
+        return Err(format!("ranks ran different numbers of checks: {all:?}"));
     }
     Ok(format!("{checks} embeddings gave the reference bits"))
 }
 
-fn deterministic_for<T: Element>(comm: &Communicator) -> Result<usize, String> {
+fn deterministic_for<T: Element>(comm: &Communicator, device: bool) -> Result<usize, String> {
     const WINDOW: usize = 777;
     const PROBE_SEED: u64 = 0xde7e;
     let (rank, n) = (comm.rank(), comm.size());
-    let rank_to_node = comm.bootstrap().rank_to_node.clone();
+    let rank_to_node = comm.layout().rank_to_node.clone();
     // The probe's expected bits, from the reference of the plan in force (flat on one node).
     let want_probe: Vec<T> = expected_hierarchical_sum(PROBE_SEED, &rank_to_node, WINDOW);
     let probe_of = |r: usize| rank_input::<T>(PROBE_SEED, r, WINDOW);
@@ -479,29 +651,37 @@ fn deterministic_for<T: Element>(comm: &Communicator) -> Result<usize, String> {
     let mut checks = 0;
     let cases =
         [(777, 0), (778, 1), (1000, 223), (1024, 7), (2048 + 3, 1024), (5000, 4095), (20000, 9999), (70001, 69224)];
+    let host_algos = [(None, false), (None, true), (Some(Algo::HostOneShot), false), (Some(Algo::HostTwoShot), true)];
+    let device_algos = [(None, false), (None, true), (Some(Algo::Chunked), false), (Some(Algo::Chunked), true)];
     for (len, offset) in cases {
         let all: Vec<Vec<T>> = (0..n).map(|r| message(r, len, offset)).collect();
         let views: Vec<&[T]> = all.iter().map(|b| &b[..]).collect();
-        let want_all = tpcomm::hierarchy::hierarchical_reference(&views, &rank_to_node);
-        for (algo, in_place) in
-            [(None, false), (None, true), (Some(Algo::HostOneShot), false), (Some(Algo::HostTwoShot), true)]
-        {
+        let want_all = tpcomm::verify::hierarchical_reference(&views, &rank_to_node);
+        for (algo, in_place) in if device { device_algos } else { host_algos } {
             let input = all[rank].clone();
-            let mut out = vec![poison::<T>(); len];
-            let what = format!("{} len {len} offset {offset} {algo:?} in_place {in_place}", T::DTYPE);
-            let r = match (algo, in_place) {
-                (None, false) => comm.all_reduce_host(&input, &mut out),
-                (None, true) => {
+            let what = format!("{} len {len} offset {offset} {algo:?} in_place {in_place} device {device}", T::DTYPE);
+            let opts = CallOptions { algo, registered_only: false };
+            let out = if device {
+                let mut out = Aligned::from(&vec![poison::<T>(); len]);
+                let r = if in_place {
+                    out.as_mut().copy_from_slice(&input);
+                    mock_call(comm, &opts, None, &mut out)
+                } else {
+                    mock_call(comm, &opts, Some(&input), &mut out)
+                };
+                r.map_err(|e| format!("{what}: {e}"))?;
+                out.as_mut().to_vec()
+            } else {
+                let mut out = vec![poison::<T>(); len];
+                let r = if in_place {
                     out.copy_from_slice(&input);
-                    comm.all_reduce_host_in_place(&mut out)
-                }
-                (Some(a), false) => comm.all_reduce_host_using(a, Some(&input), &mut out),
-                (Some(a), true) => {
-                    out.copy_from_slice(&input);
-                    comm.all_reduce_host_using(a, None, &mut out)
-                }
+                    comm.all_reduce_host_with(&opts, None, &mut out)
+                } else {
+                    comm.all_reduce_host_with(&opts, Some(&input), &mut out)
+                };
+                r.map_err(|e| format!("{what}: {e}"))?;
+                out
             };
-            r.map_err(|e| format!("{what}: {e}"))?;
             let wrong = count_wrong(&out[offset..offset + WINDOW], &want_probe);
             if wrong > 0 {
                 return Err(format!("{what}: {wrong} of {WINDOW} probe elements differ from the reference"));
@@ -519,7 +699,7 @@ fn deterministic_for<T: Element>(comm: &Communicator) -> Result<usize, String> {
 /// The ranks of each (pretend) node agree on the length, but the nodes do not: the cross-node
 /// step must report it on every rank.
 fn nodes_disagree_on_length(comm: &Communicator) -> Result<String, String> {
-    let len = 100 + 100 * comm.bootstrap().node_index();
+    let len = 100 + 100 * comm.layout().node_index();
     let input: Vec<f32> = rank_input(4, comm.rank(), len);
     let mut out = vec![0.0f32; len];
     match comm.all_reduce_host(&input, &mut out) {
@@ -533,8 +713,9 @@ fn mismatched_lengths(comm: &Communicator) -> Result<String, String> {
     let input: Vec<f32> = rank_input(1, comm.rank(), len);
     let mut out = vec![0.0f32; len];
     match comm.all_reduce_host(&input, &mut out) {
-        Err(Error::Mismatch { detail, .. }) if detail.contains("1000") && detail.contains("999") => {}
-        other => return Err(format!("expected a Mismatch naming both lengths, got {other:?}")),
+        Err(Error::Mismatch { detail, .. })
+            if detail.contains("1000") && detail.contains("999") && detail.contains("float") => {}
+        other => return Err(format!("expected a Mismatch naming both lengths and the dtype by name, got {other:?}")),
     }
     match comm.all_reduce_host(&input, &mut out) {
         Err(Error::Poisoned { .. }) => Ok("mismatch reported, then poisoned".into()),
@@ -542,33 +723,270 @@ fn mismatched_lengths(comm: &Communicator) -> Result<String, String> {
     }
 }
 
+/// Every call of this rank from now on must be an error, never data.
+fn every_later_call_fails(comm: &Communicator, device: bool, what: &str) -> Result<(), String> {
+    for k in 0..3 {
+        let input: Vec<f32> = rank_input(77 + k, comm.rank(), 512);
+        let r = if device {
+            let mut out = Aligned::from(&vec![poison::<f32>(); 512]);
+            mock_call(comm, &CallOptions::default(), Some(&input), &mut out)
+        } else {
+            let mut out = vec![poison::<f32>(); 512];
+            comm.all_reduce_host(&input, &mut out)
+        };
+        if r.is_ok() {
+            return Err(format!("{what}: call {k} after the fault returned Ok"));
+        }
+    }
+    Ok(())
+}
+
 fn rank_skips_call(comm: &Communicator) -> Result<String, String> {
     let skipper = comm.size() - 1;
+    let timeout = comm.config().timeout;
     let input: Vec<f32> = rank_input(2, comm.rank(), 4096);
     let mut out = vec![0.0f32; 4096];
     // One good call first, so the skipped one is not the first.
     comm.all_reduce_host(&input, &mut out).map_err(|e| format!("first call: {e}"))?;
     if comm.rank() == skipper {
-        return Ok("skipped the second call".into());
+        // Wait until the others gave up on the skipped call, then go on as if nothing happened:
+        // this call must not pair with what they abandoned.
+        std::thread::sleep(timeout * 2);
+        every_later_call_fails(comm, false, "the skipping rank")?;
+        return Ok("skipped the second call; every later call was an error".into());
     }
     let start = Instant::now();
-    match comm.all_reduce_host(&input, &mut out) {
-        Err(Error::PeerTimeout { peer: Some(p), .. }) if p == skipper => {
-            Ok(format!("timed out naming rank {p} after {:.2} s", start.elapsed().as_secs_f64()))
-        }
+    let got = comm.all_reduce_host(&input, &mut out);
+    let took = start.elapsed();
+    let named = |cause: &str| cause.contains(&format!("rank {skipper}"));
+    let fine = match &got {
+        Err(Error::PeerTimeout { peer: Some(p), .. }) if comm.layout().nodes == 1 => *p == skipper,
+        // Another rank timed out first and failed the group; its cause names the skipper.
+        Err(Error::Poisoned { cause }) => named(cause) || comm.layout().nodes > 1,
         // A rank on another pretend node waits in the cross-node leg or on a node peer that
-        // itself timed out; it must still end in a timeout, not hang.
-        Err(Error::PeerTimeout { .. }) if comm.bootstrap().nodes > 1 => Ok("timed out".into()),
-        other => Err(format!("expected PeerTimeout naming rank {skipper}, got {other:?}")),
+        // itself timed out; it must still end in an error, not hang.
+        Err(Error::PeerTimeout { .. }) => comm.layout().nodes > 1,
+        _ => false,
+    };
+    if !fine || took > timeout * 3 {
+        return Err(format!(
+            "expected PeerTimeout naming rank {skipper} within the timeout, got {got:?} after {took:?}"
+        ));
     }
+    every_later_call_fails(comm, false, "a waiting rank")?;
+    Ok(format!("{got:?} after {:.2} s; every later call an error", took.as_secs_f64()))
 }
 
+/// Rank 0 passes an output one element longer: it gets InvalidArgument, fails the group at
+/// once, and the peers stop waiting without waiting out the (long) timeout; every later call on
+/// every rank is an error.
 fn input_output_lengths_differ(comm: &Communicator) -> Result<String, String> {
     let input: Vec<f32> = rank_input(3, comm.rank(), 64);
     let mut out = vec![0.0f32; if comm.rank() == 0 { 65 } else { 64 }];
-    match (comm.rank(), comm.all_reduce_host(&input, &mut out)) {
-        (0, Err(Error::InvalidArgument { detail, .. })) => Ok(format!("refused: {detail}")),
-        (r, Err(Error::PeerTimeout { peer: Some(0), .. })) if r != 0 => Ok("timed out waiting for rank 0".into()),
-        (_, other) => Err(format!("unexpected {other:?}")),
+    let start = Instant::now();
+    let r = comm.all_reduce_host(&input, &mut out);
+    let took = start.elapsed();
+    let fine = match (comm.rank(), &r) {
+        (0, Err(Error::InvalidArgument { .. })) => true,
+        (_, Err(Error::Poisoned { cause })) => cause.contains("rank 0") && took < comm.config().timeout / 4,
+        _ => false,
+    };
+    if !fine {
+        return Err(format!("unexpected {r:?} after {took:?}"));
     }
+    let mut ok_out = vec![0.0f32; 64];
+    if comm.all_reduce_host(&input, &mut ok_out).is_ok() {
+        return Err("a correct call after the bad argument returned Ok".into());
+    }
+    Ok(format!("{r:?} after {:.3} s, then poisoned", took.as_secs_f64()))
+}
+
+/// A rank that never arrives at `Communicator::new`: the others get PeerTimeout within the
+/// timeout (set-up waits are bounded), and the late rank, arriving after they gave up, gets an
+/// error too instead of blocking.
+fn setup_rank_never_arrives(world: &World, config: Config) -> Result<String, String> {
+    let late = world.size() as usize - 1;
+    let timeout = config.timeout;
+    if world.rank() as usize == late {
+        std::thread::sleep(timeout * 3);
+        return match Communicator::new(world, config) {
+            Err(e @ (Error::PeerTimeout { .. } | Error::Mismatch { .. })) => Ok(format!("late arrival refused: {e}")),
+            Err(e) => Err(format!("late arrival: unexpected {e}")),
+            Ok(_) => Err("late arrival got a communicator".into()),
+        };
+    }
+    let start = Instant::now();
+    let r = Communicator::new(world, config);
+    let took = start.elapsed();
+    match r {
+        Err(Error::PeerTimeout { .. }) if took < timeout * 3 => Ok(format!("PeerTimeout after {took:?}")),
+        Err(e) => Err(format!("expected PeerTimeout within the timeout, got {e} after {took:?}")),
+        Ok(_) => Err("a communicator was built without every rank".into()),
+    }
+}
+
+/// One rank aborts while the others wait for it; every waiting call ends at once with Poisoned
+/// naming the abort, every later call is an error, and the group rebuilt from a fresh MPI
+/// communicator gives exact results.
+fn abort_and_rebuild(world: &World, config: Config) -> Result<String, String> {
+    let timeout = config.timeout;
+    for mock in [false, true] {
+        let comm = build(world, config.clone(), mock).map_err(|e| format!("new: {e}"))?;
+        if mock {
+            comm.init_device().map_err(|e| format!("init_device: {e}"))?;
+        }
+        let input: Vec<f32> = rank_input(5, comm.rank(), 2048);
+        let call = |c: &Communicator| -> tpcomm::Result<Vec<f32>> {
+            if mock {
+                let mut out = Aligned::from(&vec![poison::<f32>(); 2048]);
+                mock_call(c, &CallOptions::default(), Some(&input), &mut out).map(|()| out.as_mut().to_vec())
+            } else {
+                let mut out = vec![poison::<f32>(); 2048];
+                c.all_reduce_host(&input, &mut out).map(|()| out)
+            }
+        };
+        call(&comm).map_err(|e| format!("first call: {e}"))?;
+        if comm.rank() == 0 {
+            // The others are already waiting (host) or will find the fault at their call.
+            std::thread::sleep(Duration::from_millis(200));
+            comm.abort_handle().abort();
+        } else {
+            let start = Instant::now();
+            match call(&comm) {
+                Err(Error::Poisoned { cause }) if cause.contains("abort") && start.elapsed() < timeout / 2 => {}
+                other => {
+                    return Err(format!(
+                        "mock {mock}: a call pending on an aborted group gave {other:?} after {:?}",
+                        start.elapsed()
+                    ))
+                }
+            }
+        }
+        every_later_call_fails(&comm, mock, "after abort")?;
+        drop(comm);
+        // The recipe: a fresh MPI communicator, a new tpcomm communicator over it.
+        let fresh = world.duplicate();
+        let comm = build(&fresh, config.clone(), mock).map_err(|e| format!("rebuild: {e}"))?;
+        if mock {
+            comm.init_device().map_err(|e| format!("rebuild init_device: {e}"))?;
+        }
+        let got = call(&comm).map_err(|e| format!("after rebuild: {e}"))?;
+        let want: Vec<f32> = expected_hierarchical_sum(5, &comm.layout().rank_to_node, 2048);
+        if count_wrong(&got, &want) > 0 {
+            return Err(format!("mock {mock}: the rebuilt group gave wrong bits"));
+        }
+    }
+    Ok("abort stopped every pending call; rebuilt groups exact (host and device layer)".into())
+}
+
+/// The randomized fault suite: rounds of random calls (host memory, or device memory through
+/// the CPU stand-in; random sizes and forced algorithms), each with one fault at a random call
+/// on a random rank: a skipped call, a bad argument, a different call, a late arrival, or an
+/// abort. Every call before the fault must be exact; at and after it every call of every rank
+/// must be an error, never data; then the group is rebuilt from a fresh MPI communicator and
+/// must be exact again. The seed is the same on every rank, so every rank knows the script.
+fn fault_suite(world: &World, config: Config) -> Result<String, String> {
+    let n = world.size() as usize;
+    let timeout = config.timeout;
+    let mut rng = SplitMix64::new(0xfa17, n as u64);
+    let kinds = ["skip", "bad argument", "different length", "late", "abort"];
+    let mut report = Vec::new();
+    // Every kind of fault on host and on device memory; the victim and the call are random.
+    for round in 0..2 * kinds.len() as u64 {
+        let device = round % 2 == 1;
+        let kind = kinds[round as usize / 2];
+        let victim = rng.below(n as u64) as usize;
+        let at = 1 + rng.below(3) as usize;
+        let tag = format!("round {round} ({kind} by rank {victim} at call {at}, device {device})");
+        let fresh = world.duplicate();
+        let comm = build(&fresh, config.clone(), device).map_err(|e| format!("{tag}: new: {e}"))?;
+        if device {
+            comm.init_device().map_err(|e| format!("{tag}: init_device: {e}"))?;
+        }
+        let me = comm.rank();
+        let nodes = comm.layout().rank_to_node.clone();
+        let call = |seed: u64, len: usize, forced: Option<Algo>| -> tpcomm::Result<Vec<f32>> {
+            let input: Vec<f32> = rank_input(seed, me, len);
+            if device {
+                let mut out = Aligned::from(&vec![poison::<f32>(); len]);
+                mock_call(&comm, &CallOptions::default(), Some(&input), &mut out).map(|()| out.as_mut().to_vec())
+            } else {
+                let mut out = vec![poison::<f32>(); len];
+                comm.all_reduce_host_with(&CallOptions { algo: forced, registered_only: false }, Some(&input), &mut out)
+                    .map(|()| out)
+            }
+        };
+        for k in 0..=at {
+            let len = 1 + rng.below(20_000) as usize;
+            let seed = rng.next_u64();
+            let forced = [None, Some(Algo::HostOneShot), Some(Algo::HostTwoShot)][rng.below(3) as usize];
+            if k < at {
+                let got = match call(seed, len, forced) {
+                    // An abort stops every call in flight: a peer may still be finishing the call
+                    // before it when the victim, done with it, aborts.
+                    Err(Error::Poisoned { cause }) if kind == "abort" && k + 1 == at && cause.contains("abort") => {
+                        break
+                    }
+                    other => other.map_err(|e| format!("{tag}: call {k} before the fault: {e}"))?,
+                };
+                if count_wrong(&got, &expected_hierarchical_sum(seed, &nodes, len)) > 0 {
+                    return Err(format!("{tag}: call {k} before the fault: wrong data"));
+                }
+                continue;
+            }
+            let result = match (me == victim, kind) {
+                (false, _) => call(seed, len, forced).map(|_| ()),
+                (true, "skip") => {
+                    std::thread::sleep(timeout * 2);
+                    continue;
+                }
+                (true, "abort") => {
+                    comm.abort();
+                    continue;
+                }
+                (true, "late") => {
+                    std::thread::sleep(timeout * 2);
+                    call(seed, len, forced).map(|_| ())
+                }
+                (true, "different length") => call(seed, len + 1, forced).map(|_| ()),
+                (true, _) if device => {
+                    // A misaligned input on this rank only: its plan differs from the peers'.
+                    let input: Vec<f32> = rank_input(seed, me, len + 1);
+                    let mut inp = Aligned::from(&input);
+                    let mut out = Aligned::from(&vec![poison::<f32>(); len]);
+                    // SAFETY: `inp` holds len + 1 elements, so len of them from element 1.
+                    unsafe { mock_all_reduce(&comm, &CallOptions::default(), inp.ptr().add(1), out.ptr(), len) }
+                }
+                (true, _) => {
+                    let input: Vec<f32> = rank_input(seed, me, len);
+                    comm.all_reduce_host(&input, &mut vec![0.0f32; len + 1])
+                }
+            };
+            if result.is_ok() {
+                return Err(format!("{tag}: the call at the fault returned Ok on rank {me}"));
+            }
+        }
+        every_later_call_fails(&comm, device, &tag)?;
+        drop(comm);
+        // Rebuilt from a fresh MPI communicator: exact again.
+        let fresh = world.duplicate();
+        let comm = build(&fresh, config.clone(), device).map_err(|e| format!("{tag}: rebuild: {e}"))?;
+        if device {
+            comm.init_device().map_err(|e| format!("{tag}: rebuild init_device: {e}"))?;
+        }
+        let input: Vec<f32> = rank_input(round, me, 3000);
+        let got = if device {
+            let mut out = Aligned::from(&vec![poison::<f32>(); 3000]);
+            mock_call(&comm, &CallOptions::default(), Some(&input), &mut out).map(|()| out.as_mut().to_vec())
+        } else {
+            let mut out = vec![poison::<f32>(); 3000];
+            comm.all_reduce_host(&input, &mut out).map(|()| out)
+        }
+        .map_err(|e| format!("{tag}: after rebuild: {e}"))?;
+        if count_wrong(&got, &expected_hierarchical_sum::<f32>(round, &nodes, 3000)) > 0 {
+            return Err(format!("{tag}: the rebuilt group gave wrong bits"));
+        }
+        report.push(format!("{kind}@{at}/r{victim}{}", if device { "/dev" } else { "" }));
+    }
+    Ok(format!("faults {}: every call at and after a fault an error, every rebuilt group exact", report.join(" ")))
 }

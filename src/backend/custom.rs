@@ -5,138 +5,130 @@
 //! | seed | here |
 //! |---|---|
 //! | `init_custom_ar(ipc_tensors, rank_data, rank, full_nvlink)` | [`CustomAllreduce::new`] (allocates and exchanges its IPC buffers itself) |
-//! | `all_reduce(fa, inp, out, reg_buffer, reg_buffer_sz_bytes)` | [`CustomAllreduce::all_reduce`] (staged when [`Mode::Staged`]) |
+//! | `all_reduce(fa, inp, out, reg_buffer, reg_buffer_sz_bytes)` | `enqueue` (staged through the staging buffer unless the input is registered or captured in place) |
 //! | `dispose(fa)` | `Drop` |
 //! | `meta_size()` | [`meta_size`] |
-//! | `register_buffer(fa, fake_ipc_ptrs)` | [`CustomAllreduce::register_buffer`] |
-//! | `get_graph_buffer_ipc_meta(fa)` | [`CustomAllreduce::graph_buffer_ipc_meta`] |
-//! | `register_graph_buffers(fa, handles, offsets)` | [`CustomAllreduce::register_graph_buffers`] |
+//! | `register_buffer(fa, fake_ipc_ptrs)` | `register_buffer` |
+//! | `get_graph_buffer_ipc_meta(fa)` + `register_graph_buffers(fa, handles, offsets)` | `graph_begin` / `graph_end` |
 //!
 //! ## Memory every rank shares (CUDA IPC, from `cuMemAlloc`)
-//! - **signal** ([`meta_size`] bytes): barrier mailboxes and counters, zeroed and MPI-barriered
+//! - **signal** ([`meta_size`] bytes): barrier mailboxes and counters, zeroed and barriered
 //!   before the first kernel.
 //! - **scratch** (`max_bytes`): two-shot's reduced shards; element `k` always lives at byte
 //!   `k * size_of::<T>()`, whatever the message size or grid.
 //! - **staging** (`max_bytes`): unregistered inputs are copied here first.
 //!
-//! ## The rank-data table (device memory, local)
-//! Row `i` holds one buffer's address in every rank's address space. Row 0 is the staging
-//! buffers; registered buffers get a row per offset used; calls captured into a CUDA graph get a
-//! reserved row each, filled after capture by [`CustomAllreduce::register_graph_buffers`]. A
-//! kernel receives a pointer to its row, so a captured launch has fixed arguments and the row
-//! can be filled after capture.
+//! ## The rank-data table (device memory, local; see `rank_data.rs`)
+//! Row 0 is the staging buffers; each registered buffer has a row, and calls at any offset into
+//! it pass the offset beside the row; each graph registration has a range of rows, one per
+//! distinct address its captured calls read, written in one copy when the registration ends.
+//! Every kernel checks that its row holds its own input at its own rank, so a call captured
+//! outside a registration, or replayed after its rows were freed, fails instead of reading
+//! whatever a stale row names.
 //!
 //! Preconditions (as for every collective): all ranks make the same calls in the same order with
 //! the same length, dtype and algorithm, and calls on one instance are serialised.
 
-use crate::bootstrap::agree;
-use crate::cuda::ipc::{self, IpcBuffer, IpcHandle, PeerMappings, IPC_HANDLE_BYTES};
-use crate::cuda::module_cache::ModuleCache;
-use crate::cuda::{cuda, kernels, protocol, HostWord};
+use super::peer_group::{export_all, share};
+use super::rank_data::{RowArena, ROWS};
+use super::{Call, DeviceBackend, RegId};
+use crate::algo::Algo;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
-use mpi::collective::CommunicatorCollectives;
+use crate::exchange::{agree, all_gather_bytes, barrier};
+use crate::runtime::ipc::{self, IpcBuffer, IpcHandle, PeerMappings};
+use crate::runtime::module_cache::ModuleCache;
+use crate::runtime::{cuda, kernels, protocol, HostWord};
+use cudarc::driver::{CudaContext, CudaFunction, LaunchConfig, PushKernelArg};
+use mpi::topology::SimpleCommunicator;
+use mpi::traits::*;
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 /// Bytes of one rank's signal area (the seed's `meta_size()`).
-pub fn meta_size() -> usize {
+pub(crate) fn meta_size() -> usize {
     protocol::SIGNAL_BYTES
 }
 
-/// Rows of the rank-data table (registered buffers, their offsets and captured calls).
-pub const RANK_DATA_ROWS: usize = 8192;
-
 /// Default block limit per launch (the seed's 36 on H100), before the shared-device cap.
-pub const DEFAULT_MAX_BLOCKS: usize = 36;
+pub(crate) const DEFAULT_MAX_BLOCKS: usize = 36;
 
 /// The kernels' algorithms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Kernel {
+enum Kernel {
     /// Every rank reads all inputs.
     OneShot,
     /// Reduce-scatter, then all-gather.
     TwoShot,
 }
 
-/// How the kernel finds the peers' inputs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// The input lies in a buffer registered with [`CustomAllreduce::register_buffer`].
-    Registered,
-    /// The input is first copied into this rank's IPC staging buffer.
-    Staged,
+impl Kernel {
+    fn of(algo: Algo) -> Result<Self> {
+        match algo {
+            Algo::OneShot => Ok(Kernel::OneShot),
+            Algo::TwoShot => Ok(Kernel::TwoShot),
+            other => Err(Error::Internal(format!("the custom backend was asked to run {other}"))),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kernel::OneShot => "oneshot",
+            Kernel::TwoShot => "twoshot",
+        }
+    }
+}
+
+/// Where the kernels write the group's fault word: its device address and the value that
+/// raises it for this rank.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FaultTarget {
+    pub word: u64,
+    pub raise: u64,
 }
 
 /// Settings of a [`CustomAllreduce`].
 #[derive(Debug, Clone)]
-pub struct CustomOptions {
+pub(crate) struct CustomOptions {
     /// Size of the staging and scratch buffers: the largest staged or two-shot message.
     pub max_bytes: usize,
-    /// Spin limit of every barrier.
+    /// Spin limit of every barrier, and of every set-up exchange.
     pub timeout: Duration,
     /// Ranks whose kernels share this rank's GPU (1 = own GPU); caps the grid so all of their
     /// blocks fit on the device at once.
     pub ranks_per_device: usize,
     /// Kernel cache directory (`None`: compile every time).
     pub cache_dir: Option<PathBuf>,
+    pub fault: FaultTarget,
 }
 
-/// What one rank says about the buffers its captured calls read: the seed's
-/// `get_graph_buffer_ipc_meta` result.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct GraphMeta {
-    /// IPC handle of each buffer's allocation.
-    pub handles: Vec<IpcHandle>,
-    /// Offset of each buffer inside its allocation.
-    pub offsets: Vec<u64>,
-}
-
-impl GraphMeta {
-    /// Serialise for an MPI exchange.
-    pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(8 + self.handles.len() * (IPC_HANDLE_BYTES + 8));
-        out.extend_from_slice(&(self.handles.len() as u64).to_le_bytes());
-        for (h, o) in self.handles.iter().zip(&self.offsets) {
-            out.extend_from_slice(&h.0);
-            out.extend_from_slice(&o.to_le_bytes());
-        }
-        out
-    }
-
-    /// Parse [`GraphMeta::to_bytes`].
-    ///
-    /// # Errors
-    /// [`Error::Internal`] on a malformed blob.
-    pub fn from_bytes(b: &[u8]) -> Result<Self> {
-        let bad = || Error::Internal(format!("malformed graph metadata of {} bytes", b.len()));
-        let n = u64::from_le_bytes(b.get(..8).ok_or_else(bad)?.try_into().map_err(|_| bad())?) as usize;
-        if b.len() != 8 + n * (IPC_HANDLE_BYTES + 8) {
-            return Err(bad());
-        }
-        let mut meta = GraphMeta::default();
-        for rec in b[8..].chunks_exact(IPC_HANDLE_BYTES + 8) {
-            meta.handles.push(IpcHandle(rec[..IPC_HANDLE_BYTES].try_into().map_err(|_| bad())?));
-            meta.offsets.push(u64::from_le_bytes(rec[IPC_HANDLE_BYTES..].try_into().map_err(|_| bad())?));
-        }
-        Ok(meta)
-    }
-}
-
-/// A registered buffer: its local range and its base in every rank, plus the rows made for
-/// the offsets used so far.
+/// A registered buffer: its local range, its row, and the peers' handles opened for it.
 struct Registered {
+    id: u64,
     base: u64,
     bytes: usize,
-    bases: [u64; protocol::MAX_RANKS],
-    rows: HashMap<u64, usize>,
+    row: u32,
+    handles: Vec<IpcHandle>,
+}
+
+/// The state of a capture under way: its reserved rows and, per distinct address read, the row
+/// given and the address's export.
+struct Capture {
+    reg: RegId,
+    rows: Range<u32>,
+    by_addr: HashMap<u64, u32>,
+    /// Per row used (in order): the local address and its export.
+    used: Vec<(u64, (IpcHandle, u64))>,
+    /// Per captured call: its row, relative to `rows.start`.
+    calls: Vec<u32>,
 }
 
 /// One rank's side of the custom allreduce.
-pub struct CustomAllreduce {
+pub(crate) struct CustomAllreduce {
+    comm: crate::exchange::Comm,
     ctx: Arc<CudaContext>,
     rank: usize,
     world: usize,
@@ -148,12 +140,12 @@ pub struct CustomAllreduce {
     scratch_ptrs: [u64; protocol::MAX_RANKS],
     staging: IpcBuffer,
     rank_data: IpcBuffer,
-    rows: usize,
+    rows: RowArena,
     registered: Vec<Registered>,
-    /// Calls captured since the last [`CustomAllreduce::register_graph_buffers`]: the local
-    /// address the kernel reads and the reserved row.
-    graph_pending: Vec<(u64, usize)>,
+    graphs: HashMap<RegId, Range<u32>>,
+    capture: Option<Capture>,
     err: HostWord,
+    fault: FaultTarget,
     kernels_from_disk: bool,
     // Dropped last-but-one: peers' mappings close before our own buffers are freed.
     peers: PeerMappings,
@@ -161,44 +153,38 @@ pub struct CustomAllreduce {
     _scratch: IpcBuffer,
 }
 
-fn kernel_name(kernel: Kernel, dtype: DType) -> Option<&'static str> {
-    Some(match (kernel, dtype) {
-        (Kernel::OneShot, DType::F32) => "oneshot_f32",
-        (Kernel::OneShot, DType::F16) => "oneshot_f16",
-        (Kernel::OneShot, DType::BF16) => "oneshot_bf16",
-        (Kernel::TwoShot, DType::F32) => "twoshot_f32",
-        (Kernel::TwoShot, DType::F16) => "twoshot_f16",
-        (Kernel::TwoShot, DType::BF16) => "twoshot_bf16",
-        (_, DType::F64) => return None,
-    })
+/// The fallible part of [`CustomAllreduce::new`] before any exchange.
+struct Prepared {
+    funcs: HashMap<(Kernel, DType), CudaFunction>,
+    max_blocks: usize,
+    signal: IpcBuffer,
+    scratch: IpcBuffer,
+    staging: IpcBuffer,
+    rank_data: IpcBuffer,
+    from_disk: bool,
 }
 
 /// Blocks for `work_vecs` vectors of work per rank, within `max_blocks`.
-pub fn grid_blocks(work_vecs: usize, max_blocks: usize) -> usize {
+pub(crate) fn grid_blocks(work_vecs: usize, max_blocks: usize) -> usize {
     work_vecs.div_ceil(protocol::THREADS).clamp(1, max_blocks.max(1))
 }
 
-/// Rank `r`'s two-shot shard of `nvec` vectors, as the kernel cuts it.
-pub fn shard(nvec: usize, world: usize, r: usize) -> std::ops::Range<usize> {
-    let (base, rem) = (nvec / world, nvec % world);
-    let start = r * base + r.min(rem);
-    start..start + base + usize::from(r < rem)
-}
-
 impl CustomAllreduce {
-    /// Allocate this rank's signal, scratch and staging buffers, exchange their IPC handles with
-    /// the other ranks of `comm` (all on this node), compile or load the kernels, and wait until
-    /// every rank has zeroed its signal area.
+    /// Allocate this rank's signal, scratch, staging and rank-data buffers, exchange their IPC
+    /// handles with the other ranks of `comm` (all on this node), compile or load the kernels,
+    /// and wait (bounded) until every rank has zeroed its signal area.
     ///
     /// # Collective
-    /// Every rank of `comm`, with the same options; `comm` must span at most
+    /// Every rank of `comm`, with the same options; `comm` spans at most
     /// [`protocol::MAX_RANKS`] ranks.
     ///
     /// # Errors
-    /// [`Error::Unsupported`] for too many ranks, or when the shared device cannot hold every
-    /// rank's blocks at once; [`Error::Cuda`] / [`Error::Compile`] from allocation, IPC or
-    /// compilation. An error on one rank makes every rank return an error.
-    pub fn new<C: mpi::traits::Communicator>(comm: &C, ctx: &Arc<CudaContext>, opts: &CustomOptions) -> Result<Self> {
+    /// [`Error::Unsupported`] for too many ranks, a GPU older than sm_80, or a shared device
+    /// that cannot hold every rank's blocks at once; [`Error::Cuda`] / [`Error::Compile`] from
+    /// allocation, IPC or compilation. An error on one rank makes every rank return an error.
+    pub(crate) fn new(comm: &SimpleCommunicator, ctx: &Arc<CudaContext>, opts: &CustomOptions) -> Result<Self> {
+        const STEP: &str = "custom allreduce set-up";
+        let comm = crate::exchange::Comm::new(comm.duplicate());
         let world = comm.size() as usize;
         let rank = comm.rank() as usize;
         if world > protocol::MAX_RANKS {
@@ -207,86 +193,48 @@ impl CustomAllreduce {
                 reason: format!("it spans at most {} ranks", protocol::MAX_RANKS),
             });
         }
-        // Every step that can fail on one rank is followed by an agreement, so no rank is left
-        // waiting in an exchange the others skipped.
-        let (funcs, max_blocks, signal, scratch, staging, kernels_from_disk) =
-            agree(comm, Self::prepare(ctx, world, opts), "custom allreduce set-up")?;
-
-        let mine = (|| -> Result<Vec<u8>> {
-            let mut blob = Vec::with_capacity(3 * IPC_HANDLE_BYTES);
-            for b in [&signal, &scratch, &staging] {
-                blob.extend_from_slice(&b.handle()?.0);
-            }
-            Ok(blob)
-        })();
-        let mine = agree(comm, mine, "exporting IPC handles")?;
-        let all = crate::bootstrap::all_gather_bytes(comm, &mine);
-
+        let p = agree(&*comm, Self::prepare(ctx, world, opts), opts.timeout, STEP)?;
+        let local = [p.signal.ptr(), p.scratch.ptr(), p.staging.ptr()];
         let mut peers = PeerMappings::new(ctx);
-        let mut sigs = [0u64; protocol::MAX_RANKS];
-        let mut scratch_ptrs = [0u64; protocol::MAX_RANKS];
-        let mut staging_ptrs = [0u64; protocol::MAX_RANKS];
-        let opened = (|| -> Result<()> {
-            for (r, blob) in all.iter().enumerate() {
-                if r == rank {
-                    sigs[r] = signal.ptr();
-                    scratch_ptrs[r] = scratch.ptr();
-                    staging_ptrs[r] = staging.ptr();
-                    continue;
-                }
-                let h =
-                    |i: usize| IpcHandle(blob[i * IPC_HANDLE_BYTES..(i + 1) * IPC_HANDLE_BYTES].try_into().unwrap());
-                sigs[r] = peers.open(&h(0))?;
-                scratch_ptrs[r] = peers.open(&h(1))?;
-                staging_ptrs[r] = peers.open(&h(2))?;
-            }
-            Ok(())
-        })();
-        agree(comm, opened, "opening peers' IPC handles")?;
-
-        let rank_data = IpcBuffer::alloc(ctx, RANK_DATA_ROWS * protocol::RANK_DATA_ROW_BYTES);
-        let rank_data = agree(comm, rank_data, "allocating the rank-data table")?;
+        let shared = share(&*comm, opts.timeout, &local, export_all(ctx, &local), &mut peers, STEP)?;
         let this = CustomAllreduce {
             ctx: ctx.clone(),
             rank,
             world,
-            funcs,
-            max_blocks,
+            funcs: p.funcs,
+            max_blocks: p.max_blocks,
             max_bytes: opts.max_bytes,
             timeout: opts.timeout,
-            sigs,
-            scratch_ptrs,
-            staging,
-            rank_data,
-            rows: 1,
+            sigs: shared.addrs[0],
+            scratch_ptrs: shared.addrs[1],
+            staging: p.staging,
+            rank_data: p.rank_data,
+            rows: RowArena::new(1..ROWS),
             registered: Vec::new(),
-            graph_pending: Vec::new(),
+            graphs: HashMap::new(),
+            capture: None,
             err: HostWord::new()?,
-            kernels_from_disk,
+            fault: opts.fault,
+            kernels_from_disk: p.from_disk,
             peers,
-            _signal: signal,
-            _scratch: scratch,
+            _signal: p.signal,
+            _scratch: p.scratch,
+            comm,
         };
-        let written = this.write_row(0, &staging_ptrs);
-        agree(comm, written, "writing the staging row")?;
+        let written = this.write_rows(0, &shared.addrs[2..3]);
+        agree(&*this.comm, written, opts.timeout, STEP)?;
         // Every signal area is zero (prepare() synchronised) before any rank launches a kernel.
-        comm.barrier();
+        barrier(&*this.comm, opts.timeout, STEP)?;
         Ok(this)
     }
 
     fn prepare(ctx: &Arc<CudaContext>, world: usize, opts: &CustomOptions) -> Result<Prepared> {
+        kernels::check_arch(ctx, "the custom allreduce")?;
         let cache = ModuleCache::new(ctx, opts.cache_dir.clone())?;
-        let module =
-            cache.module(kernels::CUSTOM_ALLREDUCE_NAME, kernels::CUSTOM_ALLREDUCE, &protocol::defines(world))?;
-        let mut funcs = HashMap::new();
-        for kernel in [Kernel::OneShot, Kernel::TwoShot] {
-            for dtype in [DType::F32, DType::F16, DType::BF16] {
-                let name = kernel_name(kernel, dtype).expect("listed dtypes have kernels");
-                let f = module.load_function(name).map_err(cuda("cuModuleGetFunction"))?;
-                funcs.insert((kernel, dtype), f);
-            }
-        }
-        let cap = crate::cuda::co_resident_blocks(
+        let family = &kernels::CUSTOM;
+        let module = cache.module(family.name, family.source, &(family.defines)(world))?;
+        let funcs = kernels::load_functions(&module, &[Kernel::OneShot, Kernel::TwoShot], Kernel::name)?;
+        let cap = crate::runtime::co_resident_blocks(
             ctx,
             funcs.values(),
             protocol::THREADS,
@@ -298,208 +246,131 @@ impl CustomAllreduce {
         signal.zero()?;
         let scratch = IpcBuffer::alloc(ctx, opts.max_bytes)?;
         let staging = IpcBuffer::alloc(ctx, opts.max_bytes)?;
-        Ok((funcs, max_blocks, signal, scratch, staging, cache.disk_hits() > 0))
-    }
-
-    /// Rank in the custom allreduce's group.
-    pub fn rank(&self) -> usize {
-        self.rank
-    }
-
-    /// Ranks in the group.
-    pub fn world_size(&self) -> usize {
-        self.world
-    }
-
-    /// Largest staged or two-shot message in bytes.
-    pub fn max_bytes(&self) -> usize {
-        self.max_bytes
+        // Zero rows never name an input, so a kernel handed an unfilled row fails its check.
+        let rank_data = IpcBuffer::alloc(ctx, ROWS as usize * protocol::RANK_DATA_ROW_BYTES)?;
+        rank_data.zero()?;
+        Ok(Prepared { funcs, max_blocks, signal, scratch, staging, rank_data, from_disk: cache.disk_hits() > 0 })
     }
 
     /// Most blocks of one launch (after the shared-device cap).
-    pub fn max_blocks(&self) -> usize {
+    pub(crate) fn max_blocks(&self) -> usize {
         self.max_blocks
     }
 
     /// True when the kernels' CUBIN came from the disk cache rather than NVRTC.
-    pub fn kernels_from_disk_cache(&self) -> bool {
+    pub(crate) fn kernels_from_disk_cache(&self) -> bool {
         self.kernels_from_disk
     }
 
-    /// Rows of the rank-data table in use.
-    pub fn rows_used(&self) -> usize {
-        self.rows
+    /// Write `rows` consecutive rows from `first`, in one synchronous copy.
+    fn write_rows(&self, first: u32, rows: &[[u64; protocol::MAX_RANKS]]) -> Result<()> {
+        let bytes: Vec<u8> = rows.iter().flat_map(|r| r.iter().flat_map(|p| p.to_le_bytes())).collect();
+        self.rank_data.write_at(first as usize * protocol::RANK_DATA_ROW_BYTES, &bytes)
     }
 
-    fn write_row(&self, row: usize, ptrs: &[u64; protocol::MAX_RANKS]) -> Result<()> {
-        let bytes: Vec<u8> = ptrs.iter().flat_map(|p| p.to_le_bytes()).collect();
-        self.rank_data.write_at(row * protocol::RANK_DATA_ROW_BYTES, &bytes)
-    }
-
-    fn reserve_row(&mut self) -> Result<usize> {
-        if self.rows >= RANK_DATA_ROWS {
-            return Err(Error::Unsupported {
-                what: "another registered buffer offset or captured allreduce".into(),
-                reason: format!("the rank-data table is full ({RANK_DATA_ROWS} rows)"),
-            });
+    /// Free quarantined rows once the device has finished everything it was given (zeroing
+    /// them, so a stale kernel handed one fails its row check).
+    fn recycle_rows(&mut self) -> Result<()> {
+        if !self.rows.has_quarantine() {
+            return Ok(());
         }
-        self.rows += 1;
-        Ok(self.rows - 1)
+        self.ctx.synchronize().map_err(cuda("cuCtxSynchronize(recycling rank-data rows)"))?;
+        self.rows.recycle_with(|r| {
+            self.rank_data
+                .zero_at(r.start as usize * protocol::RANK_DATA_ROW_BYTES, r.len() * protocol::RANK_DATA_ROW_BYTES)
+        })
     }
 
-    /// Register the buffer `[ptr, ptr + bytes)` (allocated with `cuMemAlloc`, e.g. an
-    /// [`IpcBuffer`]) so calls whose input lies in it need no staging copy.
-    ///
-    /// # Collective
-    /// Every rank, each with its own buffer of the same size, in the same order.
-    ///
-    /// # Errors
-    /// [`Error::Cuda`] when the buffer cannot be exported or a peer's cannot be opened (every
-    /// rank then fails), [`Error::Mismatch`] when ranks pass different sizes.
-    pub fn register_buffer<C: mpi::traits::Communicator>(&mut self, comm: &C, ptr: u64, bytes: usize) -> Result<()> {
-        let exported = ipc::export(&self.ctx, ptr).and_then(|(h, off)| {
-            if off != 0 {
-                Err(Error::invalid("register_buffer", "pass the start of an allocation"))
-            } else {
-                Ok(h)
-            }
-        });
-        let mut mine = agree(comm, exported, "register_buffer")?.0.to_vec();
-        mine.extend_from_slice(&(bytes as u64).to_le_bytes());
-        let all = crate::bootstrap::all_gather_bytes(comm, &mine);
-        if let Some((r, _)) = all.iter().enumerate().find(|(_, b)| b[IPC_HANDLE_BYTES..] != mine[IPC_HANDLE_BYTES..]) {
-            return Err(Error::Mismatch {
-                op: "register_buffer",
-                detail: format!("rank {r} registers a buffer of another size than rank {}", self.rank),
-            });
+    fn registered_at(&self, ptr: u64, bytes: usize) -> Option<&Registered> {
+        self.registered.iter().find(|r| ptr >= r.base && ptr + bytes as u64 <= r.base + r.bytes as u64)
+    }
+
+    fn full_table() -> Error {
+        Error::Unsupported {
+            what: "another registered buffer or captured allreduce".into(),
+            reason: format!(
+                "the rank-data table is full ({ROWS} rows): drop graphs (their GraphRegistration) and buffers you no \
+                 longer use"
+            ),
         }
-        let mut bases = [0u64; protocol::MAX_RANKS];
-        let opened = (|| -> Result<()> {
-            for (r, blob) in all.iter().enumerate() {
-                bases[r] = if r == self.rank {
-                    ptr
-                } else {
-                    self.peers.open(&IpcHandle(blob[..IPC_HANDLE_BYTES].try_into().unwrap()))?
-                };
-            }
-            Ok(())
-        })();
-        agree(comm, opened, "register_buffer: opening peers' handles")?;
-        self.registered.push(Registered { base: ptr, bytes, bases, rows: HashMap::new() });
-        Ok(())
     }
 
-    /// The rank-data row for an input at `ptr` of `bytes` inside a registered buffer, made on
-    /// first use of its offset (ranks use the same offsets: the calls are collective).
-    fn registered_row(&mut self, ptr: u64, bytes: usize) -> Result<Option<usize>> {
-        let Some(i) =
-            self.registered.iter().position(|r| ptr >= r.base && ptr + bytes as u64 <= r.base + r.bytes as u64)
-        else {
-            return Ok(None);
+    /// The row of a call captured under the current registration, reading `local`.
+    fn capture_row(&mut self, reg: RegId, local: u64, staged: bool) -> Result<u32> {
+        let ctx = self.ctx.clone();
+        let staging = (self.staging.handle(), self.staging.ptr());
+        let cap = match self.capture.as_mut() {
+            Some(c) if c.reg == reg => c,
+            _ => return Err(Error::Internal(format!("custom: a call captured for registration {reg} outside it"))),
         };
-        let off = ptr - self.registered[i].base;
-        if let Some(&row) = self.registered[i].rows.get(&off) {
-            return Ok(Some(row));
-        }
-        let row = self.reserve_row()?;
-        let mut ptrs = [0u64; protocol::MAX_RANKS];
-        for (r, p) in ptrs.iter_mut().enumerate().take(self.world) {
-            *p = self.registered[i].bases[r] + off;
-        }
-        self.write_row(row, &ptrs)?;
-        self.registered[i].rows.insert(off, row);
-        Ok(Some(row))
+        let row = match cap.by_addr.get(&local) {
+            Some(&row) => row,
+            None => {
+                let row = cap.rows.start + cap.used.len() as u32;
+                if row >= cap.rows.end {
+                    return Err(Self::full_table());
+                }
+                let export = if staged { Ok((staging.0?, local - staging.1)) } else { ipc::export(&ctx, local) }?;
+                cap.by_addr.insert(local, row);
+                cap.used.push((local, export));
+                row
+            }
+        };
+        cap.calls.push(row - cap.rows.start);
+        Ok(row)
     }
+}
 
-    /// True when `ptr` lies in a registered buffer.
-    pub fn is_registered(&self, ptr: u64, bytes: usize) -> bool {
-        self.registered.iter().any(|r| ptr >= r.base && ptr + bytes as u64 <= r.base + r.bytes as u64)
-    }
-
-    /// Sum `len` elements of `dtype` at `input` over all ranks into `output` (may equal
-    /// `input`), with `kernel`, on `stream`.
-    ///
-    /// Outside stream capture the call waits for the kernel and reports a peer that never
-    /// arrived as [`Error::PeerTimeout`]. While `stream` is capturing, the call is recorded:
-    /// the kernel gets a reserved rank-data row, filled later by
-    /// [`CustomAllreduce::register_graph_buffers`]; errors of replays are read by
-    /// [`CustomAllreduce::check_error`].
-    ///
-    /// # Safety
-    /// `input` and `output` must be device memory of this context valid for `len` elements of
-    /// `dtype`, not written by other work while the call (or a replay of its capture) runs.
-    ///
-    /// # Collective
-    /// Every rank, same `len`, `dtype` and `kernel`.
-    ///
-    /// # Errors
-    /// [`Error::InvalidArgument`] for pointers not 16-byte aligned, an unregistered input in
-    /// [`Mode::Registered`], or a staged / two-shot message over `max_bytes`;
-    /// [`Error::Unsupported`] for f64; [`Error::PeerTimeout`]; [`Error::Mismatch`] when a peer
-    /// made another call (length, dtype or algorithm), found by the kernels' call tags;
-    /// [`Error::Cuda`].
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn all_reduce(
-        &mut self,
-        stream: &Arc<CudaStream>,
-        kernel: Kernel,
-        dtype: DType,
-        input: u64,
-        output: u64,
-        len: usize,
-        mode: Mode,
-    ) -> Result<()> {
+impl DeviceBackend for CustomAllreduce {
+    unsafe fn enqueue(&mut self, algo: Algo, call: &Call) -> Result<()> {
         const OP: &str = "custom all_reduce";
-        let name = crate::cuda::check_launch(OP, "custom allreduce", kernel_name(kernel, dtype), dtype, input, output)?;
-        let bytes = len * dtype.size();
-        let needs_staging_room = mode == Mode::Staged || kernel == Kernel::TwoShot;
-        if needs_staging_room && bytes > self.max_bytes {
+        let kernel = Kernel::of(algo)?;
+        let stream = call.stream.cuda()?;
+        let dtype = call.dtype;
+        if !self.funcs.contains_key(&(kernel, dtype)) {
+            return Err(kernels::unsupported_dtype("custom allreduce", dtype));
+        }
+        let bytes = call.bytes();
+        if call.len == 0 {
+            return Ok(());
+        }
+        let registered = self.registered_at(call.input, bytes).map(|r| (r.row, r.base));
+        if call.registered_only && registered.is_none() {
             return Err(Error::invalid(
                 OP,
                 format!(
-                    "{bytes} bytes exceed the {} bytes of the staging/scratch buffers (raise TPCOMM_CUSTOM_MAX_BYTES)",
-                    self.max_bytes
+                    "input {:#x} ({bytes} bytes) is not in a registered buffer; allocate it with alloc_shared or drop \
+                     CallOptions::registered_only",
+                    call.input
                 ),
             ));
         }
-        if len == 0 {
-            return Ok(());
-        }
-        // One-shot in place would overwrite our input while peers still read it: stage it.
-        let stage = mode == Mode::Staged || (kernel == Kernel::OneShot && input == output);
-        if stage && bytes > self.max_bytes {
+        // One-shot in place would overwrite our input while peers still read it: stage it. In a
+        // capture, an input that can be exported is read in place by the replays; memory from a
+        // stream-ordered pool cannot be, and is staged.
+        let in_place_oneshot = kernel == Kernel::OneShot && call.input == call.output;
+        let stage = in_place_oneshot
+            || match call.capture {
+                Some(_) => registered.is_none() && ipc::export(&self.ctx, call.input).is_err(),
+                None => registered.is_none(),
+            };
+        if (stage || kernel == Kernel::TwoShot) && bytes > self.max_bytes {
             return Err(Error::invalid(
                 OP,
-                format!("in-place one-shot stages its input: {bytes} bytes exceed {} bytes", self.max_bytes),
+                format!("{bytes} bytes exceed the {} bytes of the staging/scratch buffers", self.max_bytes),
             ));
         }
-        let capturing = crate::cuda::is_capturing(stream)?;
-        let row = if capturing {
-            let local = if stage { self.staging.ptr() } else { input };
-            let row = self.reserve_row()?;
-            self.graph_pending.push((local, row));
-            row
-        } else if stage {
-            0
-        } else {
-            match self.registered_row(input, bytes)? {
-                Some(row) => row,
-                None => {
-                    return Err(Error::invalid(
-                        OP,
-                        format!(
-                            "input {input:#x} ({bytes} bytes) is not in a registered buffer; allocate it with \
-                             alloc_shared or use the staged mode"
-                        ),
-                    ))
-                }
-            }
+        let (row, in_offset, local_in) = match (call.capture, stage, registered) {
+            (Some(reg), true, _) => (self.capture_row(reg, self.staging.ptr(), true)?, 0, self.staging.ptr()),
+            (Some(reg), false, _) => (self.capture_row(reg, call.input, false)?, 0, call.input),
+            (None, true, _) => (0, 0, self.staging.ptr()),
+            (None, false, Some((row, base))) => (row, call.input - base, call.input),
+            (None, false, None) => return Err(Error::Internal("custom: unstaged call without a row".into())),
         };
         if stage {
-            // SAFETY: both ranges are device memory of `bytes` bytes (caller's contract and
-            // bytes <= staging size checked above).
-            unsafe { cudarc::driver::result::memcpy_dtod_async(self.staging.ptr(), input, bytes, stream.cu_stream()) }
-                .map_err(cuda("cuMemcpyDtoDAsync(staging)"))?;
+            // SAFETY: both ranges are device memory of `bytes` bytes (caller's contract, and
+            // bytes <= staging size checked above); stream-ordered before the kernel.
+            unsafe { call.stream.copy(self.staging.ptr(), call.input, bytes) }?;
         }
         let nvec = bytes / protocol::VEC_BYTES;
         let work = match kernel {
@@ -512,47 +383,39 @@ impl CustomAllreduce {
             block_dim: (protocol::THREADS as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let func = self.funcs.get(&(kernel, dtype)).ok_or_else(|| Error::Internal(format!("{name} not loaded")))?;
-        let rd = self.rank_data.ptr() + (row * protocol::RANK_DATA_ROW_BYTES) as u64;
+        let func =
+            self.funcs.get(&(kernel, dtype)).ok_or_else(|| kernels::unsupported_dtype("custom allreduce", dtype))?;
+        let rd = self.rank_data.ptr() + (row as usize * protocol::RANK_DATA_ROW_BYTES) as u64;
         let rank = self.rank as i32;
-        let count = len as u64;
-        let timeout_ns = crate::cuda::timeout_ns(self.timeout);
+        let count = call.len as u64;
+        let timeout_ns = crate::runtime::timeout_ns(self.timeout);
         let err = self.err.device_ptr();
         let tag = protocol::call_tag(count, dtype.code(), kernel as u32);
         let mut launch = stream.launch_builder(func);
-        launch.arg(&rd).arg(&self.sigs).arg(&self.scratch_ptrs).arg(&output).arg(&rank).arg(&count);
-        launch.arg(&timeout_ns).arg(&err).arg(&tag);
-        // SAFETY: the arguments match `(const Ptrs* rd, Ptrs sigs, Ptrs scratch, char* out, int rank,
-        // u64 count, u64 timeout_ns, u64* err, u32 tag)` in kernels/custom_allreduce.cu; `rd` points to a
-        // row of the rank-data table, `sigs`/`scratch_ptrs` are live IPC mappings, `output` is
-        // valid for `len` elements (caller), `err` is the mapped host word.
+        launch.arg(&rd).arg(&in_offset).arg(&local_in).arg(&self.sigs).arg(&self.scratch_ptrs).arg(&call.output);
+        launch.arg(&rank).arg(&count).arg(&timeout_ns).arg(&err).arg(&tag).arg(&self.fault.word).arg(&self.fault.raise);
+        // SAFETY: the arguments match `(const Ptrs* rd, u64 in_offset, const char* local_in, Ptrs sigs,
+        // Ptrs scratch, char* out, int rank, u64 count, u64 timeout_ns, u64* err, u32 tag, u64* fault_word,
+        // u64 fault_raise)` in kernels/custom_allreduce.cu; `rd` points to a row of the rank-data table
+        // (the kernel checks it names `local_in` before reading any address in it), `sigs` and
+        // `scratch_ptrs` are live IPC mappings, `output` is valid for `len` elements (caller), `err` is
+        // the mapped host word and `fault.word` the mapped fault page.
         unsafe { launch.launch(cfg) }.map_err(cuda("cuLaunchKernel(custom allreduce)"))?;
-        if capturing {
-            return Ok(());
-        }
-        stream.synchronize().map_err(cuda("cuStreamSynchronize(custom allreduce)"))?;
-        self.check_error()
+        Ok(())
     }
 
-    /// Report a barrier failure recorded by any kernel since the last check. Call after
-    /// synchronising with the stream that ran them (for example after replaying a captured
-    /// graph).
-    ///
-    /// # Errors
-    /// [`Error::PeerTimeout`] naming the peer (rank in this group) that did not arrive;
-    /// [`Error::Mismatch`] naming a peer that made another call (length, dtype or algorithm).
-    pub fn check_error(&self) -> Result<()> {
-        let word = self.err.get();
-        match protocol::decode_error(word) {
-            None => Ok(()),
-            Some(t) if t.kind == protocol::BarrierErrorKind::Mismatch => Err(Error::Mismatch {
+    fn poll(&mut self) -> Result<()> {
+        let Some(t) = protocol::decode_error(self.err.get()) else { return Ok(()) };
+        Err(match t.kind {
+            protocol::BarrierErrorKind::Mismatch => Error::Mismatch {
                 op: "custom all_reduce",
                 detail: format!(
-                    "rank {} called with another length, dtype or algorithm than rank {} (seen at barrier {})",
+                    "rank {} (of the node) called with another length, dtype or algorithm than rank {} (seen at \
+                     barrier {})",
                     t.peer, self.rank, t.barrier
                 ),
-            }),
-            Some(t) => Err(Error::PeerTimeout {
+            },
+            protocol::BarrierErrorKind::Timeout => Error::PeerTimeout {
                 op: match t.barrier {
                     protocol::BARRIER_START => "custom allreduce: start barrier",
                     protocol::BARRIER_MID => "custom allreduce: two-shot middle barrier",
@@ -560,111 +423,131 @@ impl CustomAllreduce {
                 },
                 peer: Some(t.peer),
                 waited: self.timeout,
-            }),
-        }
+            },
+            protocol::BarrierErrorKind::PeerFailed => {
+                Error::PeerFailed { step: "custom allreduce (a peer failed while this rank waited)".into() }
+            }
+            protocol::BarrierErrorKind::BadRow => Error::usage(
+                "custom allreduce",
+                "a replayed graph's call has no registered buffers (captured outside a GraphRegistration, or replayed \
+                 after its registration was dropped); the kernel touched no memory",
+            ),
+        })
     }
 
-    /// Forget the calls captured since the last graph registration (their rows stay reserved
-    /// and unused); for a capture that failed.
-    pub fn discard_graph_pending(&mut self) {
-        self.graph_pending.clear();
-    }
-
-    /// Calls captured since the last graph registration.
-    pub fn graph_pending(&self) -> usize {
-        self.graph_pending.len()
-    }
-
-    /// The IPC handle and offset of the buffer each captured call reads on this rank, in
-    /// capture order (the seed's `get_graph_buffer_ipc_meta`).
-    ///
-    /// # Errors
-    /// [`Error::Cuda`] when a buffer cannot be exported (it does not come from `cuMemAlloc`).
-    pub fn graph_buffer_ipc_meta(&self) -> Result<GraphMeta> {
-        let mut meta = GraphMeta::default();
-        for &(ptr, _) in &self.graph_pending {
-            let (h, off) = ipc::export(&self.ctx, ptr)?;
-            meta.handles.push(h);
-            meta.offsets.push(off);
-        }
-        Ok(meta)
-    }
-
-    /// Fill the reserved rows of the captured calls from every rank's [`GraphMeta`]
-    /// (`all[r]` from rank `r`), the seed's `register_graph_buffers`.
-    ///
-    /// # Errors
-    /// [`Error::Mismatch`] when ranks captured different numbers of calls (the rows stay
-    /// unfilled and the graph must not be replayed); [`Error::Cuda`] when a handle cannot be
-    /// opened.
-    pub fn register_graph_buffers(&mut self, all: &[GraphMeta]) -> Result<()> {
-        let n = self.graph_pending.len();
-        if all.len() != self.world {
-            return Err(Error::Internal(format!("{} graph metadata for {} ranks", all.len(), self.world)));
-        }
-        if let Some((r, m)) = all.iter().enumerate().find(|(_, m)| m.handles.len() != n || m.offsets.len() != n) {
+    fn register_buffer(&mut self, id: u64, ptr: u64, bytes: usize) -> Result<()> {
+        const STEP: &str = "registering a shared buffer";
+        let sizes = all_gather_bytes(&*self.comm, &(bytes as u64).to_le_bytes(), self.timeout, STEP)?;
+        if let Some(r) = sizes.iter().position(|s| s[..] != (bytes as u64).to_le_bytes()) {
             return Err(Error::Mismatch {
-                op: "register_graph_buffers",
-                detail: format!(
-                    "rank {r} captured {} allreduce calls but rank {} captured {n}",
-                    m.handles.len(),
-                    self.rank
-                ),
+                op: "alloc_shared",
+                detail: format!("rank {r} of the node registers a buffer of another size than rank {}", self.rank),
             });
         }
-        let pending = std::mem::take(&mut self.graph_pending);
-        for (i, &(local, row)) in pending.iter().enumerate() {
-            let mut ptrs = [0u64; protocol::MAX_RANKS];
-            for (r, meta) in all.iter().enumerate() {
-                ptrs[r] = if r == self.rank { local } else { self.peers.open(&meta.handles[i])? + meta.offsets[i] };
+        let exported = ipc::export(&self.ctx, ptr).and_then(|(h, off)| match off {
+            0 => Ok(vec![(h, 0)]),
+            _ => Err(Error::Internal("a registered buffer must start its allocation".into())),
+        });
+        let shared = share(&*self.comm, self.timeout, &[ptr], exported, &mut self.peers, STEP)?;
+        let row = self.rows.alloc(1).ok_or_else(Self::full_table);
+        let row = agree(&*self.comm, row, self.timeout, STEP)?;
+        let written = self.write_rows(row.start, &shared.addrs);
+        agree(&*self.comm, written, self.timeout, STEP)?;
+        let handles = shared.handles.into_iter().next().unwrap_or_default();
+        self.registered.push(Registered { id, base: ptr, bytes, row: row.start, handles });
+        Ok(())
+    }
+
+    fn release_buffer(&mut self, id: u64) -> Result<()> {
+        if let Some(i) = self.registered.iter().position(|r| r.id == id) {
+            let r = self.registered.swap_remove(i);
+            for h in &r.handles {
+                self.peers.close(h);
             }
-            self.write_row(row, &ptrs)?;
+            self.rows.release(r.row..r.row + 1);
         }
         Ok(())
     }
 
-    /// Gather every rank's [`GraphMeta`] over `comm` and register them.
-    ///
-    /// # Collective
-    /// Every rank, after capturing the same calls.
-    ///
-    /// # Errors
-    /// As [`CustomAllreduce::register_graph_buffers`]; every rank fails if one does.
-    pub fn exchange_graph_buffers<C: mpi::traits::Communicator>(&mut self, comm: &C) -> Result<()> {
-        let meta = self.graph_buffer_ipc_meta();
-        let meta = agree(comm, meta, "graph_buffer_ipc_meta").inspect_err(|_| self.graph_pending.clear())?;
-        let all = crate::bootstrap::all_gather_bytes(comm, &meta.to_bytes());
-        let metas = all.iter().map(|b| GraphMeta::from_bytes(b)).collect::<Result<Vec<_>>>();
-        let done = metas.and_then(|m| self.register_graph_buffers(&m));
-        if done.is_err() {
-            self.graph_pending.clear();
+    fn graph_begin(&mut self, reg: RegId) -> Result<()> {
+        if self.capture.is_some() {
+            return Err(Error::usage("GraphRegistration", "another registration is still capturing; finish it first"));
         }
-        agree(comm, done, "register_graph_buffers")
+        self.recycle_rows()?;
+        let rows = self.rows.reserve_largest().ok_or_else(Self::full_table)?;
+        self.capture = Some(Capture { reg, rows, by_addr: HashMap::new(), used: Vec::new(), calls: Vec::new() });
+        Ok(())
+    }
+
+    fn graph_end(&mut self, reg: RegId) -> Result<()> {
+        let cap = match self.capture.take() {
+            Some(c) if c.reg == reg => c,
+            other => {
+                self.capture = other;
+                return Err(Error::Internal(format!("custom: graph_end({reg}) without its graph_begin")));
+            }
+        };
+        let used = cap.rows.start..cap.rows.start + cap.used.len() as u32;
+        self.rows.give_back(used.end..cap.rows.end);
+        let result = self.register_capture(&cap);
+        match &result {
+            Ok(()) => {
+                self.graphs.insert(reg, used);
+            }
+            // The rows may be named by the captured graph (replays then fail their row check).
+            Err(_) => self.rows.release(used),
+        }
+        result
+    }
+
+    fn graph_release(&mut self, reg: RegId) {
+        if let Some(rows) = self.graphs.remove(&reg) {
+            self.rows.release(rows);
+        }
     }
 }
 
-/// The fallible part of [`CustomAllreduce::new`] before any exchange.
-type Prepared = (HashMap<(Kernel, DType), CudaFunction>, usize, IpcBuffer, IpcBuffer, IpcBuffer, bool);
+impl CustomAllreduce {
+    /// Exchange what the captured calls of `cap` read and write their rows.
+    fn register_capture(&mut self, cap: &Capture) -> Result<()> {
+        const STEP: &str = "registering a graph's buffers";
+        // Every rank must have captured the same calls, and calls that share a row here must
+        // share it everywhere (each row is written once, for one tuple of addresses).
+        let mine: Vec<u8> = cap.calls.iter().flat_map(|c| c.to_le_bytes()).collect();
+        let all = all_gather_bytes(&*self.comm, &mine, self.timeout, STEP)?;
+        let differs = all.iter().enumerate().find(|(_, theirs)| **theirs != mine);
+        let consistent = match differs {
+            None => Ok(()),
+            Some((r, theirs)) if theirs.len() != mine.len() => Err(Error::Mismatch {
+                op: "GraphRegistration::finish",
+                detail: format!(
+                    "rank {r} of the node captured {} allreduce calls but rank {} captured {} (do not replay the graph)",
+                    theirs.len() / 4,
+                    self.rank,
+                    mine.len() / 4
+                ),
+            }),
+            Some((r, _)) => Err(Error::Mismatch {
+                op: "GraphRegistration::finish",
+                detail: format!(
+                    "captured calls read the same buffer on one rank but different buffers on another (ranks {r} and \
+                     {} of the node); give every call of a graph the same buffer layout on every rank",
+                    self.rank
+                ),
+            }),
+        };
+        agree(&*self.comm, consistent, self.timeout, STEP)?;
+        let local: Vec<u64> = cap.used.iter().map(|(p, _)| *p).collect();
+        let exports: Vec<(IpcHandle, u64)> = cap.used.iter().map(|(_, e)| *e).collect();
+        let shared = share(&*self.comm, self.timeout, &local, Ok(exports), &mut self.peers, STEP)?;
+        let written = self.write_rows(cap.rows.start, &shared.addrs);
+        agree(&*self.comm, written, self.timeout, STEP)
+    }
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn shards_cover_every_vector_once() {
-        for world in 1..=8 {
-            for nvec in [0, 1, 7, 8, 9, 1000, 1003] {
-                let mut next = 0;
-                for r in 0..world {
-                    let s = shard(nvec, world, r);
-                    assert_eq!(s.start, next);
-                    assert!(s.len() <= nvec / world + 1);
-                    next = s.end;
-                }
-                assert_eq!(next, nvec);
-            }
-        }
-    }
 
     #[test]
     fn grid_is_capped_and_never_empty() {
@@ -672,12 +555,5 @@ mod tests {
         assert_eq!(grid_blocks(513, 36), 2);
         assert_eq!(grid_blocks(1 << 30, 36), 36);
         assert_eq!(grid_blocks(1 << 30, 0), 1);
-    }
-
-    #[test]
-    fn graph_meta_round_trips() {
-        let m = GraphMeta { handles: vec![IpcHandle([3; 64]), IpcHandle([9; 64])], offsets: vec![0, 4096] };
-        assert_eq!(GraphMeta::from_bytes(&m.to_bytes()).unwrap(), m);
-        assert!(GraphMeta::from_bytes(&[1, 2, 3]).is_err());
     }
 }

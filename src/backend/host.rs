@@ -24,9 +24,9 @@
 //! Sums run over ranks `0..n-1` in that order in [`Element::Acc`], rounded once, so every rank
 //! gets the same bits from either algorithm and for every chunking.
 
-use crate::dispatch::Algo;
-use crate::dtype::Element;
+use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
+use crate::fault::FaultWord;
 use crate::shm::ShmSegment;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -50,6 +50,28 @@ const SHARD_ALIGN: usize = 64;
 /// Elements reduced per accumulator block (kept in registers/L1, lets the compiler vectorise).
 const BLOCK: usize = 512;
 
+/// The host algorithms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HostKernel {
+    /// Every rank reads every rank's input.
+    OneShot = 1,
+    /// Reduce-scatter, then all-gather.
+    TwoShot = 2,
+    /// The gather of the cross-node plan (not an allreduce).
+    Gather = 3,
+}
+
+impl HostKernel {
+    fn name(code: u32) -> &'static str {
+        match code {
+            1 => "host one-shot",
+            2 => "host two-shot",
+            3 => "host gather",
+            _ => "an unknown host call",
+        }
+    }
+}
+
 /// What a rank says about its call, compared across ranks at the first barrier of every call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(C)]
@@ -61,7 +83,7 @@ struct CallDesc {
 }
 
 /// Shared-memory allreduce among the ranks of one node.
-pub struct HostAllreduce {
+pub(crate) struct HostAllreduce {
     seg: ShmSegment,
     rank: usize,
     n: usize,
@@ -75,23 +97,25 @@ pub struct HostAllreduce {
     oversubscribed: bool,
     /// How long a wait polls before sleeping on the peer's flag.
     poll_before_sleep: Duration,
-    poisoned: Option<String>,
+    /// The group's fault word: a wait stops as soon as any rank of the node failed.
+    fault: FaultWord,
 }
 
 impl HostAllreduce {
     /// Bytes of shared memory a node of `n` ranks needs with `chunk`-byte slots.
-    pub fn segment_bytes(n: usize, chunk: usize) -> usize {
+    pub(crate) fn segment_bytes(n: usize, chunk: usize) -> usize {
         n * FLAG_STRIDE + 2 * n * DESC_STRIDE + 2 * n * chunk + 2 * chunk
     }
 
     /// Map the node's segment. `rank`/`n` are local to the node; `global_ranks[i]` is the
     /// communicator rank of local rank `i`. Local rank 0 must have created `seg` zero-filled.
-    pub fn new(
+    pub(crate) fn new(
         seg: ShmSegment,
         rank: usize,
         global_ranks: Vec<usize>,
         chunk: usize,
         timeout: Duration,
+        fault: FaultWord,
     ) -> Result<Self> {
         let n = global_ranks.len();
         if rank >= n || chunk % SHARD_ALIGN != 0 || seg.len() < Self::segment_bytes(n, chunk) {
@@ -115,7 +139,7 @@ impl HostAllreduce {
             timeout,
             oversubscribed,
             poll_before_sleep,
-            poisoned: None,
+            fault,
         })
     }
 
@@ -148,28 +172,9 @@ impl HostAllreduce {
         (self.step + 1) % 2
     }
 
-    /// Ranks on the node.
-    pub fn local_size(&self) -> usize {
-        self.n
-    }
-
     /// Elements of `T` per chunk.
-    pub fn chunk_elems<T: Element>(&self) -> usize {
+    fn chunk_elems<T: Element>(&self) -> usize {
         self.chunk / std::mem::size_of::<T>()
-    }
-
-    fn check_usable(&self) -> Result<()> {
-        match &self.poisoned {
-            Some(cause) => Err(Error::Poisoned { cause: cause.clone() }),
-            None => Ok(()),
-        }
-    }
-
-    fn poison(&mut self, err: Error) -> Error {
-        if err.desynchronizes() && self.poisoned.is_none() {
-            self.poisoned = Some(err.to_string());
-        }
-        err
     }
 
     /// Number of ranks asleep on rank `r`'s flag (on its own cache line, away from the flag).
@@ -180,7 +185,8 @@ impl HostAllreduce {
 
     /// Publish step `s` and wait for every peer to reach it. Spins briefly, then sleeps on the
     /// peer's flag (a futex on Linux, woken by the peer's store), so it stays fast and does not
-    /// livelock when ranks outnumber cores. Bounded by the timeout.
+    /// livelock when ranks outnumber cores. Bounded by the timeout, and left at once when the
+    /// group's fault word is raised (another rank failed: it will never arrive).
     fn barrier(&mut self, what: &'static str) -> Result<()> {
         self.step += 1;
         let s = self.step;
@@ -206,9 +212,12 @@ impl HostAllreduce {
                     std::hint::spin_loop();
                     continue;
                 }
+                if self.fault.is_raised() {
+                    return Err(Error::PeerFailed { step: what.to_string() });
+                }
                 let waited = start.elapsed();
                 if waited > self.timeout {
-                    return Err(self.poison(Error::PeerTimeout { op: what, peer: Some(self.global_ranks[p]), waited }));
+                    return Err(Error::PeerTimeout { op: what, peer: Some(self.global_ranks[p]), waited });
                 }
                 if waited < self.poll_before_sleep {
                     if self.oversubscribed {
@@ -230,9 +239,9 @@ impl HostAllreduce {
     }
 
     /// Write this call's descriptor for the coming barrier.
-    fn publish_desc(&mut self, len: usize, dtype: u32, algo: Algo) -> CallDesc {
+    fn publish_desc(&mut self, len: usize, dtype: u32, kernel: HostKernel) -> CallDesc {
         self.calls += 1;
-        let d = CallDesc { call: self.calls, len: len as u64, dtype, algo: algo as u32 };
+        let d = CallDesc { call: self.calls, len: len as u64, dtype, algo: kernel as u32 };
         // SAFETY: my own descriptor slot of the next parity; peers read it only after the barrier.
         unsafe { self.desc_ptr(self.next_parity(), self.rank).write_volatile(d) };
         d
@@ -245,35 +254,44 @@ impl HostAllreduce {
             // SAFETY: written by p before the barrier we just passed (acquire on its flag).
             let theirs = unsafe { self.desc_ptr(parity, p).read_volatile() };
             if theirs != mine {
-                let err = Error::Mismatch {
-                    op,
-                    detail: format!(
-                        "rank {} made call #{} with {} elements (dtype code {}, algo {}), rank {} made call #{} with {} elements (dtype code {}, algo {})",
-                        self.global_ranks[p], theirs.call, theirs.len, theirs.dtype, describe_algo(theirs.algo),
-                        self.global_ranks[self.rank], mine.call, mine.len, mine.dtype, describe_algo(mine.algo),
-                    ),
+                let call = |d: &CallDesc, r: usize| {
+                    format!(
+                        "rank {} made call #{}: {} with {} elements of {}",
+                        self.global_ranks[r],
+                        d.call,
+                        HostKernel::name(d.algo),
+                        d.len,
+                        DType::from_code(d.dtype).map_or("an unknown dtype", DType::as_str)
+                    )
                 };
-                return Err(self.poison(err));
+                return Err(Error::Mismatch {
+                    op,
+                    detail: format!("{}; {}", call(&theirs, p), call(&mine, self.rank)),
+                });
             }
         }
         Ok(())
     }
 
-    /// Allreduce (sum) of `input` into `output` with `algo` (one of the host algorithms).
+    /// Allreduce (sum) of `input` into `output` with `kernel` (one-shot or two-shot).
     /// `input = None` reduces `output` in place.
     ///
     /// # Collective
     /// Every rank of the node, same length, dtype and algorithm.
-    pub fn all_reduce<T: Element>(&mut self, input: Option<&[T]>, output: &mut [T], algo: Algo) -> Result<()> {
-        self.check_usable()?;
+    pub(crate) fn all_reduce<T: Element>(
+        &mut self,
+        input: Option<&[T]>,
+        output: &mut [T],
+        kernel: HostKernel,
+    ) -> Result<()> {
         let op = "host allreduce";
         if let Some(input) = input {
             if input.len() != output.len() {
                 return Err(Error::invalid(op, format!("input has {} elements, output {}", input.len(), output.len())));
             }
         }
-        if !matches!(algo, Algo::HostOneShot | Algo::HostTwoShot) {
-            return Err(Error::Internal(format!("host backend asked to run {algo}")));
+        if kernel == HostKernel::Gather {
+            return Err(Error::Internal("host backend asked to allreduce with its gather".into()));
         }
         let len = output.len();
         let per_chunk = self.chunk_elems::<T>();
@@ -287,7 +305,7 @@ impl HostAllreduce {
                 Some(x) => x[offset..offset + m].as_ptr(),
                 None => output[offset..offset + m].as_ptr(),
             };
-            let desc = first.then(|| self.publish_desc(len, T::DTYPE.code(), algo));
+            let desc = first.then(|| self.publish_desc(len, T::DTYPE.code(), kernel));
             // My input chunk goes into input[parity][me]; peers read it after the barrier.
             let parity = self.next_parity();
             // SAFETY: `m` elements fit the chunk slot; src is valid for m elements.
@@ -299,8 +317,8 @@ impl HostAllreduce {
                 self.check_descs(desc, op)?;
             }
             let out = &mut output[offset..offset + m];
-            match algo {
-                Algo::HostOneShot => self.reduce_range(parity, 0..m, out),
+            match kernel {
+                HostKernel::OneShot => self.reduce_range(parity, 0..m, out),
                 _ => {
                     // Reduce-scatter: I reduce my shard into shards[next parity].
                     let shard = shard_range::<T>(m, self.n, self.rank);
@@ -341,8 +359,7 @@ impl HostAllreduce {
     ///
     /// # Collective
     /// Every rank of the node, same length and ranges.
-    pub fn all_gather_ranges<T: Element>(&mut self, buf: &mut [T], ranges: &[Range<usize>]) -> Result<()> {
-        self.check_usable()?;
+    pub(crate) fn all_gather_ranges<T: Element>(&mut self, buf: &mut [T], ranges: &[Range<usize>]) -> Result<()> {
         if ranges.len() != self.n || ranges.iter().any(|r| r.end > buf.len() || r.start > r.end) {
             return Err(Error::Internal(format!("gather ranges {ranges:?} do not fit {} elements", buf.len())));
         }
@@ -351,7 +368,7 @@ impl HostAllreduce {
         let mut first = true;
         while first || offset < buf.len() {
             let chunk = offset..(offset + per_chunk).min(buf.len());
-            let desc = first.then(|| self.publish_desc(buf.len(), T::DTYPE.code(), Algo::HostTwoShot));
+            let desc = first.then(|| self.publish_desc(buf.len(), T::DTYPE.code(), HostKernel::Gather));
             let parity = self.next_parity();
             let mine = intersect(&ranges[self.rank], &chunk);
             // SAFETY: the shard buffer holds a whole chunk; my range is mine alone.
@@ -390,8 +407,8 @@ impl HostAllreduce {
 #[cfg(target_os = "linux")]
 fn futex_word(flag: &AtomicU64) -> *const u32 {
     let p = flag as *const AtomicU64 as *const u32;
-    // SAFETY: both halves lie inside the 8-byte flag.
     if cfg!(target_endian = "big") {
+        // SAFETY: both halves lie inside the 8-byte flag.
         unsafe { p.add(1) }
     } else {
         p
@@ -425,10 +442,6 @@ fn wake_all(flag: &AtomicU64) {
     let _ = flag;
 }
 
-fn describe_algo(code: u32) -> &'static str {
-    Algo::ALL.iter().find(|a| **a as u32 == code).map_or("?", |a| a.as_str())
-}
-
 fn intersect(a: &Range<usize>, b: &Range<usize>) -> Range<usize> {
     let start = a.start.max(b.start);
     start..a.end.min(b.end).max(start)
@@ -436,7 +449,7 @@ fn intersect(a: &Range<usize>, b: &Range<usize>) -> Range<usize> {
 
 /// Shard `rank` of `len` elements split over `n` ranks: cut at 64-byte multiples, the remainder
 /// spread over the first shards, never a tail dropped.
-pub fn shard_range<T>(len: usize, n: usize, rank: usize) -> Range<usize> {
+pub(crate) fn shard_range<T>(len: usize, n: usize, rank: usize) -> Range<usize> {
     let unit = (SHARD_ALIGN / size_of::<T>()).max(1);
     let units = len.div_ceil(unit);
     let (base, extra) = (units / n, units % n);

@@ -12,18 +12,22 @@
 //! 4. `ncclCommInitRankConfig` with `blocking = 0`, then `ncclCommGetAsyncError` is polled until
 //!    success or the deadline; on timeout the communicator is aborted and the call returns
 //!    [`Error::PeerTimeout`].
-//! 5. Each eager allreduce enqueues `ncclAllReduce` on the caller's stream, then polls stream
-//!    completion and the asynchronous error against the deadline; a failure aborts the
-//!    communicator, which then refuses every later call. Inside stream capture the call is
-//!    only enqueued (NCCL supports CUDA graphs).
+//! 5. Each allreduce only enqueues `ncclAllReduce` on the caller's stream (NCCL supports CUDA
+//!    graphs, so captured calls are NCCL nodes). After an eager call an event is recorded; `poll`
+//!    reads NCCL's asynchronous error and, while that event has not completed, how long the call
+//!    has been pending: past the timeout the communicator is aborted (a peer never came) and the
+//!    call's error is [`Error::PeerTimeout`]. A failure aborts the communicator, which then
+//!    refuses every later call.
 //!
 //! Every step that can fail on one rank ends with an agreement over MPI, so a failure on one
 //! rank is an error on every rank.
 
-use crate::bootstrap::{agree, broadcast_bytes};
+use super::{Call, DeviceBackend};
+use crate::algo::Algo;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use cudarc::driver::{CudaContext, CudaStream};
+use crate::exchange::{agree, backoff, broadcast_bytes};
+use cudarc::driver::{CudaContext, CudaEvent};
 use cudarc::nccl::sys;
 use std::ffi::{c_int, c_void, CStr};
 use std::sync::Arc;
@@ -41,29 +45,24 @@ const BINDINGS_VERSION: u32 = if cfg!(feature = "cuda-13000") {
 };
 
 /// Oldest libnccl accepted: non-blocking communicators and `ncclConfig_t` came with 2.14.
-pub const MIN_VERSION: i32 = 21400;
+pub(crate) const MIN_VERSION: i32 = 21400;
 
 /// What to tell a user whose machine has no libnccl.
 const INSTALL_HINT: &str = "libnccl.so.2 was not found: install NCCL 2.14 or newer (apt-get install libnccl2, or \
                             pip install nvidia-nccl-cu13 / nvidia-nccl-cu12) and put the folder holding \
                             libnccl.so.2 on LD_LIBRARY_PATH";
 
-/// Settings of an [`NcclAllreduce`].
-#[derive(Debug, Clone)]
-pub struct NcclOptions {
-    /// Longest wait for initialisation, for one eager call, or for finalisation at drop.
-    pub timeout: Duration,
-}
-
 /// One rank's NCCL communicator, built non-blocking and aborted on any failure.
-pub struct NcclAllreduce {
+pub(crate) struct NcclAllreduce {
     comm: sys::ncclComm_t,
-    rank: usize,
     world: usize,
     version: i32,
     timeout: Duration,
     /// Why the communicator was aborted; every later call fails with it.
     aborted: Option<String>,
+    /// Completion of the last eager call and when it was enqueued.
+    pending: Option<Instant>,
+    done: CudaEvent,
     // Keeps the device's primary context alive until the communicator is gone.
     _ctx: Arc<CudaContext>,
 }
@@ -73,7 +72,7 @@ pub struct NcclAllreduce {
 unsafe impl Send for NcclAllreduce {}
 
 /// Whether libnccl can be loaded in this process (no NCCL call is made).
-pub fn library_present() -> bool {
+pub(crate) fn library_present() -> bool {
     // SAFETY: only tries to load the library.
     unsafe { sys::is_culib_present() }
 }
@@ -152,18 +151,6 @@ fn load() -> Result<i32> {
     Ok(version)
 }
 
-/// Poll briefly at first (calls finish in microseconds), then yield, then sleep.
-fn backoff(polls: &mut u32) {
-    *polls += 1;
-    if *polls < 200 {
-        std::hint::spin_loop();
-    } else if *polls < 20_000 {
-        std::thread::yield_now();
-    } else {
-        std::thread::sleep(Duration::from_micros(50));
-    }
-}
-
 impl NcclAllreduce {
     /// Build an NCCL communicator over the ranks of `comm`, on this rank's GPU (`ctx`).
     ///
@@ -175,12 +162,17 @@ impl NcclAllreduce {
     /// GPU) or libnccl cannot be loaded (saying what to install); [`Error::PeerTimeout`] when
     /// initialisation does not finish within the timeout (the communicator is aborted);
     /// [`Error::Nccl`] for NCCL's own failures.
-    pub fn new<C: mpi::traits::Communicator>(comm: &C, ctx: &Arc<CudaContext>, opts: &NcclOptions) -> Result<Self> {
+    pub(crate) fn new<C: mpi::traits::Communicator>(
+        comm: &C,
+        ctx: &Arc<CudaContext>,
+        timeout: Duration,
+    ) -> Result<Self> {
+        const STEP: &str = "NCCL set-up";
         let rank = comm.rank() as usize;
         let world = comm.size() as usize;
         // 1. Shared GPUs, before NCCL is touched: the verdict comes from gathered data, so it is
         //    the same on every rank.
-        if let Some((uuid, ranks)) = crate::topology::shared_gpus(comm, ctx).into_iter().next() {
+        if let Some((uuid, ranks)) = crate::topology::shared_gpus(comm, ctx, timeout)?.into_iter().next() {
             let ranks: Vec<String> = ranks.iter().map(|r| r.to_string()).collect();
             return Err(Error::Unsupported {
                 what: "NCCL allreduce".into(),
@@ -193,7 +185,7 @@ impl NcclAllreduce {
             });
         }
         // 2. The library, on every rank.
-        let version = agree(comm, load(), "loading NCCL")?;
+        let version = agree(comm, load(), timeout, "loading NCCL")?;
         // 3. The unique id: 1 and the id's bytes, or 0 and rank 0's error.
         let mut blob = Vec::new();
         if rank == 0 {
@@ -202,7 +194,7 @@ impl NcclAllreduce {
                 Err(e) => [&[0u8][..], nccl_error("ncclGetUniqueId", e.0).to_string().as_bytes()].concat(),
             };
         }
-        broadcast_bytes(comm, 0, &mut blob);
+        broadcast_bytes(comm, 0, &mut blob, timeout, STEP)?;
         let mut id = sys::ncclUniqueId { internal: [0; 128] };
         match blob.split_first() {
             Some((1, bytes)) if bytes.len() == id.internal.len() => {
@@ -221,9 +213,9 @@ impl NcclAllreduce {
             }
         }
         // 4. Non-blocking init, polled against the deadline.
-        let deadline = Instant::now() + opts.timeout;
-        let local = Self::init(ctx, id, rank, world, version, opts.timeout, deadline);
-        agree(comm, local, "ncclCommInitRankConfig")
+        let deadline = Instant::now() + timeout;
+        let local = Self::init(ctx, id, rank, world, version, timeout, deadline);
+        agree(comm, local, timeout, "ncclCommInitRankConfig")
     }
 
     fn init(
@@ -251,29 +243,29 @@ impl NcclAllreduce {
         if raw.is_null() {
             return Err(Error::Internal(format!("{OP} returned {r:?} but no communicator")));
         }
-        let mut this = NcclAllreduce { comm: raw, rank, world, version, timeout, aborted: None, _ctx: ctx.clone() };
+        let done = match ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)) {
+            Ok(e) => e,
+            Err(e) => {
+                // SAFETY: a communicator handle NCCL returned; not used afterwards.
+                unsafe { sys::ncclCommAbort(raw) };
+                return Err(Error::Cuda { op: "cuEventCreate(NCCL completion)", source: e });
+            }
+        };
+        let mut this =
+            NcclAllreduce { comm: raw, world, version, timeout, aborted: None, pending: None, done, _ctx: ctx.clone() };
+        let _ = rank;
         this.wait_ready(OP, deadline)?;
         Ok(this)
     }
 
-    /// This rank in the NCCL communicator.
-    pub fn rank(&self) -> usize {
-        self.rank
-    }
-
     /// Ranks in the NCCL communicator.
-    pub fn world_size(&self) -> usize {
+    pub(crate) fn world_size(&self) -> usize {
         self.world
     }
 
     /// The version code of the libnccl in use (`22803` for 2.28.3).
-    pub fn version(&self) -> i32 {
+    pub(crate) fn version(&self) -> i32 {
         self.version
-    }
-
-    /// Why the communicator was aborted, if it was (it then refuses every call).
-    pub fn aborted(&self) -> Option<&str> {
-        self.aborted.as_deref()
     }
 
     /// Abort the communicator (device work of NCCL stops; resources are freed) and remember why.
@@ -319,19 +311,6 @@ impl NcclAllreduce {
         Ok(state)
     }
 
-    /// Report an asynchronous NCCL error (for example from a replayed graph), aborting the
-    /// communicator if there is one.
-    ///
-    /// # Errors
-    /// [`Error::Nccl`]; [`Error::Poisoned`] once aborted.
-    pub fn check_error(&mut self) -> Result<()> {
-        const OP: &str = "nccl (asynchronous error)";
-        if let Some(cause) = &self.aborted {
-            return Err(Error::Poisoned { cause: cause.clone() });
-        }
-        self.check_async(OP)
-    }
-
     /// Fail (and abort) when NCCL holds an asynchronous error; work still in progress is fine.
     fn check_async(&mut self, op: &'static str) -> Result<()> {
         match self.async_state(op)? {
@@ -340,45 +319,52 @@ impl NcclAllreduce {
         }
     }
 
-    /// Sum `len` elements of `dtype` at `input` over all ranks into `output`, on `stream`.
-    /// Outside stream capture the call waits (bounded by the timeout) until the result is
-    /// there; during capture it is only recorded.
-    ///
-    /// # Safety
-    /// `input` and `output` must be device memory of this rank's GPU valid for `len` elements
-    /// of `dtype`, not written by other work while the call (or a replay of its capture) runs.
-    ///
-    /// # Collective
-    /// Every rank, same `len` and `dtype`, in the same order.
-    ///
-    /// # Errors
-    /// [`Error::PeerTimeout`] when the call does not finish within the timeout;
-    /// [`Error::Nccl`] for NCCL's failures; [`Error::Cuda`] when the stream fails. After any of
-    /// them the communicator is aborted and later calls return [`Error::Poisoned`].
-    pub unsafe fn all_reduce(
-        &mut self,
-        stream: &Arc<CudaStream>,
-        dtype: DType,
-        input: u64,
-        output: u64,
-        len: usize,
-    ) -> Result<()> {
-        const OP: &str = "nccl all_reduce";
-        if let Some(cause) = &self.aborted {
-            return Err(Error::Poisoned { cause: cause.clone() });
+    /// The refusal of an aborted communicator.
+    fn usable(&self) -> Result<()> {
+        match &self.aborted {
+            Some(cause) => Err(Error::Poisoned { cause: cause.clone() }),
+            None => Ok(()),
         }
-        if len == 0 {
+    }
+
+    /// Whether the last eager call finished; past the timeout it never will (a peer did not
+    /// come): abort, and say so.
+    fn check_pending(&mut self) -> Result<bool> {
+        const OP: &str = "nccl all_reduce";
+        let Some(since) = self.pending else { return Ok(true) };
+        match self.done.try_is_complete() {
+            Ok(true) => {
+                self.pending = None;
+                Ok(true)
+            }
+            Ok(false) if since.elapsed() > self.timeout => {
+                Err(self.fail(Error::PeerTimeout { op: OP, peer: None, waited: since.elapsed() }))
+            }
+            Ok(false) => Ok(false),
+            Err(e) => Err(self.fail(Error::Cuda { op: "cuEventQuery(NCCL completion)", source: e })),
+        }
+    }
+}
+
+impl DeviceBackend for NcclAllreduce {
+    unsafe fn enqueue(&mut self, algo: Algo, call: &Call) -> Result<()> {
+        const OP: &str = "nccl all_reduce";
+        if algo != Algo::Nccl {
+            return Err(Error::Internal(format!("the NCCL backend was asked to run {algo}")));
+        }
+        self.usable()?;
+        if call.len == 0 {
             return Ok(());
         }
-        let capturing = crate::cuda::is_capturing(stream)?;
+        let stream = call.stream.cuda()?;
         let deadline = Instant::now() + self.timeout;
         // SAFETY: pointers valid for `len` elements (caller); live communicator and stream.
         let r = unsafe {
             sys::ncclAllReduce(
-                input as *const c_void,
-                output as *mut c_void,
-                len,
-                nccl_dtype(dtype),
+                call.input as *const c_void,
+                call.output as *mut c_void,
+                call.len,
+                nccl_dtype(call.dtype),
                 sys::ncclRedOp_t::ncclSum,
                 self.comm,
                 stream.cu_stream() as sys::cudaStream_t,
@@ -387,25 +373,42 @@ impl NcclAllreduce {
         if !matches!(r, sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress) {
             return Err(self.fail(nccl_error(OP, r)));
         }
-        // A non-blocking communicator may still be enqueueing.
+        // A non-blocking communicator may still be enqueueing (host work, bounded).
         self.wait_ready(OP, deadline)?;
-        if capturing {
-            return Ok(());
+        if call.capture.is_none() {
+            self.done.record(stream).map_err(|e| self.fail(Error::Cuda { op: "cuEventRecord(NCCL)", source: e }))?;
+            self.pending.get_or_insert_with(Instant::now);
+            if self.done.try_is_complete().unwrap_or(false) {
+                self.pending = None;
+            }
         }
+        Ok(())
+    }
+
+    fn poll(&mut self) -> Result<()> {
+        self.usable()?;
+        self.check_async("nccl (asynchronous error)")?;
+        self.check_pending().map(|_| ())
+    }
+
+    fn abort(&mut self) {
+        NcclAllreduce::abort(self, "the group failed or was aborted".into());
+    }
+
+    fn drain(&mut self, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
         let mut polls = 0;
         loop {
-            match crate::cuda::stream_done(stream, "cuStreamQuery(nccl all_reduce)") {
-                Ok(true) => break,
-                Ok(false) => {}
-                Err(e) => return Err(self.fail(e)),
+            self.usable()?;
+            self.check_async("nccl (finishing)")?;
+            if self.check_pending()? {
+                return Ok(());
             }
-            self.check_async(OP)?;
-            if Instant::now() >= deadline {
-                return Err(self.fail(Error::PeerTimeout { op: OP, peer: None, waited: self.timeout }));
+            if start.elapsed() > timeout {
+                return Err(self.fail(Error::PeerTimeout { op: "nccl (finishing)", peer: None, waited: timeout }));
             }
             backoff(&mut polls);
         }
-        self.check_async(OP)
     }
 }
 

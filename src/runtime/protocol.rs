@@ -2,7 +2,7 @@
 //!
 //! `kernels/custom_allreduce.cu` receives the values below as NVRTC `-D` defines (see
 //! [`defines`]), `kernels/packet_allreduce.cu` those of [`packet_defines`], so host and device
-//! cannot drift. The layouts described here are the ones the kernels' `struct Signal`,
+//! cannot drift (neither kernel file spells an error bit or a layout width itself). The layouts described here are the ones the kernels' `struct Signal`,
 //! `struct PacketState` and `struct Ptrs` have.
 
 /// Most ranks one custom allreduce spans (one per GPU of an NVLink domain).
@@ -40,6 +40,15 @@ pub const ERR_TIMEOUT: u64 = 1 << 63;
 /// Bit set in the error word when a peer announced another call tag (length, dtype or
 /// algorithm); see [`decode_error`].
 pub const ERR_MISMATCH: u64 = 1 << 62;
+/// Bit set in the error word when the group's fault word was raised while the kernel waited
+/// (another rank failed or aborted): the kernel left without waiting out its timeout.
+pub const ERR_PEER_FAILED: u64 = 1 << 61;
+/// Bit set in the error word when a custom kernel's rank-data row does not hold its own input
+/// (a call captured into a CUDA graph outside a registration, or a row freed since): the kernel
+/// left before touching any memory a row names.
+pub const ERR_BAD_ROW: u64 = 1 << 60;
+/// Waits poll the group's fault word (mapped host memory, a slow read) once per this many polls.
+pub const FAULT_POLLS: u32 = 1024;
 
 /// Packet kernels: most blocks of one launch (the per-block counters exist for this many).
 pub const PACKET_MAX_BLOCKS: usize = 64;
@@ -97,6 +106,10 @@ pub enum BarrierErrorKind {
     Timeout,
     /// The peer arrived with another call tag.
     Mismatch,
+    /// The group failed (fault word raised) while the kernel waited.
+    PeerFailed,
+    /// The rank-data row did not hold this rank's input (unregistered capture).
+    BadRow,
 }
 
 /// A decoded error word: which barrier (or packet wait) of which block failed on which peer,
@@ -128,12 +141,16 @@ pub fn call_tag(count: u64, dtype_code: u32, algo: u32) -> u32 {
 }
 
 /// Decode the error word the kernels write
-/// (`ERR_TIMEOUT or ERR_MISMATCH | barrier << 32 | peer << 16 | block`).
+/// (`ERR_* kind bit | barrier << 32 | peer << 16 | block`).
 pub fn decode_error(word: u64) -> Option<BarrierError> {
     let kind = if word & ERR_MISMATCH != 0 {
         BarrierErrorKind::Mismatch
     } else if word & ERR_TIMEOUT != 0 {
         BarrierErrorKind::Timeout
+    } else if word & ERR_BAD_ROW != 0 {
+        BarrierErrorKind::BadRow
+    } else if word & ERR_PEER_FAILED != 0 {
+        BarrierErrorKind::PeerFailed
     } else {
         return None;
     };
@@ -145,36 +162,46 @@ pub fn decode_error(word: u64) -> Option<BarrierError> {
     })
 }
 
-/// The NVRTC `-D` options for a module serving `world` ranks.
-pub fn defines(world: usize) -> Vec<String> {
+/// The defines every family gets: layout widths and the error word's kinds.
+fn common_defines(world: usize) -> Vec<String> {
     vec![
         format!("-DTPCOMM_WORLD={world}"),
         format!("-DTPCOMM_MAX_RANKS={MAX_RANKS}"),
+        format!("-DTPCOMM_VEC_BYTES={VEC_BYTES}"),
+        format!("-DTPCOMM_ERR_TIMEOUT={ERR_TIMEOUT:#x}ull"),
+        format!("-DTPCOMM_ERR_MISMATCH={ERR_MISMATCH:#x}ull"),
+        format!("-DTPCOMM_ERR_PEER_FAILED={ERR_PEER_FAILED:#x}ull"),
+        format!("-DTPCOMM_ERR_BAD_ROW={ERR_BAD_ROW:#x}ull"),
+        format!("-DTPCOMM_FAULT_POLLS={FAULT_POLLS}"),
+    ]
+}
+
+/// The NVRTC `-D` options for a custom module serving `world` ranks.
+pub fn defines(world: usize) -> Vec<String> {
+    let mut d = common_defines(world);
+    d.extend([
         format!("-DTPCOMM_MAX_BLOCKS={MAX_BLOCKS}"),
         format!("-DTPCOMM_PARITIES={PARITIES}"),
-        format!("-DTPCOMM_VEC_BYTES={VEC_BYTES}"),
         format!("-DTPCOMM_THREADS={THREADS}"),
         format!("-DTPCOMM_BARRIER_START={BARRIER_START}"),
         format!("-DTPCOMM_BARRIER_MID={BARRIER_MID}"),
         format!("-DTPCOMM_BARRIER_END={BARRIER_END}"),
-    ]
+    ]);
+    d
 }
 
 /// The NVRTC `-D` options for a packet module serving `world` ranks.
 pub fn packet_defines(world: usize) -> Vec<String> {
-    vec![
-        format!("-DTPCOMM_WORLD={world}"),
-        format!("-DTPCOMM_MAX_RANKS={MAX_RANKS}"),
-        format!("-DTPCOMM_VEC_BYTES={VEC_BYTES}"),
+    let mut d = common_defines(world);
+    d.extend([
         format!("-DTPCOMM_PACKET_MAX_BLOCKS={PACKET_MAX_BLOCKS}"),
         format!("-DTPCOMM_PACKET_THREADS={PACKET_THREADS}"),
         format!("-DTPCOMM_LAMPORT_GENS={LAMPORT_GENS}"),
         format!("-DTPCOMM_WAIT_HEADER={WAIT_HEADER}"),
         format!("-DTPCOMM_WAIT_DATA={WAIT_DATA}"),
         format!("-DTPCOMM_WAIT_RESULT={WAIT_RESULT}"),
-        format!("-DTPCOMM_ERR_TIMEOUT={ERR_TIMEOUT:#x}ull"),
-        format!("-DTPCOMM_ERR_MISMATCH={ERR_MISMATCH:#x}ull"),
-    ]
+    ]);
+    d
 }
 
 /// The tag of a packet call: [`call_tag`] with the top bit clear, so it is never the Lamport
@@ -213,7 +240,23 @@ mod tests {
     }
 
     #[test]
-    fn signal_area_holds_mailboxes_and_counters() {
-        assert!(defines(3).iter().any(|d| d == "-DTPCOMM_WORLD=3"));
+    fn both_families_get_the_error_kinds_and_their_own_constants() {
+        for d in [defines(3), packet_defines(3)] {
+            assert!(d.iter().any(|x| x == "-DTPCOMM_WORLD=3"));
+            for kind in ["ERR_TIMEOUT", "ERR_MISMATCH", "ERR_PEER_FAILED", "ERR_BAD_ROW", "FAULT_POLLS"] {
+                assert!(d.iter().any(|x| x.starts_with(&format!("-DTPCOMM_{kind}="))), "{kind} missing");
+            }
+        }
+        assert!(defines(3).iter().any(|x| x.starts_with("-DTPCOMM_BARRIER_MID=")));
+        assert!(packet_defines(3).iter().any(|x| x.starts_with("-DTPCOMM_LAMPORT_GENS=")));
+    }
+
+    #[test]
+    fn error_kinds_decode_by_priority() {
+        let at = |kind: u64| kind | (u64::from(BARRIER_END) << 32) | (3 << 16) | 1;
+        assert_eq!(decode_error(at(ERR_PEER_FAILED)).unwrap().kind, BarrierErrorKind::PeerFailed);
+        assert_eq!(decode_error(at(ERR_BAD_ROW)).unwrap().kind, BarrierErrorKind::BadRow);
+        assert_eq!(decode_error(at(ERR_TIMEOUT | ERR_PEER_FAILED)).unwrap().kind, BarrierErrorKind::Timeout);
+        assert_eq!(decode_error(at(ERR_MISMATCH | ERR_TIMEOUT)).unwrap().kind, BarrierErrorKind::Mismatch);
     }
 }

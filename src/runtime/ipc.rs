@@ -140,18 +140,32 @@ impl IpcBuffer {
         self.ctx.synchronize().map_err(cuda("cuCtxSynchronize"))
     }
 
-    /// Copy `data` to the start of the buffer, synchronously.
+    /// Zero `bytes` at `offset`, synchronously (legacy stream, waited for).
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] when `data` does not fit, [`Error::Cuda`] when the copy fails.
-    pub fn write_at(&self, offset: usize, data: &[u8]) -> Result<()> {
-        if offset.checked_add(data.len()).is_none_or(|end| end > self.bytes) {
-            return Err(Error::Internal(format!(
-                "IpcBuffer::write_at: {} bytes at {offset} exceed the buffer's {}",
-                data.len(),
-                self.bytes
-            )));
+    /// [`Error::Internal`] when the range does not fit, [`Error::Cuda`] when the memset fails.
+    pub fn zero_at(&self, offset: usize, bytes: usize) -> Result<()> {
+        self.check_range("IpcBuffer::zero_at", offset, bytes)?;
+        self.ctx.bind_to_thread().map_err(cuda("cuCtxSetCurrent"))?;
+        // SAFETY: the range lies inside this allocation (checked).
+        check("cuMemsetD8_v2", unsafe { sys::cuMemsetD8_v2(self.ptr + offset as u64, 0, bytes) })?;
+        // SAFETY: a null stream is the legacy default stream of the current context.
+        check("cuStreamSynchronize(legacy)", unsafe { sys::cuStreamSynchronize(std::ptr::null_mut()) })
+    }
+
+    fn check_range(&self, op: &str, offset: usize, bytes: usize) -> Result<()> {
+        if offset.checked_add(bytes).is_none_or(|end| end > self.bytes) {
+            return Err(Error::Internal(format!("{op}: {bytes} bytes at {offset} exceed the buffer's {}", self.bytes)));
         }
+        Ok(())
+    }
+
+    /// Copy `data` into the buffer at `offset`, synchronously.
+    ///
+    /// # Errors
+    /// [`Error::Internal`] when `data` does not fit, [`Error::Cuda`] when the copy fails.
+    pub fn write_at(&self, offset: usize, data: &[u8]) -> Result<()> {
+        self.check_range("IpcBuffer::write_at", offset, data.len())?;
         self.ctx.bind_to_thread().map_err(cuda("cuCtxSetCurrent"))?;
         // SAFETY: destination range checked above; the source is a live host slice.
         check("cuMemcpyHtoD_v2", unsafe {
@@ -168,21 +182,6 @@ impl IpcBuffer {
     /// The device address.
     pub fn ptr(&self) -> sys::CUdeviceptr {
         self.ptr
-    }
-
-    /// Size in bytes.
-    pub fn len(&self) -> usize {
-        self.bytes
-    }
-
-    /// True for a zero-byte request (one byte is allocated anyway).
-    pub fn is_empty(&self) -> bool {
-        self.bytes == 0
-    }
-
-    /// The owning context.
-    pub fn context(&self) -> &Arc<CudaContext> {
-        &self.ctx
     }
 
     /// The handle peers open with [`PeerMappings::open`].
@@ -233,14 +232,13 @@ impl PeerMappings {
         Ok(ptr)
     }
 
-    /// Number of distinct allocations opened.
-    pub fn len(&self) -> usize {
-        self.opened.len()
-    }
-
-    /// True when nothing is open.
-    pub fn is_empty(&self) -> bool {
-        self.opened.is_empty()
+    /// Close the mapping of `handle` (a buffer every rank released); nothing if it is not open.
+    pub fn close(&mut self, handle: &IpcHandle) {
+        if let Some(ptr) = self.opened.remove(handle) {
+            self.ctx.record_err(self.ctx.bind_to_thread());
+            // SAFETY: opened by cuIpcOpenMemHandle_v2 and closed once (removed from the map).
+            self.ctx.record_err(unsafe { sys::cuIpcCloseMemHandle(ptr) }.result());
+        }
     }
 }
 

@@ -175,11 +175,6 @@ impl ModuleCache {
         self.disk_hits.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// The device architecture kernels are built for.
-    pub fn arch(&self) -> (i32, i32) {
-        self.arch
-    }
-
     /// The module of family `name` (source `src`) built with `options`, compiled or read from
     /// disk on first use.
     ///

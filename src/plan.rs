@@ -1,0 +1,773 @@
+//! The dispatch: which algorithm serves a call, as a plan of steps.
+//!
+//! Pure: a [`Request`] (bytes, dtype, layout, the backends every rank built, alignment, a forced
+//! algorithm) goes in, a [`Plan`] comes out. Nothing here touches MPI, CUDA or the machine, so
+//! every decision is the same on every rank that sees the same request, and every decision is
+//! unit-tested. This is the only place that decides between backends; backends never know of
+//! each other.
+//!
+//! A plan is data: a list of [`Step`]s over element ranges of the call. An ordinary call is one
+//! step; a chunked call is one step per chunk; a call across nodes is a node step, a cross-node
+//! step on the rank's shard, two zero fills and a node step. The device layer runs the steps in
+//! order on the caller's stream and never re-enters the dispatch.
+//!
+//! `TPCOMM_ALGO` (or [`crate::CallOptions::algo`]) forces one algorithm; a forced algorithm that
+//! cannot serve the call is an error naming why, on every rank, never a silent fallback and
+//! never a wrong result.
+
+use crate::algo::{Algo, BackendKind, Memory, Span};
+use crate::config::Config;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use std::fmt;
+use std::ops::Range;
+
+/// Which ranks a step reduces among.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Group {
+    /// Every rank of the communicator.
+    World,
+    /// The ranks of this rank's node.
+    Node,
+    /// The ranks of this rank's local index on every node (the hierarchy's cross-node leg).
+    Cross,
+}
+
+/// Where a reduce step reads its input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Src {
+    /// The caller's input.
+    Input,
+    /// The caller's output (in place, after an earlier step wrote it).
+    Output,
+}
+
+/// What a step does to `range` (elements) of the call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Op {
+    /// `output[range] = sum over group of src[range]` with `algo` (an algorithm that has a
+    /// backend).
+    Reduce { algo: Algo, group: Group, src: Src },
+    /// `output[range] = input[range]` (nothing when they are the same memory).
+    Copy,
+    /// `output[range] = 0`.
+    Zero,
+}
+
+/// One step of a plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Step {
+    pub op: Op,
+    pub range: Range<usize>,
+}
+
+/// How one call is served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Plan {
+    /// The algorithm the call is served by (chunked and hierarchical are made of other steps).
+    pub algo: Algo,
+    pub steps: Vec<Step>,
+    /// Why this algorithm, for `TPCOMM_DEBUG` output.
+    pub reason: &'static str,
+}
+
+/// The backends every rank built (the same on every rank: agreed at `init_device`), and why
+/// each missing one is missing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Caps {
+    /// Built on every rank: `(kind, group)`.
+    built: Vec<(BackendKind, Group)>,
+    /// Why a backend is not there, by kind.
+    missing: Vec<(BackendKind, String)>,
+}
+
+impl Caps {
+    /// No device backend at all.
+    pub(crate) fn none() -> Self {
+        Caps::default()
+    }
+
+    pub(crate) fn add(&mut self, kind: BackendKind, group: Group) {
+        if !self.has(kind, group) {
+            self.built.push((kind, group));
+        }
+    }
+
+    pub(crate) fn set_missing(&mut self, kind: BackendKind, why: impl Into<String>) {
+        if !self.missing.iter().any(|(k, _)| *k == kind) {
+            self.missing.push((kind, why.into()));
+        }
+    }
+
+    pub(crate) fn has(&self, kind: BackendKind, group: Group) -> bool {
+        self.built.contains(&(kind, group))
+    }
+
+    /// Why `kind` is missing, for error messages.
+    pub(crate) fn why_missing(&self, kind: BackendKind) -> &str {
+        self.missing.iter().find(|(k, _)| *k == kind).map_or("it was not built on every rank", |(_, w)| w.as_str())
+    }
+}
+
+/// The node layout a plan is made for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Shape {
+    pub world: usize,
+    pub nodes: usize,
+    pub local_rank: usize,
+    pub ranks_per_node: usize,
+    /// The fewest ranks on any node: shards of the cross-node leg.
+    pub min_ranks_per_node: usize,
+}
+
+impl Shape {
+    /// One node of `world` ranks.
+    #[cfg(test)]
+    pub(crate) fn one_node(world: usize, local_rank: usize) -> Self {
+        Shape { world, nodes: 1, local_rank, ranks_per_node: world, min_ranks_per_node: world }
+    }
+}
+
+/// What the dispatch knows about one device call.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Request<'a> {
+    /// Elements per rank.
+    pub len: usize,
+    pub dtype: DType,
+    pub shape: Shape,
+    pub caps: &'a Caps,
+    /// Input and output pointers are aligned as the IPC kernels need (16 bytes).
+    pub aligned: bool,
+    /// An algorithm the caller forced for this call (over the configuration's).
+    pub forced: Option<Algo>,
+}
+
+impl Request<'_> {
+    fn bytes(&self) -> usize {
+        self.len * self.dtype.size()
+    }
+}
+
+/// Size thresholds between algorithms for one world size, from defaults, a tuned file and
+/// `TPCOMM_*` overrides. Printed by `allreduce_perf --show-dispatch`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DispatchTable {
+    pub(crate) host_oneshot_max_bytes: usize,
+    pub(crate) packet_max_bytes: usize,
+    pub(crate) oneshot_max_bytes: usize,
+    pub(crate) custom_max_bytes: usize,
+    pub(crate) packet_buffer_bytes: usize,
+    pub(crate) deterministic: bool,
+    pub(crate) forced: Option<Algo>,
+}
+
+/// Host one-shot limit times the world size. One-shot makes every rank read all `n` inputs,
+/// two-shot reads each input once but pays a second barrier; at 2 ranks they cross near
+/// 256 KiB (bench/RESULTS.md), and one-shot's reads grow with `n`.
+const HOST_ONESHOT_BYTES_TIMES_RANKS: usize = 512 << 10;
+
+/// Largest device message reduced one-shot for `world` ranks: one-shot reads (n-1)*S per rank
+/// against two-shot's ~2(n-1)/n*S plus a second barrier, so the crossover falls as n grows
+/// (H100 NVLink figures of ALGORITHMS.md: 512 KiB at n <= 4, 256 KiB at n = 8).
+pub(crate) const fn oneshot_max_bytes(world: usize) -> usize {
+    if world <= 4 {
+        512 << 10
+    } else {
+        256 << 10
+    }
+}
+
+/// Largest device message reduced by packets for `world` ranks. All-pairs packets push
+/// `(n - 1) * 2 * S` bytes per rank (the flags double it) but skip one-shot's two barriers; on
+/// one H100 shared by all ranks they beat one-shot up to 64 KiB at 2 ranks, 32 KiB at 4 and
+/// 16 KiB at 8 (bench/RESULTS.md).
+pub(crate) const fn packet_max_bytes(world: usize) -> usize {
+    if world <= 2 {
+        64 << 10
+    } else if world <= 4 {
+        32 << 10
+    } else {
+        16 << 10
+    }
+}
+
+impl DispatchTable {
+    /// The table for a configuration and a world size.
+    pub(crate) fn new(config: &Config, world_size: usize) -> Self {
+        DispatchTable {
+            host_oneshot_max_bytes: config
+                .host_oneshot_max_bytes
+                .unwrap_or(HOST_ONESHOT_BYTES_TIMES_RANKS / world_size.max(1)),
+            packet_max_bytes: config
+                .packet_max_bytes
+                .unwrap_or(packet_max_bytes(world_size))
+                .min(config.packet_buffer_bytes),
+            oneshot_max_bytes: config.oneshot_max_bytes.unwrap_or(oneshot_max_bytes(world_size)),
+            custom_max_bytes: config.custom_max_bytes,
+            packet_buffer_bytes: config.packet_buffer_bytes,
+            deterministic: config.deterministic,
+            forced: config.algo,
+        }
+    }
+
+    /// Largest host message (bytes per rank) reduced one-shot.
+    pub fn host_oneshot_max_bytes(&self) -> usize {
+        self.host_oneshot_max_bytes
+    }
+
+    /// Largest device message (bytes per rank) reduced by LL packets.
+    pub fn packet_max_bytes(&self) -> usize {
+        self.packet_max_bytes
+    }
+
+    /// Largest device message (bytes per rank) reduced one-shot.
+    pub fn oneshot_max_bytes(&self) -> usize {
+        self.oneshot_max_bytes
+    }
+
+    /// Largest device message (bytes per rank) of one IPC kernel call (their staging size).
+    pub fn custom_max_bytes(&self) -> usize {
+        self.custom_max_bytes
+    }
+
+    /// The host algorithm for `len` elements of `dtype`, or the forced one.
+    ///
+    /// # Errors
+    /// [`Error::InvalidUsage`] when the forced algorithm does not reduce host memory.
+    pub(crate) fn host(&self, len: usize, dtype: DType, forced: Option<Algo>) -> Result<Algo> {
+        if let Some(algo) = forced.or(self.forced) {
+            if algo.memory() != Memory::Host {
+                return Err(Error::usage(
+                    format!("algorithm {algo} on host memory"),
+                    format!(
+                        "{algo} reduces {} memory; pick one of {} or unset TPCOMM_ALGO",
+                        algo.memory(),
+                        Algo::names_for(Memory::Host)
+                    ),
+                ));
+            }
+            return Ok(algo);
+        }
+        Ok(if len * dtype.size() <= self.host_oneshot_max_bytes { Algo::HostOneShot } else { Algo::HostTwoShot })
+    }
+
+    /// The plan of a device call.
+    ///
+    /// Unforced: one rank copies; one node with the IPC kernels: packets up to
+    /// `packet_max_bytes`, one-shot up to `oneshot_max_bytes`, two-shot up to
+    /// `custom_max_bytes`, then NCCL (chunked IPC calls in deterministic mode or without NCCL);
+    /// misaligned pointers and layouts without the IPC kernels go to NCCL; several nodes take
+    /// the hierarchy up to `custom_max_bytes` and flat NCCL above.
+    ///
+    /// # Errors
+    /// [`Error::InvalidUsage`] for a forced algorithm that cannot serve the call (memory kind,
+    /// world size, nodes, a message over its buffers); [`Error::InvalidArgument`] for
+    /// misaligned pointers where nothing else can take them; [`Error::Unsupported`] when no backend
+    /// built here can serve it (saying why); [`Error::Config`] for NCCL forced in
+    /// deterministic mode.
+    pub(crate) fn device(&self, req: &Request) -> Result<Plan> {
+        match req.forced.or(self.forced) {
+            Some(algo) => {
+                self.check_forced(algo, req)?;
+                self.plan_of(algo, req, "forced")
+            }
+            None => {
+                let (algo, reason) = self.choose(req)?;
+                self.plan_of(algo, req, reason)
+            }
+        }
+    }
+
+    /// The unforced choice and its reason.
+    fn choose(&self, req: &Request) -> Result<(Algo, &'static str)> {
+        let s = req.shape;
+        let nccl = req.caps.has(BackendKind::Nccl, Group::World) && !self.deterministic;
+        if s.world == 1 {
+            return Ok((Algo::Copy, "one rank"));
+        }
+        let ipc = req.caps.has(BackendKind::Custom, Group::Node);
+        if s.nodes > 1 {
+            let cross = req.caps.has(BackendKind::Nccl, Group::Cross);
+            if ipc && cross && req.aligned && !self.deterministic && req.bytes() <= self.custom_max_bytes {
+                return Ok((Algo::Hierarchical, "the ranks span several nodes"));
+            }
+            if nccl {
+                return Ok((Algo::Nccl, "the ranks span several nodes"));
+            }
+            return Err(self.no_backend(req, "the ranks span several nodes"));
+        }
+        if !ipc || !req.aligned {
+            let why = if !ipc {
+                "the IPC kernels cannot run on this layout"
+            } else {
+                "the pointers are not 16-byte aligned, as the IPC kernels need"
+            };
+            if nccl {
+                return Ok((Algo::Nccl, why));
+            }
+            if ipc && !req.aligned {
+                return Err(misaligned("all_reduce", req));
+            }
+            return Err(self.no_backend(req, why));
+        }
+        Ok(match self.within_node(req.bytes(), req.caps) {
+            Some(algo) => (algo, "size"),
+            None if nccl => (Algo::Nccl, "over TPCOMM_CUSTOM_MAX_BYTES"),
+            None if self.deterministic => (Algo::Chunked, "deterministic, over TPCOMM_CUSTOM_MAX_BYTES"),
+            None => (Algo::Chunked, "over TPCOMM_CUSTOM_MAX_BYTES, and NCCL is not available"),
+        })
+    }
+
+    /// The IPC algorithm for `bytes` among the ranks of one node, `None` above the IPC limit.
+    fn within_node(&self, bytes: usize, caps: &Caps) -> Option<Algo> {
+        if bytes <= self.packet_max_bytes && caps.has(BackendKind::Packet, Group::Node) {
+            Some(Algo::Packet)
+        } else if bytes <= self.oneshot_max_bytes.min(self.custom_max_bytes) {
+            Some(Algo::OneShot)
+        } else if bytes <= self.custom_max_bytes {
+            Some(Algo::TwoShot)
+        } else {
+            None
+        }
+    }
+
+    /// The error for a call no built backend can serve.
+    fn no_backend(&self, req: &Request, why: &str) -> Error {
+        if self.deterministic {
+            return Error::Unsupported {
+                what: "deterministic allreduce of device memory".into(),
+                reason: format!(
+                    "{why}, and NCCL, which would serve it, does not sum in a fixed rank order; unset \
+                     TPCOMM_DETERMINISTIC, or reduce host copies of the data (host memory is deterministic)"
+                ),
+            };
+        }
+        Error::Unsupported {
+            what: "allreduce of device memory".into(),
+            reason: format!("{why}, and NCCL cannot run here: {}", req.caps.why_missing(BackendKind::Nccl)),
+        }
+    }
+
+    /// Whether a forced `algo` can serve `req`: the same verdict on every rank.
+    fn check_forced(&self, algo: Algo, req: &Request) -> Result<()> {
+        let info = algo.info();
+        let what = || format!("forced algorithm {algo} (TPCOMM_ALGO or CallOptions)");
+        if info.memory != Memory::Device {
+            return Err(Error::usage(
+                what(),
+                format!(
+                    "{algo} reduces host memory; on device memory pick one of {} or unset TPCOMM_ALGO",
+                    Algo::names_for(Memory::Device)
+                ),
+            ));
+        }
+        if !info.rank_order && self.deterministic {
+            return Err(Error::Config {
+                key: "TPCOMM_ALGO",
+                value: algo.to_string(),
+                expected: "another algorithm (or auto) while TPCOMM_DETERMINISTIC=1: NCCL does not sum in a \
+                           fixed rank order"
+                    .into(),
+            });
+        }
+        let s = req.shape;
+        let span_problem = match info.span {
+            Span::One if s.world != 1 => Some(format!("{algo} serves one rank, and there are {}", s.world)),
+            Span::Node if s.nodes > 1 => Some(format!(
+                "{algo} reduces among the ranks of one node and the ranks span {} nodes; use hier or nccl",
+                s.nodes
+            )),
+            Span::Nodes if s.nodes == 1 => Some(format!("{algo} serves ranks on several nodes, and all are on one")),
+            _ => None,
+        };
+        if let Some(detail) = span_problem {
+            return Err(Error::usage(what(), detail));
+        }
+        let needs: &[(BackendKind, Group)] = match algo {
+            Algo::Chunked => &[(BackendKind::Custom, Group::Node)],
+            Algo::Hierarchical => &[(BackendKind::Custom, Group::Node), (BackendKind::Nccl, Group::Cross)],
+            _ => match info.backend {
+                Some(BackendKind::Nccl) => &[(BackendKind::Nccl, Group::World)],
+                Some(BackendKind::Custom) => &[(BackendKind::Custom, Group::Node)],
+                Some(BackendKind::Packet) => &[(BackendKind::Packet, Group::Node)],
+                _ => &[],
+            },
+        };
+        if let Some(&(kind, _)) = needs.iter().find(|(k, g)| !req.caps.has(*k, *g)) {
+            return Err(Error::Unsupported { what: what(), reason: req.caps.why_missing(kind).to_string() });
+        }
+        if info.align > 1 && !req.aligned {
+            return Err(misaligned("all_reduce", req));
+        }
+        let limit = match info.backend {
+            Some(BackendKind::Packet) => Some((self.packet_buffer_bytes, "TPCOMM_PACKET_BUFFER_BYTES")),
+            Some(BackendKind::Custom) => Some((self.custom_max_bytes, "TPCOMM_CUSTOM_MAX_BYTES")),
+            _ => None,
+        };
+        if let Some((max, key)) = limit.filter(|(max, _)| req.bytes() > *max) {
+            // The same verdict on every rank (the sizes match, or the call is a mismatch anyway).
+            return Err(Error::usage(
+                what(),
+                format!("{} bytes exceed the {max} bytes {algo} serves (raise {key})", req.bytes()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The steps of `algo` for `req`.
+    fn plan_of(&self, algo: Algo, req: &Request, reason: &'static str) -> Result<Plan> {
+        let len = req.len;
+        let steps = match algo {
+            Algo::Copy => vec![Step { op: Op::Copy, range: 0..len }],
+            Algo::Chunked => self.node_steps(req, Src::Input),
+            Algo::Hierarchical => {
+                let s = req.shape;
+                let shard =
+                    crate::hierarchy::shard_ranges(len, s.min_ranks_per_node, s.ranks_per_node)[s.local_rank].clone();
+                // 1. The node's partial sums (rank order within the node) into the output.
+                let mut steps = self.node_steps(req, Src::Input);
+                // 2. My shard summed across nodes, in place.
+                if !shard.is_empty() {
+                    let op = Op::Reduce { algo: Algo::Nccl, group: Group::Cross, src: Src::Output };
+                    steps.push(Step { op, range: shard.clone() });
+                }
+                // 3. Gather: every element but my shard zeroed, then a node sum in place gives
+                //    every element its owner's value (x + 0 = x; a -0 comes out +0).
+                for range in [0..shard.start, shard.end..len] {
+                    if !range.is_empty() {
+                        steps.push(Step { op: Op::Zero, range });
+                    }
+                }
+                steps.extend(self.node_steps(req, Src::Output));
+                steps
+            }
+            _ => {
+                let group = if algo == Algo::Nccl { Group::World } else { Group::Node };
+                vec![Step { op: Op::Reduce { algo, group, src: Src::Input }, range: 0..len }]
+            }
+        };
+        Ok(Plan { algo, steps, reason })
+    }
+
+    /// A node-wide reduction of the whole call with the IPC kernels, in chunks of at most
+    /// `custom_max_bytes` cut at 16-byte multiples (every chunk keeps the alignment of the
+    /// whole; every element is summed in rank order by its chunk's kernel, so the bits are those
+    /// of one unchunked call).
+    fn node_steps(&self, req: &Request, src: Src) -> Vec<Step> {
+        let size = req.dtype.size();
+        let align = crate::runtime::protocol::ALIGN;
+        let chunk = (self.custom_max_bytes / align * align / size).max(1);
+        let mut steps = Vec::with_capacity(req.len.div_ceil(chunk).max(1));
+        let mut start = 0;
+        loop {
+            let end = (start + chunk).min(req.len);
+            let algo = self.within_node((end - start) * size, req.caps).unwrap_or(Algo::TwoShot);
+            steps.push(Step { op: Op::Reduce { algo, group: Group::Node, src }, range: start..end });
+            start = end;
+            if start >= req.len {
+                return steps;
+            }
+        }
+    }
+}
+
+fn misaligned(op: &'static str, req: &Request) -> Error {
+    let align = crate::runtime::protocol::ALIGN;
+    Error::invalid(
+        op,
+        format!(
+            "input and output must be {align}-byte aligned for the IPC kernels, and NCCL, which takes any \
+             alignment, is not available here (offset views by a multiple of {} elements)",
+            align / req.dtype.size()
+        ),
+    )
+}
+
+impl fmt::Display for DispatchTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(algo) = self.forced {
+            return writeln!(f, "# every call: {algo} (forced by TPCOMM_ALGO)");
+        }
+        writeln!(f, "# host memory:   bytes <= {:>10}: {}", self.host_oneshot_max_bytes, Algo::HostOneShot)?;
+        writeln!(f, "# host memory:   bytes >  {:>10}: {}", self.host_oneshot_max_bytes, Algo::HostTwoShot)?;
+        writeln!(f, "# device memory: one rank: {} (no kernel)", Algo::Copy)?;
+        writeln!(f, "# device memory: bytes <= {:>10}: {}", self.packet_max_bytes, Algo::Packet)?;
+        writeln!(f, "# device memory: bytes <= {:>10}: {}", self.oneshot_max_bytes, Algo::OneShot)?;
+        writeln!(f, "# device memory: bytes <= {:>10}: {}", self.custom_max_bytes, Algo::TwoShot)?;
+        if self.deterministic {
+            writeln!(
+                f,
+                "# device memory: bytes >  {:>10}: {} (deterministic: custom kernels in chunks of at most {} bytes)",
+                self.custom_max_bytes,
+                Algo::Chunked,
+                self.custom_max_bytes
+            )?;
+            writeln!(f, "# device memory: several nodes or no P2P: unsupported (deterministic mode never uses NCCL)")
+        } else {
+            writeln!(
+                f,
+                "# device memory: bytes >  {:>10}: {} ({} where NCCL cannot run)",
+                self.custom_max_bytes,
+                Algo::Nccl,
+                Algo::Chunked
+            )?;
+            writeln!(
+                f,
+                "# device memory: several nodes: bytes <= {:>10}: {} (IPC kernels in each node, NCCL between), \
+                 larger: {}",
+                self.custom_max_bytes,
+                Algo::Hierarchical,
+                Algo::Nccl
+            )?;
+            writeln!(f, "# device memory: no P2P or misaligned pointers: {} (any size)", Algo::Nccl)
+        }
+    }
+}
+
+/// The crossover of two algorithms from timings over increasing `sizes`: the limit `t`
+/// (0 or one of `sizes`) such that using `first` up to `t` and `second` above costs the least
+/// summed time relative to the faster of the two at each size. A single noisy size cannot cut
+/// the range short, and every size counts alike whatever its absolute time.
+pub(crate) fn crossover(sizes: &[usize], first: &[f64], second: &[f64]) -> usize {
+    let rel = |i: usize, t: f64| t / first[i].min(second[i]).max(f64::MIN_POSITIVE);
+    (0..=sizes.len())
+        .map(|k| {
+            let cost: f64 = (0..sizes.len()).map(|i| if i < k { rel(i, first[i]) } else { rel(i, second[i]) }).sum();
+            (if k == 0 { 0 } else { sizes[k - 1] }, cost)
+        })
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .map_or(0, |(limit, _)| limit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caps(kinds: &[(BackendKind, Group)]) -> Caps {
+        let mut c = Caps::none();
+        for &(k, g) in kinds {
+            c.add(k, g);
+        }
+        c.set_missing(BackendKind::Nccl, "ranks share a GPU");
+        c.set_missing(BackendKind::Custom, "no P2P between the GPUs");
+        c
+    }
+
+    fn all() -> Caps {
+        caps(&[
+            (BackendKind::Custom, Group::Node),
+            (BackendKind::Packet, Group::Node),
+            (BackendKind::Nccl, Group::World),
+            (BackendKind::Nccl, Group::Cross),
+        ])
+    }
+
+    fn ipc_only() -> Caps {
+        caps(&[(BackendKind::Custom, Group::Node), (BackendKind::Packet, Group::Node)])
+    }
+
+    fn req(caps: &Caps, bytes: usize, shape: Shape) -> Request<'_> {
+        Request { len: bytes / 2, dtype: DType::BF16, shape, caps, aligned: true, forced: None }
+    }
+
+    fn table(config: Config, world: usize) -> DispatchTable {
+        DispatchTable::new(&Config { custom_max_bytes: 8 << 20, ..config }, world)
+    }
+
+    fn one(algo: Algo, group: Group, len: usize) -> Vec<Step> {
+        vec![Step { op: Op::Reduce { algo, group, src: Src::Input }, range: 0..len }]
+    }
+
+    #[test]
+    fn crossover_minimises_the_summed_relative_time() {
+        let sizes = [4096, 8192, 16384, 32768];
+        assert_eq!(crossover(&sizes, &[1.0, 2.0, 3.0, 9.0], &[1.5, 2.5, 2.95, 4.0]), 8192);
+        // One noisy size where the second wins does not end the first's range early.
+        assert_eq!(crossover(&sizes, &[1.0, 1.05, 1.0, 9.0], &[2.0, 1.0, 2.0, 4.0]), 16384);
+        assert_eq!(crossover(&sizes, &[2.0, 2.0, 2.0, 2.0], &[1.0, 1.0, 1.0, 1.0]), 0);
+        assert_eq!(crossover(&sizes, &[1.0; 4], &[2.0; 4]), 32768);
+    }
+
+    #[test]
+    fn host_sizes_pick_by_threshold_and_forced_device_algorithms_are_refused() {
+        let t = DispatchTable::new(&Config { host_oneshot_max_bytes: Some(1000), ..Config::default() }, 4);
+        assert_eq!(t.host(250, DType::F32, None).unwrap(), Algo::HostOneShot);
+        assert_eq!(t.host(251, DType::F32, None).unwrap(), Algo::HostTwoShot);
+        assert_eq!(t.host(251, DType::F32, Some(Algo::HostOneShot)).unwrap(), Algo::HostOneShot);
+        let err = t.host(8, DType::F32, Some(Algo::OneShot)).unwrap_err();
+        assert!(matches!(err, Error::InvalidUsage { .. }) && err.to_string().contains("host_twoshot"), "{err}");
+        assert_eq!(DispatchTable::new(&Config::default(), 2).host_oneshot_max_bytes, 256 << 10);
+        assert_eq!(DispatchTable::new(&Config::default(), 8).host_oneshot_max_bytes, 64 << 10);
+    }
+
+    #[test]
+    fn one_node_sizes_follow_the_world_size() {
+        let c = all();
+        for (world, packet, oneshot) in [(2, 64 << 10, 512 << 10), (4, 32 << 10, 512 << 10), (8, 16 << 10, 256 << 10)] {
+            let t = table(Config::default(), world);
+            let s = Shape::one_node(world, 0);
+            let algo = |bytes| t.device(&req(&c, bytes, s)).unwrap().algo;
+            assert_eq!(algo(0), Algo::Packet);
+            assert_eq!(algo(packet), Algo::Packet);
+            assert_eq!(algo(packet + 2), Algo::OneShot);
+            assert_eq!(algo(oneshot), Algo::OneShot);
+            assert_eq!(algo(oneshot + 2), Algo::TwoShot);
+            assert_eq!(algo(8 << 20), Algo::TwoShot);
+            assert_eq!(algo((8 << 20) + 2), Algo::Nccl);
+        }
+        let env = table(Config { oneshot_max_bytes: Some(1 << 20), ..Config::default() }, 8);
+        assert_eq!(env.device(&req(&c, 1 << 20, Shape::one_node(8, 0))).unwrap().algo, Algo::OneShot);
+        // The packet override is capped by the buffer the packet kernels have.
+        let big = Config { packet_max_bytes: Some(4 << 20), packet_buffer_bytes: 1 << 20, ..Config::default() };
+        assert_eq!(DispatchTable::new(&big, 2).packet_max_bytes, 1 << 20);
+        // One rank copies, whatever the size.
+        let t = table(Config::default(), 1);
+        for bytes in [0, 4096, 64 << 20] {
+            let p = t.device(&req(&c, bytes, Shape::one_node(1, 0))).unwrap();
+            assert_eq!(p.steps, vec![Step { op: Op::Copy, range: 0..bytes / 2 }]);
+        }
+    }
+
+    #[test]
+    fn plans_are_steps_of_backend_algorithms() {
+        let c = all();
+        let t = table(Config::default(), 4);
+        let s = Shape::one_node(4, 2);
+        assert_eq!(t.device(&req(&c, 4096, s)).unwrap().steps, one(Algo::Packet, Group::Node, 2048));
+        assert_eq!(t.device(&req(&c, 16 << 20, s)).unwrap().steps, one(Algo::Nccl, Group::World, 8 << 20));
+    }
+
+    #[test]
+    fn misaligned_pointers_and_missing_ipc_go_to_nccl_or_fail_clearly() {
+        let c = all();
+        let t = table(Config::default(), 4);
+        let s = Shape::one_node(4, 0);
+        let misaligned = Request { aligned: false, ..req(&c, 4096, s) };
+        let p = t.device(&misaligned).unwrap();
+        assert_eq!((p.algo, p.reason), (Algo::Nccl, "the pointers are not 16-byte aligned, as the IPC kernels need"));
+        let ipc = ipc_only();
+        let err = t.device(&Request { aligned: false, ..req(&ipc, 4096, s) }).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument { .. }) && err.to_string().contains("16-byte"), "{err}");
+        let nccl = caps(&[(BackendKind::Nccl, Group::World)]);
+        for bytes in [0, 16, 512 << 10, 64 << 20] {
+            assert_eq!(t.device(&req(&nccl, bytes, s)).unwrap().algo, Algo::Nccl);
+        }
+        let err = t.device(&req(&Caps::none(), 64, s)).unwrap_err();
+        assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+    }
+
+    #[test]
+    fn without_nccl_large_messages_go_chunked() {
+        let c = ipc_only();
+        let t = table(Config::default(), 4);
+        let s = Shape::one_node(4, 0);
+        assert_eq!(t.device(&req(&c, 512 << 10, s)).unwrap().algo, Algo::OneShot);
+        let p = t.device(&req(&c, (20 << 20) + 6, s)).unwrap();
+        assert_eq!(p.algo, Algo::Chunked);
+        let chunk = 4 << 20; // 8 MiB of bf16
+        let ranges: Vec<_> = p.steps.iter().map(|st| st.range.clone()).collect();
+        assert_eq!(ranges, vec![0..chunk, chunk..2 * chunk, 2 * chunk..(10 << 20) + 3]);
+        let algos: Vec<_> = p.steps.iter().map(|st| st.op).collect();
+        let op = |algo| Op::Reduce { algo, group: Group::Node, src: Src::Input };
+        assert_eq!(algos, vec![op(Algo::TwoShot), op(Algo::TwoShot), op(Algo::TwoShot)]);
+        // A short last chunk is chosen as an unforced call of its size would be.
+        let p = t.device(&req(&c, (8 << 20) + 1000, s)).unwrap();
+        assert_eq!(p.steps[1].op, op(Algo::Packet));
+        assert_eq!(p.steps[1].range, (4 << 20)..(4 << 20) + 500);
+    }
+
+    #[test]
+    fn deterministic_mode_never_chooses_nccl() {
+        let c = all();
+        let t = table(Config { deterministic: true, ..Config::default() }, 4);
+        let s = Shape::one_node(4, 0);
+        assert_eq!(t.device(&req(&c, 8 << 20, s)).unwrap().algo, Algo::TwoShot);
+        for bytes in [(8 << 20) + 2, 64 << 20] {
+            assert_eq!(t.device(&req(&c, bytes, s)).unwrap().algo, Algo::Chunked, "{bytes}");
+        }
+        let err = t.device(&Request { aligned: false, ..req(&c, 64, s) }).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
+        let nodes = Shape { nodes: 2, ranks_per_node: 2, min_ranks_per_node: 2, ..s };
+        let err = t.device(&req(&c, 64, nodes)).unwrap_err();
+        assert!(err.to_string().contains("TPCOMM_DETERMINISTIC"), "{err}");
+        let nccl = caps(&[(BackendKind::Nccl, Group::World)]);
+        let err = t.device(&req(&nccl, 64, s)).unwrap_err();
+        assert!(matches!(err, Error::Unsupported { .. }) && err.to_string().contains("deterministic"), "{err}");
+    }
+
+    #[test]
+    fn several_nodes_take_the_hierarchy_as_steps() {
+        let c = all();
+        let t = table(Config::default(), 4);
+        // 4 ranks on 2 nodes, this rank local 1 of 2: it owns the second half.
+        let s = Shape { world: 4, nodes: 2, local_rank: 1, ranks_per_node: 2, min_ranks_per_node: 2 };
+        let p = t.device(&req(&c, 4000, s)).unwrap();
+        assert_eq!(p.algo, Algo::Hierarchical);
+        let node = |src| Op::Reduce { algo: Algo::Packet, group: Group::Node, src };
+        assert_eq!(
+            p.steps,
+            vec![
+                Step { op: node(Src::Input), range: 0..2000 },
+                Step { op: Op::Reduce { algo: Algo::Nccl, group: Group::Cross, src: Src::Output }, range: 1000..2000 },
+                Step { op: Op::Zero, range: 0..1000 },
+                Step { op: node(Src::Output), range: 0..2000 },
+            ]
+        );
+        // Flat NCCL above the IPC limit; NCCL alone where the nodes have no IPC kernels.
+        assert_eq!(t.device(&req(&c, (8 << 20) + 2, s)).unwrap().algo, Algo::Nccl);
+        let nccl = caps(&[(BackendKind::Nccl, Group::World)]);
+        assert_eq!(t.device(&req(&nccl, 64, s)).unwrap().algo, Algo::Nccl);
+        // A local rank beyond the smallest node owns no shard: it zeroes everything.
+        let uneven = Shape { world: 5, nodes: 2, local_rank: 2, ranks_per_node: 3, min_ranks_per_node: 2 };
+        let p = t.device(&req(&c, 4000, uneven)).unwrap();
+        assert!(p.steps.iter().all(|st| !matches!(st.op, Op::Reduce { group: Group::Cross, .. })));
+        assert!(p.steps.contains(&Step { op: Op::Zero, range: 0..2000 }));
+    }
+
+    #[test]
+    fn forced_algorithms_are_checked_against_the_call_on_every_rank() {
+        let c = all();
+        let s = Shape::one_node(4, 0);
+        let forced = |algo, r: Request| table(Config::default(), 4).device(&Request { forced: Some(algo), ..r });
+        // Copy with several ranks would return each rank's own input.
+        let err = forced(Algo::Copy, req(&c, 64, s)).unwrap_err();
+        assert!(matches!(err, Error::InvalidUsage { .. }) && err.to_string().contains("one rank"), "{err}");
+        let err = forced(Algo::HostOneShot, req(&c, 64, s)).unwrap_err();
+        assert!(matches!(err, Error::InvalidUsage { .. }), "{err}");
+        let err = forced(Algo::Hierarchical, req(&c, 64, s)).unwrap_err();
+        assert!(matches!(err, Error::InvalidUsage { .. }), "{err}");
+        let nodes = Shape { nodes: 2, ranks_per_node: 2, min_ranks_per_node: 2, ..s };
+        let err = forced(Algo::OneShot, req(&c, 64, nodes)).unwrap_err();
+        assert!(matches!(err, Error::InvalidUsage { .. }) && err.to_string().contains("hier or nccl"), "{err}");
+        // Sizes and alignment the kernels cannot take.
+        let err = forced(Algo::Packet, req(&c, (1 << 20) + 16, s)).unwrap_err();
+        assert!(matches!(err, Error::InvalidUsage { .. }) && err.to_string().contains("PACKET_BUFFER"), "{err}");
+        let err = forced(Algo::TwoShot, req(&c, (8 << 20) + 16, s)).unwrap_err();
+        assert!(err.to_string().contains("TPCOMM_CUSTOM_MAX_BYTES"), "{err}");
+        let err = forced(Algo::OneShot, Request { aligned: false, ..req(&c, 64, s) }).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
+        // A backend that is not there, with its reason.
+        let err = forced(Algo::Nccl, req(&ipc_only(), 64, s)).unwrap_err();
+        assert!(matches!(err, Error::Unsupported { .. }) && err.to_string().contains("share a GPU"), "{err}");
+        // What can serve the call is served, unchunked, any size for NCCL.
+        assert_eq!(forced(Algo::Nccl, req(&c, 1 << 30, s)).unwrap().steps, one(Algo::Nccl, Group::World, 1 << 29));
+        assert_eq!(forced(Algo::Lamport, req(&c, 4096, s)).unwrap().steps, one(Algo::Lamport, Group::Node, 2048));
+        assert_eq!(forced(Algo::Chunked, req(&c, 4096, s)).unwrap().algo, Algo::Chunked);
+        let one_rank = table(Config::default(), 1)
+            .device(&Request { forced: Some(Algo::Lamport), ..req(&c, 4096, Shape::one_node(1, 0)) });
+        assert_eq!(one_rank.unwrap().algo, Algo::Lamport);
+        // NCCL forced in deterministic mode (a Config built in code, past Config::validate).
+        let det = table(Config { algo: Some(Algo::Nccl), deterministic: true, ..Config::default() }, 4);
+        let err = det.device(&req(&c, 64, s)).unwrap_err();
+        assert!(matches!(err, Error::Config { .. }) && err.to_string().contains("TPCOMM_DETERMINISTIC"), "{err}");
+    }
+
+    #[test]
+    fn the_printed_table_names_the_nccl_and_deterministic_rows() {
+        let text = table(Config::default(), 4).to_string();
+        assert!(text.contains("nccl") && text.contains("no P2P or misaligned pointers: nccl"), "{text}");
+        assert!(text.contains("hier"), "{text}");
+        let text = table(Config { deterministic: true, ..Config::default() }, 4).to_string();
+        assert!(text.contains("chunked") && text.contains("unsupported") && !text.contains(": nccl"), "{text}");
+    }
+}

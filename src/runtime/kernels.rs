@@ -1,0 +1,131 @@
+//! Kernel sources compiled at run time, embedded in the library so binaries need no files.
+//!
+//! Each family is `kernels/common.cuh` followed by the family's own file, compiled with the
+//! family's protocol defines for one world size. Entry points are named `{algorithm}_{dtype}`
+//! (`oneshot_bf16`), the one naming rule both the `.cu` files and the backends follow.
+
+use crate::dtype::DType;
+
+/// One kernel family: a `.cu` file and the algorithms it holds.
+#[derive(Debug)]
+pub(crate) struct Family {
+    /// Family name (cache file names, error messages).
+    pub name: &'static str,
+    /// The whole source, `common.cuh` first.
+    pub source: &'static str,
+    /// Algorithm part of every entry point.
+    pub algos: &'static [&'static str],
+    /// The NVRTC `-D` options for a module serving `world` ranks.
+    pub defines: fn(usize) -> Vec<String>,
+}
+
+/// The dtypes every family has kernels for.
+pub(crate) const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
+/// `kernels/custom_allreduce.cu`: one-shot and two-shot.
+pub(crate) const CUSTOM: Family = Family {
+    name: "custom_allreduce",
+    source: concat!(include_str!("../../kernels/common.cuh"), include_str!("../../kernels/custom_allreduce.cu")),
+    algos: &["oneshot", "twoshot"],
+    defines: super::protocol::defines,
+};
+
+/// `kernels/packet_allreduce.cu`: LL packets (all-pairs and two-phase) and Lamport push.
+pub(crate) const PACKET: Family = Family {
+    name: "packet_allreduce",
+    source: concat!(include_str!("../../kernels/common.cuh"), include_str!("../../kernels/packet_allreduce.cu")),
+    algos: &["packet", "packet2", "lamport"],
+    defines: super::protocol::packet_defines,
+};
+
+/// Every family, for the compile checks.
+pub(crate) const FAMILIES: [&Family; 2] = [&CUSTOM, &PACKET];
+
+/// The oldest GPU architecture the kernels compile for: they use `cvt.rn.bf16.f32` and
+/// system-scope acquire/release, which need sm_80. Older GPUs get no IPC kernels (NCCL serves
+/// them) instead of a compile error.
+pub(crate) const MIN_ARCH: (i32, i32) = (8, 0);
+
+/// The entry point of `algo` for `dtype`, `None` for dtypes without kernels.
+pub(crate) fn entry(algo: &str, dtype: DType) -> Option<String> {
+    let suffix = match dtype {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        DType::F64 => return None,
+    };
+    Some(format!("{algo}_{suffix}"))
+}
+
+/// The error for a dtype a family has no kernel for.
+pub(crate) fn unsupported_dtype(family: &str, dtype: DType) -> crate::Error {
+    crate::Error::Unsupported {
+        what: format!("{family} of {dtype}"),
+        reason: "the kernels reduce float, half and bfloat16 (NCCL serves double where it can run)".into(),
+    }
+}
+
+/// The functions of `kinds` (each named by `name`) for every dtype, loaded from `module`.
+///
+/// # Errors
+/// [`crate::Error::Cuda`] when an entry point is missing from the module.
+pub(crate) fn load_functions<K: Copy + Eq + std::hash::Hash>(
+    module: &std::sync::Arc<cudarc::driver::CudaModule>,
+    kinds: &[K],
+    name: fn(K) -> &'static str,
+) -> crate::Result<std::collections::HashMap<(K, DType), cudarc::driver::CudaFunction>> {
+    let mut funcs = std::collections::HashMap::new();
+    for &k in kinds {
+        for dtype in DTYPES {
+            let entry = entry(name(k), dtype).ok_or_else(|| unsupported_dtype(name(k), dtype))?;
+            let f = module.load_function(&entry).map_err(super::cuda("cuModuleGetFunction"))?;
+            funcs.insert((k, dtype), f);
+        }
+    }
+    Ok(funcs)
+}
+
+/// The IPC kernels need sm_80 or newer (bf16 conversions and system-scope acquire/release).
+///
+/// # Errors
+/// [`crate::Error::Unsupported`] naming the GPU's architecture on older GPUs, before anything is
+/// compiled, so the dispatch sends their calls to NCCL.
+pub(crate) fn check_arch(ctx: &cudarc::driver::CudaContext, what: &str) -> crate::Result<()> {
+    let cc = ctx.compute_capability().map_err(super::cuda("cuDeviceGetAttribute(compute capability)"))?;
+    if cc < MIN_ARCH {
+        return Err(crate::Error::Unsupported {
+            what: what.into(),
+            reason: format!(
+                "the GPU is sm_{}{} and the IPC kernels need sm_{}{} or newer",
+                cc.0, cc.1, MIN_ARCH.0, MIN_ARCH.1
+            ),
+        });
+    }
+    Ok(())
+}
+
+impl Family {
+    /// Every entry point of the family.
+    pub(crate) fn entries(&self) -> Vec<String> {
+        self.algos.iter().flat_map(|a| DTYPES.iter().filter_map(move |&d| entry(a, d))).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_follow_the_naming_rule_and_exist_in_the_sources() {
+        assert_eq!(
+            CUSTOM.entries(),
+            ["oneshot_f32", "oneshot_f16", "oneshot_bf16", "twoshot_f32", "twoshot_f16", "twoshot_bf16"]
+        );
+        assert_eq!(entry("lamport", DType::F64), None);
+        for family in FAMILIES {
+            for e in family.entries() {
+                assert!(family.source.contains(&format!("({e},")), "{}: no entry {e} in the source", family.name);
+            }
+        }
+    }
+}
