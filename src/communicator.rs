@@ -404,7 +404,7 @@ impl Communicator {
     /// As the call itself would fail in dispatch; [`Error::InvalidUsage`] before `init_device`.
     pub fn device_algo<T: Element>(&self, len: usize) -> Result<Algo> {
         let table = self.table.borrow().clone();
-        self.with_device(|d| d.plan(&self.boot, &table, len, T::DTYPE, true, None).map(|p| p.algo))
+        self.with_device(|d| d.plan(&self.boot, &table, len, T::DTYPE, true, false, None).map(|p| p.algo))
     }
 
     /// Sum `input` over all ranks into `output` (device memory: f32, f16 or bf16; f64 through

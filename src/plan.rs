@@ -138,6 +138,8 @@ pub(crate) struct Request<'a> {
     pub caps: &'a Caps,
     /// Input and output pointers are aligned as the IPC kernels need (16 bytes).
     pub aligned: bool,
+    /// The output is the input (one-shot then stages the input: a copy more).
+    pub in_place: bool,
     /// An algorithm the caller forced for this call (over the configuration's).
     pub forced: Option<Algo>,
 }
@@ -155,6 +157,7 @@ pub struct DispatchTable {
     pub(crate) host_oneshot_max_bytes: usize,
     pub(crate) packet_max_bytes: usize,
     pub(crate) oneshot_max_bytes: usize,
+    pub(crate) inplace_oneshot_max_bytes: usize,
     pub(crate) custom_max_bytes: usize,
     pub(crate) packet_buffer_bytes: usize,
     pub(crate) deterministic: bool,
@@ -166,28 +169,45 @@ pub struct DispatchTable {
 /// 256 KiB (bench/RESULTS.md), and one-shot's reads grow with `n`.
 const HOST_ONESHOT_BYTES_TIMES_RANKS: usize = 512 << 10;
 
-/// Largest device message reduced one-shot for `world` ranks: one-shot reads (n-1)*S per rank
-/// against two-shot's ~2(n-1)/n*S plus a second barrier, so the crossover falls as n grows
-/// (H100 NVLink figures of ALGORITHMS.md: 512 KiB at n <= 4, 256 KiB at n = 8).
+/// Largest device message reduced one-shot (out of place) for `world` ranks. One-shot reads
+/// (n-1)*S per rank against two-shot's ~2(n-1)/n*S plus a second barrier, so the crossover falls
+/// as n grows. Measured on one H200 shared by all ranks (bench/RESULTS.md, "Thresholds"): at 2
+/// ranks one-shot wins at every size to 16 MiB (4 MiB: 10.3 us against 14.8), at 4 ranks up to
+/// 1 MiB, at 8 up to 256 KiB. On GPUs of their own the NVLink reads shift it: `tune()` measures.
 pub(crate) const fn oneshot_max_bytes(world: usize) -> usize {
-    if world <= 4 {
-        512 << 10
+    if world <= 2 {
+        usize::MAX
+    } else if world <= 4 {
+        1 << 20
     } else {
         256 << 10
     }
 }
 
+/// The same for calls in place, where one-shot first copies its input into the staging buffer
+/// (a peer still reads it while the output is written): measured, 2 MiB at 2 ranks, 128 KiB at
+/// 4, 64 KiB at 8.
+pub(crate) const fn inplace_oneshot_max_bytes(world: usize) -> usize {
+    if world <= 2 {
+        2 << 20
+    } else if world <= 4 {
+        128 << 10
+    } else {
+        64 << 10
+    }
+}
+
 /// Largest device message reduced by packets for `world` ranks. All-pairs packets push
 /// `(n - 1) * 2 * S` bytes per rank (the flags double it) but skip one-shot's two barriers; on
-/// one H100 shared by all ranks they beat one-shot up to 64 KiB at 2 ranks, 32 KiB at 4 and
-/// 16 KiB at 8 (bench/RESULTS.md).
+/// one H200 shared by all ranks they beat one-shot up to 128 KiB at 2 ranks (3.9 us against
+/// 5.0), 64 KiB at 4 and 32 KiB at 8 (bench/RESULTS.md, "Thresholds").
 pub(crate) const fn packet_max_bytes(world: usize) -> usize {
     if world <= 2 {
-        64 << 10
+        128 << 10
     } else if world <= 4 {
-        32 << 10
+        64 << 10
     } else {
-        16 << 10
+        32 << 10
     }
 }
 
@@ -203,6 +223,7 @@ impl DispatchTable {
                 .unwrap_or(packet_max_bytes(world_size))
                 .min(config.packet_buffer_bytes),
             oneshot_max_bytes: config.oneshot_max_bytes.unwrap_or(oneshot_max_bytes(world_size)),
+            inplace_oneshot_max_bytes: config.oneshot_max_bytes.unwrap_or(inplace_oneshot_max_bytes(world_size)),
             custom_max_bytes: config.custom_max_bytes,
             packet_buffer_bytes: config.packet_buffer_bytes,
             deterministic: config.deterministic,
@@ -310,7 +331,7 @@ impl DispatchTable {
             }
             return Err(self.no_backend(req, why));
         }
-        Ok(match self.within_node(req.bytes(), req.caps) {
+        Ok(match self.within_node(req.bytes(), req.caps, req.in_place) {
             Some(algo) => (algo, "size"),
             None if nccl => (Algo::Nccl, "over TPCOMM_CUSTOM_MAX_BYTES"),
             None if self.deterministic => (Algo::Chunked, "deterministic, over TPCOMM_CUSTOM_MAX_BYTES"),
@@ -319,10 +340,11 @@ impl DispatchTable {
     }
 
     /// The IPC algorithm for `bytes` among the ranks of one node, `None` above the IPC limit.
-    fn within_node(&self, bytes: usize, caps: &Caps) -> Option<Algo> {
+    fn within_node(&self, bytes: usize, caps: &Caps, in_place: bool) -> Option<Algo> {
+        let oneshot = if in_place { self.inplace_oneshot_max_bytes } else { self.oneshot_max_bytes };
         if bytes <= self.packet_max_bytes && caps.has(BackendKind::Packet, Group::Node) {
             Some(Algo::Packet)
-        } else if bytes <= self.oneshot_max_bytes.min(self.custom_max_bytes) {
+        } else if bytes <= oneshot.min(self.custom_max_bytes) {
             Some(Algo::OneShot)
         } else if bytes <= self.custom_max_bytes {
             Some(Algo::TwoShot)
@@ -461,7 +483,9 @@ impl DispatchTable {
         let mut start = 0;
         loop {
             let end = (start + chunk).min(req.len);
-            let algo = self.within_node((end - start) * size, req.caps).unwrap_or(Algo::TwoShot);
+            // Node steps reading the output (the hierarchy's second pass) are in place.
+            let in_place = req.in_place || src == Src::Output;
+            let algo = self.within_node((end - start) * size, req.caps, in_place).unwrap_or(Algo::TwoShot);
             steps.push(Step { op: Op::Reduce { algo, group: Group::Node, src }, range: start..end });
             start = end;
             if start >= req.len {
@@ -492,7 +516,14 @@ impl fmt::Display for DispatchTable {
         writeln!(f, "# host memory:   bytes >  {:>10}: {}", self.host_oneshot_max_bytes, Algo::HostTwoShot)?;
         writeln!(f, "# device memory: one rank: {} (no kernel)", Algo::Copy)?;
         writeln!(f, "# device memory: bytes <= {:>10}: {}", self.packet_max_bytes, Algo::Packet)?;
-        writeln!(f, "# device memory: bytes <= {:>10}: {}", self.oneshot_max_bytes, Algo::OneShot)?;
+        let oneshot = |b: usize| if b == usize::MAX { "any".to_string() } else { b.to_string() };
+        writeln!(
+            f,
+            "# device memory: bytes <= {:>10}: {} (in place: <= {})",
+            oneshot(self.oneshot_max_bytes.min(self.custom_max_bytes)),
+            Algo::OneShot,
+            oneshot(self.inplace_oneshot_max_bytes.min(self.custom_max_bytes))
+        )?;
         writeln!(f, "# device memory: bytes <= {:>10}: {}", self.custom_max_bytes, Algo::TwoShot)?;
         if self.deterministic {
             writeln!(
@@ -567,7 +598,7 @@ mod tests {
     }
 
     fn req(caps: &Caps, bytes: usize, shape: Shape) -> Request<'_> {
-        Request { len: bytes / 2, dtype: DType::BF16, shape, caps, aligned: true, forced: None }
+        Request { len: bytes / 2, dtype: DType::BF16, shape, caps, aligned: true, in_place: false, forced: None }
     }
 
     fn table(config: Config, world: usize) -> DispatchTable {
@@ -603,18 +634,30 @@ mod tests {
     #[test]
     fn one_node_sizes_follow_the_world_size() {
         let c = all();
-        for (world, packet, oneshot) in [(2, 64 << 10, 512 << 10), (4, 32 << 10, 512 << 10), (8, 16 << 10, 256 << 10)] {
+        for (world, packet, oneshot, inplace) in [(4, 64 << 10, 1 << 20, 128 << 10), (8, 32 << 10, 256 << 10, 64 << 10)]
+        {
             let t = table(Config::default(), world);
             let s = Shape::one_node(world, 0);
             let algo = |bytes| t.device(&req(&c, bytes, s)).unwrap().algo;
+            let in_place = |bytes| t.device(&Request { in_place: true, ..req(&c, bytes, s) }).unwrap().algo;
             assert_eq!(algo(0), Algo::Packet);
             assert_eq!(algo(packet), Algo::Packet);
             assert_eq!(algo(packet + 2), Algo::OneShot);
             assert_eq!(algo(oneshot), Algo::OneShot);
             assert_eq!(algo(oneshot + 2), Algo::TwoShot);
+            assert_eq!(in_place(packet), Algo::Packet, "packets are in place for free");
+            assert_eq!(in_place(inplace), Algo::OneShot);
+            assert_eq!(in_place(inplace + 2), Algo::TwoShot);
             assert_eq!(algo(8 << 20), Algo::TwoShot);
             assert_eq!(algo((8 << 20) + 2), Algo::Nccl);
         }
+        // Two ranks: one-shot out of place up to the IPC limit, two-shot in place above 2 MiB.
+        let t = table(Config::default(), 2);
+        let s = Shape::one_node(2, 0);
+        assert_eq!(t.device(&req(&c, 128 << 10, s)).unwrap().algo, Algo::Packet);
+        assert_eq!(t.device(&req(&c, 8 << 20, s)).unwrap().algo, Algo::OneShot);
+        assert_eq!(t.device(&Request { in_place: true, ..req(&c, 2 << 20, s) }).unwrap().algo, Algo::OneShot);
+        assert_eq!(t.device(&Request { in_place: true, ..req(&c, 4 << 20, s) }).unwrap().algo, Algo::TwoShot);
         let env = table(Config { oneshot_max_bytes: Some(1 << 20), ..Config::default() }, 8);
         assert_eq!(env.device(&req(&c, 1 << 20, Shape::one_node(8, 0))).unwrap().algo, Algo::OneShot);
         // The packet override is capped by the buffer the packet kernels have.
@@ -661,7 +704,7 @@ mod tests {
         let c = ipc_only();
         let t = table(Config::default(), 4);
         let s = Shape::one_node(4, 0);
-        assert_eq!(t.device(&req(&c, 512 << 10, s)).unwrap().algo, Algo::OneShot);
+        assert_eq!(t.device(&req(&c, 1 << 20, s)).unwrap().algo, Algo::OneShot);
         let p = t.device(&req(&c, (20 << 20) + 6, s)).unwrap();
         assert_eq!(p.algo, Algo::Chunked);
         let chunk = 4 << 20; // 8 MiB of bf16
@@ -671,9 +714,9 @@ mod tests {
         let op = |algo| Op::Reduce { algo, group: Group::Node, src: Src::Input };
         assert_eq!(algos, vec![op(Algo::TwoShot), op(Algo::TwoShot), op(Algo::TwoShot)]);
         // A short last chunk is chosen as an unforced call of its size would be.
-        let p = t.device(&req(&c, (8 << 20) + 1000, s)).unwrap();
+        let p = t.device(&req(&c, (8 << 20) + 100, s)).unwrap();
         assert_eq!(p.steps[1].op, op(Algo::Packet));
-        assert_eq!(p.steps[1].range, (4 << 20)..(4 << 20) + 500);
+        assert_eq!(p.steps[1].range, (4 << 20)..(4 << 20) + 50);
     }
 
     #[test]

@@ -6,6 +6,7 @@ use crate::harness::*;
 use anyhow::{anyhow, Context, Result};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use mpi::topology::Communicator as _;
+use mpi::traits::CommunicatorCollectives as _;
 use std::time::Instant;
 use tpcomm::{bf16, Algo, CallOptions, Communicator, Config, Error};
 
@@ -193,11 +194,14 @@ pub fn lifecycle(world: &World, config: &Config, tally: &mut Tally, ordinal: usi
         comm.finalize()?;
         drop(comm);
         drop(s);
-        // Measured after the first cycle: the first one loads libraries and caches modules.
+        // Measured after the first cycle (it loads libraries and caches modules), once every
+        // rank sharing the GPU has dropped its communicator too.
         if k == 0 {
+            world.barrier();
             before = Some((ctx.mem_get_info()?.0, fds()));
         }
     }
+    world.barrier();
     let (free_before, fds_before) = before.ok_or_else(|| anyhow!("no cycle ran"))?;
     let (free_after, fds_after) = (ctx.mem_get_info()?.0, fds());
     if world.rank() == 0 {

@@ -29,7 +29,7 @@ use crate::runtime::ipc::IpcBuffer;
 use crate::runtime::{cuda, protocol, MappedHostPage, StreamRef};
 use backend_set::BackendSet;
 use buffer::{DeviceBuffer, Release, ReleaseQueue};
-use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
+use cudarc::driver::{CudaContext, CudaStream};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -58,25 +58,24 @@ pub(crate) struct DeviceCall<'a> {
     pub registered_only: bool,
 }
 
-/// Orders calls made on different streams: every eager call records an event after its work,
-/// and a call on another stream than the previous one first waits for it (calls of one
-/// communicator must not run at the same time: their kernels share counters and buffers).
+/// Orders calls made on different streams (calls of one communicator must not run at the same
+/// time: their kernels share counters and buffers). A call on another stream than the previous
+/// call first waits, on the host, until the context's work so far is done: rare in practice
+/// (engines keep collectives on one stream), and it costs the common case nothing, where an
+/// event recorded after every call would cost every call. The wait is bounded: tpcomm's kernels
+/// end their own waits.
 struct StreamOrder {
-    event: CudaEvent,
+    ctx: Arc<CudaContext>,
     last: usize,
 }
 
 impl StreamOrder {
-    fn before(&self, stream: &CudaStream) -> Result<()> {
-        if self.last != 0 && self.last != stream.cu_stream() as usize {
-            stream.wait(&self.event).map_err(cuda("cuStreamWaitEvent(ordering calls across streams)"))?;
+    fn before(&mut self, stream: &CudaStream) -> Result<()> {
+        let id = stream.cu_stream() as usize;
+        if self.last != 0 && self.last != id {
+            self.ctx.synchronize().map_err(cuda("cuCtxSynchronize(a call on another stream)"))?;
         }
-        Ok(())
-    }
-
-    fn after(&mut self, stream: &CudaStream) -> Result<()> {
-        self.event.record(stream).map_err(cuda("cuEventRecord(ordering calls across streams)"))?;
-        self.last = stream.cu_stream() as usize;
+        self.last = id;
         Ok(())
     }
 }
@@ -145,12 +144,7 @@ impl DeviceComm {
         }
         let ctx = exchange::agree(boot.world(), open_context(boot, spec), t, STEP)?;
         let (mapping, target) = map_fault(&ctx, boot, fault)?;
-        let order = StreamOrder {
-            event: ctx
-                .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))
-                .map_err(cuda("cuEventCreate"))?,
-            last: 0,
-        };
+        let order = StreamOrder { ctx: ctx.clone(), last: 0 };
         let set = BackendSet::build(boot, config, &ctx, target)?;
         if config.debug {
             for note in &set.notes {
@@ -166,6 +160,7 @@ impl DeviceComm {
     }
 
     /// The plan of a device call of `len` elements of `dtype`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn plan(
         &self,
         boot: &Bootstrap,
@@ -173,6 +168,7 @@ impl DeviceComm {
         len: usize,
         dtype: DType,
         aligned: bool,
+        in_place: bool,
         forced: Option<Algo>,
     ) -> Result<crate::plan::Plan> {
         let l = &boot.layout;
@@ -183,7 +179,7 @@ impl DeviceComm {
             ranks_per_node: l.ranks_per_node,
             min_ranks_per_node: l.min_ranks_per_node(),
         };
-        table.device(&Request { len, dtype, shape, caps: &self.set.caps, aligned, forced })
+        table.device(&Request { len, dtype, shape, caps: &self.set.caps, aligned, in_place, forced })
     }
 
     /// Enqueue one allreduce.
@@ -218,7 +214,8 @@ impl DeviceComm {
         };
         let align = protocol::ALIGN as u64;
         let aligned = call.input % align == 0 && call.output % align == 0;
-        let plan = self.plan(boot, table, call.len, call.dtype, aligned, call.forced)?;
+        let in_place = call.input == call.output;
+        let plan = self.plan(boot, table, call.len, call.dtype, aligned, in_place, call.forced)?;
         if self.debug && boot.layout.rank == 0 {
             log::info!("tpcomm: device allreduce {} x {} -> {} ({})", call.len, call.dtype, plan.algo, plan.reason);
         }
@@ -226,7 +223,7 @@ impl DeviceComm {
             StreamRef::Cuda(s) if capture.is_none() => Some(s),
             _ => None,
         };
-        if let (Some(s), Some(order)) = (cuda_stream, &self.order) {
+        if let (Some(s), Some(order)) = (cuda_stream, self.order.as_mut()) {
             order.before(s)?;
         }
         let c = Call {
@@ -240,9 +237,6 @@ impl DeviceComm {
         };
         // SAFETY: the caller's contract.
         unsafe { execute::execute(&mut self.set, &plan, &c) }?;
-        if let (Some(s), Some(order)) = (cuda_stream, self.order.as_mut()) {
-            order.after(s)?;
-        }
         if self.sync_calls && cuda_stream.is_some() {
             self.synchronize(call.stream)?;
         }
