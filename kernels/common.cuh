@@ -130,6 +130,24 @@ struct Fault {
     }
 };
 
+// Programmatic dependent launch (sm_90 and newer; no-ops before, and on launches that do not
+// ask for it). A kernel first waits until the previous kernel of its stream has finished and
+// its memory is visible, then lets the next kernel be scheduled: nothing of a kernel touches
+// memory before its predecessor is done, so calls keep their stream order, while the next
+// kernel's launch overlaps this one's run instead of following it. In that order at most two
+// kernels of a rank are resident at once (one running, one waiting), which the grids' cap
+// allows for; letting the successor in before the wait would chain waiting kernels until they
+// fill the GPU and starve a peer's running one (seen: every long graph deadlocked).
+// A kernel launched without PDL (`early` false) never lets its successor in before it ends: a
+// successor launched with PDL could otherwise be resident beside a kernel whose grid was not
+// halved for it.
+__device__ __forceinline__ void pdl_begin(bool early) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    if (early) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // A bounded wait: the clock is read only every 64 polls and the deadline is set at the first
 // read, so a wait that succeeds at once never touches %globaltimer (a slow register) and a
 // spinning loop stays tight; the fault word is read every TPCOMM_FAULT_POLLS polls. Each wait is

@@ -126,13 +126,23 @@ __device__ __forceinline__ typename T::Bits sum_elem(const Ptrs& in, u64 j) {
 // names. A row must hold this rank's own input at index `rank`: a call captured into a CUDA
 // graph outside a registration, or replayed after its registration was dropped, finds a zeroed
 // or reused row there. The kernel then records TPCOMM_ERR_BAD_ROW, raises the fault word and
-// leaves before it reads any address the row names.
-__device__ __forceinline__ bool load_row(const Ptrs* __restrict__ rd, u64 in_offset, const char* local_in, int rank,
-                                         Ptrs* in, volatile u64* err, const Fault& fault) {
+// leaves before it reads any address the row names. The row is loaded before the start barrier
+// and checked after it, so the load's latency hides behind the barrier's round trip (the
+// barrier itself touches only the signal areas, never an address from the row).
+__device__ __forceinline__ void load_row(const Ptrs* __restrict__ rd, u64 in_offset, Ptrs* in) {
     *in = *rd;
 #pragma unroll
     for (int r = 0; r < TPCOMM_WORLD; r++) in->p[r] += in_offset;
-    if (in->p[rank] == (u64)local_in) return true;
+}
+
+__device__ __forceinline__ bool row_is_mine(const Ptrs& in, const char* local_in, int rank, volatile u64* err,
+                                            const Fault& fault) {
+    // Unrolled with compile-time indices: indexing `in` by the run-time `rank` would move the
+    // whole row to local memory and slow every later load through it.
+    bool mine = false;
+#pragma unroll
+    for (int r = 0; r < TPCOMM_WORLD; r++) mine |= r == rank && in.p[r] == (u64)local_in;
+    if (mine) return true;
     if (threadIdx.x == 0) {
         if (*err == 0) *err = TPCOMM_ERR_BAD_ROW | ((u64)rank << 16) | (u64)blockIdx.x;
         fault.raise_now();
@@ -154,10 +164,11 @@ __device__ void oneshot(const Ptrs* __restrict__ rd, u64 in_offset, const char* 
     if (threadIdx.x == 0) failed = 0;
     Signal* self = (Signal*)sigs.p[rank];
     Ptrs in;
-    if (!load_row(rd, in_offset, local_in, rank, &in, err, fault)) return;
+    load_row(rd, in_offset, &in);
     // Start: every peer's kernel is running, so its input (written by earlier work on its
     // stream) is complete.
     if (!barrier<false>(self, sigs, rank, TPCOMM_BARRIER_START, tag, timeout_ns, err, fault, &failed)) return;
+    if (!row_is_mine(in, local_in, rank, err, fault)) return;
     const u64 nvec = count / T::PER_VEC;
     const u64 tid = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     const u64 stride = (u64)gridDim.x * blockDim.x;
@@ -193,8 +204,9 @@ __device__ void twoshot(const Ptrs* __restrict__ rd, u64 in_offset, const char* 
     if (threadIdx.x == 0) failed = 0;
     Signal* self = (Signal*)sigs.p[rank];
     Ptrs in;
-    if (!load_row(rd, in_offset, local_in, rank, &in, err, fault)) return;
+    load_row(rd, in_offset, &in);
     if (!barrier<false>(self, sigs, rank, TPCOMM_BARRIER_START, tag, timeout_ns, err, fault, &failed)) return;
+    if (!row_is_mine(in, local_in, rank, err, fault)) return;
     const u64 nvec = count / T::PER_VEC;
     const u64 tid = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     const u64 stride = (u64)gridDim.x * blockDim.x;
@@ -223,13 +235,15 @@ __device__ void twoshot(const Ptrs* __restrict__ rd, u64 in_offset, const char* 
 // ---------------------------------------------------------------------------------------------
 // Entry points, one per (algorithm, dtype), all with one signature:
 // (rank-data row, input offset into the row's buffers, our own input, signals, scratch, out,
-//  rank, count, timeout_ns, error word, call tag, fault word, the value to raise it with)
+//  rank, count, timeout_ns, error word, call tag, fault word, the value to raise it with,
+//  launched with programmatic dependent launch)
 
 #define TPCOMM_ENTRY(NAME, ALGO)                                                                          \
     extern "C" __global__ void __launch_bounds__(TPCOMM_THREADS)                                          \
         NAME(const Ptrs* __restrict__ rd, u64 in_offset, const char* local_in, Ptrs sigs, Ptrs scratch,      \
              char* out, int rank, u64 count, u64 timeout_ns, u64* err, u32 tag, u64* fault_word,          \
-             u64 fault_raise) {                                                                           \
+             u64 fault_raise, int pdl) {                                                                  \
+        pdl_begin(pdl != 0);                                                                              \
         const Fault fault = {fault_word, fault_raise};                                                    \
         ALGO;                                                                                             \
     }

@@ -423,6 +423,7 @@ __device__ void lamport(const char* in, char* out, const Ptrs& bufs, PacketState
     extern "C" __global__ void __launch_bounds__(TPCOMM_PACKET_THREADS + 32)                                    \
         NAME(const char* in, char* out, Ptrs scratch, PacketState* st, int rank, u64 count, u64 slots,          \
              u64 timeout_ns, u64* err, u32 tag, u64* fault_word, u64 fault_raise) {                             \
+        pdl_begin(true);                                                                                        \
         const Fault fault = {fault_word, fault_raise};                                                          \
         __VA_ARGS__(in, out, scratch, st, rank, count, slots, timeout_ns, err, tag, fault);                     \
     }

@@ -34,6 +34,10 @@ pub struct Config {
     /// Make every eager device call wait for its result and report its own errors, instead of
     /// only enqueueing (`TPCOMM_SYNC_CALLS`; for debugging: it blocks the host on every call).
     pub sync_calls: bool,
+    /// Launch the IPC kernels with programmatic dependent launch, so a call's launch overlaps
+    /// the previous kernel of its stream (`TPCOMM_PDL`, on by default; sm_90 and newer, a no-op
+    /// before). Measured on one H200: 4 KiB in graphs 3.24 -> 2.64 us at 2 ranks.
+    pub pdl: bool,
     /// Where compiled kernels (CUBIN) are cached (`TPCOMM_CACHE_DIR`; `None` = `~/.cache/tpcomm`).
     pub cache_dir: Option<std::path::PathBuf>,
     /// Largest device message (bytes per rank) the custom IPC allreduce serves; each rank
@@ -72,6 +76,7 @@ impl Default for Config {
             fake_nodes: 0,
             debug: false,
             sync_calls: false,
+            pdl: true,
             cache_dir: None,
             custom_max_bytes: 8 << 20,
             packet_buffer_bytes: 1 << 20,
@@ -211,6 +216,17 @@ const PARAMS: &[Param] = &[
         check: ok,
         show: |c| u8::from(c.sync_calls).to_string(),
         local: true,
+    },
+    Param {
+        key: "TPCOMM_PDL",
+        help: "1 (default) launches the IPC kernels with programmatic dependent launch (overlaps launches; sm_90+)",
+        set: |c, v| {
+            c.pdl = parse_bool(v)?;
+            Ok(())
+        },
+        check: ok,
+        show: |c| u8::from(c.pdl).to_string(),
+        local: false,
     },
     Param {
         key: "TPCOMM_CACHE_DIR",

@@ -39,7 +39,7 @@ use crate::exchange::{agree, all_gather_bytes, barrier};
 use crate::runtime::ipc::{self, IpcBuffer, IpcHandle, PeerMappings};
 use crate::runtime::module_cache::ModuleCache;
 use crate::runtime::{cuda, kernels, protocol, HostWord};
-use cudarc::driver::{CudaContext, CudaFunction, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaContext, CudaFunction};
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 use std::collections::HashMap;
@@ -103,6 +103,8 @@ pub(crate) struct CustomOptions {
     /// Kernel cache directory (`None`: compile every time).
     pub cache_dir: Option<PathBuf>,
     pub fault: FaultTarget,
+    /// Launch with programmatic dependent launch (`TPCOMM_PDL`).
+    pub pdl: bool,
 }
 
 /// A registered buffer: its local range, its row, and the peers' handles opened for it.
@@ -146,6 +148,7 @@ pub(crate) struct CustomAllreduce {
     capture: Option<Capture>,
     err: HostWord,
     fault: FaultTarget,
+    pdl: bool,
     kernels_from_disk: bool,
     // Dropped last-but-one: peers' mappings close before our own buffers are freed.
     peers: PeerMappings,
@@ -157,6 +160,7 @@ pub(crate) struct CustomAllreduce {
 struct Prepared {
     funcs: HashMap<(Kernel, DType), CudaFunction>,
     max_blocks: usize,
+    pdl: bool,
     signal: IpcBuffer,
     scratch: IpcBuffer,
     staging: IpcBuffer,
@@ -215,6 +219,7 @@ impl CustomAllreduce {
             capture: None,
             err: HostWord::new()?,
             fault: opts.fault,
+            pdl: p.pdl,
             kernels_from_disk: p.from_disk,
             peers,
             _signal: p.signal,
@@ -242,6 +247,10 @@ impl CustomAllreduce {
             "custom allreduce",
         )?;
         let max_blocks = DEFAULT_MAX_BLOCKS.min(protocol::MAX_BLOCKS).min(cap);
+        // With PDL a rank's next kernel may be resident beside the running one, so every grid
+        // must fit twice. Where halving the cap would cut the grid (many ranks sharing a GPU:
+        // measured, 8 ranks on one H200 lost 20% at 16 MiB), the kernels run without PDL.
+        let pdl = opts.pdl && cap / 2 >= max_blocks;
         let signal = IpcBuffer::alloc(ctx, meta_size())?;
         signal.zero()?;
         let scratch = IpcBuffer::alloc(ctx, opts.max_bytes)?;
@@ -249,12 +258,17 @@ impl CustomAllreduce {
         // Zero rows never name an input, so a kernel handed an unfilled row fails its check.
         let rank_data = IpcBuffer::alloc(ctx, ROWS as usize * protocol::RANK_DATA_ROW_BYTES)?;
         rank_data.zero()?;
-        Ok(Prepared { funcs, max_blocks, signal, scratch, staging, rank_data, from_disk: cache.disk_hits() > 0 })
+        Ok(Prepared { funcs, max_blocks, pdl, signal, scratch, staging, rank_data, from_disk: cache.disk_hits() > 0 })
     }
 
     /// Most blocks of one launch (after the shared-device cap).
     pub(crate) fn max_blocks(&self) -> usize {
         self.max_blocks
+    }
+
+    /// Whether the kernels are launched with programmatic dependent launch.
+    pub(crate) fn pdl(&self) -> bool {
+        self.pdl
     }
 
     /// True when the kernels' CUBIN came from the disk cache rather than NVRTC.
@@ -378,11 +392,6 @@ impl DeviceBackend for CustomAllreduce {
             Kernel::TwoShot => nvec.div_ceil(self.world),
         };
         let blocks = grid_blocks(work, self.max_blocks);
-        let cfg = LaunchConfig {
-            grid_dim: (blocks as u32, 1, 1),
-            block_dim: (protocol::THREADS as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
         let func =
             self.funcs.get(&(kernel, dtype)).ok_or_else(|| kernels::unsupported_dtype("custom allreduce", dtype))?;
         let rd = self.rank_data.ptr() + (row as usize * protocol::RANK_DATA_ROW_BYTES) as u64;
@@ -391,17 +400,41 @@ impl DeviceBackend for CustomAllreduce {
         let timeout_ns = crate::runtime::timeout_ns(self.timeout);
         let err = self.err.device_ptr();
         let tag = protocol::call_tag(count, dtype.code(), kernel as u32);
-        let mut launch = stream.launch_builder(func);
-        launch.arg(&rd).arg(&in_offset).arg(&local_in).arg(&self.sigs).arg(&self.scratch_ptrs).arg(&call.output);
-        launch.arg(&rank).arg(&count).arg(&timeout_ns).arg(&err).arg(&tag).arg(&self.fault.word).arg(&self.fault.raise);
+        let pdl = i32::from(self.pdl);
+        use crate::runtime::arg;
+        let mut params = [
+            arg(&rd),
+            arg(&in_offset),
+            arg(&local_in),
+            arg(&self.sigs),
+            arg(&self.scratch_ptrs),
+            arg(&call.output),
+            arg(&rank),
+            arg(&count),
+            arg(&timeout_ns),
+            arg(&err),
+            arg(&tag),
+            arg(&self.fault.word),
+            arg(&self.fault.raise),
+            arg(&pdl),
+        ];
         // SAFETY: the arguments match `(const Ptrs* rd, u64 in_offset, const char* local_in, Ptrs sigs,
         // Ptrs scratch, char* out, int rank, u64 count, u64 timeout_ns, u64* err, u32 tag, u64* fault_word,
-        // u64 fault_raise)` in kernels/custom_allreduce.cu; `rd` points to a row of the rank-data table
-        // (the kernel checks it names `local_in` before reading any address in it), `sigs` and
-        // `scratch_ptrs` are live IPC mappings, `output` is valid for `len` elements (caller), `err` is
-        // the mapped host word and `fault.word` the mapped fault page.
-        unsafe { launch.launch(cfg) }.map_err(cuda("cuLaunchKernel(custom allreduce)"))?;
-        Ok(())
+        // u64 fault_raise, int pdl)` in kernels/custom_allreduce.cu (types as declared above); `rd` points to a row
+        // of the rank-data table (the kernel checks it names `local_in` before reading any address in it),
+        // `sigs` and `scratch_ptrs` are live IPC mappings, `output` is valid for `len` elements (caller),
+        // `err` is the mapped host word and `fault.word` the mapped fault page.
+        unsafe {
+            crate::runtime::launch(
+                func,
+                blocks,
+                protocol::THREADS,
+                stream,
+                &mut params,
+                self.pdl,
+                "cuLaunchKernelEx(custom)",
+            )
+        }
     }
 
     fn poll(&mut self) -> Result<()> {

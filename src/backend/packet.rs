@@ -34,8 +34,8 @@ use crate::error::{Error, Result};
 use crate::exchange::{agree, barrier};
 use crate::runtime::ipc::{IpcBuffer, PeerMappings};
 use crate::runtime::module_cache::ModuleCache;
-use crate::runtime::{cuda, kernels, protocol, HostWord};
-use cudarc::driver::{CudaContext, CudaFunction, LaunchConfig, PushKernelArg};
+use crate::runtime::{kernels, protocol, HostWord};
+use cudarc::driver::{CudaContext, CudaFunction};
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 use std::collections::HashMap;
@@ -92,6 +92,8 @@ pub(crate) struct PacketOptions {
     /// Kernel cache directory (`None`: compile every time).
     pub cache_dir: Option<PathBuf>,
     pub fault: FaultTarget,
+    /// Launch with programmatic dependent launch (`TPCOMM_PDL`).
+    pub pdl: bool,
 }
 
 /// Block limit per launch before the shared-device cap (the seed's `nblocks`).
@@ -135,6 +137,7 @@ pub(crate) struct PacketAllreduce {
     state: IpcBuffer,
     err: HostWord,
     fault: FaultTarget,
+    pdl: bool,
     // Dropped before our own buffers: peers' mappings close first.
     _peers: PeerMappings,
     _ll: IpcBuffer,
@@ -190,6 +193,7 @@ impl PacketAllreduce {
             state: p.state,
             err: HostWord::new()?,
             fault: opts.fault,
+            pdl: opts.pdl,
             _peers: peers,
             _ll: p.ll,
             _lamport: p.lamport,
@@ -209,7 +213,7 @@ impl PacketAllreduce {
             ctx,
             funcs.values(),
             protocol::PACKET_THREADS + protocol::PACKET_HEADER_THREADS,
-            opts.ranks_per_device,
+            opts.ranks_per_device * (1 + usize::from(opts.pdl)),
             "packet allreduce",
         )?;
         let max_blocks = DEFAULT_MAX_BLOCKS.clamp(1, protocol::PACKET_MAX_BLOCKS).min(cap);
@@ -250,11 +254,6 @@ impl PacketAllreduce {
             PacketKernel::Lamport => (&self.lamport_ptrs, protocol::lamport_slots(self.max_bytes)),
         };
         let (blocks, threads) = launch_shape(bytes.div_ceil(protocol::VEC_BYTES), self.block_threads, self.max_blocks);
-        let cfg = LaunchConfig {
-            grid_dim: (blocks as u32, 1, 1),
-            block_dim: ((threads + protocol::PACKET_HEADER_THREADS) as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
         let state = self.state.ptr();
         let rank = self.rank as i32;
         let count = call.len as u64;
@@ -262,16 +261,38 @@ impl PacketAllreduce {
         let timeout_ns = crate::runtime::timeout_ns(self.timeout);
         let err = self.err.device_ptr();
         let tag = protocol::packet_tag(count, dtype.code(), 16 + kernel as u32);
-        let mut launch = stream.launch_builder(func);
-        launch.arg(&call.input).arg(&call.output).arg(scratch).arg(&state).arg(&rank).arg(&count).arg(&slots);
-        launch.arg(&timeout_ns).arg(&err).arg(&tag).arg(&self.fault.word).arg(&self.fault.raise);
+        use crate::runtime::arg;
+        let mut params = [
+            arg(&call.input),
+            arg(&call.output),
+            arg(scratch),
+            arg(&state),
+            arg(&rank),
+            arg(&count),
+            arg(&slots),
+            arg(&timeout_ns),
+            arg(&err),
+            arg(&tag),
+            arg(&self.fault.word),
+            arg(&self.fault.raise),
+        ];
         // SAFETY: the arguments match `(const char* in, char* out, Ptrs scratch, PacketState* st,
         // int rank, u64 count, u64 slots, u64 timeout_ns, u64* err, u32 tag, u64* fault_word,
-        // u64 fault_raise)` of kernels/packet_allreduce.cu; `scratch` holds live IPC mappings sized
-        // for `slots`, `state` is this rank's state area, input/output are valid for `len` elements
-        // (caller), `err` is the mapped host word and `fault.word` the mapped fault page.
-        unsafe { launch.launch(cfg) }.map_err(cuda("cuLaunchKernel(packet allreduce)"))?;
-        Ok(())
+        // u64 fault_raise)` of kernels/packet_allreduce.cu (types as declared above); `scratch` holds
+        // live IPC mappings sized for `slots`, `state` is this rank's state area, input/output are
+        // valid for `len` elements (caller), `err` is the mapped host word and `fault.word` the mapped
+        // fault page.
+        unsafe {
+            crate::runtime::launch(
+                func,
+                blocks,
+                threads + protocol::PACKET_HEADER_THREADS,
+                stream,
+                &mut params,
+                self.pdl,
+                "cuLaunchKernelEx(packet)",
+            )
+        }
     }
 }
 

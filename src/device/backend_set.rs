@@ -103,17 +103,19 @@ impl BackendSet {
                     ranks_per_device: layout.max_ranks_per_device,
                     cache_dir: Some(config.cache_dir()),
                     fault,
+                    pdl: config.pdl,
                 };
                 match CustomAllreduce::new(boot.node(), ctx, &opts) {
                     Ok(custom) => {
                         set.notes.push(format!(
                             "custom allreduce: {} ranks, {} per GPU at most, full NVLink {}, {} blocks, {} staging bytes, \
-                             kernels from disk cache: {}",
+                             PDL {}, kernels from disk cache: {}",
                             l.ranks_per_node,
                             layout.max_ranks_per_device,
                             layout.full_nvlink,
                             custom.max_blocks(),
                             config.custom_max_bytes,
+                            custom.pdl(),
                             custom.kernels_from_disk_cache()
                         ));
                         set.push(BackendKind::Custom, Group::Node, Box::new(custom));
@@ -124,6 +126,7 @@ impl BackendSet {
                             block_threads: config.packet_threads,
                             cache_dir: Some(config.cache_dir()),
                             fault,
+                            pdl: config.pdl,
                         };
                         match PacketAllreduce::new(boot.node(), ctx, &opts) {
                             Ok(p) => {

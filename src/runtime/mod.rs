@@ -122,6 +122,53 @@ pub(crate) fn cuda(op: &'static str) -> impl FnOnce(DriverError) -> Error {
     move |source| Error::Cuda { op, source }
 }
 
+/// A kernel argument for [`launch`]: the address of its value.
+pub(crate) fn arg<T>(value: &T) -> *mut std::ffi::c_void {
+    value as *const T as *mut std::ffi::c_void
+}
+
+/// Launch `func` on `stream` with `grid` blocks of `block` threads (`cuLaunchKernelEx`). With
+/// `pdl` the launch may overlap the previous kernel of the stream (programmatic dependent
+/// launch): tpcomm's kernels let their successor be scheduled and then wait for their
+/// predecessor before touching memory, so the calls keep their order and only the launch
+/// latency is hidden. Inside a capture the dependency becomes a programmatic graph edge.
+///
+/// # Safety
+/// `params` point to the kernel's arguments, in its order and of its types, all valid for the
+/// whole run of the kernel's work.
+///
+/// # Errors
+/// [`Error::Cuda`] naming `op` when the launch fails.
+pub(crate) unsafe fn launch(
+    func: &cudarc::driver::CudaFunction,
+    grid: usize,
+    block: usize,
+    stream: &CudaStream,
+    params: &mut [*mut std::ffi::c_void],
+    pdl: bool,
+    op: &'static str,
+) -> Result<()> {
+    stream.context().bind_to_thread().map_err(cuda("cuCtxSetCurrent"))?;
+    // SAFETY: an all-zero attribute is a valid value of this plain C union; id and value set next.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let cfg = sys::CUlaunchConfig {
+        gridDimX: grid as u32,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: block as u32,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: 0,
+        hStream: stream.cu_stream(),
+        attrs: if pdl { &mut attr } else { std::ptr::null_mut() },
+        numAttrs: u32::from(pdl),
+    };
+    // SAFETY: the caller's contract for `params`; `cfg` and `attr` live across the call.
+    check(op, unsafe { sys::cuLaunchKernelEx(&cfg, func.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) })
+}
+
 /// Most blocks one launch of any of `funcs` (at `threads` per block) may have so that the blocks
 /// of all `ranks_per_device` ranks sharing the GPU are resident at once: a block spinning on a
 /// peer's block that cannot be scheduled would deadlock.
