@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash mpirun-scripts/setup.sh
+command -v cargo >/dev/null 2>&1 || export PATH="$HOME/.cargo/bin:$PATH"
 ranks=${1:-2}
 shift || true
 cargo build --release --examples --quiet

@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # Installs what building and running tpcomm needs on Debian/Ubuntu, if it is missing:
 # Open MPI (mpicc, mpiexec, libmpi) and libclang (the mpi crate generates its bindings with it).
-# A Rust toolchain (cargo) must already be installed (https://rustup.rs).
+# Without cargo it installs a Rust toolchain with rustup (minimal profile, rustfmt and clippy).
 set -euo pipefail
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
 
 need=()
 command -v mpicc >/dev/null 2>&1 || need+=(openmpi-bin libopenmpi-dev)
 command -v mpiexec >/dev/null 2>&1 || need+=(openmpi-bin)
 ldconfig -p 2>/dev/null | grep -q 'libclang[-.0-9]*\.so' || need+=(libclang-dev)
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
+command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
+python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
+command -v cargo >/dev/null 2>&1 || [ -x "$HOME/.cargo/bin/cargo" ] || need+=(curl ca-certificates)
 if [ ${#need[@]} -gt 0 ]; then
-  sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
   echo "setup: installing ${need[*]}"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
@@ -24,7 +27,8 @@ if ! python3 -c 'import nvidia.cu13' >/dev/null 2>&1 && command -v python3 >/dev
     || python3 -m pip install -q --break-system-packages nvidia-cuda-nvrtc==13.* >/dev/null 2>&1 \
     || echo "setup: could not install nvidia-cuda-nvrtc; kernel compile tests will be skipped" >&2
 fi
-if ! command -v cargo >/dev/null 2>&1; then
-  echo "setup: cargo not found: install a Rust toolchain (https://rustup.rs), then run this again" >&2
-  exit 1
+if ! command -v cargo >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo" ]; then
+  echo "setup: installing a Rust toolchain with rustup (stable, minimal, rustfmt, clippy)"
+  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs \
+    | sh -s -- -y -q --profile minimal -c rustfmt -c clippy >/dev/null
 fi

@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash mpirun-scripts/setup.sh
+# A toolchain setup.sh installed with rustup lives in ~/.cargo/bin.
+command -v cargo >/dev/null 2>&1 || export PATH="$HOME/.cargo/bin:$PATH"
 # The NVRTC library of the nvidia-cuda-nvrtc wheel, for the kernel compile tests.
 nvrtc_lib=$(python3 -c 'import nvidia.cu13, os; print(os.path.join(list(nvidia.cu13.__path__)[0], "lib"))' 2>/dev/null || true)
 [ -n "$nvrtc_lib" ] && export LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
@@ -15,12 +17,23 @@ echo "== cargo clippy"
 cargo clippy --all-targets --quiet -- -D warnings
 echo "== cargo test"
 cargo test 2>&1
+echo "== cargo check (CUDA 12.8 driver bindings)"
+cargo check --lib --quiet --no-default-features --features cuda-12080
 echo "== examples under mpirun"
 cargo build --release --examples --quiet
+passed=0 failed=0
 for n in 1 2 3; do
-  timeout 120 bash mpirun-scripts/mpirun.sh -n $n target/release/examples/hello_allreduce
-  timeout 300 bash mpirun-scripts/mpirun.sh -n $n target/release/examples/allreduce_perf -b 8 -e 1M -f 8 -n 5 -w 1 >/tmp/tpcomm-perf-$n.log \
-    || { cat /tmp/tpcomm-perf-$n.log; exit 1; }
-  tail -3 /tmp/tpcomm-perf-$n.log
+  if timeout 120 bash mpirun-scripts/mpirun.sh -n $n target/release/examples/hello_allreduce; then
+    passed=$((passed + 1))
+  else
+    echo "FAILED: hello_allreduce, $n ranks"; failed=$((failed + 1))
+  fi
+  if timeout 300 bash mpirun-scripts/mpirun.sh -n $n target/release/examples/allreduce_perf -b 8 -e 1M -f 8 -n 5 -w 1 \
+      >/tmp/tpcomm-perf-$n.log 2>&1; then
+    passed=$((passed + 1)); tail -3 /tmp/tpcomm-perf-$n.log
+  else
+    echo "FAILED: allreduce_perf, $n ranks"; cat /tmp/tpcomm-perf-$n.log; failed=$((failed + 1))
+  fi
 done
-echo "examples: 6 passed, 0 failed"
+echo "examples: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]
