@@ -17,8 +17,10 @@ echo "== cargo clippy"
 cargo clippy --all-targets --quiet -- -D warnings
 echo "== cargo test"
 cargo test 2>&1
-echo "== cargo check (CUDA 12.8 driver bindings)"
-cargo check --lib --quiet --no-default-features --features cuda-12080
+for cuda in cuda-12080 cuda-12040; do
+  echo "== cargo check --features $cuda (older CUDA driver bindings)"
+  cargo check --lib --quiet --no-default-features --features $cuda
+done
 echo "== examples under mpirun"
 cargo build --release --examples --quiet
 passed=0 failed=0
