@@ -15,7 +15,7 @@ use mpi::traits::Communicator as _;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tpcomm::testing::mock_all_reduce;
-use tpcomm::verify::{count_wrong, expected_hierarchical_sum, fill_rank_input, poison, rank_input, SplitMix64};
+use tpcomm::verify::{count_wrong, expected_hierarchical_sum, poison, rank_input, SplitMix64};
 use tpcomm::{bf16, f16, Algo, CallOptions, Communicator, Config, Element, Error};
 
 const CASE_VAR: &str = "TPCOMMTEST_CASE";
@@ -296,6 +296,38 @@ fn mock_call<T: Element>(
     }
 }
 
+/// One call of `input` through the device stand-in (`device`) or host memory, in place (the
+/// output buffer first holds `input`) or not, into a poisoned output; the call's result and the
+/// output.
+fn reduce_once<T: Element>(
+    comm: &Communicator,
+    opts: &CallOptions,
+    device: bool,
+    in_place: bool,
+    input: &[T],
+) -> (tpcomm::Result<()>, Vec<T>) {
+    let len = input.len();
+    if device {
+        let mut out = Aligned::from(&vec![poison::<T>(); len]);
+        let r = if in_place {
+            out.as_mut().copy_from_slice(input);
+            mock_call(comm, opts, None, &mut out)
+        } else {
+            mock_call(comm, opts, Some(input), &mut out)
+        };
+        (r, out.as_mut().to_vec())
+    } else {
+        let mut out = vec![poison::<T>(); len];
+        let r = if in_place {
+            out.copy_from_slice(input);
+            comm.all_reduce_host_with(opts, None, &mut out)
+        } else {
+            comm.all_reduce_host_with(opts, Some(input), &mut out)
+        };
+        (r, out)
+    }
+}
+
 /// Sizes from 0 elements to several MiB: edge cases plus random ones.
 fn sizes(seed: u64) -> Vec<usize> {
     let mut rng = SplitMix64::new(seed, 99);
@@ -372,25 +404,7 @@ fn exact_for<T: Element>(comm: &Communicator, device: bool) -> Result<usize, Str
                 let seed = base_seed.wrapping_mul(31).wrapping_add((i * 16 + a * 2 + in_place as usize) as u64);
                 let input: Vec<T> = rank_input(seed, rank, len);
                 let opts = CallOptions { algo: *algo, registered_only: false };
-                let (res, out) = if device {
-                    let mut out = Aligned::from(&vec![poison::<T>(); len]);
-                    let r = if in_place {
-                        out.as_mut().copy_from_slice(&input);
-                        mock_call(comm, &opts, None, &mut out)
-                    } else {
-                        mock_call(comm, &opts, Some(&input), &mut out)
-                    };
-                    (r, out.as_mut().to_vec())
-                } else {
-                    let mut out = vec![poison::<T>(); len];
-                    let r = if in_place {
-                        fill_rank_input(seed, rank, &mut out);
-                        comm.all_reduce_host_with(&opts, None, &mut out)
-                    } else {
-                        comm.all_reduce_host_with(&opts, Some(&input), &mut out)
-                    };
-                    (r, out)
-                };
+                let (res, out) = reduce_once(comm, &opts, device, in_place, &input);
                 let what = format!("{} len {len} algo {algo:?} in_place {in_place}", T::DTYPE);
                 res.map_err(|e| format!("{what}: {e}"))?;
                 // Flat NCCL (above the IPC limit across nodes) sums over all ranks at once: on the
@@ -661,27 +675,8 @@ fn deterministic_for<T: Element>(comm: &Communicator, device: bool) -> Result<us
             let input = all[rank].clone();
             let what = format!("{} len {len} offset {offset} {algo:?} in_place {in_place} device {device}", T::DTYPE);
             let opts = CallOptions { algo, registered_only: false };
-            let out = if device {
-                let mut out = Aligned::from(&vec![poison::<T>(); len]);
-                let r = if in_place {
-                    out.as_mut().copy_from_slice(&input);
-                    mock_call(comm, &opts, None, &mut out)
-                } else {
-                    mock_call(comm, &opts, Some(&input), &mut out)
-                };
-                r.map_err(|e| format!("{what}: {e}"))?;
-                out.as_mut().to_vec()
-            } else {
-                let mut out = vec![poison::<T>(); len];
-                let r = if in_place {
-                    out.copy_from_slice(&input);
-                    comm.all_reduce_host_with(&opts, None, &mut out)
-                } else {
-                    comm.all_reduce_host_with(&opts, Some(&input), &mut out)
-                };
-                r.map_err(|e| format!("{what}: {e}"))?;
-                out
-            };
+            let (res, out) = reduce_once(comm, &opts, device, in_place, &input);
+            res.map_err(|e| format!("{what}: {e}"))?;
             let wrong = count_wrong(&out[offset..offset + WINDOW], &want_probe);
             if wrong > 0 {
                 return Err(format!("{what}: {wrong} of {WINDOW} probe elements differ from the reference"));
