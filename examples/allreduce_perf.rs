@@ -22,6 +22,13 @@
 //! faster of the columns ending `_graph_us` with `-G`, `_eager_us` without), and `ref/tp` (above 1:
 //! tpcomm is faster). `../shared/bench/*.csv` holds SGLang's figures in that form.
 //!
+//! `--quick CODEC` (device memory): time the quantized allreduce with that codec, and beside it
+//! tpcomm's exact path for the same call (two-shot, chunked above `TPCOMM_CUSTOM_MAX_BYTES`)
+//! timed the same way; `#wrong` counts elements whose bits differ from the host model of the
+//! codec (`tpcomm::quant::quick_reference`) or lie outside its bound, and the error columns give
+//! the measured max abs error, max error relative to the group's magnitude and RMS relative
+//! error against the exact sum (out of place).
+//!
 //! Eager mode (no `-G`) times `-n` calls enqueued back to back and waited for once (what an engine
 //! sees: the host never waits per call); `--eager-sync` waits for every call instead (launch,
 //! wait, report), the figure before calls became enqueue-only.
@@ -77,12 +84,14 @@ struct Options {
     eager_sync: bool,
     /// Reference times: (ranks, bytes) -> microseconds, the faster of the columns for the mode.
     reference: Option<Vec<(usize, usize, f64)>>,
+    /// Time this quick codec (device memory) beside tpcomm's exact path, with error columns.
+    quick: Option<tpcomm::quant::Codec>,
 }
 
 const USAGE: &str = "usage: allreduce_perf [-b MINBYTES] [-e MAXBYTES] [-f FACTOR] [-n ITERS] [-w WARMUP] \
 [-d float|double|half|bfloat16] [-c 0|1] [-G CALLS_PER_GRAPH] [--memory device|host] [--algo NAME|auto] \
 [--compare mpi|nccl|none] [--show-dispatch] [--show-config] [--autotune] [--floor] [--eager-sync]
-[--reference FILE.csv]
+[--reference FILE.csv] [--quick fp8|int8|int6|int4]
 sizes take K, M, G suffixes; run under mpirun";
 
 fn parse_bytes(s: &str) -> Result<usize, String> {
@@ -115,6 +124,7 @@ fn parse_args() -> Result<Options, String> {
         floor: false,
         eager_sync: false,
         reference: None,
+        quick: None,
     };
     let mut reference_file = None;
     let mut args = std::env::args().skip(1);
@@ -156,9 +166,15 @@ fn parse_args() -> Result<Options, String> {
             "--floor" => o.floor = true,
             "--eager-sync" => o.eager_sync = true,
             "--reference" => reference_file = Some(value()?),
+            "--quick" => o.quick = Some(value()?.parse().map_err(|e| format!("--quick: {e}"))?),
             "-h" | "--help" => return Err(USAGE.to_string()),
             other => return Err(format!("unknown flag {other}\n{USAGE}")),
         }
+    }
+    if o.quick.is_some() && (!o.device || o.algo.is_some() || o.compare_nccl) {
+        return Err(format!(
+            "--quick times device memory against the exact path: no --algo, no --compare nccl\n{USAGE}"
+        ));
     }
     if o.compare_nccl && !o.device {
         return Err(format!("--compare nccl times device memory; add --memory device\n{USAGE}"));
@@ -211,7 +227,11 @@ fn main() {
         std::process::exit(2)
     };
     let opts = parse_args().unwrap_or_else(|e| fail(e));
-    let config = Config::from_env().unwrap_or_else(|e| fail(e.to_string()));
+    let mut config = Config::from_env().unwrap_or_else(|e| fail(e.to_string()));
+    if let (Some(codec), None) = (opts.quick, config.quick) {
+        // Build the quick backend; the sweep forces the codec per call.
+        config.quick = Some(codec);
+    }
     let comm = Communicator::new(&world, config.clone()).unwrap_or_else(|e| fail(e.to_string()));
     if opts.device {
         comm.init_device().unwrap_or_else(|e| fail(format!("init_device: {e}")));
@@ -293,16 +313,19 @@ impl Table {
         Table { ranks, check, wrong: 0, busbw_sum: 0.0, rows: 0 }
     }
 
-    /// The two header lines; `extra` names the two columns after the in-place ones.
-    fn print_header(title: &str, extra: [&str; 2], units: [&str; 2]) {
+    /// The two header lines; `extra` names the two columns after the in-place ones, `more` any
+    /// further columns (width 8) before the algorithm's name.
+    fn print_header(title: &str, extra: [&str; 2], units: [&str; 2], more: &[&str]) {
+        let more_names: String = more.iter().map(|m| format!("  {m:>8}")).collect();
+        let more_blank: String = more.iter().map(|_| format!("  {:>8}", "")).collect();
         println!("#");
         println!("#{:>62}out-of-place{:>26}in-place{:>22}{title}", "", "", "");
         println!(
-            "#{:>11}  {:>12}  {:>8}  {:>6}  {:>6}  {:>7}  {:>6}  {:>6}  {:>6}  {:>7}  {:>6}  {:>6}  {:>6}  {:>8}  {:>6}  algo",
+            "#{:>11}  {:>12}  {:>8}  {:>6}  {:>6}  {:>7}  {:>6}  {:>6}  {:>6}  {:>7}  {:>6}  {:>6}  {:>6}  {:>8}  {:>6}{more_names}  algo",
             "size", "count", "type", "redop", "root", "time", "algbw", "busbw", "#wrong", "time", "algbw", "busbw", "#wrong", extra[0], extra[1]
         );
         println!(
-            "#{:>11}  {:>12}  {:>8}  {:>6}  {:>6}  {:>7}  {:>6}  {:>6}  {:>6}  {:>7}  {:>6}  {:>6}  {:>6}  {:>8}  {:>6}",
+            "#{:>11}  {:>12}  {:>8}  {:>6}  {:>6}  {:>7}  {:>6}  {:>6}  {:>6}  {:>7}  {:>6}  {:>6}  {:>6}  {:>8}  {:>6}{more_blank}",
             "(B)", "(elements)", "", "", "", "(us)", "(GB/s)", "(GB/s)", "", "(us)", "(GB/s)", "(GB/s)", "", units[0], units[1]
         );
     }
@@ -324,10 +347,14 @@ impl Table {
         let n = self.ranks;
         let bus_factor = if n > 1 { 2.0 * (n - 1) as f64 / n as f64 } else { 1.0 };
         let algbw = |t: f64| if t > 0.0 { size as f64 / t / 1e3 } else { 0.0 };
-        self.busbw_sum += (algbw(times[0]) + algbw(times[1])) * bus_factor;
-        self.rows += 2;
+        let timed: Vec<f64> = times.iter().copied().filter(|t| !t.is_nan()).collect();
+        self.busbw_sum += timed.iter().map(|&t| algbw(t)).sum::<f64>() * bus_factor;
+        self.rows += timed.len();
         let chk = |w: u64| if self.check { w.to_string() } else { "N/A".to_string() };
-        let half = |t: f64, w: u64| format!("{t:7.2}  {:6.2}  {:6.2}  {:>6}", algbw(t), algbw(t) * bus_factor, chk(w));
+        let half = |t: f64, w: u64| match t.is_nan() {
+            true => format!("{:>7}  {:>6}  {:>6}  {:>6}", "n/a", "n/a", "n/a", chk(w)),
+            false => format!("{t:7.2}  {:6.2}  {:6.2}  {:>6}", algbw(t), algbw(t) * bus_factor, chk(w)),
+        };
         format!(
             "{size:>12}  {:>12}  {:>8}  {:>6}  {:>6}  {}  {}",
             size / dtype.size(),
@@ -387,7 +414,7 @@ fn run<T: Element>(
         );
         print_settings(comm, o);
         println!("#\n#  Layout: {}", boot.summary());
-        Table::print_header("MPI_Allreduce", ["time", "ratio"], ["(us)", "mpi/tp"]);
+        Table::print_header("MPI_Allreduce", ["time", "ratio"], ["(us)", "mpi/tp"], &[]);
     }
     let mut table = Table::new(n, o.check);
     for bytes in sweep(o) {
@@ -560,7 +587,20 @@ mod device {
     /// Whether results are checked within a tolerance (NCCL's order of addition is its own)
     /// rather than bit for bit.
     fn tolerant(algo: Algo, ranks: usize) -> bool {
-        !algo.sums_in_rank_order() && ranks > 1
+        !algo.sums_in_rank_order() && !algo.is_lossy() && ranks > 1
+    }
+
+    /// A quick codec's result: elements whose bits differ from the host model (NaN payloads
+    /// aside) or that lie outside the codec's bound.
+    fn check_quick<T: Element<Acc = f32>>(
+        got: &[T],
+        model: &[T],
+        inputs: &[&[T]],
+        codec: tpcomm::quant::Codec,
+    ) -> usize {
+        let same = |a: T, b: T| tpcomm::verify::same_bits(a, b) || (a.to_f64().is_nan() && b.to_f64().is_nan());
+        let differ = got.iter().zip(model).filter(|(a, b)| !same(**a, **b)).count();
+        differ + tpcomm::quant::count_outside_bound(codec, got, inputs)
     }
 
     /// Wrong elements: bits that differ from the rank-order sum, or for algorithms that sum in
@@ -611,7 +651,7 @@ mod device {
         }
     }
 
-    pub fn run<T: Element>(
+    pub fn run<T: Element<Acc = f32>>(
         comm: &Communicator,
         nccl_comm: Option<&Communicator>,
         world: &SimpleCommunicator,
@@ -653,23 +693,31 @@ mod device {
             if let Some(f) = flags {
                 println!("# flag-exchange floor: {f:.2} us (one flag to and from every peer, same mode)");
             }
-            if nccl_comm.is_some() {
-                Table::print_header("NCCL", ["nccl", "ratio"], ["(us)", "nccl/tp"]);
+            if let Some(codec) = o.quick {
+                println!(
+                    "# quick {codec}: {} bytes per group of 32 values on the wire ({} bytes per 16-bit element)",
+                    codec.wire_bytes_per_group(),
+                    codec.wire_bytes_per_group() as f64 / 32.0
+                );
+                Table::print_header("exact path", ["exact", "q/exact"], ["(us)", ""], &["maxabs", "maxrel", "rmsrel"]);
+            } else if nccl_comm.is_some() {
+                Table::print_header("NCCL", ["nccl", "ratio"], ["(us)", "nccl/tp"], &[]);
             } else if o.reference.is_some() {
-                Table::print_header("reference", ["ref", "ref/tp"], ["(us)", ""]);
+                Table::print_header("reference", ["ref", "ref/tp"], ["(us)", ""], &[]);
             } else if flags.is_some() {
-                Table::print_header("flag floor", ["floor", "x floor"], ["(us)", ""]);
+                Table::print_header("flag floor", ["floor", "x floor"], ["(us)", ""], &[]);
             } else {
-                Table::print_header("HBM floor", ["floor", "floor%"], ["(us)", ""]);
+                Table::print_header("HBM floor", ["floor", "floor%"], ["(us)", ""], &[]);
             }
         }
         let mut table = Table::new(n, o.check);
         for bytes in sweep(o) {
             let count = bytes / size_of::<T>();
             let size = count * size_of::<T>();
-            let algo = match o.algo {
-                Some(a) => a,
-                None => match comm.device_algo::<T>(count) {
+            let algo = match (o.quick, o.algo) {
+                (Some(codec), _) => Algo::quick(codec),
+                (None, Some(a)) => a,
+                (None, None) => match comm.device_algo::<T>(count) {
                     Ok(a) => a,
                     Err(e) => {
                         if root {
@@ -687,8 +735,22 @@ mod device {
                 } else {
                     rank_input(seed, rank, count)
                 };
-                let expected: Vec<T> =
-                    if o.check && !tolerant(algo, n) { expected_sum(seed, n, count) } else { Vec::new() };
+                let expected: Vec<T> = if o.check && !tolerant(algo, n) && o.quick.is_none() {
+                    expected_sum(seed, n, count)
+                } else {
+                    Vec::new()
+                };
+                // Quick: every rank's input, and the model's bits.
+                let all_inputs: Vec<Vec<T>> = match (o.quick, o.check) {
+                    (Some(_), true) => (0..n).map(|r| rank_input(seed, r, count)).collect(),
+                    _ => Vec::new(),
+                };
+                let views: Vec<&[T]> = all_inputs.iter().map(|x| &x[..]).collect();
+                let model: Vec<T> = match (o.quick, o.check) {
+                    (Some(codec), true) => tpcomm::quant::quick_reference(codec, &views),
+                    _ => Vec::new(),
+                };
+                let mut stats = None;
                 let mut input = comm.alloc_shared::<T>(count)?;
                 s.memcpy_htod(&input_host[..], &mut input).map_err(cuda("memcpy_htod"))?;
                 let poison = vec![tpcomm::verify::poison::<T>(); count];
@@ -709,20 +771,36 @@ mod device {
                     s.memcpy_htod(&poison[..], &mut output).map_err(cuda("memcpy_htod"))?;
                     comm.all_reduce_with(&forced, &input, &mut output, &s)?;
                     let got = read(comm, &s, &output)?;
-                    wrong_oop = check(&got, &expected, seed, algo, n);
-                    report_wrong(rank, size, algo, "out-of-place", &got, &expected);
+                    if let Some(codec) = o.quick {
+                        wrong_oop = check_quick(&got, &model, &views, codec);
+                        stats = Some(tpcomm::quant::error_stats(&got, &views));
+                    } else {
+                        wrong_oop = check(&got, &expected, seed, algo, n);
+                        report_wrong(rank, size, algo, "out-of-place", &got, &expected);
+                    }
                 }
                 // In place, in the registered buffer (values keep growing while timing).
                 trace("in-place timing");
-                let t_ip = time_calls(comm, world, o, &s, |st| comm.all_reduce_in_place_with(&forced, &mut input, st))?;
+                // A lossy codec is not timed in place: the sums grow replay after replay until they
+                // are infinite, and poisoned groups skip the codec's arithmetic (measured: 2x
+                // "faster"). Its in-place result is still checked below.
+                let t_ip = if algo.is_lossy() {
+                    f64::NAN
+                } else {
+                    time_calls(comm, world, o, &s, |st| comm.all_reduce_in_place_with(&forced, &mut input, st))?
+                };
                 let mut wrong_ip = 0;
                 if o.check {
                     trace("in-place check");
                     s.memcpy_htod(&input_host[..], &mut input).map_err(cuda("memcpy_htod"))?;
                     comm.all_reduce_in_place_with(&forced, &mut input, &s)?;
                     let got: Vec<T> = read(comm, &s, &input)?;
-                    wrong_ip = check(&got, &expected, seed, algo, n);
-                    report_wrong(rank, size, algo, "in-place", &got, &expected);
+                    if let Some(codec) = o.quick {
+                        wrong_ip = check_quick(&got, &model, &views, codec);
+                    } else {
+                        wrong_ip = check(&got, &expected, seed, algo, n);
+                        report_wrong(rank, size, algo, "in-place", &got, &expected);
+                    }
                 }
                 // NCCL on the same input, out of place, timed the same way.
                 let t_nccl = match nccl {
@@ -735,20 +813,45 @@ mod device {
                     }
                     None => None,
                 };
+                // Quick: the exact path for the same call, timed the same way.
+                let t_exact = match o.quick {
+                    Some(_) => {
+                        trace("exact timing");
+                        let exact = if size <= comm.config().custom_max_bytes { Algo::TwoShot } else { Algo::Chunked };
+                        let opts = CallOptions::algo(exact);
+                        Some(time_calls(comm, world, o, &s, |st| comm.all_reduce_with(&opts, &input, &mut output, st))?)
+                    }
+                    None => None,
+                };
                 let common = table.row(world, size, T::DTYPE, [t_oop, t_ip], [wrong_oop, wrong_ip]);
                 let reference = o
                     .reference
                     .as_ref()
                     .map(|rows| rows.iter().find(|&&(r, b, _)| r == n && b == size).map(|&(_, _, us)| us));
-                let extra = match (nccl_comm, t_nccl, reference, flags) {
-                    (Some(_), Some(t), _, _) => format!("{t:8.2}  {:6.2}", t / t_oop),
-                    (Some(_), None, _, _) => format!("{:>8}  {:>6}", "n/a", "n/a"),
-                    (None, _, Some(Some(r)), _) => format!("{r:8.2}  {:6.2}", r / t_oop),
-                    (None, _, Some(None), _) => format!("{:>8}  {:>6}", "n/a", "n/a"),
-                    (None, _, None, Some(f)) => format!("{f:8.2}  {:5.2}x", t_oop / f),
-                    (None, _, None, None) => {
-                        let floor_us = algo.hbm_floor_bytes(n, size) / bw * 1e6;
-                        format!("{floor_us:8.2}  {:5.0}%", 100.0 * floor_us / t_oop)
+                let extra = match (t_exact, stats) {
+                    (Some(t), Some(e)) => format!(
+                        "{t:8.2}  {:6.2}  {:8.2e}  {:8.2e}  {:8.2e}",
+                        t_oop / t,
+                        e.max_abs,
+                        e.max_rel,
+                        e.rms_rel
+                    ),
+                    (Some(t), None) => format!("{t:8.2}  {:6.2}  {:>8}  {:>8}  {:>8}", t_oop / t, "-", "-", "-"),
+                    _ => String::new(),
+                };
+                let extra = if !extra.is_empty() {
+                    extra
+                } else {
+                    match (nccl_comm, t_nccl, reference, flags) {
+                        (Some(_), Some(t), _, _) => format!("{t:8.2}  {:6.2}", t / t_oop),
+                        (Some(_), None, _, _) => format!("{:>8}  {:>6}", "n/a", "n/a"),
+                        (None, _, Some(Some(r)), _) => format!("{r:8.2}  {:6.2}", r / t_oop),
+                        (None, _, Some(None), _) => format!("{:>8}  {:>6}", "n/a", "n/a"),
+                        (None, _, None, Some(f)) => format!("{f:8.2}  {:5.2}x", t_oop / f),
+                        (None, _, None, None) => {
+                            let floor_us = algo.hbm_floor_bytes(n, size) / bw * 1e6;
+                            format!("{floor_us:8.2}  {:5.0}%", 100.0 * floor_us / t_oop)
+                        }
                     }
                 };
                 if root {

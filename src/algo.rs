@@ -7,6 +7,7 @@
 //! prints). Names, error lists, the dispatch's checks and the benchmark's floors are all read
 //! from here, so adding an algorithm is adding a row.
 
+use crate::quant::Codec;
 use std::fmt;
 use std::str::FromStr;
 
@@ -42,6 +43,15 @@ pub enum Algo {
     /// Device memory, ranks on several nodes: each node sums the message with its IPC kernels,
     /// NCCL sums each local rank's shard across nodes, each node gathers the shards.
     Hierarchical,
+    /// Device memory, CUDA IPC two-shot whose traffic is FP8 (e4m3) with a scale per 32 values:
+    /// lossy, opt-in (`TPCOMM_QUICK`), the same bits on every rank ([`crate::quant`]).
+    QuickFp8,
+    /// The same with INT8 codes (QuickReduce's Q8).
+    QuickInt8,
+    /// The same with INT6 codes (QuickReduce's Q6).
+    QuickInt6,
+    /// The same with INT4 codes (QuickReduce's Q4).
+    QuickInt4,
 }
 
 /// Where the buffers of a call live.
@@ -65,6 +75,8 @@ pub(crate) enum BackendKind {
     Packet,
     /// NCCL (`backend/nccl.rs`).
     Nccl,
+    /// Quantized two-shot over CUDA IPC (`backend/quick.rs`).
+    Quick,
 }
 
 /// Which ranks an algorithm can span.
@@ -107,8 +119,31 @@ pub(crate) struct AlgoInfo {
 /// Custom kernels' vector width: pointers must be aligned to it.
 const VEC: usize = crate::runtime::protocol::ALIGN;
 
+/// A quick row: bytes moved through one shared GPU by `n` ranks reducing `s` bytes of 16-bit
+/// data each, with `wire` bytes per group of 32 values (64 bytes of data): every rank reads its
+/// input, writes its encoded shards, its owner reads them, writes the encoded reduced shard to
+/// every rank, every rank reads them and writes its output.
+const fn quick_row(algo: Algo, name: &'static str, summary: &'static str) -> AlgoInfo {
+    AlgoInfo {
+        algo,
+        name,
+        memory: Memory::Device,
+        backend: Some(BackendKind::Quick),
+        span: Span::Node,
+        rank_order: false,
+        lossy: true,
+        align: VEC,
+        hbm_bytes: match algo {
+            Algo::QuickInt6 => |n, s| n * (2.0 + 4.0 * 28.0 / 64.0) * s,
+            Algo::QuickInt4 => |n, s| n * (2.0 + 4.0 * 20.0 / 64.0) * s,
+            _ => |n, s| n * (2.0 + 4.0 * 36.0 / 64.0) * s,
+        },
+        summary,
+    }
+}
+
 /// Every algorithm, one row each, in [`Algo`] order.
-pub(crate) const ALGOS: [AlgoInfo; 11] = [
+pub(crate) const ALGOS: [AlgoInfo; 15] = [
     AlgoInfo {
         algo: Algo::HostOneShot,
         name: "host_oneshot",
@@ -243,6 +278,10 @@ pub(crate) const ALGOS: [AlgoInfo; 11] = [
         hbm_bytes: |n, s| 2.0 * n * (n + 1.0) * s,
         summary: "several nodes: IPC kernels in each node, NCCL per local index between nodes",
     },
+    quick_row(Algo::QuickFp8, "quick_fp8", "quantized two-shot, FP8 e4m3 codes, a scale per 32 values (lossy)"),
+    quick_row(Algo::QuickInt8, "quick_int8", "quantized two-shot, INT8 codes, a scale per 32 values (lossy)"),
+    quick_row(Algo::QuickInt6, "quick_int6", "quantized two-shot, INT6 codes, a scale per 32 values (lossy)"),
+    quick_row(Algo::QuickInt4, "quick_int4", "quantized two-shot, INT4 codes, a scale per 32 values (lossy)"),
 ];
 
 const _: () = {
@@ -255,7 +294,7 @@ const _: () = {
 
 impl Algo {
     /// Every algorithm, in a fixed order.
-    pub const ALL: [Algo; 11] = [
+    pub const ALL: [Algo; 15] = [
         Algo::HostOneShot,
         Algo::HostTwoShot,
         Algo::OneShot,
@@ -267,7 +306,32 @@ impl Algo {
         Algo::Chunked,
         Algo::Copy,
         Algo::Hierarchical,
+        Algo::QuickFp8,
+        Algo::QuickInt8,
+        Algo::QuickInt6,
+        Algo::QuickInt4,
     ];
+
+    /// The quick algorithm of `codec`.
+    pub const fn quick(codec: Codec) -> Algo {
+        match codec {
+            Codec::Fp8 => Algo::QuickFp8,
+            Codec::Int8 => Algo::QuickInt8,
+            Codec::Int6 => Algo::QuickInt6,
+            Codec::Int4 => Algo::QuickInt4,
+        }
+    }
+
+    /// The codec of a quick algorithm, `None` for the others.
+    pub const fn codec(self) -> Option<Codec> {
+        match self {
+            Algo::QuickFp8 => Some(Codec::Fp8),
+            Algo::QuickInt8 => Some(Codec::Int8),
+            Algo::QuickInt6 => Some(Codec::Int6),
+            Algo::QuickInt4 => Some(Codec::Int4),
+            _ => None,
+        }
+    }
 
     pub(crate) const fn info(self) -> &'static AlgoInfo {
         &ALGOS[self as usize]
@@ -355,10 +419,15 @@ mod tests {
     }
 
     #[test]
-    fn only_nccl_and_its_composites_leave_rank_order() {
-        let off: Vec<Algo> = Algo::ALL.into_iter().filter(|a| !a.sums_in_rank_order()).collect();
+    fn only_nccl_its_composites_and_the_lossy_codecs_leave_rank_order() {
+        let off: Vec<Algo> = Algo::ALL.into_iter().filter(|a| !a.sums_in_rank_order() && !a.is_lossy()).collect();
         assert_eq!(off, [Algo::Nccl, Algo::Hierarchical]);
-        assert!(Algo::ALL.iter().all(|a| !a.is_lossy()));
+        let lossy: Vec<Algo> = Algo::ALL.into_iter().filter(|a| a.is_lossy()).collect();
+        assert_eq!(lossy, crate::quant::Codec::ALL.map(Algo::quick));
+        for codec in crate::quant::Codec::ALL {
+            assert_eq!(Algo::quick(codec).codec(), Some(codec));
+            assert_eq!(Algo::quick(codec).as_str(), format!("quick_{codec}"));
+        }
     }
 
     #[test]

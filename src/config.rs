@@ -64,6 +64,20 @@ pub struct Config {
     /// never chosen; device messages over `TPCOMM_CUSTOM_MAX_BYTES` go through the custom kernels
     /// in chunks instead.
     pub deterministic: bool,
+    /// Let the dispatch use the quantized allreduce with this codec for device messages of at
+    /// least `quick_min_bytes` on one node (`TPCOMM_QUICK=off|fp8|int8|int6|int4`, default off).
+    /// Results then differ from the exact sum within the codec's bound ([`crate::quant`]). Any
+    /// codec builds the quick backend, so calls may also force another codec
+    /// ([`crate::CallOptions::algo`]); off builds nothing. Deterministic mode never chooses it
+    /// unless a call forces it.
+    pub quick: Option<crate::quant::Codec>,
+    /// Smallest device message (bytes per rank) the dispatch hands to the quick codec
+    /// (`TPCOMM_QUICK_MIN_BYTES`; `None`: 1 MiB at 2 ranks, 2 MiB at 4, 4 MiB at 8, where
+    /// QuickReduce measured quantization starting to pay over a real interconnect).
+    pub quick_min_bytes: Option<usize>,
+    /// Largest device message (bytes per rank) of the quick allreduce; each rank's inbox holds
+    /// about 1.1 x this (`TPCOMM_QUICK_MAX_BYTES`).
+    pub quick_max_bytes: usize,
 }
 
 impl Default for Config {
@@ -85,6 +99,9 @@ impl Default for Config {
             oneshot_max_bytes: None,
             tune_file: None,
             deterministic: false,
+            quick: None,
+            quick_min_bytes: None,
+            quick_max_bytes: 64 << 20,
         }
     }
 }
@@ -339,13 +356,55 @@ const PARAMS: &[Param] = &[
             Ok(())
         },
         check: |c| match (c.deterministic, c.algo) {
-            (true, Some(algo)) if !algo.sums_in_rank_order() => Err(format!(
+            (true, Some(algo)) if !algo.sums_in_rank_order() && !algo.is_lossy() => Err(format!(
                 "TPCOMM_ALGO={algo} cannot be combined with TPCOMM_DETERMINISTIC=1: {algo} does not sum in a fixed \
                  rank order; unset one of them"
             )),
             _ => Ok(()),
         },
         show: |c| u8::from(c.deterministic).to_string(),
+        local: false,
+    },
+    Param {
+        key: "TPCOMM_QUICK",
+        help: "off (default), fp8, int8, int6 or int4: quantized allreduce above TPCOMM_QUICK_MIN_BYTES (lossy)",
+        set: |c, v| {
+            c.quick = match v.trim() {
+                "off" | "0" | "" => None,
+                s => Some(s.parse::<crate::quant::Codec>().map_err(|e| format!("off or {e}"))?),
+            };
+            Ok(())
+        },
+        check: ok,
+        show: |c| c.quick.map_or("off".to_string(), |q| q.to_string()),
+        local: false,
+    },
+    Param {
+        key: "TPCOMM_QUICK_MIN_BYTES",
+        help: "smallest device message (bytes) the quick codec takes (default: the codec's, from measurement)",
+        set: |c, v| {
+            c.quick_min_bytes = Some(parse_usize(v)?);
+            Ok(())
+        },
+        check: ok,
+        show: |c| c.quick_min_bytes.map_or("default".to_string(), |b| b.to_string()),
+        local: false,
+    },
+    Param {
+        key: "TPCOMM_QUICK_MAX_BYTES",
+        help: "largest device message (bytes) of the quick allreduce; sizes its inboxes (~1.1 x this per rank)",
+        set: |c, v| {
+            c.quick_max_bytes = parse_usize(v)?;
+            Ok(())
+        },
+        check: |c| {
+            let b = c.quick_max_bytes;
+            if b < 4096 || b % 4096 != 0 || b > (1 << 34) {
+                return Err("a multiple of 4096 between 4096 and 16G".into());
+            }
+            Ok(())
+        },
+        show: |c| c.quick_max_bytes.to_string(),
         local: false,
     },
 ];
@@ -471,6 +530,9 @@ mod tests {
             ("TPCOMM_TIMEOUTMS", "10"),
             ("TPCOMM_DETERMINISTIC", "2"),
             ("TPCOMM_DETERMINISTIC", "maybe"),
+            ("TPCOMM_QUICK", "int5"),
+            ("TPCOMM_QUICK_MAX_BYTES", "100"),
+            ("TPCOMM_QUICK_MIN_BYTES", "lots"),
         ] {
             let err = Config::from_vars([(k, v)]).unwrap_err();
             let text = err.to_string();
@@ -502,6 +564,23 @@ mod tests {
         // A configuration built in code is checked too, and the hierarchy (NCCL between nodes) likewise.
         assert!(Config { algo: Some(Algo::Nccl), deterministic: true, ..Config::default() }.validate().is_err());
         assert!(Config::from_vars([("TPCOMM_ALGO", "hier"), ("TPCOMM_DETERMINISTIC", "1")]).is_err());
+        // A lossy codec asked for by name is reproducible bit for bit, so it may be forced.
+        let c = Config::from_vars([("TPCOMM_ALGO", "quick_int8"), ("TPCOMM_DETERMINISTIC", "1")]).unwrap();
+        assert_eq!(c.algo, Some(Algo::QuickInt8));
+    }
+
+    #[test]
+    fn quick_is_off_unless_named() {
+        assert_eq!(Config::default().quick, None);
+        for (v, want) in
+            [("off", None), ("fp8", Some(crate::quant::Codec::Fp8)), ("int4", Some(crate::quant::Codec::Int4))]
+        {
+            assert_eq!(Config::from_vars([("TPCOMM_QUICK", v)]).unwrap().quick, want, "{v}");
+        }
+        let err = Config::from_vars([("TPCOMM_QUICK", "int5")]).unwrap_err().to_string();
+        assert!(err.contains("int8") && err.contains("off"), "{err}");
+        let c = Config::from_vars([("TPCOMM_QUICK_MIN_BYTES", "2M"), ("TPCOMM_QUICK_MAX_BYTES", "16M")]).unwrap();
+        assert_eq!((c.quick_min_bytes, c.quick_max_bytes), (Some(2 << 20), 16 << 20));
     }
 
     #[test]

@@ -72,6 +72,7 @@ mod exchange;
 mod fault;
 mod hierarchy;
 mod plan;
+pub mod quant;
 mod runtime;
 mod shm;
 #[doc(hidden)]

@@ -19,6 +19,7 @@ use crate::algo::{Algo, BackendKind, Memory, Span};
 use crate::config::Config;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::quant::Codec;
 use std::fmt;
 use std::ops::Range;
 
@@ -162,6 +163,9 @@ pub struct DispatchTable {
     pub(crate) packet_buffer_bytes: usize,
     pub(crate) deterministic: bool,
     pub(crate) forced: Option<Algo>,
+    pub(crate) quick: Option<Codec>,
+    pub(crate) quick_min_bytes: usize,
+    pub(crate) quick_max_bytes: usize,
 }
 
 /// Host one-shot limit times the world size. One-shot makes every rank read all `n` inputs,
@@ -211,6 +215,21 @@ pub(crate) const fn packet_max_bytes(world: usize) -> usize {
     }
 }
 
+/// Smallest message the dispatch hands to a quick codec (`TPCOMM_QUICK`) for `world` ranks:
+/// where quantization starts to pay against the unquantized two-shot over a real interconnect,
+/// as QuickReduce measured it on MI300X (1 MiB at 2 ranks, 2 MiB at 4, 4 MiB at 8;
+/// ../RESEARCH). On ranks sharing one GPU the interconnect is that GPU's memory and the
+/// codecs never pay (bench/RESULTS.md), so this cannot be measured there.
+pub(crate) const fn quick_min_bytes(world: usize) -> usize {
+    if world <= 2 {
+        1 << 20
+    } else if world <= 4 {
+        2 << 20
+    } else {
+        4 << 20
+    }
+}
+
 impl DispatchTable {
     /// The table for a configuration and a world size.
     pub(crate) fn new(config: &Config, world_size: usize) -> Self {
@@ -228,6 +247,9 @@ impl DispatchTable {
             packet_buffer_bytes: config.packet_buffer_bytes,
             deterministic: config.deterministic,
             forced: config.algo,
+            quick: config.quick,
+            quick_min_bytes: config.quick_min_bytes.unwrap_or(quick_min_bytes(world_size)),
+            quick_max_bytes: config.quick_max_bytes,
         }
     }
 
@@ -331,12 +353,25 @@ impl DispatchTable {
             }
             return Err(self.no_backend(req, why));
         }
+        if let Some(codec) = self.quick_for(req) {
+            return Ok((Algo::quick(codec), "TPCOMM_QUICK, size"));
+        }
         Ok(match self.within_node(req.bytes(), req.caps, req.in_place) {
             Some(algo) => (algo, "size"),
             None if nccl => (Algo::Nccl, "over TPCOMM_CUSTOM_MAX_BYTES"),
             None if self.deterministic => (Algo::Chunked, "deterministic, over TPCOMM_CUSTOM_MAX_BYTES"),
             None => (Algo::Chunked, "over TPCOMM_CUSTOM_MAX_BYTES, and NCCL is not available"),
         })
+    }
+
+    /// The quick codec for a call among the ranks of one node, where `TPCOMM_QUICK` names one,
+    /// the size is in its range and the mode is not deterministic.
+    fn quick_for(&self, req: &Request) -> Option<Codec> {
+        let codec = self.quick?;
+        let bytes = req.bytes();
+        let fits = (self.quick_min_bytes..=self.quick_max_bytes).contains(&bytes);
+        (fits && !self.deterministic && req.dtype != DType::F64 && req.caps.has(BackendKind::Quick, Group::Node))
+            .then_some(codec)
     }
 
     /// The IPC algorithm for `bytes` among the ranks of one node, `None` above the IPC limit.
@@ -383,7 +418,8 @@ impl DispatchTable {
                 ),
             ));
         }
-        if !info.rank_order && self.deterministic {
+        // A lossy codec is reproducible bit for bit: asked for by name, deterministic mode lets it be.
+        if !info.rank_order && !info.lossy && self.deterministic {
             return Err(Error::Config {
                 key: "TPCOMM_ALGO",
                 value: algo.to_string(),
@@ -412,6 +448,7 @@ impl DispatchTable {
                 Some(BackendKind::Nccl) => &[(BackendKind::Nccl, Group::World)],
                 Some(BackendKind::Custom) => &[(BackendKind::Custom, Group::Node)],
                 Some(BackendKind::Packet) => &[(BackendKind::Packet, Group::Node)],
+                Some(BackendKind::Quick) => &[(BackendKind::Quick, Group::Node)],
                 _ => &[],
             },
         };
@@ -424,6 +461,7 @@ impl DispatchTable {
         let limit = match info.backend {
             Some(BackendKind::Packet) => Some((self.packet_buffer_bytes, "TPCOMM_PACKET_BUFFER_BYTES")),
             Some(BackendKind::Custom) => Some((self.custom_max_bytes, "TPCOMM_CUSTOM_MAX_BYTES")),
+            Some(BackendKind::Quick) => Some((self.quick_max_bytes, "TPCOMM_QUICK_MAX_BYTES")),
             _ => None,
         };
         if let Some((max, key)) = limit.filter(|(max, _)| req.bytes() > *max) {
@@ -525,6 +563,15 @@ impl fmt::Display for DispatchTable {
             oneshot(self.inplace_oneshot_max_bytes.min(self.custom_max_bytes))
         )?;
         writeln!(f, "# device memory: bytes <= {:>10}: {}", self.custom_max_bytes, Algo::TwoShot)?;
+        if let (Some(codec), false) = (self.quick, self.deterministic) {
+            writeln!(
+                f,
+                "# device memory: {} <= bytes <= {}: {} (TPCOMM_QUICK; lossy), over the lines above",
+                self.quick_min_bytes,
+                self.quick_max_bytes,
+                Algo::quick(codec)
+            )?;
+        }
         if self.deterministic {
             writeln!(
                 f,
@@ -803,6 +850,48 @@ mod tests {
         let det = table(Config { algo: Some(Algo::Nccl), deterministic: true, ..Config::default() }, 4);
         let err = det.device(&req(&c, 64, s)).unwrap_err();
         assert!(matches!(err, Error::Config { .. }) && err.to_string().contains("TPCOMM_DETERMINISTIC"), "{err}");
+    }
+
+    #[test]
+    fn quick_is_opt_in_sized_and_never_chosen_in_deterministic_mode() {
+        let mut c = all();
+        c.add(BackendKind::Quick, Group::Node);
+        let s = Shape::one_node(4, 0);
+        let int8 = Config { quick: Some(Codec::Int8), ..Config::default() };
+        let t = table(int8.clone(), 4);
+        let algo = |t: &DispatchTable, caps: &Caps, bytes| t.device(&req(caps, bytes, s)).unwrap().algo;
+        // Off by default, even with the backend built.
+        assert_eq!(algo(&table(Config::default(), 4), &c, 4 << 20), Algo::TwoShot);
+        // On: from the codec's minimum to its maximum, exact algorithms elsewhere.
+        assert_eq!(t.quick_min_bytes, 2 << 20);
+        assert_eq!(algo(&t, &c, (2 << 20) - 2), Algo::TwoShot);
+        assert_eq!(algo(&t, &c, 2 << 20), Algo::QuickInt8);
+        assert_eq!(algo(&t, &c, 64 << 20), Algo::QuickInt8);
+        assert_eq!(algo(&t, &c, (64 << 20) + 2), Algo::Nccl);
+        assert_eq!(DispatchTable::new(&int8, 2).quick_min_bytes, 1 << 20);
+        assert_eq!(DispatchTable::new(&int8, 8).quick_min_bytes, 4 << 20);
+        let low = table(Config { quick_min_bytes: Some(4096), ..int8.clone() }, 4);
+        assert_eq!(algo(&low, &c, 4096), Algo::QuickInt8);
+        // Not where the backend is missing, nor in deterministic mode, nor for doubles.
+        assert_eq!(algo(&t, &all(), 4 << 20), Algo::TwoShot);
+        let det = table(Config { deterministic: true, ..int8.clone() }, 4);
+        assert_eq!(algo(&det, &c, 4 << 20), Algo::TwoShot);
+        let doubles = Request { len: (4 << 20) / 8, dtype: DType::F64, ..req(&c, 0, s) };
+        assert_ne!(t.device(&doubles).unwrap().algo, Algo::QuickInt8);
+        // Forced: another codec than the configured one, in deterministic mode too; refused over
+        // its buffers or without the backend, with the reason.
+        let forced = |t: &DispatchTable, caps: &Caps, algo, bytes| {
+            t.device(&Request { forced: Some(algo), ..req(caps, bytes, s) })
+        };
+        assert_eq!(forced(&t, &c, Algo::QuickInt4, 64).unwrap().steps, one(Algo::QuickInt4, Group::Node, 32));
+        assert_eq!(forced(&det, &c, Algo::QuickFp8, 64).unwrap().algo, Algo::QuickFp8);
+        let err = forced(&t, &c, Algo::QuickInt6, (64 << 20) + 16).unwrap_err();
+        assert!(err.to_string().contains("TPCOMM_QUICK_MAX_BYTES"), "{err}");
+        let err = forced(&t, &all(), Algo::QuickInt6, 64).unwrap_err();
+        assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+        let text = t.to_string();
+        assert!(text.contains("quick_int8") && text.contains("lossy"), "{text}");
+        assert!(!det.to_string().contains("quick"), "{}", det.to_string());
     }
 
     #[test]

@@ -99,6 +99,19 @@ fn launcher() {
         ranks: 4,
         env: &[("TPCOMM_DETERMINISTIC", "1"), ("TPCOMM_FAKE_NODES", "2"), ("TPCOMM_HOST_CHUNK_BYTES", "8192")],
     });
+    for ranks in 1..=4 {
+        jobs.push(Job {
+            case: "mock_quick",
+            ranks,
+            env: &[("TPCOMM_QUICK", "int8"), ("TPCOMM_QUICK_MIN_BYTES", "4K")],
+        });
+    }
+    jobs.push(Job {
+        case: "mock_quick",
+        ranks: 3,
+        env: &[("TPCOMM_QUICK", "int8"), ("TPCOMM_QUICK_MIN_BYTES", "4K"), ("TPCOMM_DETERMINISTIC", "1")],
+    });
+    jobs.push(Job { case: "invalid_config", ranks: 1, env: &[("TPCOMM_QUICK", "int5")] });
     jobs.push(Job { case: "invalid_config", ranks: 1, env: &[("TPCOMM_ALGO", "fastest")] });
     jobs.push(Job { case: "invalid_config", ranks: 1, env: &[("TPCOMM_ALGO", "nccl"), ("TPCOMM_DETERMINISTIC", "1")] });
     jobs.push(Job { case: "invalid_config", ranks: 1, env: &[("TPCOMM_TIMEOUT_MS", "-3")] });
@@ -218,6 +231,7 @@ fn worker(case: &str) -> i32 {
             Ok(comm) => match case {
                 "exact" => exact(&comm),
                 "mock_exact" => mock_exact(&comm),
+                "mock_quick" => mock_quick(&comm),
                 "forced_algorithms" => forced_algorithms(&comm),
                 "mismatched_lengths" => mismatched_lengths(&comm),
                 "batch_invariance" => batch_invariance(&comm),
@@ -484,6 +498,63 @@ fn forced_algorithms(comm: &Communicator) -> Result<String, String> {
         return Err("a host call after the refusals was wrong".into());
     }
     Ok("every impossible forced algorithm refused on every rank, communicator still exact".into())
+}
+
+/// The quick codecs through the device layer on the stand-in (whose quick "kernel" is the host
+/// model, `tpcomm::quant::quick_reference`): `TPCOMM_QUICK=int8` with a 4 KiB minimum makes the
+/// dispatch choose it from 4 KiB on (never in deterministic mode, nor at one rank), other codecs
+/// can be forced per call (deterministic mode included), every result is the model's and
+/// within the bound (and, above the minimum, not the exact sum: the codec really ran), doubles
+/// are refused on every rank and the communicator stays usable.
+fn mock_quick(comm: &Communicator) -> Result<String, String> {
+    use tpcomm::quant::{count_outside_bound, quick_reference, Codec};
+    comm.init_device().map_err(|e| format!("init_device: {e}"))?;
+    let (n, rank) = (comm.size(), comm.rank());
+    let det = comm.config().deterministic;
+    let mut checked = 0;
+    for (k, len) in [1usize, 31, 33, 1000, 2048, 4097, 70_000].into_iter().enumerate() {
+        let seed = 0x9u64 + k as u64;
+        let inputs: Vec<Vec<bf16>> = (0..n).map(|r| rank_input(seed, r, len)).collect();
+        let views: Vec<&[bf16]> = inputs.iter().map(|x| &x[..]).collect();
+        let exact = tpcomm::verify::reference_sum(&views);
+        let chosen = comm.device_algo::<bf16>(len).map_err(|e| e.to_string())?;
+        let quick_expected = len * 2 >= 4096 && n > 1 && !det;
+        if (chosen == Algo::QuickInt8) != quick_expected {
+            return Err(format!("{len} elements: the dispatch chose {chosen} (quick expected: {quick_expected})"));
+        }
+        let forced = [None, Some(Codec::Int4), Some(Codec::Fp8), Some(Codec::Int6)];
+        for (codec, in_place) in forced.into_iter().flat_map(|c| [(c, false), (c, true)]) {
+            let opts = codec.map_or_else(CallOptions::default, |c| CallOptions::algo(Algo::quick(c)));
+            let (r, got) = reduce_once(comm, &opts, true, in_place, &inputs[rank]);
+            r.map_err(|e| format!("{len} elements, {codec:?}: {e}"))?;
+            let used = codec.or((chosen == Algo::QuickInt8).then_some(Codec::Int8));
+            let want = used.map_or_else(|| exact.clone(), |c| quick_reference(c, &views));
+            if count_wrong(&got, &want) > 0 {
+                return Err(format!("{len} elements, {used:?}, in place {in_place}: not the expected bits"));
+            }
+            if let Some(c) = used {
+                if count_outside_bound(c, &got, &views) > 0 {
+                    return Err(format!("{len} elements, {c}: outside the bound"));
+                }
+                if n > 1 && len >= 1000 && count_wrong(&got, &exact) == 0 {
+                    return Err(format!("{len} elements, {c}: the exact sum came back (the codec did not run)"));
+                }
+            }
+            checked += 1;
+        }
+    }
+    let d: Vec<f64> = rank_input(5, rank, 100);
+    let (r, _) = reduce_once(comm, &CallOptions::algo(Algo::QuickInt8), true, false, &d);
+    if !matches!(r, Err(Error::Unsupported { .. })) {
+        return Err(format!("quick on f64 gave {r:?}, not Unsupported"));
+    }
+    let x: Vec<f32> = rank_input(6, rank, 500);
+    let (r, got) = reduce_once(comm, &CallOptions::default(), true, false, &x);
+    r.map_err(|e| format!("after the f64 refusal: {e}"))?;
+    if count_wrong(&got, &tpcomm::verify::expected_sum(6, n, 500)) > 0 {
+        return Err("an exact call after the refusal was wrong".into());
+    }
+    Ok(format!("{checked} quick calls: the model's bits, within the bound, chosen as configured"))
 }
 
 /// The bootstrap's byte exchange with blobs of different lengths, empty ones included (an empty

@@ -1,7 +1,7 @@
 //! Self-checking GPU test of tpcomm's device paths. Run under mpirun:
 //!
 //! ```text
-//! mpirun -np 4 target/release/examples/gpu_check [--quick] [--topology] [--sabotage]
+//! mpirun -np 4 target/release/examples/gpu_check [--quick] [--topology] [--sabotage] [--only STEP]
 //! ```
 //!
 //! Objective: prove that every device path gives `tpcomm::verify::reference_sum`'s bits on
@@ -31,7 +31,11 @@
 //!   forcing NCCL gives `Error::Unsupported` naming the duplicate GPU on every rank; several
 //!   ranks on their own GPUs are reported as skipped (NCCL's order is not rank order);
 //! - deterministic mode (1 MiB custom limit): messages of 3-5 MiB go chunked and give the
-//!   rank-order reference bits, and a probe embedded anywhere gives the same bits.
+//!   rank-order reference bits, and a probe embedded anywhere gives the same bits;
+//! - quick (`quick.rs`): every codec, dtype and size to 64 MiB, eager and graph (1,000 replays
+//!   of fresh inputs at one size), in place and not: the host model's bits, within the bound,
+//!   the same bytes on every rank; NaN/Inf poison only their groups; the dispatch picks the
+//!   codec when `TPCOMM_QUICK` names it; a skipped quick call and mismatched lengths fail.
 //!
 //! Every rank's input is a pure function of (seed, rank, index), so every rank computes the
 //! reference over all ranks' inputs. Outputs, and 64 elements after them, are poisoned (NaN)
@@ -43,6 +47,7 @@
 mod cases;
 mod engine;
 mod harness;
+mod quick;
 
 use anyhow::{anyhow, Result};
 use harness::{Ctx, Tally};
@@ -61,8 +66,19 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
     let sabotage = args.iter().any(|a| a == "--sabotage");
+    // `--only STEP` runs one step (and, for quick, its fault checks): for focused runs; the
+    // steps left out are neither passed nor counted.
+    let only: Option<String> = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1).cloned());
+    let wanted = |name: &str| only.as_deref().is_none_or(|o| o == name);
     let replays: usize = std::env::var("GPU_CHECK_REPLAYS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
-    let config = Config::from_env()?;
+    // The quick backend is built (calls force its codecs) but never chosen unforced, so every
+    // other check sees the exact algorithms; `quick::dispatch_picks_quick` checks the choice.
+    let env = Config::from_env()?;
+    let config = Config {
+        quick: env.quick.or(Some(tpcomm::quant::Codec::Int8)),
+        quick_min_bytes: env.quick_min_bytes.or(Some(usize::MAX)),
+        ..env
+    };
     if args.iter().any(|a| a == "--topology") {
         // The node's GPUs and links as tpcomm sees them, then nothing else.
         let comm = Communicator::new(&world, config.clone())?;
@@ -104,7 +120,7 @@ fn main() -> Result<()> {
         let max_bytes = config.custom_max_bytes;
         let mut c = Ctx { comm: &comm, stream, n, rank, seed: 1, sabotage };
         let captured = if quick { 2_000 } else { 20_000 };
-        let steps: [(&str, &mut Step); 13] = [
+        let steps: [(&str, &mut Step); 14] = [
             ("f32", &mut |c, t| cases::run_dtype::<f32>(c, t, max_bytes, quick)),
             ("f16", &mut |c, t| cases::run_dtype::<f16>(c, t, max_bytes, quick)),
             ("bf16", &mut |c, t| cases::run_dtype::<bf16>(c, t, max_bytes, quick)),
@@ -122,11 +138,15 @@ fn main() -> Result<()> {
             }),
             ("nccl", &mut |c, t| cases::nccl_checks(c, t, &world, &config)),
             ("deterministic", &mut |c, t| cases::deterministic_checks(c, t, &world, &config)),
+            ("quick", &mut |c, t| quick::quick_checks(c, &world, &config, t, quick, if quick { 50 } else { 1_000 })),
             ("flag floor", &mut |c, _| {
                 Ok(c.comm.exchange_flags(&c.stream).and_then(|()| c.comm.synchronize(&c.stream))?)
             }),
         ];
         for (name, step) in steps {
+            if !wanted(name) {
+                continue;
+            }
             let t0 = Instant::now();
             let r = step(&mut c, &mut tally);
             tally.step(name, r);
@@ -136,22 +156,34 @@ fn main() -> Result<()> {
         }
         comm.finalize()?;
     }
+    let exact = [Algo::OneShot, Algo::TwoShot, Algo::Packet, Algo::PacketTwoPhase, Algo::Lamport];
+    let faults = |quick_algo: Algo| -> Vec<Algo> {
+        match only.as_deref() {
+            Some("quick") => vec![quick_algo],
+            Some(_) => vec![],
+            None => exact.iter().copied().chain([quick_algo]).collect(),
+        }
+    };
     if n > 1 {
-        for algo in [Algo::OneShot, Algo::TwoShot, Algo::Packet, Algo::PacketTwoPhase, Algo::Lamport] {
+        for algo in faults(Algo::QuickInt8) {
             let r = cases::skipped_call(&world, &config, algo, &mut tally);
             tally.step(&format!("timeout ({algo})"), r);
         }
-        let r = cases::local_bad_arguments(&world, &config, &mut tally);
-        tally.step("local bad arguments", r);
-        let r = cases::capture_mismatch(&world, &config, &mut tally);
-        tally.step("capture mismatch", r);
-        for algo in [Algo::OneShot, Algo::TwoShot, Algo::Packet, Algo::PacketTwoPhase, Algo::Lamport] {
+        if only.is_none() {
+            let r = cases::local_bad_arguments(&world, &config, &mut tally);
+            tally.step("local bad arguments", r);
+            let r = cases::capture_mismatch(&world, &config, &mut tally);
+            tally.step("capture mismatch", r);
+        }
+        for algo in faults(Algo::QuickInt4) {
             let r = cases::length_mismatch(&world, &config, algo, &mut tally);
             tally.step(&format!("length mismatch ({algo})"), r);
         }
     }
-    let r = engine::lifecycle(&world, &config, &mut tally, ordinal, if quick { 20 } else { 200 });
-    tally.step("lifecycle", r);
+    if wanted("lifecycle") {
+        let r = engine::lifecycle(&world, &config, &mut tally, ordinal, if quick { 20 } else { 200 });
+        tally.step("lifecycle", r);
+    }
     let mine = [tally.passed as u64, tally.failed as u64, tally.skipped as u64];
     let mut sum = [0u64; 3];
     world.all_reduce_into(&mine[..], &mut sum[..], SystemOperation::sum());

@@ -29,7 +29,7 @@
 //! Preconditions (as for every collective): all ranks make the same calls in the same order with
 //! the same length, dtype and algorithm, and calls on one instance are serialised.
 
-use super::peer_group::{export_all, share};
+use super::peer_group::{export_all, kernel_error, share, KernelWords};
 use super::rank_data::{RowArena, ROWS};
 use super::{Call, DeviceBackend, RegId};
 use crate::algo::Algo;
@@ -335,6 +335,17 @@ impl CustomAllreduce {
     }
 }
 
+/// How the custom kernels' errors read.
+const WORDS: KernelWords = KernelWords {
+    op: "custom all_reduce",
+    family: "custom allreduce",
+    wait: |id| match id {
+        protocol::BARRIER_START => "custom allreduce: start barrier",
+        protocol::BARRIER_MID => "custom allreduce: two-shot middle barrier",
+        _ => "custom allreduce: end barrier",
+    },
+};
+
 impl DeviceBackend for CustomAllreduce {
     unsafe fn enqueue(&mut self, algo: Algo, call: &Call) -> Result<()> {
         const OP: &str = "custom all_reduce";
@@ -438,34 +449,7 @@ impl DeviceBackend for CustomAllreduce {
     }
 
     fn poll(&mut self) -> Result<()> {
-        let Some(t) = protocol::decode_error(self.err.get()) else { return Ok(()) };
-        Err(match t.kind {
-            protocol::BarrierErrorKind::Mismatch => Error::Mismatch {
-                op: "custom all_reduce",
-                detail: format!(
-                    "rank {} (of the node) called with another length, dtype or algorithm than rank {} (seen at \
-                     barrier {})",
-                    t.peer, self.rank, t.barrier
-                ),
-            },
-            protocol::BarrierErrorKind::Timeout => Error::PeerTimeout {
-                op: match t.barrier {
-                    protocol::BARRIER_START => "custom allreduce: start barrier",
-                    protocol::BARRIER_MID => "custom allreduce: two-shot middle barrier",
-                    _ => "custom allreduce: end barrier",
-                },
-                peer: Some(t.peer),
-                waited: self.timeout,
-            },
-            protocol::BarrierErrorKind::PeerFailed => {
-                Error::PeerFailed { step: "custom allreduce (a peer failed while this rank waited)".into() }
-            }
-            protocol::BarrierErrorKind::BadRow => Error::usage(
-                "custom allreduce",
-                "a replayed graph's call has no registered buffers (captured outside a GraphRegistration, or replayed \
-                 after its registration was dropped); the kernel touched no memory",
-            ),
-        })
+        kernel_error(self.err.get(), self.rank, self.timeout, &WORDS).map_or(Ok(()), Err)
     }
 
     fn register_buffer(&mut self, id: u64, ptr: u64, bytes: usize) -> Result<()> {

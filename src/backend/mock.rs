@@ -40,8 +40,9 @@ impl MockBackend {
 /// making different calls stop with a mismatch, as the kernels' call tags make them.
 const HEADER: usize = 16;
 
-/// `out = sum over ranks (in order) of the gathered inputs`, each `len` elements of `T`.
-fn sum_into<T: Element>(blobs: &[Vec<u8>], out: *mut T, len: usize) {
+/// `out = sum over ranks (in order) of the gathered inputs`, each `len` elements of `T`; for a
+/// quick algorithm, the host model of its codec (the bits the quick kernels produce).
+fn sum_into<T: Element>(algo: Algo, blobs: &[Vec<u8>], out: *mut T, len: usize) -> Result<()> {
     let inputs: Vec<Vec<T>> = blobs
         .iter()
         .map(|b| {
@@ -52,10 +53,16 @@ fn sum_into<T: Element>(blobs: &[Vec<u8>], out: *mut T, len: usize) {
         })
         .collect();
     let views: Vec<&[T]> = inputs.iter().map(|x| &x[..]).collect();
-    for (i, v) in crate::dtype::reference_sum(&views).into_iter().enumerate() {
+    let sum = match algo.codec() {
+        None => crate::dtype::reference_sum(&views),
+        Some(codec) => crate::quant::quick_reference_any(codec, &views)
+            .ok_or_else(|| crate::runtime::kernels::unsupported_dtype("quick allreduce", T::DTYPE))?,
+    };
+    for (i, v) in sum.into_iter().enumerate() {
         // SAFETY: `out` holds `len` elements (the caller's contract).
         unsafe { out.add(i).write_unaligned(v) };
     }
+    Ok(())
 }
 
 impl DeviceBackend for MockBackend {
@@ -86,12 +93,11 @@ impl DeviceBackend for MockBackend {
             });
         }
         match call.dtype {
-            DType::F32 => sum_into::<f32>(&all, call.output as *mut f32, call.len),
-            DType::F64 => sum_into::<f64>(&all, call.output as *mut f64, call.len),
-            DType::F16 => sum_into::<half::f16>(&all, call.output as *mut half::f16, call.len),
-            DType::BF16 => sum_into::<half::bf16>(&all, call.output as *mut half::bf16, call.len),
+            DType::F32 => sum_into::<f32>(algo, &all, call.output as *mut f32, call.len),
+            DType::F64 => sum_into::<f64>(algo, &all, call.output as *mut f64, call.len),
+            DType::F16 => sum_into::<half::f16>(algo, &all, call.output as *mut half::f16, call.len),
+            DType::BF16 => sum_into::<half::bf16>(algo, &all, call.output as *mut half::bf16, call.len),
         }
-        Ok(())
     }
 
     fn poll(&mut self) -> Result<()> {

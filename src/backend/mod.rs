@@ -2,6 +2,7 @@
 //!
 //! - `custom`: CUDA IPC one-shot and two-shot (`kernels/custom_allreduce.cu`);
 //! - `packet`: barrier-free LL and Lamport kernels (`kernels/packet_allreduce.cu`);
+//! - `quick`: two-shot with quantized traffic (`kernels/quick_allreduce.cu`), opt-in;
 //! - `nccl`: NCCL through cudarc's raw bindings;
 //! - `host`: shared memory of one node (host buffers; not a device backend);
 //! - `mock`: a CPU stand-in for the device backends, so the device layer's routing, plans,
@@ -24,6 +25,7 @@ pub(crate) mod mock;
 pub(crate) mod nccl;
 pub(crate) mod packet;
 pub(crate) mod peer_group;
+pub(crate) mod quick;
 pub(crate) mod rank_data;
 
 use crate::algo::Algo;

@@ -26,7 +26,7 @@
 //! [`Error::Mismatch`]), and calls on one instance are serialised on one stream.
 
 use super::custom::FaultTarget;
-use super::peer_group::{export_all, share};
+use super::peer_group::{export_all, kernel_error, share, KernelWords};
 use super::{Call, DeviceBackend};
 use crate::algo::Algo;
 use crate::dtype::DType;
@@ -296,6 +296,17 @@ impl PacketAllreduce {
     }
 }
 
+/// How the packet kernels' errors read.
+const WORDS: KernelWords = KernelWords {
+    op: "packet all_reduce",
+    family: "packet allreduce",
+    wait: |id| match id {
+        protocol::WAIT_HEADER => "packet allreduce: waiting for a peer's call header",
+        protocol::WAIT_RESULT => "packet allreduce: waiting for a peer's reduced shard",
+        _ => "packet allreduce: waiting for a peer's data",
+    },
+};
+
 impl DeviceBackend for PacketAllreduce {
     unsafe fn enqueue(&mut self, algo: Algo, call: &Call) -> Result<()> {
         // Packets read only their own memory: registered, staged and captured inputs are one
@@ -307,28 +318,7 @@ impl DeviceBackend for PacketAllreduce {
     }
 
     fn poll(&mut self) -> Result<()> {
-        let Some(t) = protocol::decode_error(self.err.get()) else { return Ok(()) };
-        Err(match t.kind {
-            protocol::BarrierErrorKind::Mismatch => Error::Mismatch {
-                op: "packet all_reduce",
-                detail: format!(
-                    "rank {} (of the node) called with another length, dtype or algorithm than rank {}",
-                    t.peer, self.rank
-                ),
-            },
-            protocol::BarrierErrorKind::PeerFailed => {
-                Error::PeerFailed { step: "packet allreduce (a peer failed while this rank waited)".into() }
-            }
-            _ => Error::PeerTimeout {
-                op: match t.barrier {
-                    protocol::WAIT_HEADER => "packet allreduce: waiting for a peer's call header",
-                    protocol::WAIT_RESULT => "packet allreduce: waiting for a peer's reduced shard",
-                    _ => "packet allreduce: waiting for a peer's data",
-                },
-                peer: Some(t.peer),
-                waited: self.timeout,
-            },
-        })
+        kernel_error(self.err.get(), self.rank, self.timeout, &WORDS).map_or(Ok(()), Err)
     }
 }
 

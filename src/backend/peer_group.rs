@@ -7,12 +7,50 @@
 //! others skipped, and a peer's blob of the wrong length is [`crate::Error::Mismatch`], never a
 //! panic.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::exchange::{agree, all_gather_bytes, records};
 use crate::runtime::ipc::{self, IpcHandle, PeerMappings, IPC_HANDLE_BYTES};
 use crate::runtime::protocol::MAX_RANKS;
 use cudarc::driver::CudaContext;
 use std::time::Duration;
+
+/// How an IPC kernel family names itself and its waits in the errors its kernels record.
+pub(crate) struct KernelWords {
+    /// The operation of a mismatch (`"custom all_reduce"`).
+    pub op: &'static str,
+    /// The family, for peer failures and refused rows (`"custom allreduce"`).
+    pub family: &'static str,
+    /// What a wait (barrier or packet wait id of the error word) waited for, for timeouts.
+    pub wait: fn(u32) -> &'static str,
+}
+
+/// The error an IPC kernel of `words`' family recorded in its error word `word` (`None`:
+/// nothing recorded), as seen by `rank` whose waits were bounded by `timeout`.
+pub(crate) fn kernel_error(word: u64, rank: usize, timeout: Duration, words: &KernelWords) -> Option<Error> {
+    use crate::runtime::protocol::{decode_error, BarrierErrorKind};
+    let t = decode_error(word)?;
+    Some(match t.kind {
+        BarrierErrorKind::Mismatch => Error::Mismatch {
+            op: words.op,
+            detail: format!(
+                "rank {} (of the node) called with another length, dtype or algorithm than rank {rank} (seen at: {})",
+                t.peer,
+                (words.wait)(t.barrier)
+            ),
+        },
+        BarrierErrorKind::Timeout => {
+            Error::PeerTimeout { op: (words.wait)(t.barrier), peer: Some(t.peer), waited: timeout }
+        }
+        BarrierErrorKind::PeerFailed => {
+            Error::PeerFailed { step: format!("{} (a peer failed while this rank waited)", words.family) }
+        }
+        BarrierErrorKind::BadRow => Error::usage(
+            words.family,
+            "a replayed graph's call has no registered buffers (captured outside a GraphRegistration, or replayed \
+             after its registration was dropped); the kernel touched no memory",
+        ),
+    })
+}
 
 /// Bytes of one exported address: the allocation's handle and the offset into it.
 const RECORD: usize = IPC_HANDLE_BYTES + 8;

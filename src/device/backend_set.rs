@@ -12,6 +12,7 @@ use crate::backend::custom::{CustomAllreduce, CustomOptions, FaultTarget};
 use crate::backend::mock::MockBackend;
 use crate::backend::nccl::NcclAllreduce;
 use crate::backend::packet::{PacketAllreduce, PacketOptions};
+use crate::backend::quick::{QuickAllreduce, QuickOptions};
 use crate::backend::DeviceBackend;
 use crate::bootstrap::Bootstrap;
 use crate::config::Config;
@@ -39,9 +40,10 @@ pub(crate) struct BackendSet {
 }
 
 /// The order of the capability bits exchanged between ranks.
-const SLOTS: [(BackendKind, Group); 4] = [
+const SLOTS: [(BackendKind, Group); 5] = [
     (BackendKind::Custom, Group::Node),
     (BackendKind::Packet, Group::Node),
+    (BackendKind::Quick, Group::Node),
     (BackendKind::Nccl, Group::World),
     (BackendKind::Nccl, Group::Cross),
 ];
@@ -135,16 +137,45 @@ impl BackendSet {
                             }
                             Err(e) => missing.push((BackendKind::Packet, fatal_or_reason(e)?)),
                         }
+                        // Quick only when asked for (TPCOMM_QUICK): its inboxes cost memory.
+                        if config.quick.is_none() {
+                            missing.push((BackendKind::Quick, "TPCOMM_QUICK is off".into()));
+                        } else {
+                            let opts = QuickOptions {
+                                max_bytes: config.quick_max_bytes,
+                                timeout: t,
+                                ranks_per_device: layout.max_ranks_per_device,
+                                cache_dir: Some(config.cache_dir()),
+                                fault,
+                                pdl: config.pdl,
+                            };
+                            match QuickAllreduce::new(boot.node(), ctx, &opts) {
+                                Ok(q) => {
+                                    set.notes.push(format!(
+                                        "quick allreduce: {} blocks max, {} bytes max, PDL {}",
+                                        q.max_blocks(),
+                                        config.quick_max_bytes,
+                                        q.pdl()
+                                    ));
+                                    set.push(BackendKind::Quick, Group::Node, Box::new(q));
+                                }
+                                Err(e) => missing.push((BackendKind::Quick, fatal_or_reason(e)?)),
+                            }
+                        }
                     }
                     Err(e) => {
                         let why = fatal_or_reason(e)?;
-                        missing.push((BackendKind::Packet, why.clone()));
+                        for kind in [BackendKind::Packet, BackendKind::Quick] {
+                            missing.push((kind, why.clone()));
+                        }
                         missing.push((BackendKind::Custom, why));
                     }
                 }
             }
             Err(why) => {
-                missing.push((BackendKind::Packet, why.clone()));
+                for kind in [BackendKind::Packet, BackendKind::Quick] {
+                    missing.push((kind, why.clone()));
+                }
                 missing.push((BackendKind::Custom, why));
             }
         }
@@ -199,6 +230,11 @@ impl BackendSet {
         set.push(BackendKind::Custom, Group::Node, mock(boot.node(), BackendKind::Custom));
         set.push(BackendKind::Packet, Group::Node, mock(boot.node(), BackendKind::Packet));
         let mut missing = Vec::new();
+        if config.quick.is_some() {
+            set.push(BackendKind::Quick, Group::Node, mock(boot.node(), BackendKind::Quick));
+        } else {
+            missing.push((BackendKind::Quick, "TPCOMM_QUICK is off".into()));
+        }
         if config.deterministic {
             missing.push((BackendKind::Nccl, "deterministic mode never uses NCCL".into()));
         } else {

@@ -1,6 +1,7 @@
 //! Kernel sources compiled at run time, embedded in the library so binaries need no files.
 //!
-//! Each family is `kernels/common.cuh` followed by the family's own file, compiled with the
+//! Each family is `kernels/common.cuh` (and `kernels/barrier.cuh` for the families that
+//! synchronise whole launches) followed by the family's own file, compiled with the
 //! family's protocol defines for one world size. Entry points are named `{algorithm}_{dtype}`
 //! (`oneshot_bf16`), the one naming rule both the `.cu` files and the backends follow.
 
@@ -25,7 +26,11 @@ pub(crate) const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 /// `kernels/custom_allreduce.cu`: one-shot and two-shot.
 pub(crate) const CUSTOM: Family = Family {
     name: "custom_allreduce",
-    source: concat!(include_str!("../../kernels/common.cuh"), include_str!("../../kernels/custom_allreduce.cu")),
+    source: concat!(
+        include_str!("../../kernels/common.cuh"),
+        include_str!("../../kernels/barrier.cuh"),
+        include_str!("../../kernels/custom_allreduce.cu")
+    ),
     algos: &["oneshot", "twoshot"],
     defines: super::protocol::defines,
 };
@@ -38,8 +43,20 @@ pub(crate) const PACKET: Family = Family {
     defines: super::protocol::packet_defines,
 };
 
+/// `kernels/quick_allreduce.cu`: two-shot with quantized traffic, one entry per codec.
+pub(crate) const QUICK: Family = Family {
+    name: "quick_allreduce",
+    source: concat!(
+        include_str!("../../kernels/common.cuh"),
+        include_str!("../../kernels/barrier.cuh"),
+        include_str!("../../kernels/quick_allreduce.cu")
+    ),
+    algos: &["quick_fp8", "quick_int8", "quick_int6", "quick_int4"],
+    defines: super::protocol::quick_defines,
+};
+
 /// Every family, for the compile checks.
-pub(crate) const FAMILIES: [&Family; 2] = [&CUSTOM, &PACKET];
+pub(crate) const FAMILIES: [&Family; 3] = [&CUSTOM, &PACKET, &QUICK];
 
 /// The oldest GPU architecture the kernels compile for: they use `cvt.rn.bf16.f32` and
 /// system-scope acquire/release, which need sm_80. Older GPUs get no IPC kernels (NCCL serves

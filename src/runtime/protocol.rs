@@ -1,7 +1,8 @@
 //! Protocol constants of the CUDA kernels: the one place they are defined.
 //!
 //! `kernels/custom_allreduce.cu` receives the values below as NVRTC `-D` defines (see
-//! [`defines`]), `kernels/packet_allreduce.cu` those of [`packet_defines`], so host and device
+//! [`defines`]), `kernels/packet_allreduce.cu` those of [`packet_defines`],
+//! `kernels/quick_allreduce.cu` those of [`quick_defines`], so host and device
 //! cannot drift (neither kernel file spells an error bit or a layout width itself). The layouts described here are the ones the kernels' `struct Signal`,
 //! `struct PacketState` and `struct Ptrs` have.
 
@@ -34,6 +35,18 @@ pub const BARRIER_START: u32 = 0;
 pub const BARRIER_MID: u32 = 1;
 /// The barrier at the end of one-shot (inputs may be reused after it).
 pub const BARRIER_END: u32 = 2;
+/// Quick allreduce: the fenced barrier after the owners pushed their re-encoded shards.
+pub const BARRIER_GATHER: u32 = 6;
+/// Quick allreduce: most thread blocks of one launch (its signal area has counters for this
+/// many). The codecs spend arithmetic per element, so quick fills the GPU with more blocks
+/// than the custom kernels' copies need.
+pub const QUICK_MAX_BLOCKS: usize = 128;
+
+/// Bytes of a signal area with counters for `max_blocks` blocks (mailboxes then counters),
+/// rounded up to 256.
+pub const fn signal_bytes(max_blocks: usize) -> usize {
+    (PARITIES * max_blocks * MAX_RANKS * 8 + max_blocks * MAX_RANKS * 4).div_ceil(256) * 256
+}
 
 /// Bit set in the error word when a barrier timed out; see [`decode_error`].
 pub const ERR_TIMEOUT: u64 = 1 << 63;
@@ -96,6 +109,7 @@ const _: () = assert!(PACKET_MAX_BLOCKS <= 0xffff);
 const _: () = assert!(MAX_RANKS <= 32, "a warp signals all peers at once");
 const _: () = assert!(THREADS >= MAX_RANKS && THREADS % 32 == 0);
 const _: () = assert!(MAX_BLOCKS <= 0xffff, "the error word keeps 16 bits of block index");
+const _: () = assert!(QUICK_MAX_BLOCKS <= 0xffff && signal_bytes(MAX_BLOCKS) == SIGNAL_BYTES);
 const _: () = assert!(PARITIES == 2, "the kernel picks the mailbox by counter & 1");
 const _: () = assert!(SIGNAL_BYTES >= MAILBOX_WORDS * 8 + COUNTER_WORDS * 4 && SIGNAL_BYTES % 256 == 0);
 
@@ -186,6 +200,18 @@ pub fn defines(world: usize) -> Vec<String> {
         format!("-DTPCOMM_BARRIER_START={BARRIER_START}"),
         format!("-DTPCOMM_BARRIER_MID={BARRIER_MID}"),
         format!("-DTPCOMM_BARRIER_END={BARRIER_END}"),
+    ]);
+    d
+}
+
+/// The NVRTC `-D` options for a quick (quantized) module serving `world` ranks: the custom
+/// family's, its group size and its gather barrier.
+pub fn quick_defines(world: usize) -> Vec<String> {
+    let mut d: Vec<String> = defines(world).into_iter().filter(|o| !o.starts_with("-DTPCOMM_MAX_BLOCKS=")).collect();
+    d.extend([
+        format!("-DTPCOMM_MAX_BLOCKS={QUICK_MAX_BLOCKS}"),
+        format!("-DTPCOMM_QUICK_GROUP={}", crate::quant::GROUP),
+        format!("-DTPCOMM_BARRIER_GATHER={BARRIER_GATHER}"),
     ]);
     d
 }
