@@ -7,7 +7,10 @@
 #   3. allreduce_perf bf16 8 B..1 GiB, graph mode and eager, every device algorithm forced in turn
 #      and the dispatch's choice, each with NCCL measured in the same run (--compare nccl), and
 #      Communicator::tune() once (table saved in $OUT);
-#   4. deterministic mode against the default mode, 1 MiB..1 GiB.
+#   4. deterministic mode against the default mode, 1 MiB..1 GiB;
+#   5. every quick codec against tpcomm's exact two-shot in the same run, 1..64 MiB, with its
+#      error columns (NCCL's times for the same sizes are in perf_graph_nccl: the INT4 target
+#      is at least 2x NCCL's bus bandwidth from 16 MiB on 8 GPUs).
 # Every run is under `timeout`; logs go to $OUT (default ./multi-gpu-logs). On a machine with one
 # GPU it runs what fits (1 rank), which is the dry run of this script.
 #
@@ -73,5 +76,9 @@ TPCOMM_TUNE_FILE="$LOGDIR/tuned_table.txt" run tune "$top" -x TPCOMM_TUNE_FILE \
 run perf_default "$top" "$BIN_DIR/allreduce_perf" -d bfloat16 -b 1M -e "$PERF_MAX" -f 4 -n 20 -w 3 -G 10
 TPCOMM_DETERMINISTIC=1 run perf_deterministic "$top" -x TPCOMM_DETERMINISTIC \
     "$BIN_DIR/allreduce_perf" -d bfloat16 -b 1M -e "$PERF_MAX" -f 4 -n 20 -w 3 -G 10
+for codec in int8 int6 int4 fp8; do
+    run "perf_quick_$codec" "$top" "$BIN_DIR/allreduce_perf" -d bfloat16 -b 1M -e 64M -f 2 -n 20 -w 3 -G 10 \
+        --quick "$codec"
+done
 echo "runs failed: $failures" | tee -a "$summary"
 exit "$failures"
