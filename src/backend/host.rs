@@ -307,28 +307,38 @@ impl HostAllreduce {
             };
             let desc = first.then(|| self.publish_desc(len, T::DTYPE.code(), kernel));
             // My input chunk goes into input[parity][me]; peers read it after the barrier.
+            // Two-shot: all of it but my own shard, which only I reduce (from my input itself).
             let parity = self.next_parity();
-            // SAFETY: `m` elements fit the chunk slot; src is valid for m elements.
-            unsafe {
-                std::ptr::copy_nonoverlapping(src as *const u8, self.input_ptr(parity, self.rank), m * size_of::<T>())
+            let shard = shard_range::<T>(m, self.n, self.rank);
+            let published = match kernel {
+                HostKernel::OneShot => [0..m, m..m],
+                _ => [0..shard.start, shard.end..m],
             };
+            let slot = self.input_ptr(parity, self.rank) as *mut T;
+            for part in published {
+                // SAFETY: the part lies within `m` elements, which fit the chunk slot and src.
+                unsafe { std::ptr::copy_nonoverlapping(src.add(part.start), slot.add(part.start), part.len()) };
+            }
             self.barrier("host allreduce: inputs published")?;
             if let Some(desc) = desc {
                 self.check_descs(desc, op)?;
             }
-            let out = &mut output[offset..offset + m];
             match kernel {
-                HostKernel::OneShot => self.reduce_range(parity, 0..m, out),
+                HostKernel::OneShot => self.reduce_range(parity, 0..m, &mut output[offset..offset + m]),
                 _ => {
-                    // Reduce-scatter: I reduce my shard into shards[next parity].
-                    let shard = shard_range::<T>(m, self.n, self.rank);
+                    // Reduce-scatter: I reduce my shard into shards[next parity], my own part
+                    // read where it is (in place too: the output is written only after).
                     let sp = self.next_parity();
                     // SAFETY: the shard buffer holds a whole chunk; my range is mine alone.
                     let dst = unsafe {
                         std::slice::from_raw_parts_mut((self.shard_ptr(sp) as *mut T).add(shard.start), shard.len())
                     };
-                    self.reduce_range(parity, shard, dst);
+                    // SAFETY: src is valid for m elements and nothing writes them before the
+                    // gather below.
+                    let mine = unsafe { std::slice::from_raw_parts(src.add(shard.start), shard.len()) };
+                    self.reduce_range_with(parity, shard, mine, dst);
                     self.barrier("host allreduce: shards reduced")?;
+                    let out = &mut output[offset..offset + m];
                     // All-gather: every shard is complete after the barrier.
                     // SAFETY: m elements of the shard buffer, written before the barrier.
                     unsafe { std::ptr::copy_nonoverlapping(self.shard_ptr(sp) as *const T, out.as_mut_ptr(), m) };
@@ -343,15 +353,22 @@ impl HostAllreduce {
     /// `dst = sum over ranks (in order) of input[parity][r][range]`.
     fn reduce_range<T: Element>(&self, parity: u64, range: Range<usize>, dst: &mut [T]) {
         debug_assert_eq!(range.len(), dst.len());
-        let srcs: Vec<&[T]> = (0..self.n)
-            .map(|r| {
-                // SAFETY: rank r wrote at least range.end elements before the barrier we passed.
-                unsafe {
-                    std::slice::from_raw_parts((self.input_ptr(parity, r) as *const T).add(range.start), range.len())
-                }
-            })
-            .collect();
+        let srcs: Vec<&[T]> = (0..self.n).map(|r| self.published(parity, r, &range)).collect();
         reduce_rank_order(&srcs, dst);
+    }
+
+    /// The same with this rank's own term taken from `mine` instead of its published copy.
+    fn reduce_range_with<T: Element>(&self, parity: u64, range: Range<usize>, mine: &[T], dst: &mut [T]) {
+        debug_assert_eq!(range.len(), dst.len());
+        let srcs: Vec<&[T]> =
+            (0..self.n).map(|r| if r == self.rank { mine } else { self.published(parity, r, &range) }).collect();
+        reduce_rank_order(&srcs, dst);
+    }
+
+    /// Rank `r`'s published input chunk, elements `range`.
+    fn published<T: Element>(&self, parity: u64, r: usize, range: &Range<usize>) -> &[T] {
+        // SAFETY: rank r wrote at least range.end elements before the barrier we passed.
+        unsafe { std::slice::from_raw_parts((self.input_ptr(parity, r) as *const T).add(range.start), range.len()) }
     }
 
     /// Each local rank contributes `buf[ranges[rank]]`; afterwards every rank's `buf` holds all
