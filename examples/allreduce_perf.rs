@@ -828,19 +828,17 @@ mod device {
                     .reference
                     .as_ref()
                     .map(|rows| rows.iter().find(|&&(r, b, _)| r == n && b == size).map(|&(_, _, us)| us));
-                let extra = match (t_exact, stats) {
-                    (Some(t), Some(e)) => format!(
-                        "{t:8.2}  {:6.2}  {:8.2e}  {:8.2e}  {:8.2e}",
-                        t_oop / t,
-                        e.max_abs,
-                        e.max_rel,
-                        e.rms_rel
-                    ),
-                    (Some(t), None) => format!("{t:8.2}  {:6.2}  {:>8}  {:>8}  {:>8}", t_oop / t, "-", "-", "-"),
-                    _ => String::new(),
-                };
-                let extra = if !extra.is_empty() {
-                    extra
+                let extra = if let Some(t) = t_exact {
+                    match stats {
+                        Some(e) => format!(
+                            "{t:8.2}  {:6.2}  {:8.2e}  {:8.2e}  {:8.2e}",
+                            t_oop / t,
+                            e.max_abs,
+                            e.max_rel,
+                            e.rms_rel
+                        ),
+                        None => format!("{t:8.2}  {:6.2}  {:>8}  {:>8}  {:>8}", t_oop / t, "-", "-", "-"),
+                    }
                 } else {
                     match (nccl_comm, t_nccl, reference, flags) {
                         (Some(_), Some(t), _, _) => format!("{t:8.2}  {:6.2}", t / t_oop),

@@ -84,15 +84,6 @@ fn grid_blocks(len: usize, world: usize, max_blocks: usize) -> usize {
     (per_shard * 4).div_ceil(protocol::THREADS).clamp(1, max_blocks.max(1))
 }
 
-fn kernel_name(codec: Codec) -> &'static str {
-    match codec {
-        Codec::Fp8 => "quick_fp8",
-        Codec::Int8 => "quick_int8",
-        Codec::Int6 => "quick_int6",
-        Codec::Int4 => "quick_int4",
-    }
-}
-
 /// One rank's side of the quick allreduce.
 pub(crate) struct QuickAllreduce {
     rank: usize,
@@ -173,7 +164,8 @@ impl QuickAllreduce {
         let cache = ModuleCache::new(ctx, opts.cache_dir.clone())?;
         let family = &kernels::QUICK;
         let module = cache.module(family.name, family.source, &(family.defines)(world))?;
-        let funcs = kernels::load_functions(&module, &Codec::ALL, kernel_name)?;
+        // Entry points are named after the algorithms (`quick_int8_bf16`).
+        let funcs = kernels::load_functions(&module, &Codec::ALL, |c| Algo::quick(c).as_str())?;
         let cap = crate::runtime::co_resident_blocks(
             ctx,
             funcs.values(),
