@@ -289,6 +289,12 @@ mod tests {
     }
 
     #[test]
+    fn every_codec_has_its_kernels_under_its_algorithm_name() {
+        let names: Vec<&str> = Codec::ALL.iter().map(|&c| Algo::quick(c).as_str()).collect();
+        assert_eq!(names, kernels::QUICK.algos);
+    }
+
+    #[test]
     fn a_quad_per_group_of_the_largest_shard() {
         assert_eq!(grid_blocks(1, 8, 36), 1);
         // 8 MiB of bf16 among 8 ranks: 16384 groups per shard, 128 per block: capped.
