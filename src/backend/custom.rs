@@ -29,7 +29,7 @@
 //! Preconditions (as for every collective): all ranks make the same calls in the same order with
 //! the same length, dtype and algorithm, and calls on one instance are serialised.
 
-use super::peer_group::{export_all, kernel_error, share, KernelWords};
+use super::peer_group::{check_world, export_all, kernel_error, share, KernelWords};
 use super::rank_data::{RowArena, ROWS};
 use super::{Call, DeviceBackend, RegId};
 use crate::algo::Algo;
@@ -37,7 +37,6 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::exchange::{agree, all_gather_bytes, barrier};
 use crate::runtime::ipc::{self, IpcBuffer, IpcHandle, PeerMappings};
-use crate::runtime::module_cache::ModuleCache;
 use crate::runtime::{cuda, kernels, protocol, HostWord};
 use cudarc::driver::{CudaContext, CudaFunction};
 use mpi::topology::SimpleCommunicator;
@@ -191,12 +190,7 @@ impl CustomAllreduce {
         let comm = crate::exchange::Comm::new(comm.duplicate());
         let world = comm.size() as usize;
         let rank = comm.rank() as usize;
-        if world > protocol::MAX_RANKS {
-            return Err(Error::Unsupported {
-                what: format!("custom allreduce over {world} ranks of one node"),
-                reason: format!("it spans at most {} ranks", protocol::MAX_RANKS),
-            });
-        }
+        check_world(world, "custom allreduce")?;
         let p = agree(&*comm, Self::prepare(ctx, world, opts), opts.timeout, STEP)?;
         let local = [p.signal.ptr(), p.scratch.ptr(), p.staging.ptr()];
         let mut peers = PeerMappings::new(ctx);
@@ -234,11 +228,14 @@ impl CustomAllreduce {
     }
 
     fn prepare(ctx: &Arc<CudaContext>, world: usize, opts: &CustomOptions) -> Result<Prepared> {
-        kernels::check_arch(ctx, "the custom allreduce")?;
-        let cache = ModuleCache::new(ctx, opts.cache_dir.clone())?;
-        let family = &kernels::CUSTOM;
-        let module = cache.module(family.name, family.source, &(family.defines)(world))?;
-        let funcs = kernels::load_functions(&module, &[Kernel::OneShot, Kernel::TwoShot], Kernel::name)?;
+        let (funcs, from_disk) = kernels::CUSTOM.load(
+            ctx,
+            world,
+            opts.cache_dir.clone(),
+            &[Kernel::OneShot, Kernel::TwoShot],
+            Kernel::name,
+            "the custom allreduce",
+        )?;
         let cap = crate::runtime::co_resident_blocks(
             ctx,
             funcs.values(),
@@ -246,11 +243,8 @@ impl CustomAllreduce {
             opts.ranks_per_device,
             "custom allreduce",
         )?;
-        let max_blocks = DEFAULT_MAX_BLOCKS.min(protocol::MAX_BLOCKS).min(cap);
-        // With PDL a rank's next kernel may be resident beside the running one, so every grid
-        // must fit twice. Where halving the cap would cut the grid (many ranks sharing a GPU:
-        // measured, 8 ranks on one H200 lost 20% at 16 MiB), the kernels run without PDL.
-        let pdl = opts.pdl && cap / 2 >= max_blocks;
+        let (max_blocks, pdl) =
+            crate::runtime::grid_and_pdl(cap, DEFAULT_MAX_BLOCKS.min(protocol::MAX_BLOCKS), opts.pdl);
         let signal = IpcBuffer::alloc(ctx, meta_size())?;
         signal.zero()?;
         let scratch = IpcBuffer::alloc(ctx, opts.max_bytes)?;
@@ -258,7 +252,7 @@ impl CustomAllreduce {
         // Zero rows never name an input, so a kernel handed an unfilled row fails its check.
         let rank_data = IpcBuffer::alloc(ctx, ROWS as usize * protocol::RANK_DATA_ROW_BYTES)?;
         rank_data.zero()?;
-        Ok(Prepared { funcs, max_blocks, pdl, signal, scratch, staging, rank_data, from_disk: cache.disk_hits() > 0 })
+        Ok(Prepared { funcs, max_blocks, pdl, signal, scratch, staging, rank_data, from_disk })
     }
 
     /// Most blocks of one launch (after the shared-device cap).

@@ -26,14 +26,13 @@
 //! [`Error::Mismatch`]), and calls on one instance are serialised on one stream.
 
 use super::custom::FaultTarget;
-use super::peer_group::{export_all, kernel_error, share, KernelWords};
+use super::peer_group::{check_world, export_all, kernel_error, share, KernelWords};
 use super::{Call, DeviceBackend};
 use crate::algo::Algo;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::exchange::{agree, barrier};
 use crate::runtime::ipc::{IpcBuffer, PeerMappings};
-use crate::runtime::module_cache::ModuleCache;
 use crate::runtime::{kernels, protocol, HostWord};
 use cudarc::driver::{CudaContext, CudaFunction};
 use mpi::topology::SimpleCommunicator;
@@ -171,12 +170,7 @@ impl PacketAllreduce {
         const STEP: &str = "packet allreduce set-up";
         let world = comm.size() as usize;
         let rank = comm.rank() as usize;
-        if world > protocol::MAX_RANKS {
-            return Err(Error::Unsupported {
-                what: format!("packet allreduce over {world} ranks of one node"),
-                reason: format!("it spans at most {} ranks", protocol::MAX_RANKS),
-            });
-        }
+        check_world(world, "packet allreduce")?;
         let p = agree(comm, Self::prepare(ctx, world, opts), opts.timeout, STEP)?;
         let local = [p.ll.ptr(), p.lamport.ptr()];
         let mut peers = PeerMappings::new(ctx);
@@ -204,11 +198,14 @@ impl PacketAllreduce {
     }
 
     fn prepare(ctx: &Arc<CudaContext>, world: usize, opts: &PacketOptions) -> Result<Prepared> {
-        kernels::check_arch(ctx, "the packet allreduce")?;
-        let cache = ModuleCache::new(ctx, opts.cache_dir.clone())?;
-        let family = &kernels::PACKET;
-        let module = cache.module(family.name, family.source, &(family.defines)(world))?;
-        let funcs = kernels::load_functions(&module, &KERNELS, PacketKernel::name)?;
+        let (funcs, _) = kernels::PACKET.load(
+            ctx,
+            world,
+            opts.cache_dir.clone(),
+            &KERNELS,
+            PacketKernel::name,
+            "the packet allreduce",
+        )?;
         let cap = crate::runtime::co_resident_blocks(
             ctx,
             funcs.values(),

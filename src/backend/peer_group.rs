@@ -14,6 +14,20 @@ use crate::runtime::protocol::MAX_RANKS;
 use cudarc::driver::CudaContext;
 use std::time::Duration;
 
+/// An IPC backend (`what`: "custom allreduce") spans at most [`MAX_RANKS`] ranks of one node.
+///
+/// # Errors
+/// [`Error::Unsupported`] for a larger group.
+pub(crate) fn check_world(world: usize, what: &str) -> Result<()> {
+    if world > MAX_RANKS {
+        return Err(Error::Unsupported {
+            what: format!("{what} over {world} ranks of one node"),
+            reason: format!("it spans at most {MAX_RANKS} ranks"),
+        });
+    }
+    Ok(())
+}
+
 /// How an IPC kernel family names itself and its waits in the errors its kernels record.
 pub(crate) struct KernelWords {
     /// The operation of a mismatch (`"custom all_reduce"`).

@@ -25,7 +25,7 @@
 //! call tags), and calls on one instance are serialised.
 
 use super::custom::FaultTarget;
-use super::peer_group::{export_all, kernel_error, share, KernelWords};
+use super::peer_group::{check_world, export_all, kernel_error, share, KernelWords};
 use super::{Call, DeviceBackend};
 use crate::algo::Algo;
 use crate::dtype::DType;
@@ -33,7 +33,6 @@ use crate::error::{Error, Result};
 use crate::exchange::{agree, barrier};
 use crate::quant::{Codec, GROUP};
 use crate::runtime::ipc::{IpcBuffer, PeerMappings};
-use crate::runtime::module_cache::ModuleCache;
 use crate::runtime::{kernels, protocol, HostWord};
 use cudarc::driver::{CudaContext, CudaFunction};
 use mpi::topology::SimpleCommunicator;
@@ -129,12 +128,7 @@ impl QuickAllreduce {
         let comm = crate::exchange::Comm::new(comm.duplicate());
         let world = comm.size() as usize;
         let rank = comm.rank() as usize;
-        if world > protocol::MAX_RANKS {
-            return Err(Error::Unsupported {
-                what: format!("quick allreduce over {world} ranks of one node"),
-                reason: format!("it spans at most {} ranks", protocol::MAX_RANKS),
-            });
-        }
+        check_world(world, "quick allreduce")?;
         let p = agree(&*comm, Self::prepare(ctx, world, opts), opts.timeout, STEP)?;
         let local = [p.signal.ptr(), p.inbox.ptr()];
         let mut peers = PeerMappings::new(ctx);
@@ -160,12 +154,15 @@ impl QuickAllreduce {
     }
 
     fn prepare(ctx: &Arc<CudaContext>, world: usize, opts: &QuickOptions) -> Result<Prepared> {
-        kernels::check_arch(ctx, "the quick allreduce")?;
-        let cache = ModuleCache::new(ctx, opts.cache_dir.clone())?;
-        let family = &kernels::QUICK;
-        let module = cache.module(family.name, family.source, &(family.defines)(world))?;
         // Entry points are named after the algorithms (`quick_int8_bf16`).
-        let funcs = kernels::load_functions(&module, &Codec::ALL, |c| Algo::quick(c).as_str())?;
+        let (funcs, _) = kernels::QUICK.load(
+            ctx,
+            world,
+            opts.cache_dir.clone(),
+            &Codec::ALL,
+            |c| Algo::quick(c).as_str(),
+            "the quick allreduce",
+        )?;
         let cap = crate::runtime::co_resident_blocks(
             ctx,
             funcs.values(),
@@ -173,10 +170,7 @@ impl QuickAllreduce {
             opts.ranks_per_device,
             "quick allreduce",
         )?;
-        let max_blocks = DEFAULT_MAX_BLOCKS.min(cap);
-        // As the custom kernels: with PDL the next kernel may be resident beside this one, so
-        // the grid must fit twice, else the kernels run without PDL.
-        let pdl = opts.pdl && cap / 2 >= max_blocks;
+        let (max_blocks, pdl) = crate::runtime::grid_and_pdl(cap, DEFAULT_MAX_BLOCKS, opts.pdl);
         let signal = IpcBuffer::alloc(ctx, protocol::signal_bytes(protocol::QUICK_MAX_BLOCKS))?;
         signal.zero()?;
         let inbox = IpcBuffer::alloc(ctx, inbox_bytes(world, opts.max_bytes))?;

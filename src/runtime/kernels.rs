@@ -20,6 +20,9 @@ pub(crate) struct Family {
     pub defines: fn(usize) -> Vec<String>,
 }
 
+/// A family's loaded functions, by (kind, dtype).
+pub(crate) type Functions<K> = std::collections::HashMap<(K, DType), cudarc::driver::CudaFunction>;
+
 /// The dtypes every family has kernels for.
 pub(crate) const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
@@ -90,7 +93,7 @@ pub(crate) fn load_functions<K: Copy + Eq + std::hash::Hash>(
     module: &std::sync::Arc<cudarc::driver::CudaModule>,
     kinds: &[K],
     name: fn(K) -> &'static str,
-) -> crate::Result<std::collections::HashMap<(K, DType), cudarc::driver::CudaFunction>> {
+) -> crate::Result<Functions<K>> {
     let mut funcs = std::collections::HashMap::new();
     for &k in kinds {
         for dtype in DTYPES {
@@ -122,6 +125,28 @@ pub(crate) fn check_arch(ctx: &cudarc::driver::CudaContext, what: &str) -> crate
 }
 
 impl Family {
+    /// Compile (or load from the cache in `cache_dir`) this family for `world` ranks and load
+    /// the functions of `kinds` for every dtype; `what` names the backend in errors. Returns the
+    /// functions and whether the CUBIN came from the disk cache.
+    ///
+    /// # Errors
+    /// [`crate::Error::Unsupported`] for a GPU older than [`MIN_ARCH`]; [`crate::Error::Compile`],
+    /// [`crate::Error::Cuda`].
+    pub(crate) fn load<K: Copy + Eq + std::hash::Hash>(
+        &self,
+        ctx: &std::sync::Arc<cudarc::driver::CudaContext>,
+        world: usize,
+        cache_dir: Option<std::path::PathBuf>,
+        kinds: &[K],
+        name: fn(K) -> &'static str,
+        what: &str,
+    ) -> crate::Result<(Functions<K>, bool)> {
+        check_arch(ctx, what)?;
+        let cache = super::module_cache::ModuleCache::new(ctx, cache_dir)?;
+        let module = cache.module(self.name, self.source, &(self.defines)(world))?;
+        Ok((load_functions(&module, kinds, name)?, cache.disk_hits() > 0))
+    }
+
     /// Every entry point of the family.
     pub(crate) fn entries(&self) -> Vec<String> {
         self.algos.iter().flat_map(|a| DTYPES.iter().filter_map(move |&d| entry(a, d))).collect()
