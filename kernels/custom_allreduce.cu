@@ -148,17 +148,67 @@ __device__ void twoshot(const Ptrs* __restrict__ rd, u64 in_offset, const char* 
             ld_volatile_elem<T>((const char*)scratch.p[TPCOMM_WORLD - 1] + j * sizeof(typename T::Bits));
 }
 
+// Two-shot whose all-gather is a store: the owner of each shard reduces it from every input and
+// stores the result straight into every rank's output (each output named by `rd_out`, a row of
+// the rank-data table like `rd`), so each rank reads its share once and writes it once instead
+// of passing it through a scratch buffer that every rank reads again.
+//
+// Safe in place and out of place, and with some ranks in place and others not: shard s of every
+// input and of every output is touched by its owner s alone, and each of its threads reads an
+// element before it stores the same element. The start barrier says every rank's earlier work
+// on its input and output is done (stream order); the end barrier publishes our stores (system
+// fence, release) and waits until every peer's stores into our output are visible. Block b's
+// stores reach every peer's block b through that barrier, and a rank's kernel ends only when all
+// of its blocks passed it, so the whole output is complete when the kernel is.
+//
+// Both rows are checked before the start barrier: a rank whose row is stale never announces
+// itself, so its peers stop at the start barrier (they see the fault word) and no rank stores
+// into memory a stale row names.
+template <typename T>
+__device__ void twoshot_direct(const Ptrs* __restrict__ rd, u64 in_offset, const char* local_in,
+                               const Ptrs* __restrict__ rd_out, u64 out_offset, const Ptrs& sigs, char* out, int rank,
+                               u64 count, u64 timeout_ns, u64* err, u32 tag, const Fault& fault) {
+    __shared__ int failed;
+    if (threadIdx.x == 0) failed = 0;
+    Signal* self = (Signal*)sigs.p[rank];
+    Ptrs in, outs;
+    load_row(rd, in_offset, &in);
+    load_row(rd_out, out_offset, &outs);
+    if (!row_is_mine(in, local_in, rank, err, fault) || !row_is_mine(outs, out, rank, err, fault)) return;
+    if (!barrier<false>(self, sigs, rank, TPCOMM_BARRIER_START, tag, timeout_ns, err, fault, &failed)) return;
+    const u64 nvec = count / T::PER_VEC;
+    const u64 tid = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+    u64 s0, s1;
+    shard(nvec, rank, &s0, &s1);
+    for (u64 i = s0 + tid; i < s1; i += stride) {
+        const Vec16 v = sum_vec<T>(in, i);
+#pragma unroll
+        for (int r = 0; r < TPCOMM_WORLD; r++) ((Vec16*)outs.p[r])[i] = v;
+    }
+    if (rank == TPCOMM_WORLD - 1) {
+        const u64 j = nvec * T::PER_VEC + tid;
+        if (j < count) {
+            const typename T::Bits v = sum_elem<T>(in, j);
+#pragma unroll
+            for (int r = 0; r < TPCOMM_WORLD; r++) ((typename T::Bits*)outs.p[r])[j] = v;
+        }
+    }
+    barrier<true>(self, sigs, rank, TPCOMM_BARRIER_END, tag, timeout_ns, err, fault, &failed);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Entry points, one per (algorithm, dtype), all with one signature:
-// (rank-data row, input offset into the row's buffers, our own input, signals, scratch, out,
-//  rank, count, timeout_ns, error word, call tag, fault word, the value to raise it with,
-//  launched with programmatic dependent launch)
+// (rank-data row, input offset into the row's buffers, our own input, the outputs' row and the
+//  output offset into its buffers (two-shot direct only), signals, scratch, out, rank, count,
+//  timeout_ns, error word, call tag, fault word, the value to raise it with, launched with
+//  programmatic dependent launch)
 
 #define TPCOMM_ENTRY(NAME, ALGO)                                                                          \
     extern "C" __global__ void __launch_bounds__(TPCOMM_THREADS)                                          \
-        NAME(const Ptrs* __restrict__ rd, u64 in_offset, const char* local_in, Ptrs sigs, Ptrs scratch,      \
-             char* out, int rank, u64 count, u64 timeout_ns, u64* err, u32 tag, u64* fault_word,          \
-             u64 fault_raise, int pdl) {                                                                  \
+        NAME(const Ptrs* __restrict__ rd, u64 in_offset, const char* local_in, const Ptrs* __restrict__ rd_out, \
+             u64 out_offset, Ptrs sigs, Ptrs scratch, char* out, int rank, u64 count, u64 timeout_ns, u64* err,  \
+             u32 tag, u64* fault_word, u64 fault_raise, int pdl) {                                        \
         pdl_begin(pdl != 0);                                                                              \
         const Fault fault = {fault_word, fault_raise};                                                    \
         ALGO;                                                                                             \
@@ -168,9 +218,16 @@ __device__ void twoshot(const Ptrs* __restrict__ rd, u64 in_offset, const char* 
 #define TPCOMM_TWOSHOT(T) \
     twoshot<T>(rd, in_offset, local_in, sigs, scratch, out, rank, count, timeout_ns, err, tag, fault)
 
+#define TPCOMM_DIRECT(T)                                                                                  \
+    twoshot_direct<T>(rd, in_offset, local_in, rd_out, out_offset, sigs, out, rank, count, timeout_ns, err, tag, \
+                      fault)
+
 TPCOMM_ENTRY(oneshot_f32, TPCOMM_ONESHOT(F32))
 TPCOMM_ENTRY(oneshot_f16, TPCOMM_ONESHOT(F16))
 TPCOMM_ENTRY(oneshot_bf16, TPCOMM_ONESHOT(BF16))
 TPCOMM_ENTRY(twoshot_f32, TPCOMM_TWOSHOT(F32))
 TPCOMM_ENTRY(twoshot_f16, TPCOMM_TWOSHOT(F16))
 TPCOMM_ENTRY(twoshot_bf16, TPCOMM_TWOSHOT(BF16))
+TPCOMM_ENTRY(twoshot_direct_f32, TPCOMM_DIRECT(F32))
+TPCOMM_ENTRY(twoshot_direct_f16, TPCOMM_DIRECT(F16))
+TPCOMM_ENTRY(twoshot_direct_bf16, TPCOMM_DIRECT(BF16))

@@ -43,6 +43,10 @@ pub struct Config {
     /// Largest device message (bytes per rank) the custom IPC allreduce serves; each rank
     /// allocates a staging and a scratch buffer of this size (`TPCOMM_CUSTOM_MAX_BYTES`).
     pub custom_max_bytes: usize,
+    /// Most blocks of one custom one-/two-shot launch (`TPCOMM_CUSTOM_MAX_BLOCKS`, 1 to 64;
+    /// `None`: 36, the seed's grid), before the cap that keeps every rank's blocks resident on a
+    /// shared GPU.
+    pub custom_max_blocks: Option<usize>,
     /// Bytes of the largest message the packet kernels take; sizes each rank's LL scratch and
     /// Lamport buffers (about 7 x world x this) (`TPCOMM_PACKET_BUFFER_BYTES`).
     pub packet_buffer_bytes: usize,
@@ -93,6 +97,7 @@ impl Default for Config {
             pdl: true,
             cache_dir: None,
             custom_max_bytes: 8 << 20,
+            custom_max_blocks: None,
             packet_buffer_bytes: 1 << 20,
             packet_threads: None,
             packet_max_bytes: None,
@@ -292,6 +297,25 @@ const PARAMS: &[Param] = &[
             Ok(())
         },
         show: |c| c.packet_buffer_bytes.to_string(),
+        local: false,
+    },
+    Param {
+        key: "TPCOMM_CUSTOM_MAX_BLOCKS",
+        help: "most blocks of one custom one-/two-shot launch (auto = 36), within what a shared GPU holds",
+        set: |c, v| {
+            c.custom_max_blocks = match v.trim() {
+                "auto" | "" => None,
+                s => Some(parse_usize(s)?),
+            };
+            Ok(())
+        },
+        check: |c| match c.custom_max_blocks {
+            Some(b) if !(1..=crate::runtime::protocol::MAX_BLOCKS).contains(&b) => {
+                Err(format!("auto or 1 to {}", crate::runtime::protocol::MAX_BLOCKS))
+            }
+            _ => Ok(()),
+        },
+        show: |c| c.custom_max_blocks.map_or("auto".to_string(), |b| b.to_string()),
         local: false,
     },
     Param {

@@ -60,8 +60,11 @@ pub(crate) const DEFAULT_MAX_BLOCKS: usize = 36;
 enum Kernel {
     /// Every rank reads all inputs.
     OneShot,
-    /// Reduce-scatter, then all-gather.
+    /// Reduce-scatter into the scratch buffers, then all-gather from them.
     TwoShot,
+    /// Two-shot whose owner of each shard stores it straight into every rank's output (no
+    /// scratch): serves [`Algo::TwoShot`] when every rank's input and output are named in rows.
+    TwoShotDirect,
 }
 
 impl Kernel {
@@ -77,6 +80,7 @@ impl Kernel {
         match self {
             Kernel::OneShot => "oneshot",
             Kernel::TwoShot => "twoshot",
+            Kernel::TwoShotDirect => "twoshot_direct",
         }
     }
 }
@@ -102,8 +106,10 @@ pub(crate) struct CustomOptions {
     /// Kernel cache directory (`None`: compile every time).
     pub cache_dir: Option<PathBuf>,
     pub fault: FaultTarget,
-    /// Launch with programmatic dependent launch (`TPCOMM_PDL`).
+    /// Launch with programmatic dependent launch where the grid allows (`TPCOMM_PDL`).
     pub pdl: bool,
+    /// Most blocks of one launch (`TPCOMM_CUSTOM_MAX_BLOCKS`), before the shared-device cap.
+    pub max_blocks: usize,
 }
 
 /// A registered buffer: its local range, its row, and the peers' handles opened for it.
@@ -123,8 +129,9 @@ struct Capture {
     by_addr: HashMap<u64, u32>,
     /// Per row used (in order): the local address and its export.
     used: Vec<(u64, (IpcHandle, u64))>,
-    /// Per captured call: its row, relative to `rows.start`.
-    calls: Vec<u32>,
+    /// Per captured call: its input's row and its outputs' row (`u32::MAX`: none), relative to
+    /// `rows.start`.
+    calls: Vec<(u32, u32)>,
 }
 
 /// One rank's side of the custom allreduce.
@@ -147,7 +154,7 @@ pub(crate) struct CustomAllreduce {
     capture: Option<Capture>,
     err: HostWord,
     fault: FaultTarget,
-    pdl: bool,
+    pdl_blocks: usize,
     kernels_from_disk: bool,
     // Dropped last-but-one: peers' mappings close before our own buffers are freed.
     peers: PeerMappings,
@@ -159,7 +166,7 @@ pub(crate) struct CustomAllreduce {
 struct Prepared {
     funcs: HashMap<(Kernel, DType), CudaFunction>,
     max_blocks: usize,
-    pdl: bool,
+    pdl_blocks: usize,
     signal: IpcBuffer,
     scratch: IpcBuffer,
     staging: IpcBuffer,
@@ -213,7 +220,7 @@ impl CustomAllreduce {
             capture: None,
             err: HostWord::new()?,
             fault: opts.fault,
-            pdl: p.pdl,
+            pdl_blocks: p.pdl_blocks,
             kernels_from_disk: p.from_disk,
             peers,
             _signal: p.signal,
@@ -232,7 +239,7 @@ impl CustomAllreduce {
             ctx,
             world,
             opts.cache_dir.clone(),
-            &[Kernel::OneShot, Kernel::TwoShot],
+            &[Kernel::OneShot, Kernel::TwoShot, Kernel::TwoShotDirect],
             Kernel::name,
             "the custom allreduce",
         )?;
@@ -243,8 +250,8 @@ impl CustomAllreduce {
             opts.ranks_per_device,
             "custom allreduce",
         )?;
-        let (max_blocks, pdl) =
-            crate::runtime::grid_and_pdl(cap, DEFAULT_MAX_BLOCKS.min(protocol::MAX_BLOCKS), opts.pdl);
+        let (max_blocks, pdl_blocks) =
+            crate::runtime::grid_and_pdl(cap, opts.max_blocks.min(protocol::MAX_BLOCKS), opts.pdl);
         let signal = IpcBuffer::alloc(ctx, meta_size())?;
         signal.zero()?;
         let scratch = IpcBuffer::alloc(ctx, opts.max_bytes)?;
@@ -252,7 +259,7 @@ impl CustomAllreduce {
         // Zero rows never name an input, so a kernel handed an unfilled row fails its check.
         let rank_data = IpcBuffer::alloc(ctx, ROWS as usize * protocol::RANK_DATA_ROW_BYTES)?;
         rank_data.zero()?;
-        Ok(Prepared { funcs, max_blocks, pdl, signal, scratch, staging, rank_data, from_disk })
+        Ok(Prepared { funcs, max_blocks, pdl_blocks, signal, scratch, staging, rank_data, from_disk })
     }
 
     /// Most blocks of one launch (after the shared-device cap).
@@ -261,8 +268,8 @@ impl CustomAllreduce {
     }
 
     /// Whether the kernels are launched with programmatic dependent launch.
-    pub(crate) fn pdl(&self) -> bool {
-        self.pdl
+    pub(crate) fn pdl_blocks(&self) -> usize {
+        self.pdl_blocks
     }
 
     /// True when the kernels' CUBIN came from the disk cache rather than NVRTC.
@@ -324,8 +331,34 @@ impl CustomAllreduce {
                 row
             }
         };
-        cap.calls.push(row - cap.rows.start);
         Ok(row)
+    }
+
+    /// Record a captured call's rows, for the check that every rank captured the same calls.
+    fn record_call(&mut self, rows: (u32, Option<u32>)) {
+        if let Some(cap) = self.capture.as_mut() {
+            let rel = |r: u32| r - cap.rows.start;
+            cap.calls.push((rel(rows.0), rows.1.map_or(u32::MAX, rel)));
+        }
+    }
+
+    /// The row naming every rank's output of a two-shot call, and the output's offset into the
+    /// row's buffers, when there is one: the input's own row in place, the output's export in a
+    /// capture, the output's registered buffer in an eager call. `None` sends the call through
+    /// the scratch buffers. Every rank decides alike for the same calls on the same kind of
+    /// memory; a rank that decides otherwise runs another kernel, whose tag differs, and every
+    /// rank gets [`Error::Mismatch`] (in a capture already when the registration ends).
+    fn output_row(&mut self, call: &Call, in_row: u32, in_offset: u64) -> Result<Option<(u32, u64)>> {
+        if call.output == call.input {
+            return Ok(Some((in_row, in_offset)));
+        }
+        match call.capture {
+            Some(reg) => match ipc::export(&self.ctx, call.output) {
+                Ok(_) => Ok(Some((self.capture_row(reg, call.output, false)?, 0))),
+                Err(_) => Ok(None),
+            },
+            None => Ok(self.registered_at(call.output, call.bytes()).map(|r| (r.row, call.output - r.base))),
+        }
     }
 }
 
@@ -386,6 +419,17 @@ impl DeviceBackend for CustomAllreduce {
             (None, false, Some((row, base))) => (row, call.input - base, call.input),
             (None, false, None) => return Err(Error::Internal("custom: unstaged call without a row".into())),
         };
+        // Two-shot stores the reduced shards straight into every rank's output when a row names
+        // them all; a staged input's row names staging buffers, never the outputs.
+        let direct = match kernel {
+            Kernel::TwoShot if !stage => self.output_row(call, row, in_offset)?,
+            _ => None,
+        };
+        if call.capture.is_some() {
+            self.record_call((row, direct.map(|d| d.0)));
+        }
+        let kernel = if direct.is_some() { Kernel::TwoShotDirect } else { kernel };
+        let (out_row, out_offset) = direct.unwrap_or((row, 0));
         if stage {
             // SAFETY: both ranges are device memory of `bytes` bytes (caller's contract, and
             // bytes <= staging size checked above); stream-ordered before the kernel.
@@ -394,23 +438,28 @@ impl DeviceBackend for CustomAllreduce {
         let nvec = bytes / protocol::VEC_BYTES;
         let work = match kernel {
             Kernel::OneShot => nvec,
-            Kernel::TwoShot => nvec.div_ceil(self.world),
+            Kernel::TwoShot | Kernel::TwoShotDirect => nvec.div_ceil(self.world),
         };
         let blocks = grid_blocks(work, self.max_blocks);
         let func =
             self.funcs.get(&(kernel, dtype)).ok_or_else(|| kernels::unsupported_dtype("custom allreduce", dtype))?;
-        let rd = self.rank_data.ptr() + (row as usize * protocol::RANK_DATA_ROW_BYTES) as u64;
+        let row_ptr = |r: u32| self.rank_data.ptr() + (r as usize * protocol::RANK_DATA_ROW_BYTES) as u64;
+        let rd = row_ptr(row);
+        let rd_out = row_ptr(out_row);
         let rank = self.rank as i32;
         let count = call.len as u64;
         let timeout_ns = crate::runtime::timeout_ns(self.timeout);
         let err = self.err.device_ptr();
         let tag = protocol::call_tag(count, dtype.code(), kernel as u32);
-        let pdl = i32::from(self.pdl);
+        let pdl_launch = blocks <= self.pdl_blocks;
+        let pdl = i32::from(pdl_launch);
         use crate::runtime::arg;
         let mut params = [
             arg(&rd),
             arg(&in_offset),
             arg(&local_in),
+            arg(&rd_out),
+            arg(&out_offset),
             arg(&self.sigs),
             arg(&self.scratch_ptrs),
             arg(&call.output),
@@ -423,10 +472,11 @@ impl DeviceBackend for CustomAllreduce {
             arg(&self.fault.raise),
             arg(&pdl),
         ];
-        // SAFETY: the arguments match `(const Ptrs* rd, u64 in_offset, const char* local_in, Ptrs sigs,
-        // Ptrs scratch, char* out, int rank, u64 count, u64 timeout_ns, u64* err, u32 tag, u64* fault_word,
-        // u64 fault_raise, int pdl)` in kernels/custom_allreduce.cu (types as declared above); `rd` points to a row
-        // of the rank-data table (the kernel checks it names `local_in` before reading any address in it),
+        // SAFETY: the arguments match `(const Ptrs* rd, u64 in_offset, const char* local_in, const Ptrs* rd_out,
+        // u64 out_offset, Ptrs sigs, Ptrs scratch, char* out, int rank, u64 count, u64 timeout_ns, u64* err, u32 tag,
+        // u64* fault_word, u64 fault_raise, int pdl)` in kernels/custom_allreduce.cu (types as declared above); `rd`
+        // and `rd_out` point to rows of the rank-data table (the kernels check that they name `local_in` and `out`
+        // before reading or writing any address in them),
         // `sigs` and `scratch_ptrs` are live IPC mappings, `output` is valid for `len` elements (caller),
         // `err` is the mapped host word and `fault.word` the mapped fault page.
         unsafe {
@@ -436,7 +486,7 @@ impl DeviceBackend for CustomAllreduce {
                 protocol::THREADS,
                 stream,
                 &mut params,
-                self.pdl,
+                pdl_launch,
                 "cuLaunchKernelEx(custom)",
             )
         }
@@ -524,7 +574,7 @@ impl CustomAllreduce {
         const STEP: &str = "registering a graph's buffers";
         // Every rank must have captured the same calls, and calls that share a row here must
         // share it everywhere (each row is written once, for one tuple of addresses).
-        let mine: Vec<u8> = cap.calls.iter().flat_map(|c| c.to_le_bytes()).collect();
+        let mine: Vec<u8> = cap.calls.iter().flat_map(|&(i, o)| [i.to_le_bytes(), o.to_le_bytes()]).flatten().collect();
         let all = all_gather_bytes(&*self.comm, &mine, self.timeout, STEP)?;
         let differs = all.iter().enumerate().find(|(_, theirs)| **theirs != mine);
         let consistent = match differs {
@@ -533,16 +583,17 @@ impl CustomAllreduce {
                 op: "GraphRegistration::finish",
                 detail: format!(
                     "rank {r} of the node captured {} allreduce calls but rank {} captured {} (do not replay the graph)",
-                    theirs.len() / 4,
+                    theirs.len() / 8,
                     self.rank,
-                    mine.len() / 4
+                    mine.len() / 8
                 ),
             }),
             Some((r, _)) => Err(Error::Mismatch {
                 op: "GraphRegistration::finish",
                 detail: format!(
-                    "captured calls read the same buffer on one rank but different buffers on another (ranks {r} and \
-                     {} of the node); give every call of a graph the same buffer layout on every rank",
+                    "captured calls share a buffer on one rank but not on another, or write an output that can be \
+                     shared on one rank but not on another (ranks {r} and {} of the node); give every call of a \
+                     graph the same buffer layout on every rank",
                     self.rank
                 ),
             }),

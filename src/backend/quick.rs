@@ -58,7 +58,7 @@ pub(crate) struct QuickOptions {
     /// Kernel cache directory (`None`: compile every time).
     pub cache_dir: Option<PathBuf>,
     pub fault: FaultTarget,
-    /// Launch with programmatic dependent launch (`TPCOMM_PDL`).
+    /// Launch with programmatic dependent launch where the grid allows (`TPCOMM_PDL`).
     pub pdl: bool,
 }
 
@@ -95,7 +95,7 @@ pub(crate) struct QuickAllreduce {
     inboxes: [u64; protocol::MAX_RANKS],
     err: HostWord,
     fault: FaultTarget,
-    pdl: bool,
+    pdl_blocks: usize,
     // Dropped before our own buffers: peers' mappings close first.
     _peers: PeerMappings,
     _signal: IpcBuffer,
@@ -106,7 +106,7 @@ pub(crate) struct QuickAllreduce {
 struct Prepared {
     funcs: HashMap<(Codec, DType), CudaFunction>,
     max_blocks: usize,
-    pdl: bool,
+    pdl_blocks: usize,
     signal: IpcBuffer,
     inbox: IpcBuffer,
 }
@@ -146,7 +146,7 @@ impl QuickAllreduce {
             inboxes: shared.addrs[1],
             err: HostWord::new()?,
             fault: opts.fault,
-            pdl: p.pdl,
+            pdl_blocks: p.pdl_blocks,
             _peers: peers,
             _signal: p.signal,
             _inbox: p.inbox,
@@ -170,11 +170,11 @@ impl QuickAllreduce {
             opts.ranks_per_device,
             "quick allreduce",
         )?;
-        let (max_blocks, pdl) = crate::runtime::grid_and_pdl(cap, DEFAULT_MAX_BLOCKS, opts.pdl);
+        let (max_blocks, pdl_blocks) = crate::runtime::grid_and_pdl(cap, DEFAULT_MAX_BLOCKS, opts.pdl);
         let signal = IpcBuffer::alloc(ctx, protocol::signal_bytes(protocol::QUICK_MAX_BLOCKS))?;
         signal.zero()?;
         let inbox = IpcBuffer::alloc(ctx, inbox_bytes(world, opts.max_bytes))?;
-        Ok(Prepared { funcs, max_blocks, pdl, signal, inbox })
+        Ok(Prepared { funcs, max_blocks, pdl_blocks, signal, inbox })
     }
 
     /// Most blocks of one launch (after the shared-device cap).
@@ -183,8 +183,8 @@ impl QuickAllreduce {
     }
 
     /// Whether the kernels are launched with programmatic dependent launch.
-    pub(crate) fn pdl(&self) -> bool {
-        self.pdl
+    pub(crate) fn pdl_blocks(&self) -> usize {
+        self.pdl_blocks
     }
 }
 
@@ -228,7 +228,8 @@ impl DeviceBackend for QuickAllreduce {
         let timeout_ns = crate::runtime::timeout_ns(self.timeout);
         let err = self.err.device_ptr();
         let tag = protocol::call_tag(count, call.dtype.code(), 16 + codec as u32);
-        let pdl = i32::from(self.pdl);
+        let pdl_launch = blocks <= self.pdl_blocks;
+        let pdl = i32::from(pdl_launch);
         use crate::runtime::arg;
         let mut params = [
             arg(&self.sigs),
@@ -257,7 +258,7 @@ impl DeviceBackend for QuickAllreduce {
                 protocol::THREADS,
                 stream,
                 &mut params,
-                self.pdl,
+                pdl_launch,
                 "cuLaunchKernelEx(quick)",
             )
         }

@@ -8,7 +8,7 @@
 //! kernels, chunked IPC calls without NCCL); only a rank that does not arrive is an error.
 
 use crate::algo::BackendKind;
-use crate::backend::custom::{CustomAllreduce, CustomOptions, FaultTarget};
+use crate::backend::custom::{CustomAllreduce, CustomOptions, FaultTarget, DEFAULT_MAX_BLOCKS};
 use crate::backend::mock::MockBackend;
 use crate::backend::nccl::NcclAllreduce;
 use crate::backend::packet::{PacketAllreduce, PacketOptions};
@@ -106,18 +106,19 @@ impl BackendSet {
                     cache_dir: Some(config.cache_dir()),
                     fault,
                     pdl: config.pdl,
+                    max_blocks: config.custom_max_blocks.unwrap_or(DEFAULT_MAX_BLOCKS),
                 };
                 match CustomAllreduce::new(boot.node(), ctx, &opts) {
                     Ok(custom) => {
                         set.notes.push(format!(
                             "custom allreduce: {} ranks, {} per GPU at most, full NVLink {}, {} blocks, {} staging bytes, \
-                             PDL {}, kernels from disk cache: {}",
+                             PDL up to {} blocks, kernels from disk cache: {}",
                             l.ranks_per_node,
                             layout.max_ranks_per_device,
                             layout.full_nvlink,
                             custom.max_blocks(),
                             config.custom_max_bytes,
-                            custom.pdl(),
+                            custom.pdl_blocks(),
                             custom.kernels_from_disk_cache()
                         ));
                         set.push(BackendKind::Custom, Group::Node, Box::new(custom));
@@ -152,10 +153,10 @@ impl BackendSet {
                             match QuickAllreduce::new(boot.node(), ctx, &opts) {
                                 Ok(q) => {
                                     set.notes.push(format!(
-                                        "quick allreduce: {} blocks max, {} bytes max, PDL {}",
+                                        "quick allreduce: {} blocks max, {} bytes max, PDL up to {} blocks",
                                         q.max_blocks(),
                                         config.quick_max_bytes,
-                                        q.pdl()
+                                        q.pdl_blocks()
                                     ));
                                     set.push(BackendKind::Quick, Group::Node, Box::new(q));
                                 }

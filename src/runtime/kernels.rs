@@ -26,7 +26,7 @@ pub(crate) type Functions<K> = std::collections::HashMap<(K, DType), cudarc::dri
 /// The dtypes every family has kernels for.
 pub(crate) const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
-/// `kernels/custom_allreduce.cu`: one-shot and two-shot.
+/// `kernels/custom_allreduce.cu`: one-shot and two-shot (through scratch, or stored directly).
 pub(crate) const CUSTOM: Family = Family {
     name: "custom_allreduce",
     source: concat!(
@@ -34,7 +34,7 @@ pub(crate) const CUSTOM: Family = Family {
         include_str!("../../kernels/barrier.cuh"),
         include_str!("../../kernels/custom_allreduce.cu")
     ),
-    algos: &["oneshot", "twoshot"],
+    algos: &["oneshot", "twoshot", "twoshot_direct"],
     defines: super::protocol::defines,
 };
 
@@ -161,7 +161,17 @@ mod tests {
     fn entries_follow_the_naming_rule_and_exist_in_the_sources() {
         assert_eq!(
             CUSTOM.entries(),
-            ["oneshot_f32", "oneshot_f16", "oneshot_bf16", "twoshot_f32", "twoshot_f16", "twoshot_bf16"]
+            [
+                "oneshot_f32",
+                "oneshot_f16",
+                "oneshot_bf16",
+                "twoshot_f32",
+                "twoshot_f16",
+                "twoshot_bf16",
+                "twoshot_direct_f32",
+                "twoshot_direct_f16",
+                "twoshot_direct_bf16"
+            ]
         );
         assert_eq!(entry("lamport", DType::F64), None);
         for family in FAMILIES {

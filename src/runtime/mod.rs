@@ -204,14 +204,18 @@ pub fn co_resident_blocks<'a>(
     Ok(cap)
 }
 
-/// The grid limit and PDL choice of a family whose kernels wait on the same block of every peer
-/// (custom, quick): at most `max_blocks`, within the co-residency `cap`. With programmatic
-/// dependent launch a rank's next kernel may be resident beside the running one, so every grid
-/// must fit twice; where halving the cap would cut the grid (many ranks sharing a GPU: measured,
-/// 8 ranks on one H200 lost 20% at 16 MiB), the kernels run without PDL.
-pub(crate) fn grid_and_pdl(cap: usize, max_blocks: usize, pdl: bool) -> (usize, bool) {
+/// The grid limit of a family whose kernels wait on the same block of every peer (custom,
+/// quick), and the largest launch of it that uses programmatic dependent launch (0: none).
+///
+/// The grid is at most `max_blocks`, within the co-residency `cap`. With PDL a rank's next
+/// kernel may be resident beside the running one, so only launches that fit twice (at most
+/// `cap / 2` blocks) use it; a bigger launch neither starts early nor lets the next kernel start
+/// early (`griddepcontrol.launch_dependents` is skipped), so two kernels of one rank are
+/// resident together only when both fit twice. Small messages keep PDL's lower latency and
+/// large ones keep the whole grid (halving it cost 20% at 16 MiB with 8 ranks on one H200).
+pub(crate) fn grid_and_pdl(cap: usize, max_blocks: usize, pdl: bool) -> (usize, usize) {
     let blocks = max_blocks.min(cap);
-    (blocks, pdl && cap / 2 >= blocks)
+    (blocks, if pdl { (cap / 2).min(blocks) } else { 0 })
 }
 
 /// A wait limit as the kernels take it: nanoseconds, saturated far beyond any real wait.
@@ -331,13 +335,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pdl_only_where_the_grid_fits_twice() {
-        // Two ranks on an H200-sized cap: the whole grid, with PDL.
-        assert_eq!(grid_and_pdl(264, 36, true), (36, true));
-        // Eight ranks: the grid is cut to the cap, and PDL would need it twice.
-        assert_eq!(grid_and_pdl(66, 128, true), (66, false));
-        assert_eq!(grid_and_pdl(71, 36, true), (36, false));
-        assert_eq!(grid_and_pdl(72, 36, true), (36, true));
-        assert_eq!(grid_and_pdl(264, 36, false), (36, false));
+    fn pdl_only_for_launches_that_fit_twice() {
+        // Two ranks on an H200-sized cap: the whole grid, every launch with PDL.
+        assert_eq!(grid_and_pdl(264, 36, true), (36, 36));
+        // Eight ranks: the grid is cut to the cap; launches up to half of it keep PDL.
+        assert_eq!(grid_and_pdl(66, 128, true), (66, 33));
+        assert_eq!(grid_and_pdl(71, 36, true), (36, 35));
+        assert_eq!(grid_and_pdl(72, 36, true), (36, 36));
+        // Off: no launch uses it.
+        assert_eq!(grid_and_pdl(264, 36, false), (36, 0));
     }
 }
