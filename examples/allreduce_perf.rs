@@ -2,7 +2,8 @@
 //!
 //! **Objective**: time allreduce over a sweep of message sizes and check every result, printing
 //! the table nccl-tests prints (time, algorithm bandwidth, bus bandwidth = algbw * 2(n-1)/n,
-//! wrong elements), plus `MPI_Allreduce` timed in the same run for comparison.
+//! wrong elements), plus `MPI_Allreduce` timed in the same run for comparison. The last column
+//! names the dispatch's algorithm, `out|in` where it serves in-place calls otherwise.
 //!
 //! **Usage**: `mpirun -n 4 target/release/examples/allreduce_perf -b 8 -e 64M -f 2`
 //!
@@ -756,6 +757,12 @@ mod device {
                 let poison = vec![tpcomm::verify::poison::<T>(); count];
                 let mut output: CudaSlice<T> = s.alloc_zeros::<T>(count).map_err(cuda("alloc"))?;
                 let forced = CallOptions::algo(algo);
+                // In place, the dispatch's own choice for in-place calls (it may differ).
+                let algo_ip = match (o.quick, o.algo) {
+                    (None, None) => comm.device_algo_in_place::<T>(count).unwrap_or(algo),
+                    _ => algo,
+                };
+                let forced_ip = CallOptions::algo(algo_ip);
                 let trace = |phase: &str| {
                     if comm.config().debug && root {
                         eprintln!("allreduce_perf: {size} bytes {algo}: {phase}");
@@ -787,19 +794,19 @@ mod device {
                 let t_ip = if algo.is_lossy() {
                     f64::NAN
                 } else {
-                    time_calls(comm, world, o, &s, |st| comm.all_reduce_in_place_with(&forced, &mut input, st))?
+                    time_calls(comm, world, o, &s, |st| comm.all_reduce_in_place_with(&forced_ip, &mut input, st))?
                 };
                 let mut wrong_ip = 0;
                 if o.check {
                     trace("in-place check");
                     s.memcpy_htod(&input_host[..], &mut input).map_err(cuda("memcpy_htod"))?;
-                    comm.all_reduce_in_place_with(&forced, &mut input, &s)?;
+                    comm.all_reduce_in_place_with(&forced_ip, &mut input, &s)?;
                     let got: Vec<T> = read(comm, &s, &input)?;
                     if let Some(codec) = o.quick {
                         wrong_ip = check_quick(&got, &model, &views, codec);
                     } else {
-                        wrong_ip = check(&got, &expected, seed, algo, n);
-                        report_wrong(rank, size, algo, "in-place", &got, &expected);
+                        wrong_ip = check(&got, &expected, seed, algo_ip, n);
+                        report_wrong(rank, size, algo_ip, "in-place", &got, &expected);
                     }
                 }
                 // NCCL on the same input, out of place, timed the same way.
@@ -853,7 +860,11 @@ mod device {
                     }
                 };
                 if root {
-                    println!("{common}  {extra}  {algo}");
+                    // The algorithm, and the in-place one where it differs ("oneshot|twoshot").
+                    match algo_ip == algo {
+                        true => println!("{common}  {extra}  {algo}"),
+                        false => println!("{common}  {extra}  {algo}|{algo_ip}"),
+                    }
                     let _ = std::io::stdout().flush();
                 }
             }

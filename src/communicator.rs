@@ -407,6 +407,16 @@ impl Communicator {
         self.with_device(|d| d.plan(&self.boot, &table, len, T::DTYPE, true, false, None).map(|p| p.algo))
     }
 
+    /// As [`Communicator::device_algo`] for a call in place (input and output the same buffer),
+    /// which the dispatch may serve otherwise: one-shot in place would stage its input.
+    ///
+    /// # Errors
+    /// As [`Communicator::device_algo`].
+    pub fn device_algo_in_place<T: Element>(&self, len: usize) -> Result<Algo> {
+        let table = self.table.borrow().clone();
+        self.with_device(|d| d.plan(&self.boot, &table, len, T::DTYPE, true, true, None).map(|p| p.algo))
+    }
+
     /// Sum `input` over all ranks into `output` (device memory: f32, f16 or bf16; f64 through
     /// NCCL), on `stream`. Only enqueues: the host does not wait for the GPU.
     ///

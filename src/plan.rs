@@ -158,7 +158,6 @@ pub struct DispatchTable {
     pub(crate) host_oneshot_max_bytes: usize,
     pub(crate) packet_max_bytes: usize,
     pub(crate) oneshot_max_bytes: usize,
-    pub(crate) inplace_oneshot_max_bytes: usize,
     pub(crate) custom_max_bytes: usize,
     pub(crate) packet_buffer_bytes: usize,
     pub(crate) deterministic: bool,
@@ -175,43 +174,39 @@ const HOST_ONESHOT_BYTES_TIMES_RANKS: usize = 512 << 10;
 
 /// Largest device message reduced one-shot (out of place) for `world` ranks. One-shot reads
 /// (n-1)*S per rank against two-shot's ~2(n-1)/n*S plus a second barrier, so the crossover falls
-/// as n grows. Measured on one H200 shared by all ranks (bench/RESULTS.md, "Thresholds"): at 2
-/// ranks one-shot wins at every size to 16 MiB (4 MiB: 10.3 us against 14.8), at 4 ranks up to
-/// 1 MiB, at 8 up to 256 KiB. On GPUs of their own the NVLink reads shift it: `tune()` measures.
+/// as n grows. Measured on one H200 shared by all ranks, output from a stream-ordered pool (so
+/// two-shot goes through its scratch; bench/RESULTS.md, "Two-shot stored directly"): at 2 ranks
+/// one-shot wins at every size to 16 MiB (8 MiB: 21.0 us against 25.6), at 4 ranks up to 1 MiB
+/// (2 MiB is a tie), at 8 up to 128 KiB (8.9 us against 10.7; 256 KiB: 12.3 against 10.8). On
+/// GPUs of their own the NVLink reads shift it: `tune()` measures.
+///
+/// In place, one-shot is never chosen above the packet sizes: it would first copy its input into
+/// the staging buffer (a peer still reads it while the output is written), while two-shot stores
+/// each reduced shard straight into every rank's buffer; the same H200 measured two-shot ahead
+/// in place from 32 KiB at every rank count (2 ranks 32 KiB: 5.3 us against 6.2; 8 ranks: 8.9
+/// against 10.2).
 pub(crate) const fn oneshot_max_bytes(world: usize) -> usize {
     if world <= 2 {
         usize::MAX
     } else if world <= 4 {
         1 << 20
     } else {
-        256 << 10
-    }
-}
-
-/// The same for calls in place, where one-shot first copies its input into the staging buffer
-/// (a peer still reads it while the output is written): measured, 2 MiB at 2 ranks, 128 KiB at
-/// 4, 64 KiB at 8.
-pub(crate) const fn inplace_oneshot_max_bytes(world: usize) -> usize {
-    if world <= 2 {
-        2 << 20
-    } else if world <= 4 {
         128 << 10
-    } else {
-        64 << 10
     }
 }
 
 /// Largest device message reduced by packets for `world` ranks. All-pairs packets push
 /// `(n - 1) * 2 * S` bytes per rank (the flags double it) but skip one-shot's two barriers; on
 /// one H200 shared by all ranks they beat one-shot up to 128 KiB at 2 ranks (3.9 us against
-/// 5.0), 64 KiB at 4 and 32 KiB at 8 (bench/RESULTS.md, "Thresholds").
+/// 5.0), 64 KiB at 4 (bench/RESULTS.md, "Thresholds") and 16 KiB at 8, where one-shot with
+/// programmatic dependent launch took 32 KiB (6.4 us against 8.1; "Two-shot stored directly").
 pub(crate) const fn packet_max_bytes(world: usize) -> usize {
     if world <= 2 {
         128 << 10
     } else if world <= 4 {
         64 << 10
     } else {
-        32 << 10
+        16 << 10
     }
 }
 
@@ -242,7 +237,6 @@ impl DispatchTable {
                 .unwrap_or(packet_max_bytes(world_size))
                 .min(config.packet_buffer_bytes),
             oneshot_max_bytes: config.oneshot_max_bytes.unwrap_or(oneshot_max_bytes(world_size)),
-            inplace_oneshot_max_bytes: config.oneshot_max_bytes.unwrap_or(inplace_oneshot_max_bytes(world_size)),
             custom_max_bytes: config.custom_max_bytes,
             packet_buffer_bytes: config.packet_buffer_bytes,
             deterministic: config.deterministic,
@@ -376,7 +370,7 @@ impl DispatchTable {
 
     /// The IPC algorithm for `bytes` among the ranks of one node, `None` above the IPC limit.
     fn within_node(&self, bytes: usize, caps: &Caps, in_place: bool) -> Option<Algo> {
-        let oneshot = if in_place { self.inplace_oneshot_max_bytes } else { self.oneshot_max_bytes };
+        let oneshot = if in_place { 0 } else { self.oneshot_max_bytes };
         if bytes <= self.packet_max_bytes && caps.has(BackendKind::Packet, Group::Node) {
             Some(Algo::Packet)
         } else if bytes <= oneshot.min(self.custom_max_bytes) {
@@ -557,10 +551,9 @@ impl fmt::Display for DispatchTable {
         let oneshot = |b: usize| if b == usize::MAX { "any".to_string() } else { b.to_string() };
         writeln!(
             f,
-            "# device memory: bytes <= {:>10}: {} (in place: <= {})",
+            "# device memory: bytes <= {:>10}: {} (out of place only)",
             oneshot(self.oneshot_max_bytes.min(self.custom_max_bytes)),
             Algo::OneShot,
-            oneshot(self.inplace_oneshot_max_bytes.min(self.custom_max_bytes))
         )?;
         writeln!(f, "# device memory: bytes <= {:>10}: {}", self.custom_max_bytes, Algo::TwoShot)?;
         if let (Some(codec), false) = (self.quick, self.deterministic) {
@@ -681,8 +674,7 @@ mod tests {
     #[test]
     fn one_node_sizes_follow_the_world_size() {
         let c = all();
-        for (world, packet, oneshot, inplace) in [(4, 64 << 10, 1 << 20, 128 << 10), (8, 32 << 10, 256 << 10, 64 << 10)]
-        {
+        for (world, packet, oneshot) in [(4, 64 << 10, 1 << 20), (8, 16 << 10, 128 << 10)] {
             let t = table(Config::default(), world);
             let s = Shape::one_node(world, 0);
             let algo = |bytes| t.device(&req(&c, bytes, s)).unwrap().algo;
@@ -693,18 +685,17 @@ mod tests {
             assert_eq!(algo(oneshot), Algo::OneShot);
             assert_eq!(algo(oneshot + 2), Algo::TwoShot);
             assert_eq!(in_place(packet), Algo::Packet, "packets are in place for free");
-            assert_eq!(in_place(inplace), Algo::OneShot);
-            assert_eq!(in_place(inplace + 2), Algo::TwoShot);
+            assert_eq!(in_place(packet + 2), Algo::TwoShot, "one-shot in place would stage its input");
             assert_eq!(algo(8 << 20), Algo::TwoShot);
             assert_eq!(algo((8 << 20) + 2), Algo::Nccl);
         }
-        // Two ranks: one-shot out of place up to the IPC limit, two-shot in place above 2 MiB.
+        // Two ranks: one-shot out of place up to the IPC limit, two-shot in place above packets.
         let t = table(Config::default(), 2);
         let s = Shape::one_node(2, 0);
         assert_eq!(t.device(&req(&c, 128 << 10, s)).unwrap().algo, Algo::Packet);
         assert_eq!(t.device(&req(&c, 8 << 20, s)).unwrap().algo, Algo::OneShot);
-        assert_eq!(t.device(&Request { in_place: true, ..req(&c, 2 << 20, s) }).unwrap().algo, Algo::OneShot);
-        assert_eq!(t.device(&Request { in_place: true, ..req(&c, 4 << 20, s) }).unwrap().algo, Algo::TwoShot);
+        assert_eq!(t.device(&Request { in_place: true, ..req(&c, 128 << 10, s) }).unwrap().algo, Algo::Packet);
+        assert_eq!(t.device(&Request { in_place: true, ..req(&c, (128 << 10) + 2, s) }).unwrap().algo, Algo::TwoShot);
         let env = table(Config { oneshot_max_bytes: Some(1 << 20), ..Config::default() }, 8);
         assert_eq!(env.device(&req(&c, 1 << 20, Shape::one_node(8, 0))).unwrap().algo, Algo::OneShot);
         // The packet override is capped by the buffer the packet kernels have.
