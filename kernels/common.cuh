@@ -1,9 +1,10 @@
 // Shared by every tpcomm kernel family: element types, 16-byte vectors, memory access helpers.
 //
-// Self-contained on purpose: no CUDA headers (NVRTC on users' machines may have none), so
-// 16-bit floats are converted with inline PTX `cvt` and bit shifts. The module cache prepends
-// this file to each family's source (src/cuda/mod.rs), so every family is compiled with the
-// same helpers and the same fp32 rank-order arithmetic.
+// Self-contained on purpose: no CUDA or HIP headers (NVRTC on users' machines may have none);
+// what differs between the vendors (16-bit conversions, the clock, system-scope flags) comes
+// from kernels/portable.cuh, compiled just before this file. The module cache prepends both to
+// each family's source (src/runtime/kernels.rs), so every family is compiled with the same
+// helpers and the same fp32 rank-order arithmetic.
 //
 // Defines every family passes (from src/runtime/protocol.rs):
 //   TPCOMM_WORLD        ranks of this module (1..=TPCOMM_MAX_RANKS)
@@ -51,16 +52,8 @@ struct F32 {
 struct F16 {
     typedef u16 Bits;
     enum { PER_VEC = 8 };
-    static __device__ __forceinline__ float to_f(u16 b) {
-        float f;
-        asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(b));
-        return f;
-    }
-    static __device__ __forceinline__ u16 from_f(float f) {
-        u16 b;
-        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(b) : "f"(f));
-        return b;
-    }
+    static __device__ __forceinline__ float to_f(u16 b) { return tpcomm_f16_to_f32(b); }
+    static __device__ __forceinline__ u16 from_f(float f) { return tpcomm_f32_to_f16(f); }
 };
 
 struct BF16 {
@@ -68,11 +61,7 @@ struct BF16 {
     enum { PER_VEC = 8 };
     // bf16 is the top half of an fp32: widening is exact.
     static __device__ __forceinline__ float to_f(u16 b) { return __uint_as_float(((u32)b) << 16); }
-    static __device__ __forceinline__ u16 from_f(float f) {
-        u16 b;
-        asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(b) : "f"(f));
-        return b;
-    }
+    static __device__ __forceinline__ u16 from_f(float f) { return tpcomm_f32_to_bf16(f); }
 };
 
 template <typename T>
@@ -110,11 +99,7 @@ __device__ __forceinline__ Vec16 pack(const float* acc) {
 // ---------------------------------------------------------------------------------------------
 // Memory access helpers.
 
-__device__ __forceinline__ u64 globaltimer() {
-    u64 t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    return t;
-}
+__device__ __forceinline__ u64 globaltimer() { return tpcomm_clock_ns(); }
 
 // The group's fault word (a page of node-shared host memory mapped into the device): nonzero
 // once any rank of the node failed or aborted. Kernels read it only while they already wait (a
@@ -166,34 +151,16 @@ struct Spin {
     }
 };
 
-__device__ __forceinline__ void st_release_sys(u64* addr, u64 v) {
-    asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(addr), "l"(v) : "memory");
-}
-
-__device__ __forceinline__ u64 ld_acquire_sys(const u64* addr) {
-    u64 v;
-    asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(addr) : "memory");
-    return v;
-}
-
-__device__ __forceinline__ void st_relaxed_sys(u64* addr, u64 v) {
-    asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(addr), "l"(v) : "memory");
-}
-
-__device__ __forceinline__ u64 ld_relaxed_sys(const u64* addr) {
-    u64 v;
-    asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(addr) : "memory");
-    return v;
-}
+__device__ __forceinline__ void st_release_sys(u64* addr, u64 v) { tpcomm_st_sys<true>(addr, v); }
+__device__ __forceinline__ u64 ld_acquire_sys(const u64* addr) { return tpcomm_ld_sys<true>(addr); }
+__device__ __forceinline__ void st_relaxed_sys(u64* addr, u64 v) { tpcomm_st_sys<false>(addr, v); }
+__device__ __forceinline__ u64 ld_relaxed_sys(const u64* addr) { return tpcomm_ld_sys<false>(addr); }
 
 // Data a peer wrote during this launch (two-shot scratch) is read with volatile loads, so no
 // stale copy in this SM's L1 can be returned after the acquire barrier.
 __device__ __forceinline__ Vec16 ld_volatile_v4(const void* addr) {
     Vec16 v;
-    asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.w[0]), "=r"(v.w[1]), "=r"(v.w[2]), "=r"(v.w[3])
-                 : "l"(addr)
-                 : "memory");
+    tpcomm_ld_volatile_16(addr, v.w);
     return v;
 }
 

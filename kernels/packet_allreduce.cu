@@ -129,11 +129,8 @@ struct LLWire {
         u64 w[4];
     };
     static __device__ __forceinline__ void load(const char* addr, Raw* r) {
-        asm volatile("ld.volatile.global.v2.u64 {%0, %1}, [%2];" : "=l"(r->w[0]), "=l"(r->w[1]) : "l"(addr) : "memory");
-        asm volatile("ld.volatile.global.v2.u64 {%0, %1}, [%2];"
-                     : "=l"(r->w[2]), "=l"(r->w[3])
-                     : "l"(addr + 16)
-                     : "memory");
+        tpcomm_ld_volatile_2x64(addr, &r->w[0]);
+        tpcomm_ld_volatile_2x64(addr + 16, &r->w[2]);
     }
     static __device__ __forceinline__ bool ready(const Raw& r, u32 flag) {
         return (u32)(r.w[0] >> 32) == flag && (u32)(r.w[1] >> 32) == flag && (u32)(r.w[2] >> 32) == flag &&
@@ -145,10 +142,8 @@ struct LLWire {
     }
     static __device__ __forceinline__ void store(char* addr, const Vec16& v, u32 flag) {
         const u64 f = (u64)flag << 32;
-        asm volatile("st.volatile.global.v2.u64 [%0], {%1, %2};" ::"l"(addr), "l"(f | v.w[0]), "l"(f | v.w[1])
-                     : "memory");
-        asm volatile("st.volatile.global.v2.u64 [%0], {%1, %2};" ::"l"(addr + 16), "l"(f | v.w[2]), "l"(f | v.w[3])
-                     : "memory");
+        tpcomm_st_volatile_2x64(addr, f | v.w[0], f | v.w[1]);
+        tpcomm_st_volatile_2x64(addr + 16, f | v.w[2], f | v.w[3]);
     }
 };
 
@@ -165,19 +160,14 @@ struct LLWire {
 struct LamportWire {
     typedef Vec16 Raw;
     static __device__ __forceinline__ void load(const char* addr, Raw* v) {
-        asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
-                     : "=r"(v->w[0]), "=r"(v->w[1]), "=r"(v->w[2]), "=r"(v->w[3])
-                     : "l"(addr)
-                     : "memory");
+        tpcomm_ld_volatile_16(addr, v->w);
     }
     static __device__ __forceinline__ bool ready(const Raw& v, u32) {
         return v.w[0] != 0xffffffffu && v.w[1] != 0xffffffffu && v.w[2] != 0xffffffffu && v.w[3] != 0xffffffffu;
     }
     static __device__ __forceinline__ Vec16 data(const Raw& v) { return v; }
     static __device__ __forceinline__ void store_raw(char* addr, const Vec16& v) {
-        asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(addr), "r"(v.w[0]), "r"(v.w[1]),
-                     "r"(v.w[2]), "r"(v.w[3])
-                     : "memory");
+        tpcomm_st_volatile_16(addr, v.w);
     }
     static __device__ __forceinline__ void store(char* addr, Vec16 v, u32) {
 #pragma unroll

@@ -37,47 +37,10 @@
 #endif
 
 // ---------------------------------------------------------------------------------------------
-// IEEE fp32 operations with explicit rounding: never contracted into FMA, never approximated.
+// IEEE fp32 operations with explicit rounding (mul_rn, add_rn, div_rn, rint_even, fmax_, fmin_)
+// and the quad's butterfly exchange (quad_xor) come from kernels/portable.cuh.
 
-__device__ __forceinline__ float mul_rn(float a, float b) {
-    float r;
-    asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-    return r;
-}
-__device__ __forceinline__ float add_rn(float a, float b) {
-    float r;
-    asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-    return r;
-}
-__device__ __forceinline__ float div_rn(float a, float b) {
-    float r;
-    asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-    return r;
-}
-__device__ __forceinline__ float rint_even(float a) {
-    float r;
-    asm("cvt.rni.f32.f32 %0, %1;" : "=f"(r) : "f"(a));
-    return r;
-}
-__device__ __forceinline__ float fmax_(float a, float b) {
-    float r;
-    asm("max.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-    return r;
-}
-__device__ __forceinline__ float fmin_(float a, float b) {
-    float r;
-    asm("min.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-    return r;
-}
 __device__ __forceinline__ bool non_finite(float a) { return (__float_as_uint(a) & 0x7f800000u) == 0x7f800000u; }
-
-// Butterfly exchange among the four lanes of a quad (`mask`: the quad's lanes, which are always
-// converged: they loop over the same group).
-__device__ __forceinline__ u32 quad_xor(u32 v, int lane_xor, u32 mask) {
-    u32 r;
-    asm volatile("shfl.sync.bfly.b32 %0, %1, %2, 0x1f, %3;" : "=r"(r) : "r"(v), "r"(lane_xor), "r"(mask));
-    return r;
-}
 
 // ---------------------------------------------------------------------------------------------
 // Codecs. A quad's group is stored as: its 4 `lo` words (16 bytes), its 4 `hi` parts (HI bytes

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and running tpcomm needs on Debian/Ubuntu, if it is missing:
-# Open MPI (mpicc, mpiexec, libmpi) and libclang (the mpi crate generates its bindings with it).
+# Open MPI (mpicc, mpiexec, libmpi), libclang (the mpi crate generates its bindings with it), and
+# clang-19 / lld-19 (the HIP compile checks of the kernels).
 # Without cargo it installs a Rust toolchain with rustup (minimal profile, rustfmt and clippy).
 set -euo pipefail
 sudo=""
@@ -13,6 +14,9 @@ ldconfig -p 2>/dev/null | grep -q 'libclang[-.0-9]*\.so' || need+=(libclang-dev)
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
+# clang-19 and lld-19 compile the kernels for AMD GPUs (HIP) without ROCm, for the compile tests.
+command -v clang-19 >/dev/null 2>&1 || need+=(clang-19)
+command -v ld.lld-19 >/dev/null 2>&1 || need+=(lld-19)
 command -v cargo >/dev/null 2>&1 || [ -x "$HOME/.cargo/bin/cargo" ] || need+=(curl ca-certificates)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"

@@ -1,9 +1,10 @@
 //! Kernel sources compiled at run time, embedded in the library so binaries need no files.
 //!
-//! Each family is `kernels/common.cuh` (and `kernels/barrier.cuh` for the families that
-//! synchronise whole launches) followed by the family's own file, compiled with the
-//! family's protocol defines for one world size. Entry points are named `{algorithm}_{dtype}`
-//! (`oneshot_bf16`), the one naming rule both the `.cu` files and the backends follow.
+//! Each family is `kernels/portable.cuh` (what differs between CUDA and HIP), `kernels/common.cuh`
+//! (and `kernels/barrier.cuh` for the families that synchronise whole launches), then the
+//! family's own file, compiled with the family's protocol defines for one world size. Entry
+//! points are named `{algorithm}_{dtype}` (`oneshot_bf16`), the one naming rule both the `.cu`
+//! files and the backends follow.
 
 use crate::dtype::DType;
 
@@ -12,7 +13,7 @@ use crate::dtype::DType;
 pub(crate) struct Family {
     /// Family name (cache file names, error messages).
     pub name: &'static str,
-    /// The whole source, `common.cuh` first.
+    /// The whole source, `portable.cuh` and `common.cuh` first.
     pub source: &'static str,
     /// Algorithm part of every entry point.
     pub algos: &'static [&'static str],
@@ -30,6 +31,7 @@ pub(crate) const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 pub(crate) const CUSTOM: Family = Family {
     name: "custom_allreduce",
     source: concat!(
+        include_str!("../../kernels/portable.cuh"),
         include_str!("../../kernels/common.cuh"),
         include_str!("../../kernels/barrier.cuh"),
         include_str!("../../kernels/custom_allreduce.cu")
@@ -41,7 +43,11 @@ pub(crate) const CUSTOM: Family = Family {
 /// `kernels/packet_allreduce.cu`: LL packets (all-pairs and two-phase) and Lamport push.
 pub(crate) const PACKET: Family = Family {
     name: "packet_allreduce",
-    source: concat!(include_str!("../../kernels/common.cuh"), include_str!("../../kernels/packet_allreduce.cu")),
+    source: concat!(
+        include_str!("../../kernels/portable.cuh"),
+        include_str!("../../kernels/common.cuh"),
+        include_str!("../../kernels/packet_allreduce.cu")
+    ),
     algos: &["packet", "packet2", "lamport"],
     defines: super::protocol::packet_defines,
 };
@@ -50,6 +56,7 @@ pub(crate) const PACKET: Family = Family {
 pub(crate) const QUICK: Family = Family {
     name: "quick_allreduce",
     source: concat!(
+        include_str!("../../kernels/portable.cuh"),
         include_str!("../../kernels/common.cuh"),
         include_str!("../../kernels/barrier.cuh"),
         include_str!("../../kernels/quick_allreduce.cu")
