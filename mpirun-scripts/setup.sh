@@ -17,6 +17,8 @@ python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 # clang-19 and lld-19 compile the kernels for AMD GPUs (HIP) without ROCm, for the compile tests.
 command -v clang-19 >/dev/null 2>&1 || need+=(clang-19)
 command -v ld.lld-19 >/dev/null 2>&1 || need+=(lld-19)
+# The HIP runtime and headers (HIP 5.2) for the `rocm` feature's build and tests; no AMD GPU needed.
+[ -e /usr/include/hip/hip_runtime_api.h ] || need+=(libamdhip64-dev)
 command -v cargo >/dev/null 2>&1 || [ -x "$HOME/.cargo/bin/cargo" ] || need+=(curl ca-certificates)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"

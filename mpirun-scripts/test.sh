@@ -21,6 +21,10 @@ for cuda in cuda-12080 cuda-12040; do
   echo "== cargo check --features $cuda (older CUDA driver bindings)"
   cargo check --lib --quiet --no-default-features --features $cuda
 done
+echo "== the rocm feature (HIP runtime through hip-runtime-sys; Debian's HIP 5.2, no AMD GPU)"
+export HIP_PATH="${HIP_PATH:-/usr}"
+cargo clippy --all-targets --features rocm --quiet -- -D warnings
+cargo test --lib --features rocm hip 2>&1
 echo "== examples under mpirun"
 cargo build --release --examples --quiet
 passed=0 failed=0

@@ -95,4 +95,6 @@ pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};
 pub use plan::DispatchTable;
+#[cfg(feature = "rocm")]
+pub use runtime::hip::rocm_device_count;
 pub use topology::cuda_device_count;

@@ -7,6 +7,8 @@
 //! can sit beside it with the same names (topology's device queries are the one other place that
 //! asks the driver).
 
+#[cfg(feature = "rocm")]
+pub(crate) mod hip;
 pub(crate) mod ipc;
 pub(crate) mod kernels;
 pub(crate) mod module_cache;
