@@ -182,7 +182,7 @@ impl QuickAllreduce {
         self.max_blocks
     }
 
-    /// Whether the kernels are launched with programmatic dependent launch.
+    /// The largest launch (in blocks) that uses programmatic dependent launch; 0: none does.
     pub(crate) fn pdl_blocks(&self) -> usize {
         self.pdl_blocks
     }
