@@ -413,6 +413,54 @@ pub fn length_mismatch(world: &World, config: &Config, algo: Algo, tally: &mut T
     Ok(())
 }
 
+/// Ranks whose buffers differ in layout must all get Error::Mismatch, never each other's data:
+/// a peer reads (and two-shot writes) each rank's buffers through its own row at its own offset,
+/// so rows and offsets are part of the call's tag. Cases: rank 0 at element 0 of a registered
+/// buffer and the others 64 bytes in (one-shot); rank 0 in place and the others out of place into
+/// a registered output (two-shot, stored directly); a registered input on rank 0 and a staged
+/// one elsewhere (one-shot).
+pub fn layout_mismatch(world: &World, config: &Config, case: usize, tally: &mut Tally) -> Result<()> {
+    let rank0 = world.rank() == 0;
+    let comm = Communicator::new(world, config.clone())?;
+    comm.init_device()?;
+    let ctx = comm.cuda_context()?;
+    let s = ctx.new_stream()?;
+    let mut shared = comm.alloc_shared::<f32>(2048)?;
+    let mut shared_out = comm.alloc_shared::<f32>(1000)?;
+    let pool = s.alloc_zeros::<f32>(1000)?;
+    let mut out = s.alloc_zeros::<f32>(1000)?;
+    let (name, r) = match case {
+        0 => {
+            let at = if rank0 { 0 } else { 16 };
+            let r = comm.all_reduce_with(&CallOptions::algo(Algo::OneShot), &shared.slice(at..at + 1000), &mut out, &s);
+            ("other offsets into a registered buffer (oneshot)", r)
+        }
+        1 => {
+            let opts = CallOptions::algo(Algo::TwoShot);
+            let r = match rank0 {
+                true => comm.all_reduce_in_place_with(&opts, &mut shared.slice_mut(0..1000), &s),
+                false => comm.all_reduce_with(&opts, &shared.slice(0..1000), &mut shared_out, &s),
+            };
+            ("in place on one rank, out of place on the others (twoshot)", r)
+        }
+        _ => {
+            let opts = CallOptions::algo(Algo::OneShot);
+            let r = match rank0 {
+                true => comm.all_reduce_with(&opts, &shared.slice(0..1000), &mut out, &s),
+                false => comm.all_reduce_with(&opts, &pool, &mut out, &s),
+            };
+            ("a registered input on one rank, staged on the others (oneshot)", r)
+        }
+    };
+    let r = r.and_then(|()| comm.synchronize(&s));
+    tally.record(
+        &format!("mismatch: {name}"),
+        expect_err(r, |e| matches!(e, Error::Mismatch { .. } | Error::Poisoned { .. }), "layout mismatch"),
+    );
+    world.barrier();
+    Ok(())
+}
+
 /// The long graph run: one capture replayed `replays` times with fresh inputs.
 pub fn many_replays(c: &mut Ctx, tally: &mut Tally, replays: usize) -> Result<()> {
     let len = 3000; // 6000 bytes of bf16: a tail of 0 and an odd number of vectors per rank

@@ -179,6 +179,12 @@ fn main() -> Result<()> {
             let r = cases::length_mismatch(&world, &config, algo, &mut tally);
             tally.step(&format!("length mismatch ({algo})"), r);
         }
+        if only.is_none() {
+            for case in 0..3 {
+                let r = cases::layout_mismatch(&world, &config, case, &mut tally);
+                tally.step(&format!("layout mismatch {case}"), r);
+            }
+        }
     }
     if wanted("lifecycle") {
         let r = engine::lifecycle(&world, &config, &mut tally, ordinal, if quick { 20 } else { 200 });

@@ -334,6 +334,24 @@ impl CustomAllreduce {
         Ok(row)
     }
 
+    /// What a row is, in words every rank computes alike for the same call (row numbers
+    /// themselves may differ between ranks): 0 for the staging row, the registration's id for a
+    /// registered buffer, the row's place in the capture under way for a captured call.
+    fn placement(&self, row: u32) -> u64 {
+        const REGISTERED: u64 = 1 << 62;
+        const CAPTURED: u64 = 2 << 62;
+        if row == 0 {
+            return 0;
+        }
+        if let Some(r) = self.registered.iter().find(|r| r.row == row) {
+            return REGISTERED | r.id;
+        }
+        match &self.capture {
+            Some(c) if c.rows.contains(&row) => CAPTURED | u64::from(row - c.rows.start),
+            _ => CAPTURED | REGISTERED | u64::from(row),
+        }
+    }
+
     /// Record a captured call's rows, for the check that every rank captured the same calls.
     fn record_call(&mut self, rows: (u32, Option<u32>)) {
         if let Some(cap) = self.capture.as_mut() {
@@ -450,7 +468,16 @@ impl DeviceBackend for CustomAllreduce {
         let count = call.len as u64;
         let timeout_ns = crate::runtime::timeout_ns(self.timeout);
         let err = self.err.device_ptr();
-        let tag = protocol::call_tag(count, dtype.code(), kernel as u32);
+        // Peers read (and two-shot direct writes) this rank's buffers through their own rows at
+        // their own offsets: rows and offsets are part of the call, so ranks that disagree (a
+        // registered input on one rank and a staged one on another, in place here and out of
+        // place there, other offsets) stop with a mismatch before touching any data.
+        let tag = protocol::call_tag(
+            count,
+            dtype.code(),
+            kernel as u32,
+            &[self.placement(row), in_offset, self.placement(out_row), out_offset],
+        );
         let pdl_launch = blocks <= self.pdl_blocks;
         let pdl = i32::from(pdl_launch);
         use crate::runtime::arg;

@@ -47,7 +47,8 @@ pub(crate) fn kernel_error(word: u64, rank: usize, timeout: Duration, words: &Ke
         BarrierErrorKind::Mismatch => Error::Mismatch {
             op: words.op,
             detail: format!(
-                "rank {} (of the node) called with another length, dtype or algorithm than rank {rank} (seen at: {})",
+                "rank {} (of the node) called with another length, dtype, algorithm or buffer layout (registered or \
+                 not, in place or not, offset) than rank {rank} (seen at: {})",
                 t.peer,
                 (words.wait)(t.barrier)
             ),

@@ -227,7 +227,7 @@ impl DeviceBackend for QuickAllreduce {
         let count = call.len as u64;
         let timeout_ns = crate::runtime::timeout_ns(self.timeout);
         let err = self.err.device_ptr();
-        let tag = protocol::call_tag(count, call.dtype.code(), 16 + codec as u32);
+        let tag = protocol::call_tag(count, call.dtype.code(), 16 + codec as u32, &[]);
         let pdl_launch = blocks <= self.pdl_blocks;
         let pdl = i32::from(pdl_launch);
         use crate::runtime::arg;

@@ -141,12 +141,14 @@ pub struct BarrierError {
     pub block: u32,
 }
 
-/// A 32-bit tag of one call (element count, dtype code, algorithm), announced with every
-/// barrier so ranks making different calls stop with a mismatch instead of mixing data. Never
-/// zero, so a freshly zeroed mailbox cannot look like a tag.
-pub fn call_tag(count: u64, dtype_code: u32, algo: u32) -> u32 {
+/// A 32-bit tag of one call (element count, dtype code, algorithm, and the words that place it
+/// in the peers' memory: rank-data rows and offsets, where the call has them), announced with
+/// every barrier so ranks making different calls stop with a mismatch instead of mixing data: a
+/// peer reads and writes a rank's buffers through its own row at its own offset, so ranks must
+/// agree on those too. Never zero, so a freshly zeroed mailbox cannot look like a tag.
+pub fn call_tag(count: u64, dtype_code: u32, algo: u32, offsets: &[u64]) -> u32 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for x in [count, u64::from(dtype_code), u64::from(algo)] {
+    for &x in [count, u64::from(dtype_code), u64::from(algo)].iter().chain(offsets) {
         for b in x.to_le_bytes() {
             h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
         }
@@ -233,7 +235,7 @@ pub fn packet_defines(world: usize) -> Vec<String> {
 /// The tag of a packet call: [`call_tag`] with the top bit clear, so it is never the Lamport
 /// sentinel word `0xffff_ffff` (and never zero).
 pub fn packet_tag(count: u64, dtype_code: u32, algo: u32) -> u32 {
-    call_tag(count, dtype_code, algo) & 0x7fff_ffff | 1
+    call_tag(count, dtype_code, algo, &[]) & 0x7fff_ffff | 1
 }
 
 #[cfg(test)]
@@ -260,6 +262,8 @@ mod tests {
         assert_eq!(lamport_bytes(3, 32), 3 * 3 * 3 * 16);
         for count in [0, 1, 1 << 20] {
             assert_ne!(packet_tag(count, 2, 7), 0xffff_ffff);
+            assert_ne!(call_tag(count, 2, 7, &[0, 64]), call_tag(count, 2, 7, &[64, 0]), "offsets are part of a call");
+            assert_ne!(call_tag(count, 2, 7, &[0, 0]), call_tag(count, 2, 7, &[0, 16]));
             assert_eq!(packet_tag(count, 2, 7) & 1, 1);
         }
         assert!(packet_defines(5).iter().any(|d| d == "-DTPCOMM_WORLD=5"));
