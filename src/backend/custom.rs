@@ -27,7 +27,10 @@
 //! whatever a stale row names.
 //!
 //! Preconditions (as for every collective): all ranks make the same calls in the same order with
-//! the same length, dtype and algorithm, and calls on one instance are serialised.
+//! the same length, dtype and algorithm, and calls on one instance are serialised. Ranks must
+//! also lay a call out alike (registered or staged input, in place or not, the same offsets into
+//! registered buffers): a call's tag covers that, so a rank that differs gets `Error::Mismatch`
+//! on every rank before any data moves.
 
 use super::peer_group::{check_world, export_all, kernel_error, share, KernelWords};
 use super::rank_data::{RowArena, ROWS};
