@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and running tpcomm needs on Debian/Ubuntu, if it is missing:
 # Open MPI (mpicc, mpiexec, libmpi), libclang (the mpi crate generates its bindings with it), and
-# clang-19 / lld-19 (the HIP compile checks of the kernels).
+# clang-19 / lld-19 (build.rs compiles the kernels for AMD GPUs with the rocm feature).
 # Without cargo it installs a Rust toolchain with rustup (minimal profile, rustfmt and clippy).
 set -euo pipefail
 sudo=""
@@ -14,7 +14,7 @@ ldconfig -p 2>/dev/null | grep -q 'libclang[-.0-9]*\.so' || need+=(libclang-dev)
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
-# clang-19 and lld-19 compile the kernels for AMD GPUs (HIP) without ROCm, for the compile tests.
+# clang-19 and lld-19 compile the kernels for AMD GPUs (HIP) without ROCm (the rocm feature).
 command -v clang-19 >/dev/null 2>&1 || need+=(clang-19)
 command -v ld.lld-19 >/dev/null 2>&1 || need+=(lld-19)
 # The HIP runtime and headers (HIP 5.2) for the `rocm` feature's build and tests; no AMD GPU needed.

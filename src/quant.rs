@@ -15,7 +15,7 @@ use std::fmt;
 use std::str::FromStr;
 
 /// Elements per quantization group (one scale each).
-pub const GROUP: usize = 32;
+pub const GROUP: usize = crate::runtime::protocol::QUICK_GROUP;
 
 /// A quantization codec of quick allreduce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -9,11 +9,8 @@
 //! GPUs older than sm_80 get no IPC kernels (the dispatch sends their calls to NCCL): one check
 //! proves the sources indeed do not compile for sm_75, so that fallback is needed.
 //!
-//! The same sources compile for AMD GPUs (HIP) with Debian's `clang-19` and `lld-19`, without
-//! ROCm: every family and world size for gfx90a (MI200) and gfx942 (MI300), each code object
-//! checked for its ELF machine, its architecture in `e_flags` and every entry point. Without
-//! `clang-19` those checks are skipped (a failure under CI, which installs it). No kernel has
-//! run on AMD hardware: this proves that they compile, not that they work.
+//! The same sources are compiled for AMD GPUs by `build.rs` with the `rocm` feature, and checked
+//! by the tests of `src/runtime/hip.rs` (`cargo test --features rocm hip`, run by test.sh).
 
 use tpcomm::testing;
 
@@ -46,7 +43,6 @@ fn main() {
         "the kernels need sm_80 (sm_75 is refused)",
         "missing protocol defines are a compile error with the log",
     ];
-    let hip_checks = ["every kernel compiles for gfx90a (HIP)", "every kernel compiles for gfx942 (HIP)"];
     let mut t = Tally { passed: 0, failed: 0, skipped: 0 };
     if !testing::nvrtc_present() {
         if std::env::var_os("CI").is_some() {
@@ -79,27 +75,6 @@ fn main() {
             Ok(_) => Err("compiled without its defines".into()),
         };
         t.check(checks[4], r);
-    }
-    match testing::hip_clang() {
-        None if std::env::var_os("CI").is_some() => {
-            println!("FAILED: no clang-19 / ld.lld-19 under CI; mpirun-scripts/setup.sh installs them");
-            t.failed += hip_checks.len();
-        }
-        None => {
-            for name in hip_checks {
-                t.skipped += 1;
-                println!("SKIPPED {name}: clang-19 and ld.lld-19 not found, the HIP kernels were NOT compiled");
-            }
-        }
-        Some(clang) => {
-            for ((gfx, mach), name) in testing::HIP_ARCHS.into_iter().zip(hip_checks) {
-                let failures: Vec<String> = testing::compile_every_kernel_hip(&clang, gfx, mach)
-                    .into_iter()
-                    .filter_map(|(family, world, r)| r.err().map(|e| format!("{family}, world {world}: {e}")))
-                    .collect();
-                t.check(name, if failures.is_empty() { Ok(()) } else { Err(failures.join("\n")) });
-            }
-        }
     }
     println!("kernels_compile: {} passed, {} failed, {} skipped", t.passed, t.failed, t.skipped);
     if t.failed > 0 {

@@ -1,18 +1,54 @@
 //! The HIP runtime of ROCm, through `hip-runtime-sys` (Cargo feature `rocm`, off by default).
 //!
 //! Built so far: the device probe, which turns "no AMD GPU here" into a typed
-//! [`Error::Unsupported`] instead of a panic or an `Ok`. Not built yet: IPC buffers
+//! [`Error::Unsupported`] instead of a panic or an `Ok`, and the kernels' code objects for
+//! gfx90a and gfx942, compiled by `build.rs` from the CUDA sources and embedded. Not built yet:
+//! IPC buffers
 //! (`hipIpcGetMemHandle` / `hipIpcOpenMemHandle`, uncached signal memory through
 //! `hipExtMallocWithFlags` with `hipDeviceMallocUncached` = 3, which HIP 5.x bindings lack),
-//! streams, graphs, module loading of the kernels' code objects and RCCL. The kernels themselves
-//! are the CUDA sources, compiled for gfx90a and gfx942 by the compile tests
-//! (`kernels/portable.cuh`); none has run on AMD hardware.
+//! streams, graphs, loading the code objects with `hipModuleLoadData`, and RCCL. The kernels
+//! are the CUDA sources (`kernels/portable.cuh` holds what differs); none has run on AMD
+//! hardware.
 //!
 //! `hip-runtime-sys` links `libamdhip64` when the crate is built: Debian's `libamdhip64-dev`
 //! (HIP 5.2) serves with `HIP_PATH=/usr`.
 
 use crate::error::{Error, Result};
 use hip_runtime_sys::{hipError_t, hipGetDeviceCount};
+
+include!(concat!(env!("OUT_DIR"), "/hip_code_objects.rs"));
+
+/// The AMD architectures the code objects are built for, with the `e_flags` machine number
+/// (`EF_AMDGPU_MACH_*`, the low byte) their ELF headers carry: MI200 and MI300.
+#[cfg_attr(not(test), allow(dead_code))] // the HIP runtime module will pick one per device
+pub(crate) const ARCHS: [(&str, u32); 2] = [("gfx90a", 0x3f), ("gfx942", 0x4c)];
+
+/// The code object of kernel family `family` for `world` ranks and the AMD architecture `arch`,
+/// for `hipModuleLoadData`.
+#[cfg_attr(not(test), allow(dead_code))] // loaded by the HIP runtime module, not built yet
+pub(crate) fn code_object(family: &str, world: usize, arch: &str) -> Option<&'static [u8]> {
+    CODE_OBJECTS.iter().find(|(f, w, a, _)| *f == family && *w == world && *a == arch).map(|&(_, _, _, bin)| bin)
+}
+
+/// Whether `bin` is an AMDGPU code object for machine `mach`: a 64-bit ELF for `EM_AMDGPU`
+/// whose `e_flags` low byte is `mach`.
+#[cfg_attr(not(test), allow(dead_code))] // checked before loading, by the HIP runtime module
+pub(crate) fn check_amdgpu_object(bin: &[u8], mach: u32) -> Result<()> {
+    const EM_AMDGPU: u16 = 224;
+    let bad = |what: String| Err(Error::Internal(format!("not an AMDGPU code object for mach {mach:#x}: {what}")));
+    if bin.len() < 64 || !bin.starts_with(b"\x7fELF") || bin[4] != 2 {
+        return bad("not a 64-bit ELF".into());
+    }
+    let machine = u16::from_le_bytes([bin[18], bin[19]]);
+    let flags = u32::from_le_bytes([bin[48], bin[49], bin[50], bin[51]]);
+    if machine != EM_AMDGPU {
+        return bad(format!("e_machine {machine}"));
+    }
+    if flags & 0xff != mach {
+        return bad(format!("e_flags {flags:#x}"));
+    }
+    Ok(())
+}
 
 /// The number of AMD GPUs HIP can run kernels on in this process (`hipGetDeviceCount`).
 ///
@@ -66,6 +102,55 @@ mod tests {
                 other => panic!("{status:?}: {other:?}"),
             }
         }
+    }
+
+    /// Every family, world size and architecture has its code object, built from exactly the
+    /// sources the CUDA build compiles, for the right machine, with every entry point.
+    #[test]
+    fn every_kernel_has_a_code_object_for_each_amd_architecture() {
+        use crate::runtime::kernels::FAMILIES;
+        let built = [
+            ("custom_allreduce", include_str!(concat!(env!("OUT_DIR"), "/custom_allreduce.hip"))),
+            ("packet_allreduce", include_str!(concat!(env!("OUT_DIR"), "/packet_allreduce.hip"))),
+            ("quick_allreduce", include_str!(concat!(env!("OUT_DIR"), "/quick_allreduce.hip"))),
+        ];
+        for family in FAMILIES {
+            let source = built.iter().find(|(n, _)| *n == family.name).map(|(_, s)| *s);
+            assert_eq!(source, Some(family.source), "build.rs compiles other files for {}", family.name);
+            for world in 1..=crate::runtime::protocol::MAX_RANKS {
+                for (arch, mach) in ARCHS {
+                    let what = format!("{} world {world} {arch}", family.name);
+                    let bin = code_object(family.name, world, arch).unwrap_or_else(|| panic!("no code object: {what}"));
+                    check_amdgpu_object(bin, mach).unwrap_or_else(|e| panic!("{what}: {e}"));
+                    for e in family.entries() {
+                        assert!(bin.windows(e.len()).any(|w| w == e.as_bytes()), "{what}: no entry {e}");
+                    }
+                }
+            }
+        }
+        assert_eq!(CODE_OBJECTS.len(), FAMILIES.len() * crate::runtime::protocol::MAX_RANKS * ARCHS.len());
+    }
+
+    /// A 64-byte ELF header with the given machine and flags.
+    fn header(machine: u16, flags: u32) -> Vec<u8> {
+        let mut h = vec![0u8; 64];
+        h[..4].copy_from_slice(b"\x7fELF");
+        h[4] = 2;
+        h[18..20].copy_from_slice(&machine.to_le_bytes());
+        h[48..52].copy_from_slice(&flags.to_le_bytes());
+        h
+    }
+
+    #[test]
+    fn amdgpu_object_check_takes_only_the_named_architecture() {
+        // gfx942 with xnack/sramecc bits above the machine byte, as clang-19 writes it.
+        assert!(check_amdgpu_object(&header(224, 0x54c), 0x4c).is_ok());
+        assert!(check_amdgpu_object(&header(224, 0x53f), 0x4c).is_err(), "gfx90a is not gfx942");
+        assert!(check_amdgpu_object(&header(190, 0x4c), 0x4c).is_err(), "EM_CUDA is not EM_AMDGPU");
+        let mut elf32 = header(224, 0x4c);
+        elf32[4] = 1;
+        assert!(check_amdgpu_object(&elf32, 0x4c).is_err(), "a 32-bit ELF");
+        assert!(check_amdgpu_object(b"\x7fELF", 0x4c).is_err(), "truncated");
     }
 
     /// The real runtime: a machine without an AMD GPU (every CI machine) gets the typed error,

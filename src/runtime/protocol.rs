@@ -5,7 +5,12 @@
 //! `kernels/quick_allreduce.cu` those of [`quick_defines`], so host and device
 //! cannot drift (neither kernel file spells an error bit or a layout width itself). The layouts described here are the ones the kernels' `struct Signal`,
 //! `struct PacketState` and `struct Ptrs` have.
+//!
+//! This file names nothing else of the crate: the build script compiles it too (`build.rs`,
+//! for the HIP code objects of the `rocm` feature), so both use the same defines.
 
+/// Elements per quick (quantized) group, one scale each ([`crate::quant::GROUP`]).
+pub const QUICK_GROUP: usize = 32;
 /// Most ranks one custom allreduce spans (one per GPU of an NVLink domain).
 pub const MAX_RANKS: usize = 8;
 /// Most thread blocks of one launch; the signal area holds counters for this many.
@@ -212,7 +217,7 @@ pub fn quick_defines(world: usize) -> Vec<String> {
     let mut d: Vec<String> = defines(world).into_iter().filter(|o| !o.starts_with("-DTPCOMM_MAX_BLOCKS=")).collect();
     d.extend([
         format!("-DTPCOMM_MAX_BLOCKS={QUICK_MAX_BLOCKS}"),
-        format!("-DTPCOMM_QUICK_GROUP={}", crate::quant::GROUP),
+        format!("-DTPCOMM_QUICK_GROUP={QUICK_GROUP}"),
         format!("-DTPCOMM_BARRIER_GATHER={BARRIER_GATHER}"),
     ]);
     d
