@@ -319,8 +319,16 @@ pub fn local_bad_arguments(world: &World, config: &Config, tally: &mut Tally) ->
 /// A rank that skips a call of `algo`: the others learn it from `synchronize` (the kernels time
 /// out and record it) as PeerTimeout naming it, within the timeout; the skipping rank's next
 /// call, made after that, must be an error and never pair with what its peers abandoned (the
-/// silent wrong result the LL and Lamport paths once gave).
-pub fn skipped_call(world: &World, config: &Config, algo: Algo, tally: &mut Tally) -> Result<()> {
+/// silent wrong result the LL and Lamport paths once gave). `in_place_registered` runs the calls
+/// in place on a buffer from `alloc_shared` (two-shot then stores into the peers' buffers
+/// directly) instead of out of place on pool memory.
+pub fn skipped_call(
+    world: &World,
+    config: &Config,
+    algo: Algo,
+    in_place_registered: bool,
+    tally: &mut Tally,
+) -> Result<()> {
     let n = world.size() as usize;
     let rank = world.rank() as usize;
     let cfg = Config { timeout: Duration::from_millis(1500), ..config.clone() };
@@ -330,19 +338,25 @@ pub fn skipped_call(world: &World, config: &Config, algo: Algo, tally: &mut Tall
     let s = ctx.new_stream()?;
     let inp = s.alloc_zeros::<f32>(4096)?;
     let mut out = s.alloc_zeros::<f32>(4096)?;
+    let mut shared = comm.alloc_shared::<f32>(4096)?;
     let opts = CallOptions::algo(algo);
-    comm.all_reduce_with(&opts, &inp, &mut out, &s)?;
+    let mut call = || match in_place_registered {
+        true => comm.all_reduce_in_place_with(&opts, &mut shared, &s),
+        false => comm.all_reduce_with(&opts, &inp, &mut out, &s),
+    };
+    let algo = if in_place_registered { format!("{algo}, in place, registered") } else { algo.to_string() };
+    call()?;
     comm.synchronize(&s)?;
     let skipper = n - 1;
     if rank != skipper {
         let t0 = Instant::now();
-        let r = comm.all_reduce_with(&opts, &inp, &mut out, &s).and_then(|()| comm.synchronize(&s));
+        let r = call().and_then(|()| comm.synchronize(&s));
         let took = t0.elapsed();
         // The first rank to time out names the rank it waited for and fails the group; in
         // two-phase packets that may be an owner that itself waits for the skipper.
         let check = match &r {
             Err(Error::PeerTimeout { peer: Some(p), .. })
-                if (*p == skipper || algo == Algo::PacketTwoPhase) && took < Duration::from_secs(20) =>
+                if (*p == skipper || opts.algo == Some(Algo::PacketTwoPhase)) && took < Duration::from_secs(20) =>
             {
                 Ok(())
             }
@@ -354,7 +368,7 @@ pub fn skipped_call(world: &World, config: &Config, algo: Algo, tally: &mut Tall
     }
     world.barrier();
     // Everyone gave up on the skipped call; the skipping rank now makes "its" next call.
-    let r = comm.all_reduce_with(&opts, &inp, &mut out, &s).and_then(|()| comm.synchronize(&s));
+    let r = call().and_then(|()| comm.synchronize(&s));
     tally.record(
         &format!("timeout: every later call is an error on every rank ({algo}, rank {rank})"),
         expect_err(r, |e| matches!(e, Error::Poisoned { .. }), "after timeout"),

@@ -166,8 +166,12 @@ fn main() -> Result<()> {
     };
     if n > 1 {
         for algo in faults(Algo::QuickInt8) {
-            let r = cases::skipped_call(&world, &config, algo, &mut tally);
+            let r = cases::skipped_call(&world, &config, algo, false, &mut tally);
             tally.step(&format!("timeout ({algo})"), r);
+        }
+        if only.is_none() {
+            let r = cases::skipped_call(&world, &config, Algo::TwoShot, true, &mut tally);
+            tally.step("timeout (twoshot, in place, registered)", r);
         }
         if only.is_none() {
             let r = cases::local_bad_arguments(&world, &config, &mut tally);
