@@ -14,10 +14,15 @@ mod protocol;
 /// Each family: its name, its files (in order, as `src/runtime/kernels.rs` concatenates them;
 /// a test there checks that the two lists agree) and its defines.
 type Defines = fn(usize) -> Vec<String>;
-const FAMILIES: [(&str, &[&str], Defines); 3] = [
-    ("custom_allreduce", &["portable.cuh", "common.cuh", "barrier.cuh", "custom_allreduce.cu"], protocol::defines),
+const FAMILIES: [(&str, &[&str], Defines); 4] = [
+    (
+        "custom_allreduce",
+        &["portable.cuh", "common.cuh", "barrier.cuh", "rms_norm.cuh", "custom_allreduce.cu"],
+        protocol::defines,
+    ),
     ("packet_allreduce", &["portable.cuh", "common.cuh", "packet_allreduce.cu"], protocol::packet_defines),
     ("quick_allreduce", &["portable.cuh", "common.cuh", "barrier.cuh", "quick_allreduce.cu"], protocol::quick_defines),
+    ("rms_norm", &["portable.cuh", "common.cuh", "rms_norm.cuh", "rms_norm.cu"], protocol::defines),
 ];
 
 /// The AMD architectures, as clang names them.

@@ -1,7 +1,8 @@
 // Custom allreduce over CUDA IPC: one-shot and two-shot, f32 / f16 / bf16.
 //
 // Types and memory helpers come from kernels/common.cuh, the signal area and its barrier from
-// kernels/barrier.cuh, both prepended by the module cache.
+// kernels/barrier.cuh, the fused epilogue (residual add + RMSNorm) from kernels/rms_norm.cuh, all
+// prepended by the module cache.
 //
 // Compiled at run time with these defines (from src/runtime/protocol.rs, never hard-coded here):
 //   TPCOMM_WORLD        ranks of this module (1..=TPCOMM_MAX_RANKS); 1 makes the kernels a copy
@@ -92,6 +93,36 @@ __device__ void oneshot(const Ptrs* __restrict__ rd, u64 in_offset, const char* 
     const u64 j = nvec * T::PER_VEC + tid;
     if (j < count) ((typename T::Bits*)out)[j] = sum_elem<T>(in, j);
     // End: no rank returns (and lets its caller overwrite its input) while a peer still reads it.
+    barrier<false>(self, sigs, rank, TPCOMM_BARRIER_END, tag, timeout_ns, err, fault, &failed);
+}
+
+// One-shot fused with residual add + RMSNorm (kernels/rms_norm.cuh): `out` is norm_out, and
+// each block owns whole rows (block b: rows b, b + gridDim.x, ...), so the row's sum of squares
+// never leaves the block. The sums are one-shot's bits; the epilogue's are the standalone
+// kernel's, so fused and split give the same results.
+//
+// Safe as one-shot is: every rank's block b owns the same rows and reads peers' inputs only
+// between its start and end barriers; norm_out and residual_out are local and never an input a
+// peer reads (the host stages an input that is also norm_out).
+template <typename T>
+struct RankSum {
+    Ptrs in;
+    __device__ __forceinline__ Vec16 operator()(u64 i) const { return sum_vec<T>(in, i); }
+};
+
+template <typename T>
+__device__ void oneshot_norm(const Ptrs* __restrict__ rd, u64 in_offset, const char* local_in, const Ptrs& sigs,
+                             char* out, int rank, u64 count, u64 timeout_ns, u64* err, u32 tag, const Fault& fault,
+                             const NormArgs& norm) {
+    __shared__ int failed;
+    if (threadIdx.x == 0) failed = 0;
+    Signal* self = (Signal*)sigs.p[rank];
+    RankSum<T> src;
+    load_row(rd, in_offset, &src.in);
+    if (!barrier<false>(self, sigs, rank, TPCOMM_BARRIER_START, tag, timeout_ns, err, fault, &failed)) return;
+    if (!row_is_mine(src.in, local_in, rank, err, fault)) return;
+    const u64 rows = count / norm.hidden;
+    for (u64 row = blockIdx.x; row < rows; row += gridDim.x) add_rms_norm_row<T>(src, row, norm, out);
     barrier<false>(self, sigs, rank, TPCOMM_BARRIER_END, tag, timeout_ns, err, fault, &failed);
 }
 
@@ -202,19 +233,25 @@ __device__ void twoshot_direct(const Ptrs* __restrict__ rd, u64 in_offset, const
 // (rank-data row, input offset into the row's buffers, our own input, the outputs' row and the
 //  output offset into its buffers (two-shot direct only), signals, scratch, out, rank, count,
 //  timeout_ns, error word, call tag, fault word, the value to raise it with, launched with
-//  programmatic dependent launch)
+//  programmatic dependent launch, then the epilogue's residual, residual_out, weight, hidden and
+//  eps (one-shot fused with the norm only; zero otherwise))
 
 #define TPCOMM_ENTRY(NAME, ALGO)                                                                          \
     extern "C" __global__ void __launch_bounds__(TPCOMM_THREADS)                                          \
         NAME(const Ptrs* __restrict__ rd, u64 in_offset, const char* local_in, const Ptrs* __restrict__ rd_out, \
              u64 out_offset, Ptrs sigs, Ptrs scratch, char* out, int rank, u64 count, u64 timeout_ns, u64* err,  \
-             u32 tag, u64* fault_word, u64 fault_raise, int pdl) {                                        \
+             u32 tag, u64* fault_word, u64 fault_raise, int pdl, const char* residual, char* residual_out,       \
+             const char* weight, u64 hidden, float eps) {                                                 \
         pdl_begin(pdl != 0);                                                                              \
         const Fault fault = {fault_word, fault_raise};                                                    \
+        const NormArgs norm = {residual, residual_out, weight, hidden, eps};                              \
+        (void)norm;                                                                                       \
         ALGO;                                                                                             \
     }
 
 #define TPCOMM_ONESHOT(T) oneshot<T>(rd, in_offset, local_in, sigs, out, rank, count, timeout_ns, err, tag, fault)
+#define TPCOMM_ONESHOT_NORM(T) \
+    oneshot_norm<T>(rd, in_offset, local_in, sigs, out, rank, count, timeout_ns, err, tag, fault, norm)
 #define TPCOMM_TWOSHOT(T) \
     twoshot<T>(rd, in_offset, local_in, sigs, scratch, out, rank, count, timeout_ns, err, tag, fault)
 
@@ -225,6 +262,9 @@ __device__ void twoshot_direct(const Ptrs* __restrict__ rd, u64 in_offset, const
 TPCOMM_ENTRY(oneshot_f32, TPCOMM_ONESHOT(F32))
 TPCOMM_ENTRY(oneshot_f16, TPCOMM_ONESHOT(F16))
 TPCOMM_ENTRY(oneshot_bf16, TPCOMM_ONESHOT(BF16))
+TPCOMM_ENTRY(oneshot_norm_f32, TPCOMM_ONESHOT_NORM(F32))
+TPCOMM_ENTRY(oneshot_norm_f16, TPCOMM_ONESHOT_NORM(F16))
+TPCOMM_ENTRY(oneshot_norm_bf16, TPCOMM_ONESHOT_NORM(BF16))
 TPCOMM_ENTRY(twoshot_f32, TPCOMM_TWOSHOT(F32))
 TPCOMM_ENTRY(twoshot_f16, TPCOMM_TWOSHOT(F16))
 TPCOMM_ENTRY(twoshot_bf16, TPCOMM_TWOSHOT(BF16))

@@ -158,6 +158,7 @@ __device__ __forceinline__ float add_rn(float a, float b) {
     return a + b;
 }
 __device__ __forceinline__ float div_rn(float a, float b) { return a / b; }
+__device__ __forceinline__ float sqrt_rn(float a) { return __builtin_sqrtf(a); }
 __device__ __forceinline__ float rint_even(float a) { return __builtin_rintf(a); }
 // maxNum / minNum: a NaN operand yields the other one, as PTX max.f32 / min.f32.
 __device__ __forceinline__ float fmax_(float a, float b) { return __builtin_fmaxf(a, b); }
@@ -180,20 +181,26 @@ __device__ __forceinline__ float rint_even(float a) {
     asm("cvt.rni.f32.f32 %0, %1;" : "=f"(r) : "f"(a));
     return r;
 }
+__device__ __forceinline__ float sqrt_rn(float a) {
+    float r;
+    asm("sqrt.rn.f32 %0, %1;" : "=f"(r) : "f"(a));
+    return r;
+}
 #endif
 
-// --- Butterfly exchange among the four lanes of a quad (4 consecutive threads, always converged:
-// they loop over the same group; `mask` names the quad's lanes of a 32-lane CUDA warp) ---------
+// --- Butterfly exchange among the lanes of a group of 32 consecutive threads (always converged
+// where it is used; `mask` names the exchanging lanes of a 32-lane CUDA warp; `x` < 32,
+// so on a 64-lane wavefront a lane never leaves its half) --------------------------------------
 
-__device__ __forceinline__ unsigned quad_xor(unsigned v, int lane_xor, unsigned mask) {
+__device__ __forceinline__ unsigned lane_xor(unsigned v, int x, unsigned mask) {
 #if defined(__HIP__)
     (void)mask;
-    // Lane within the wavefront (32 or 64 lanes): quads never straddle one.
+    // Lane within the wavefront (32 or 64 lanes).
     const unsigned lane = __builtin_amdgcn_mbcnt_hi(~0u, __builtin_amdgcn_mbcnt_lo(~0u, 0u));
-    return (unsigned)__builtin_amdgcn_ds_bpermute((int)((lane ^ (unsigned)lane_xor) << 2), (int)v);
+    return (unsigned)__builtin_amdgcn_ds_bpermute((int)((lane ^ (unsigned)x) << 2), (int)v);
 #else
     unsigned r;
-    asm volatile("shfl.sync.bfly.b32 %0, %1, %2, 0x1f, %3;" : "=r"(r) : "r"(v), "r"(lane_xor), "r"(mask));
+    asm volatile("shfl.sync.bfly.b32 %0, %1, %2, 0x1f, %3;" : "=r"(r) : "r"(v), "r"(x), "r"(mask));
     return r;
 #endif
 }

@@ -38,7 +38,7 @@
 
 // ---------------------------------------------------------------------------------------------
 // IEEE fp32 operations with explicit rounding (mul_rn, add_rn, div_rn, rint_even, fmax_, fmin_)
-// and the quad's butterfly exchange (quad_xor) come from kernels/portable.cuh.
+// and the lanes' butterfly exchange (lane_xor) come from kernels/portable.cuh.
 
 __device__ __forceinline__ bool non_finite(float a) { return (__float_as_uint(a) & 0x7f800000u) == 0x7f800000u; }
 
@@ -127,9 +127,9 @@ __device__ __forceinline__ Encoded encode(const float* v, u32 mask) {
     }
 #pragma unroll
     for (int x = 1; x <= 2; x <<= 1) {
-        mx = fmax_(mx, __uint_as_float(quad_xor(__float_as_uint(mx), x, mask)));
-        mn = fmin_(mn, __uint_as_float(quad_xor(__float_as_uint(mn), x, mask)));
-        bad |= quad_xor(bad, x, mask);
+        mx = fmax_(mx, __uint_as_float(lane_xor(__float_as_uint(mx), x, mask)));
+        mn = fmin_(mn, __uint_as_float(lane_xor(__float_as_uint(mn), x, mask)));
+        bad |= lane_xor(bad, x, mask);
     }
     u32 code[8];
     Encoded out;

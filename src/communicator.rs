@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::exchange;
 use crate::fault::GroupFault;
 use crate::hierarchy::CrossNode;
+use crate::norm::{Fusion, NormArgs};
 use crate::plan::DispatchTable;
 use crate::runtime::StreamRef;
 use crate::DeviceBuffer;
@@ -31,12 +32,14 @@ pub struct CallOptions {
     /// peers, never copied into a staging buffer (the seed's `all_reduce` without a staging
     /// buffer). Device calls only.
     pub registered_only: bool,
+    /// Fused or split for [`Communicator::all_reduce_add_rms_norm`] (ignored elsewhere).
+    pub norm: Fusion,
 }
 
 impl CallOptions {
     /// Force `algo`.
     pub fn algo(algo: Algo) -> Self {
-        CallOptions { algo: Some(algo), registered_only: false }
+        CallOptions { algo: Some(algo), ..CallOptions::default() }
     }
 }
 
@@ -403,8 +406,7 @@ impl Communicator {
     /// # Errors
     /// As the call itself would fail in dispatch; [`Error::InvalidUsage`] before `init_device`.
     pub fn device_algo<T: Element>(&self, len: usize) -> Result<Algo> {
-        let table = self.table.borrow().clone();
-        self.with_device(|d| d.plan(&self.boot, &table, len, T::DTYPE, true, false, None).map(|p| p.algo))
+        self.plan_device(len, T::DTYPE, false, None).map(|p| p.algo)
     }
 
     /// As [`Communicator::device_algo`] for a call in place (input and output the same buffer),
@@ -413,8 +415,26 @@ impl Communicator {
     /// # Errors
     /// As [`Communicator::device_algo`].
     pub fn device_algo_in_place<T: Element>(&self, len: usize) -> Result<Algo> {
+        self.plan_device(len, T::DTYPE, true, None).map(|p| p.algo)
+    }
+
+    /// The plan of a device call with aligned pointers.
+    pub(crate) fn plan_device(
+        &self,
+        len: usize,
+        dtype: DType,
+        in_place: bool,
+        norm: Option<crate::plan::NormRequest>,
+    ) -> Result<crate::plan::Plan> {
         let table = self.table.borrow().clone();
-        self.with_device(|d| d.plan(&self.boot, &table, len, T::DTYPE, true, true, None).map(|p| p.algo))
+        self.with_device(|d| d.plan(&self.boot, &table, len, dtype, true, in_place, None, norm))
+    }
+
+    /// Refuse a call for a local reason (a bad argument): every rank's later calls stop too,
+    /// unless the error is one every rank meets alike.
+    pub(crate) fn refuse<R>(&self, e: Error) -> Result<R> {
+        self.fault.check()?;
+        self.settle(Err(e))
     }
 
     /// Sum `input` over all ranks into `output` (device memory: f32, f16 or bf16; f64 through
@@ -505,7 +525,7 @@ impl Communicator {
         // SAFETY: both addresses come from cudarc device memory of `len` elements of T, kept
         // alive (and their stream order recorded) by the guards above until the call is
         // enqueued; the kernels read and write them in stream order.
-        unsafe { self.device_call(opts, inp, out, len, T::DTYPE, StreamRef::Cuda(stream)) }
+        unsafe { self.device_call(opts, inp, out, len, T::DTYPE, StreamRef::Cuda(stream), None) }
     }
 
     /// As [`Communicator::all_reduce_in_place`] with per-call options.
@@ -524,12 +544,14 @@ impl Communicator {
         let len = buf.len();
         let (p, _write) = buf.device_ptr_mut(stream);
         // SAFETY: as in all_reduce_with.
-        unsafe { self.device_call(opts, p, p, len, T::DTYPE, StreamRef::Cuda(stream)) }
+        unsafe { self.device_call(opts, p, p, len, T::DTYPE, StreamRef::Cuda(stream), None) }
     }
 
     /// # Safety
     /// `input` and `output` are valid for `len` elements of `dtype` in the memory `stream`
-    /// reaches, until the call ran.
+    /// reaches, until the call ran; so are `norm`'s buffers (of `len` elements, its weight of
+    /// `hidden`).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn device_call(
         &self,
         opts: &CallOptions,
@@ -538,10 +560,19 @@ impl Communicator {
         len: usize,
         dtype: DType,
         stream: StreamRef,
+        norm: Option<NormArgs>,
     ) -> Result<()> {
         let table = self.table.borrow();
-        let call =
-            DeviceCall { input, output, len, dtype, stream, forced: opts.algo, registered_only: opts.registered_only };
+        let call = DeviceCall {
+            input,
+            output,
+            len,
+            dtype,
+            stream,
+            forced: opts.algo,
+            registered_only: opts.registered_only,
+            norm,
+        };
         // SAFETY: the caller's contract.
         self.with_device(|d| unsafe { d.all_reduce(&self.boot, &table, &call) }.map(|_| ()))
     }

@@ -59,6 +59,9 @@ pub struct Config {
     /// Device messages up to this many bytes use one-shot, larger ones two-shot
     /// (`TPCOMM_ONESHOT_MAX_BYTES`; `None` keeps the tuned or default value).
     pub oneshot_max_bytes: Option<usize>,
+    /// `all_reduce_add_rms_norm` fuses messages up to this many bytes
+    /// (`TPCOMM_FUSED_NORM_MAX_BYTES`; `None` keeps the default for the world size).
+    pub fused_norm_max_bytes: Option<usize>,
     /// A dispatch table tuned by [`crate::Communicator::tune`]: loaded at start when the file
     /// exists and was tuned for this machine and layout, written by `tune` (`TPCOMM_TUNE_FILE`).
     pub tune_file: Option<std::path::PathBuf>,
@@ -102,6 +105,7 @@ impl Default for Config {
             packet_threads: None,
             packet_max_bytes: None,
             oneshot_max_bytes: None,
+            fused_norm_max_bytes: None,
             tune_file: None,
             deterministic: false,
             quick: None,
@@ -355,6 +359,17 @@ const PARAMS: &[Param] = &[
         },
         check: ok,
         show: |c| c.oneshot_max_bytes.map_or("default".to_string(), |b| b.to_string()),
+        local: false,
+    },
+    Param {
+        key: "TPCOMM_FUSED_NORM_MAX_BYTES",
+        help: "largest message (bytes) all_reduce_add_rms_norm fuses; larger ones run the allreduce, then the norm",
+        set: |c, v| {
+            c.fused_norm_max_bytes = Some(parse_usize(v)?);
+            Ok(())
+        },
+        check: ok,
+        show: |c| c.fused_norm_max_bytes.map_or("default".to_string(), |b| b.to_string()),
         local: false,
     },
     Param {

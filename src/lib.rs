@@ -71,6 +71,7 @@ mod error;
 mod exchange;
 mod fault;
 mod hierarchy;
+pub mod norm;
 mod plan;
 pub mod quant;
 mod runtime;
@@ -94,6 +95,7 @@ pub use device::graph::{GraphRegistration, RegisteredGraph};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};
+pub use norm::Fusion;
 pub use plan::DispatchTable;
 #[cfg(feature = "rocm")]
 pub use runtime::hip::rocm_device_count;

@@ -19,6 +19,7 @@ use crate::algo::{Algo, BackendKind, Memory, Span};
 use crate::config::Config;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::norm::Fusion;
 use crate::quant::Codec;
 use std::fmt;
 use std::ops::Range;
@@ -53,6 +54,12 @@ pub(crate) enum Op {
     Copy,
     /// `output[range] = 0`.
     Zero,
+    /// The reduction of [`Op::Reduce`] (from the input) with residual add + RMSNorm as its
+    /// epilogue: `output` is the call's `norm_out` ([`crate::norm`]). Always the whole call.
+    ReduceAddRmsNorm { algo: Algo, group: Group },
+    /// Residual add + RMSNorm of the sums an earlier step left in `output` (the split path),
+    /// with the device layer's own kernel. Always the whole call.
+    AddRmsNorm,
 }
 
 /// One step of a plan.
@@ -70,6 +77,21 @@ pub(crate) struct Plan {
     pub steps: Vec<Step>,
     /// Why this algorithm, for `TPCOMM_DEBUG` output.
     pub reason: &'static str,
+}
+
+impl Plan {
+    /// The norm is fused into the reduction.
+    pub(crate) fn fused(&self) -> bool {
+        self.steps.iter().any(|s| matches!(s.op, Op::ReduceAddRmsNorm { .. }))
+    }
+}
+
+/// The fused op's part of a request ([`crate::norm`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct NormRequest {
+    /// Elements per row.
+    pub hidden: usize,
+    pub fusion: Fusion,
 }
 
 /// The backends every rank built (the same on every rank: agreed at `init_device`), and why
@@ -143,6 +165,8 @@ pub(crate) struct Request<'a> {
     pub in_place: bool,
     /// An algorithm the caller forced for this call (over the configuration's).
     pub forced: Option<Algo>,
+    /// Residual add + RMSNorm after the sum (`all_reduce_add_rms_norm`).
+    pub norm: Option<NormRequest>,
 }
 
 impl Request<'_> {
@@ -165,6 +189,7 @@ pub struct DispatchTable {
     pub(crate) quick: Option<Codec>,
     pub(crate) quick_min_bytes: usize,
     pub(crate) quick_max_bytes: usize,
+    pub(crate) fused_norm_max_bytes: usize,
 }
 
 /// Host one-shot limit times the world size. One-shot makes every rank read all `n` inputs,
@@ -227,6 +252,21 @@ pub(crate) const fn quick_min_bytes(world: usize) -> usize {
     }
 }
 
+/// Largest message (bytes per rank) for which `all_reduce_add_rms_norm` runs the fused kernel
+/// (one-shot with the norm as its epilogue) rather than the allreduce and the norm kernel.
+/// Fusing saves a launch and a round trip of the sums through memory, but the fused kernel is
+/// a one-shot: where one-shot loses to two-shot the split path wins. First values, to be
+/// replaced by measurement (bench/RESULTS.md, "Fused allreduce + RMSNorm").
+pub(crate) const fn fused_norm_max_bytes(world: usize) -> usize {
+    if world <= 2 {
+        1 << 20
+    } else if world <= 4 {
+        512 << 10
+    } else {
+        256 << 10
+    }
+}
+
 impl DispatchTable {
     /// The table for a configuration and a world size.
     pub(crate) fn new(config: &Config, world_size: usize) -> Self {
@@ -246,6 +286,7 @@ impl DispatchTable {
             quick: config.quick,
             quick_min_bytes: config.quick_min_bytes.unwrap_or(quick_min_bytes(world_size)),
             quick_max_bytes: config.quick_max_bytes,
+            fused_norm_max_bytes: config.fused_norm_max_bytes.unwrap_or(fused_norm_max_bytes(world_size)),
         }
     }
 
@@ -267,6 +308,11 @@ impl DispatchTable {
     /// Largest device message (bytes per rank) of one IPC kernel call (their staging size).
     pub fn custom_max_bytes(&self) -> usize {
         self.custom_max_bytes
+    }
+
+    /// Largest message (bytes per rank) `all_reduce_add_rms_norm` fuses.
+    pub fn fused_norm_max_bytes(&self) -> usize {
+        self.fused_norm_max_bytes
     }
 
     /// The host algorithm for `len` elements of `dtype`, or the forced one.
@@ -305,7 +351,7 @@ impl DispatchTable {
     /// built here can serve it (saying why); [`Error::Config`] for NCCL forced in
     /// deterministic mode.
     pub(crate) fn device(&self, req: &Request) -> Result<Plan> {
-        match req.forced.or(self.forced) {
+        let plan = match req.forced.or(self.forced) {
             Some(algo) => {
                 self.check_forced(algo, req)?;
                 self.plan_of(algo, req, "forced")
@@ -314,6 +360,51 @@ impl DispatchTable {
                 let (algo, reason) = self.choose(req)?;
                 self.plan_of(algo, req, reason)
             }
+        }?;
+        match req.norm {
+            Some(norm) => self.with_norm(plan, req, norm),
+            None => Ok(plan),
+        }
+    }
+
+    /// The plan of `all_reduce_add_rms_norm`: the fused kernel where it serves and
+    /// `fused_norm_max_bytes` (or [`Fusion::Fused`]) says so, else `plan` and the norm step.
+    fn with_norm(&self, mut plan: Plan, req: &Request, norm: NormRequest) -> Result<Plan> {
+        let fusable = self.fusable(req);
+        let fuse = match norm.fusion {
+            Fusion::Split => false,
+            Fusion::Fused => match fusable {
+                Ok(()) => true,
+                Err(why) => return Err(Error::usage("the fused allreduce + RMSNorm (Fusion::Fused)", why)),
+            },
+            Fusion::Auto => fusable.is_ok() && req.bytes() <= self.fused_norm_max_bytes,
+        };
+        if fuse {
+            let op = Op::ReduceAddRmsNorm { algo: Algo::OneShot, group: Group::Node };
+            return Ok(Plan { algo: Algo::OneShot, steps: vec![Step { op, range: 0..req.len }], reason: "fused" });
+        }
+        plan.steps.push(Step { op: Op::AddRmsNorm, range: 0..req.len });
+        Ok(plan)
+    }
+
+    /// Why the fused kernel (one-shot on the custom backend) cannot serve `req`, if it cannot.
+    fn fusable(&self, req: &Request) -> std::result::Result<(), String> {
+        let s = req.shape;
+        match req.forced.or(self.forced) {
+            _ if s.world == 1 => Err("one rank: the allreduce is a copy".into()),
+            _ if s.nodes > 1 => Err(format!("the ranks span {} nodes", s.nodes)),
+            _ if !req.caps.has(BackendKind::Custom, Group::Node) => {
+                Err(format!("the custom kernels are not available: {}", req.caps.why_missing(BackendKind::Custom)))
+            }
+            _ if !req.aligned => Err("the pointers are not 16-byte aligned".into()),
+            _ if req.bytes() > self.custom_max_bytes => {
+                Err(format!("{} bytes exceed TPCOMM_CUSTOM_MAX_BYTES ({})", req.bytes(), self.custom_max_bytes))
+            }
+            Some(algo) if algo != Algo::OneShot => {
+                Err(format!("the allreduce is forced to {algo}, and the fused kernel is {}", Algo::OneShot))
+            }
+            None if self.quick_for(req).is_some() => Err("TPCOMM_QUICK serves this size".into()),
+            _ => Ok(()),
         }
     }
 
@@ -558,6 +649,12 @@ impl fmt::Display for DispatchTable {
             Algo::OneShot,
         )?;
         writeln!(f, "# device memory: bytes <= {:>10}: {}", self.custom_max_bytes, Algo::TwoShot)?;
+        writeln!(
+            f,
+            "# device memory: bytes <= {:>10}: allreduce + RMSNorm fused ({} with the norm), larger: split",
+            self.fused_norm_max_bytes,
+            Algo::OneShot
+        )?;
         if let (Some(codec), false) = (self.quick, self.deterministic) {
             writeln!(
                 f,
@@ -640,7 +737,16 @@ mod tests {
     }
 
     fn req(caps: &Caps, bytes: usize, shape: Shape) -> Request<'_> {
-        Request { len: bytes / 2, dtype: DType::BF16, shape, caps, aligned: true, in_place: false, forced: None }
+        Request {
+            len: bytes / 2,
+            dtype: DType::BF16,
+            shape,
+            caps,
+            aligned: true,
+            in_place: false,
+            forced: None,
+            norm: None,
+        }
     }
 
     fn table(config: Config, world: usize) -> DispatchTable {

@@ -24,7 +24,43 @@ pub unsafe fn mock_all_reduce<T: Element>(
     len: usize,
 ) -> Result<()> {
     // SAFETY: the caller's contract; the stand-in reads and writes host memory.
-    unsafe { comm.device_call(opts, input as u64, output as u64, len, T::DTYPE, crate::runtime::StreamRef::Host) }
+    unsafe { comm.device_call(opts, input as u64, output as u64, len, T::DTYPE, crate::runtime::StreamRef::Host, None) }
+}
+
+/// [`Communicator::all_reduce_add_rms_norm_with`] on the CPU stand-in: every buffer is host
+/// memory (`norm_out` may be `input`, `residual_out` may be `residual`), and the call runs
+/// through the real checks, plan and device layer.
+///
+/// # Safety
+/// Every pointer is valid for `len` elements of `T` (`weight`: `hidden`).
+///
+/// # Collective
+/// As [`Communicator::all_reduce_add_rms_norm`].
+///
+/// # Errors
+/// As [`Communicator::all_reduce_add_rms_norm_with`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn mock_all_reduce_add_rms_norm<T: Element>(
+    comm: &Communicator,
+    opts: &CallOptions,
+    input: *const T,
+    residual: *const T,
+    weight: *const T,
+    hidden: usize,
+    eps: f32,
+    norm_out: *mut T,
+    residual_out: *mut T,
+    len: usize,
+) -> Result<()> {
+    let bufs = crate::norm::NormBuffers {
+        input: (input as u64, len),
+        residual: (residual as u64, len),
+        weight: (weight as u64, hidden),
+        norm_out: (norm_out as u64, len),
+        residual_out: (residual_out as u64, len),
+    };
+    // SAFETY: the caller's contract; the stand-in reads and writes host memory.
+    unsafe { comm.norm_call(opts, &bufs, eps, T::DTYPE, crate::runtime::StreamRef::Host) }
 }
 
 /// Whether an NVRTC library can be loaded (the kernel compile checks need one).

@@ -97,7 +97,7 @@ fn tune_device(comm: &Communicator) -> Result<Option<(usize, usize)>> {
     stream.memcpy_htod(&data, &mut x).map_err(crate::runtime::cuda("memcpy_htod"))?;
     let mut time = |algo: Algo, bytes: usize| -> Result<f64> {
         let n = bytes / 2;
-        let opts = CallOptions { algo: Some(algo), registered_only: true };
+        let opts = CallOptions { algo: Some(algo), registered_only: true, ..CallOptions::default() };
         let graph = comm.capture(&stream, |s| {
             (0..10).try_for_each(|_| comm.all_reduce_with(&opts, &x.slice(0..n), &mut y.slice_mut(0..n), s))
         })?;

@@ -5,6 +5,7 @@
 pub use crate::dtype::reference_sum;
 use crate::dtype::Element;
 pub use crate::hierarchy::hierarchical_reference;
+pub use crate::norm::add_rms_norm_reference;
 
 /// SplitMix64: a small, fast, well-mixed generator (enough for test data, not for secrets).
 #[derive(Debug, Clone)]

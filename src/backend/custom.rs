@@ -39,6 +39,7 @@ use crate::algo::Algo;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::exchange::{agree, all_gather_bytes, barrier};
+use crate::norm::NormArgs;
 use crate::runtime::ipc::{self, IpcBuffer, IpcHandle, PeerMappings};
 use crate::runtime::{cuda, kernels, protocol, HostWord};
 use cudarc::driver::{CudaContext, CudaFunction};
@@ -63,6 +64,8 @@ pub(crate) const DEFAULT_MAX_BLOCKS: usize = 36;
 enum Kernel {
     /// Every rank reads all inputs.
     OneShot,
+    /// One-shot with residual add + RMSNorm as its epilogue (calls carrying a norm).
+    OneShotNorm,
     /// Reduce-scatter into the scratch buffers, then all-gather from them.
     TwoShot,
     /// Two-shot whose owner of each shard stores it straight into every rank's output (no
@@ -82,6 +85,7 @@ impl Kernel {
     fn name(self) -> &'static str {
         match self {
             Kernel::OneShot => "oneshot",
+            Kernel::OneShotNorm => "oneshot_norm",
             Kernel::TwoShot => "twoshot",
             Kernel::TwoShotDirect => "twoshot_direct",
         }
@@ -242,7 +246,7 @@ impl CustomAllreduce {
             ctx,
             world,
             opts.cache_dir.clone(),
-            &[Kernel::OneShot, Kernel::TwoShot, Kernel::TwoShotDirect],
+            &[Kernel::OneShot, Kernel::OneShotNorm, Kernel::TwoShot, Kernel::TwoShotDirect],
             Kernel::name,
             "the custom allreduce",
         )?;
@@ -397,7 +401,11 @@ const WORDS: KernelWords = KernelWords {
 impl DeviceBackend for CustomAllreduce {
     unsafe fn enqueue(&mut self, algo: Algo, call: &Call) -> Result<()> {
         const OP: &str = "custom all_reduce";
-        let kernel = Kernel::of(algo)?;
+        let kernel = match (Kernel::of(algo)?, call.norm) {
+            (Kernel::OneShot, Some(_)) => Kernel::OneShotNorm,
+            (k, None) => k,
+            (k, Some(_)) => return Err(Error::Internal(format!("the norm cannot be fused into {}", k.name()))),
+        };
         let stream = call.stream.cuda()?;
         let dtype = call.dtype;
         if !self.funcs.contains_key(&(kernel, dtype)) {
@@ -421,7 +429,7 @@ impl DeviceBackend for CustomAllreduce {
         // One-shot in place would overwrite our input while peers still read it: stage it. In a
         // capture, an input that can be exported is read in place by the replays; memory from a
         // stream-ordered pool cannot be, and is staged.
-        let in_place_oneshot = kernel == Kernel::OneShot && call.input == call.output;
+        let in_place_oneshot = matches!(kernel, Kernel::OneShot | Kernel::OneShotNorm) && call.input == call.output;
         let stage = in_place_oneshot
             || match call.capture {
                 Some(_) => registered.is_none() && ipc::export(&self.ctx, call.input).is_err(),
@@ -457,11 +465,20 @@ impl DeviceBackend for CustomAllreduce {
             unsafe { call.stream.copy(self.staging.ptr(), call.input, bytes) }?;
         }
         let nvec = bytes / protocol::VEC_BYTES;
-        let work = match kernel {
-            Kernel::OneShot => nvec,
-            Kernel::TwoShot | Kernel::TwoShotDirect => nvec.div_ceil(self.world),
+        // The fused kernel's blocks own whole rows: one block per row, as many as allowed.
+        let norm = call.norm.unwrap_or(NormArgs {
+            residual: 0,
+            residual_out: 0,
+            weight: 0,
+            hidden: 0,
+            eps: 0.0,
+            fusion: crate::norm::Fusion::Auto,
+        });
+        let blocks = match kernel {
+            Kernel::OneShot => grid_blocks(nvec, self.max_blocks),
+            Kernel::OneShotNorm => (call.len / norm.hidden.max(1)).clamp(1, self.max_blocks),
+            Kernel::TwoShot | Kernel::TwoShotDirect => grid_blocks(nvec.div_ceil(self.world), self.max_blocks),
         };
-        let blocks = grid_blocks(work, self.max_blocks);
         let func =
             self.funcs.get(&(kernel, dtype)).ok_or_else(|| kernels::unsupported_dtype("custom allreduce", dtype))?;
         let row_ptr = |r: u32| self.rank_data.ptr() + (r as usize * protocol::RANK_DATA_ROW_BYTES) as u64;
@@ -475,11 +492,12 @@ impl DeviceBackend for CustomAllreduce {
         // their own offsets: rows and offsets are part of the call, so ranks that disagree (a
         // registered input on one rank and a staged one on another, in place here and out of
         // place there, other offsets) stop with a mismatch before touching any data.
+        let hidden = norm.hidden as u64;
         let tag = protocol::call_tag(
             count,
             dtype.code(),
             kernel as u32,
-            &[self.placement(row), in_offset, self.placement(out_row), out_offset],
+            &[self.placement(row), in_offset, self.placement(out_row), out_offset, hidden],
         );
         let pdl_launch = blocks <= self.pdl_blocks;
         let pdl = i32::from(pdl_launch);
@@ -501,10 +519,17 @@ impl DeviceBackend for CustomAllreduce {
             arg(&self.fault.word),
             arg(&self.fault.raise),
             arg(&pdl),
+            arg(&norm.residual),
+            arg(&norm.residual_out),
+            arg(&norm.weight),
+            arg(&hidden),
+            arg(&norm.eps),
         ];
         // SAFETY: the arguments match `(const Ptrs* rd, u64 in_offset, const char* local_in, const Ptrs* rd_out,
         // u64 out_offset, Ptrs sigs, Ptrs scratch, char* out, int rank, u64 count, u64 timeout_ns, u64* err, u32 tag,
-        // u64* fault_word, u64 fault_raise, int pdl)` in kernels/custom_allreduce.cu (types as declared above); `rd`
+        // u64* fault_word, u64 fault_raise, int pdl, const char* residual, char* residual_out, const char* weight,
+        // u64 hidden, float eps)` in kernels/custom_allreduce.cu (types as declared above; the norm's buffers are
+        // the caller's, valid for the call, and read only by the fused kernel); `rd`
         // and `rd_out` point to rows of the rank-data table (the kernels check that they name `local_in` and `out`
         // before reading or writing any address in them),
         // `sigs` and `scratch_ptrs` are live IPC mappings, `output` is valid for `len` elements (caller),

@@ -92,11 +92,22 @@ impl DeviceBackend for MockBackend {
                 detail: format!("rank {r} of the group made another call (length or dtype) than this rank"),
             });
         }
+        if call.norm.is_some() && algo != Algo::OneShot {
+            return Err(Error::Internal(format!("the norm cannot be fused into {algo}")));
+        }
         match call.dtype {
             DType::F32 => sum_into::<f32>(algo, &all, call.output as *mut f32, call.len),
             DType::F64 => sum_into::<f64>(algo, &all, call.output as *mut f64, call.len),
             DType::F16 => sum_into::<half::f16>(algo, &all, call.output as *mut half::f16, call.len),
             DType::BF16 => sum_into::<half::bf16>(algo, &all, call.output as *mut half::bf16, call.len),
+        }?;
+        match &call.norm {
+            // The fused kernel's epilogue: the same host function as the split path's.
+            // SAFETY: the norm's buffers are host memory of the call (the caller's contract).
+            Some(norm) => unsafe {
+                crate::norm::add_rms_norm_host(call.output, call.output, norm, call.len, call.dtype)
+            },
+            None => Ok(()),
         }
     }
 

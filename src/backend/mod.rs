@@ -31,6 +31,7 @@ pub(crate) mod rank_data;
 use crate::algo::Algo;
 use crate::dtype::DType;
 use crate::error::Result;
+use crate::norm::NormArgs;
 use crate::runtime::StreamRef;
 
 /// A registration of captured calls (`crate::GraphRegistration`), as backends know it.
@@ -52,6 +53,9 @@ pub(crate) struct Call<'a> {
     /// The input must lie in a buffer registered with [`DeviceBackend::register_buffer`] (never
     /// copied into a staging buffer first: the seed's `all_reduce` without a staging buffer).
     pub registered_only: bool,
+    /// Residual add + RMSNorm fused into the reduction (`output` is then `norm_out`): only for
+    /// the algorithms the plan fuses ([`crate::plan::Op::ReduceAddRmsNorm`]); `None` otherwise.
+    pub norm: Option<NormArgs>,
 }
 
 impl Call<'_> {

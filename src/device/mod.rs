@@ -14,6 +14,7 @@ pub(crate) mod backend_set;
 pub(crate) mod buffer;
 pub(crate) mod execute;
 pub(crate) mod graph;
+pub(crate) mod norm;
 
 use crate::algo::{Algo, BackendKind};
 use crate::backend::custom::FaultTarget;
@@ -56,6 +57,8 @@ pub(crate) struct DeviceCall<'a> {
     pub stream: StreamRef<'a>,
     pub forced: Option<Algo>,
     pub registered_only: bool,
+    /// Residual add + RMSNorm after the sum (`output` is `norm_out`).
+    pub norm: Option<crate::norm::NormArgs>,
 }
 
 /// Orders calls made on different streams (calls of one communicator must not run at the same
@@ -106,6 +109,8 @@ pub(crate) struct DeviceComm {
     private: Vec<Arc<IpcBuffer>>,
     next_id: u64,
     open_registration: Option<RegId>,
+    /// The split path's add + norm kernel (loaded at its first use).
+    norm: norm::NormKernel,
     sync_calls: bool,
     debug: bool,
 }
@@ -135,6 +140,7 @@ impl DeviceComm {
             private: Vec::new(),
             next_id: 1,
             open_registration: None,
+            norm: norm::NormKernel::new(config.cache_dir()),
             sync_calls: config.sync_calls,
             debug: config.debug,
         };
@@ -170,6 +176,7 @@ impl DeviceComm {
         aligned: bool,
         in_place: bool,
         forced: Option<Algo>,
+        norm: Option<crate::plan::NormRequest>,
     ) -> Result<crate::plan::Plan> {
         let l = &boot.layout;
         let shape = Shape {
@@ -179,7 +186,7 @@ impl DeviceComm {
             ranks_per_node: l.ranks_per_node,
             min_ranks_per_node: l.min_ranks_per_node(),
         };
-        table.device(&Request { len, dtype, shape, caps: &self.set.caps, aligned, in_place, forced })
+        table.device(&Request { len, dtype, shape, caps: &self.set.caps, aligned, in_place, forced, norm })
     }
 
     /// Enqueue one allreduce.
@@ -215,9 +222,11 @@ impl DeviceComm {
         let align = protocol::ALIGN as u64;
         let aligned = call.input % align == 0 && call.output % align == 0;
         let in_place = call.input == call.output;
-        let plan = self.plan(boot, table, call.len, call.dtype, aligned, in_place, call.forced)?;
+        let norm = call.norm.map(|n| crate::plan::NormRequest { hidden: n.hidden, fusion: n.fusion });
+        let plan = self.plan(boot, table, call.len, call.dtype, aligned, in_place, call.forced, norm)?;
         if self.debug && boot.layout.rank == 0 {
-            log::info!("tpcomm: device allreduce {} x {} -> {} ({})", call.len, call.dtype, plan.algo, plan.reason);
+            let what = if norm.is_some() { "allreduce + RMSNorm" } else { "allreduce" };
+            log::info!("tpcomm: device {what} {} x {} -> {} ({})", call.len, call.dtype, plan.algo, plan.reason);
         }
         let cuda_stream = match call.stream {
             StreamRef::Cuda(s) if capture.is_none() => Some(s),
@@ -234,9 +243,10 @@ impl DeviceComm {
             stream: call.stream,
             capture,
             registered_only: call.registered_only,
+            norm: call.norm,
         };
         // SAFETY: the caller's contract.
-        unsafe { execute::execute(&mut self.set, &plan, &c) }?;
+        unsafe { execute::execute(&mut self.set, &mut self.norm, self.ctx.as_ref(), &plan, &c) }?;
         if self.sync_calls && cuda_stream.is_some() {
             self.synchronize(call.stream)?;
         }
@@ -260,7 +270,16 @@ impl DeviceComm {
             });
         }
         let capture = if stream.is_capturing()? { self.open_registration } else { None };
-        let call = Call { input: 0, output: 0, len: 0, dtype: DType::BF16, stream, capture, registered_only: false };
+        let call = Call {
+            input: 0,
+            output: 0,
+            len: 0,
+            dtype: DType::BF16,
+            stream,
+            capture,
+            registered_only: false,
+            norm: None,
+        };
         // SAFETY: no element is read or written (length 0).
         unsafe { self.set.get(BackendKind::Packet, Group::Node)?.enqueue(Algo::Packet, &call) }
     }

@@ -27,16 +27,18 @@ pub(crate) type Functions<K> = std::collections::HashMap<(K, DType), cudarc::dri
 /// The dtypes every family has kernels for.
 pub(crate) const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
-/// `kernels/custom_allreduce.cu`: one-shot and two-shot (through scratch, or stored directly).
+/// `kernels/custom_allreduce.cu`: one-shot (also fused with residual add + RMSNorm) and two-shot
+/// (through scratch, or stored directly).
 pub(crate) const CUSTOM: Family = Family {
     name: "custom_allreduce",
     source: concat!(
         include_str!("../../kernels/portable.cuh"),
         include_str!("../../kernels/common.cuh"),
         include_str!("../../kernels/barrier.cuh"),
+        include_str!("../../kernels/rms_norm.cuh"),
         include_str!("../../kernels/custom_allreduce.cu")
     ),
-    algos: &["oneshot", "twoshot", "twoshot_direct"],
+    algos: &["oneshot", "oneshot_norm", "twoshot", "twoshot_direct"],
     defines: super::protocol::defines,
 };
 
@@ -65,8 +67,22 @@ pub(crate) const QUICK: Family = Family {
     defines: super::protocol::quick_defines,
 };
 
+/// `kernels/rms_norm.cu`: residual add + RMSNorm after an allreduce not fused with it (the
+/// device layer's own kernel, local to a rank: compiled for one rank).
+pub(crate) const NORM: Family = Family {
+    name: "rms_norm",
+    source: concat!(
+        include_str!("../../kernels/portable.cuh"),
+        include_str!("../../kernels/common.cuh"),
+        include_str!("../../kernels/rms_norm.cuh"),
+        include_str!("../../kernels/rms_norm.cu")
+    ),
+    algos: &["add_rms_norm"],
+    defines: super::protocol::defines,
+};
+
 /// Every family, for the compile checks.
-pub(crate) const FAMILIES: [&Family; 3] = [&CUSTOM, &PACKET, &QUICK];
+pub(crate) const FAMILIES: [&Family; 4] = [&CUSTOM, &PACKET, &QUICK, &NORM];
 
 /// The oldest GPU architecture the kernels compile for: they use `cvt.rn.bf16.f32` and
 /// system-scope acquire/release, which need sm_80. Older GPUs get no IPC kernels (NCCL serves
@@ -172,6 +188,9 @@ mod tests {
                 "oneshot_f32",
                 "oneshot_f16",
                 "oneshot_bf16",
+                "oneshot_norm_f32",
+                "oneshot_norm_f16",
+                "oneshot_norm_bf16",
                 "twoshot_f32",
                 "twoshot_f16",
                 "twoshot_bf16",
