@@ -102,8 +102,12 @@ __device__ void oneshot(const Ptrs* __restrict__ rd, u64 in_offset, const char* 
 // kernel's, so fused and split give the same results.
 //
 // Safe as one-shot is: every rank's block b owns the same rows and reads peers' inputs only
-// between its start and end barriers; norm_out and residual_out are local and never an input a
-// peer reads (the host stages an input that is also norm_out).
+// between its start and end barriers. residual_out is local. norm_out is local too, but in place
+// it is our input, which peers read until they enter the end barrier: then (`late`) each block
+// keeps its rows' 1 / rms and writes norm_out only after the end barrier (the host stages the
+// input instead where a block would own more than TPCOMM_NORM_LATE_ROWS rows). The weight and
+// the first row's residual are loaded before the start barrier (local data, complete when the
+// kernel starts), so their latency hides behind the barrier's round trip.
 template <typename T>
 struct RankSum {
     Ptrs in;
@@ -115,15 +119,39 @@ __device__ void oneshot_norm(const Ptrs* __restrict__ rd, u64 in_offset, const c
                              char* out, int rank, u64 count, u64 timeout_ns, u64* err, u32 tag, const Fault& fault,
                              const NormArgs& norm) {
     __shared__ int failed;
+    __shared__ float inv_rows[TPCOMM_NORM_LATE_ROWS];
     if (threadIdx.x == 0) failed = 0;
     Signal* self = (Signal*)sigs.p[rank];
     RankSum<T> src;
     load_row(rd, in_offset, &src.in);
+    const u64 rows = count / norm.hidden;
+    Vec16 w[TPCOMM_NORM_KEEP], res[TPCOMM_NORM_KEEP], keep[TPCOMM_NORM_KEEP];
+    load_weight<T>(norm, w);
+    if (blockIdx.x < rows) load_residual<T>(norm, blockIdx.x, res);
     if (!barrier<false>(self, sigs, rank, TPCOMM_BARRIER_START, tag, timeout_ns, err, fault, &failed)) return;
     if (!row_is_mine(src.in, local_in, rank, err, fault)) return;
-    const u64 rows = count / norm.hidden;
-    for (u64 row = blockIdx.x; row < rows; row += gridDim.x) add_rms_norm_row<T>(src, row, norm, out);
-    barrier<false>(self, sigs, rank, TPCOMM_BARRIER_END, tag, timeout_ns, err, fault, &failed);
+    int slot = 0;
+    for (u64 row = blockIdx.x; row < rows; row += gridDim.x, slot++) {
+        if (row != blockIdx.x) load_residual<T>(norm, row, res);
+        const float inv = add_residual_row<T>(src, row, norm, res, keep);
+        if (!norm.late) {
+            norm_row<T, true>(row, norm, inv, keep, w, out);
+        } else if (threadIdx.x == 0) {
+            inv_rows[slot] = inv;
+        }
+    }
+    // End: no rank returns (and lets its caller overwrite its input) while a peer still reads it.
+    const bool met = barrier<false>(self, sigs, rank, TPCOMM_BARRIER_END, tag, timeout_ns, err, fault, &failed);
+    if (!norm.late || !met) return;
+    // Every peer has read our input: norm_out may overwrite it. A block of one row still holds
+    // it; otherwise each thread reads back its own residual_out stores.
+    if (blockIdx.x + gridDim.x >= rows) {
+        if (blockIdx.x < rows) norm_row<T, true>(blockIdx.x, norm, inv_rows[0], keep, w, out);
+        return;
+    }
+    slot = 0;
+    for (u64 row = blockIdx.x; row < rows; row += gridDim.x, slot++)
+        norm_row<T, false>(row, norm, inv_rows[slot], keep, w, out);
 }
 
 // Shard r of nvec vectors: [start, end), the first nvec % WORLD shards one vector longer.
@@ -233,18 +261,20 @@ __device__ void twoshot_direct(const Ptrs* __restrict__ rd, u64 in_offset, const
 // (rank-data row, input offset into the row's buffers, our own input, the outputs' row and the
 //  output offset into its buffers (two-shot direct only), signals, scratch, out, rank, count,
 //  timeout_ns, error word, call tag, fault word, the value to raise it with, launched with
-//  programmatic dependent launch, then the epilogue's residual, residual_out, weight, hidden and
-//  eps (one-shot fused with the norm only; zero otherwise))
+//  programmatic dependent launch, then the epilogue's residual, residual_out, weight, hidden,
+//  eps and late flag (one-shot fused with the norm only; zero otherwise))
 
+// Every entry fits two blocks per SM (at most 64 registers a thread): the grid cap of the shared
+// device is computed over all of them, so one heavier kernel would halve every launch's blocks.
 #define TPCOMM_ENTRY(NAME, ALGO)                                                                          \
-    extern "C" __global__ void __launch_bounds__(TPCOMM_THREADS)                                          \
+    extern "C" __global__ void __launch_bounds__(TPCOMM_THREADS, 2)                                       \
         NAME(const Ptrs* __restrict__ rd, u64 in_offset, const char* local_in, const Ptrs* __restrict__ rd_out, \
              u64 out_offset, Ptrs sigs, Ptrs scratch, char* out, int rank, u64 count, u64 timeout_ns, u64* err,  \
              u32 tag, u64* fault_word, u64 fault_raise, int pdl, const char* residual, char* residual_out,       \
-             const char* weight, u64 hidden, float eps) {                                                 \
+             const char* weight, u64 hidden, float eps, int late) {                                       \
         pdl_begin(pdl != 0);                                                                              \
         const Fault fault = {fault_word, fault_raise};                                                    \
-        const NormArgs norm = {residual, residual_out, weight, hidden, eps};                              \
+        const NormArgs norm = {residual, residual_out, weight, hidden, eps, late};                        \
         (void)norm;                                                                                       \
         ALGO;                                                                                             \
     }

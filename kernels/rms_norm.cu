@@ -15,9 +15,15 @@ struct LoadSum {
     extern "C" __global__ void __launch_bounds__(TPCOMM_THREADS)                                              \
         NAME(const char* sum, const char* residual, char* residual_out, const char* weight, char* norm_out,   \
              u64 rows, u64 hidden, float eps) {                                                               \
-        const NormArgs a = {residual, residual_out, weight, hidden, eps};                                     \
+        const NormArgs a = {residual, residual_out, weight, hidden, eps, 0};                                  \
         const LoadSum src = {(const Vec16*)sum};                                                              \
-        for (u64 row = blockIdx.x; row < rows; row += gridDim.x) add_rms_norm_row<T>(src, row, a, norm_out); \
+        Vec16 w[TPCOMM_NORM_KEEP], res[TPCOMM_NORM_KEEP], keep[TPCOMM_NORM_KEEP];                             \
+        load_weight<T>(a, w);                                                                                 \
+        for (u64 row = blockIdx.x; row < rows; row += gridDim.x) {                                            \
+            load_residual<T>(a, row, res);                                                                    \
+            const float inv = add_residual_row<T>(src, row, a, res, keep);                                    \
+            norm_row<T, true>(row, a, inv, keep, w, norm_out);                                                      \
+        }                                                                                                     \
     }
 
 TPCOMM_NORM_ENTRY(add_rms_norm_f32, F32)

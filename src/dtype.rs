@@ -125,7 +125,9 @@ pub trait Element:
     fn from_acc(acc: Self::Acc) -> Self;
     /// Widen to f64 (exact), for references and printing.
     fn to_f64(self) -> f64;
-    /// Round an f64 to this type (used to make test inputs).
+    /// An f64 to this type (used to make test inputs). Not correctly rounded for bf16
+    /// (`half` 2.x rounds values just above a tie down); exact references round from the
+    /// accumulator with [`Element::from_acc`].
     fn from_f64(x: f64) -> Self;
     /// `dst[i] = src[i].to_acc()` for a block (vectorised where the type has a fast path).
     #[inline]

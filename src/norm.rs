@@ -93,15 +93,20 @@ fn halving(v: &mut [f32]) -> f32 {
 /// `weight.len()` elements.
 ///
 /// # Panics
-/// For `f64` (the op is defined for f32, f16 and bf16), an empty `weight`, or lengths that are
-/// not whole rows.
-pub fn add_rms_norm_reference<T: Element>(sum: &[T], residual: &[T], weight: &[T], eps: f32) -> (Vec<T>, Vec<T>) {
+/// For an empty `weight`, or lengths that are not whole rows.
+pub fn add_rms_norm_reference<T: Element<Acc = f32>>(
+    sum: &[T],
+    residual: &[T],
+    weight: &[T],
+    eps: f32,
+) -> (Vec<T>, Vec<T>) {
     let hidden = weight.len();
-    assert!(T::DTYPE != DType::F64, "the fused norm is defined for f32, f16 and bf16");
     assert!(hidden > 0 && sum.len() % hidden == 0 && residual.len() == sum.len(), "whole rows of weight.len()");
     let per_vec = protocol::VEC_BYTES / T::DTYPE.size();
-    let f = |x: T| x.to_f64() as f32;
-    let t = |x: f32| T::from_f64(f64::from(x));
+    let f = |x: T| x.to_acc();
+    // Round to nearest even from f32 (`from_f64` is not correctly rounded for bf16 in `half`:
+    // values just above a tie come out one ulp low).
+    let t = |x: f32| T::from_acc(x);
     let mut norm_out = Vec::with_capacity(sum.len());
     let mut residual_out = Vec::with_capacity(sum.len());
     for (s, res) in sum.chunks(hidden).zip(residual.chunks(hidden)) {
@@ -133,7 +138,7 @@ pub(crate) unsafe fn add_rms_norm_host(
     len: usize,
     dtype: DType,
 ) -> Result<()> {
-    unsafe fn run<T: Element>(sum: u64, norm_out: u64, a: &NormArgs, len: usize) {
+    unsafe fn run<T: Element<Acc = f32>>(sum: u64, norm_out: u64, a: &NormArgs, len: usize) {
         // SAFETY: the caller's contract; copied out first, so aliasing outputs are fine.
         let read = |p: u64, n: usize| unsafe { std::slice::from_raw_parts(p as *const T, n) }.to_vec();
         let (y, r) = add_rms_norm_reference(&read(sum, len), &read(a.residual, len), &read(a.weight, a.hidden), a.eps);

@@ -255,13 +255,15 @@ pub(crate) const fn quick_min_bytes(world: usize) -> usize {
 /// Largest message (bytes per rank) for which `all_reduce_add_rms_norm` runs the fused kernel
 /// (one-shot with the norm as its epilogue) rather than the allreduce and the norm kernel.
 /// Fusing saves a launch and a round trip of the sums through memory, but the fused kernel is
-/// a one-shot: where one-shot loses to two-shot the split path wins. First values, to be
-/// replaced by measurement (bench/RESULTS.md, "Fused allreduce + RMSNorm").
+/// a one-shot whose blocks take rows in turns: where two-shot wins the split path does. Measured
+/// on one H200 shared by all ranks, bf16, graphs, hidden 4096 and 8192 (bench/RESULTS.md,
+/// "Fused allreduce + RMSNorm"): in place, fused wins up to 1 MiB at 2 ranks (128 tokens of
+/// 4096: 9.83 us against 10.11), up to 256 KiB at 4 (64 tokens: 11.68 against 11.18) and at 8
+/// (32 tokens: 14.70 against 14.75; 16 tokens of 8192: 13.73 against 14.75). Out of place it
+/// wins further (8 ranks: to 8 MiB), but one limit serves both forms.
 pub(crate) const fn fused_norm_max_bytes(world: usize) -> usize {
     if world <= 2 {
         1 << 20
-    } else if world <= 4 {
-        512 << 10
     } else {
         256 << 10
     }
@@ -991,6 +993,254 @@ mod tests {
         let text = t.to_string();
         assert!(text.contains("quick_int8") && text.contains("lossy"), "{text}");
         assert!(!det.to_string().contains("quick"), "{}", det.to_string());
+    }
+
+    /// A call of `all_reduce_add_rms_norm` with rows of 4096 elements.
+    fn norm_req(caps: &Caps, bytes: usize, shape: Shape, fusion: Fusion) -> Request<'_> {
+        Request { norm: Some(NormRequest { hidden: 4096, fusion }), ..req(caps, bytes, shape) }
+    }
+
+    /// The fused plan of a call of `len` elements: one fused one-shot over the whole call.
+    fn assert_fused(plan: &Plan, len: usize, what: &str) {
+        let op = Op::ReduceAddRmsNorm { algo: Algo::OneShot, group: Group::Node };
+        assert!(plan.fused(), "{what}: {plan:?}");
+        assert_eq!(plan.algo, Algo::OneShot, "{what}");
+        assert_eq!(plan.steps, vec![Step { op, range: 0..len }], "{what}");
+    }
+
+    /// The split plan of `r` (a norm request): the ordinary plan of the same call, then the norm.
+    fn assert_split(t: &DispatchTable, r: &Request, what: &str) {
+        let plan = t.device(r).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let ordinary = t.device(&Request { norm: None, ..*r }).unwrap_or_else(|e| panic!("{what}, no norm: {e}"));
+        let mut steps = ordinary.steps.clone();
+        steps.push(Step { op: Op::AddRmsNorm, range: 0..r.len });
+        assert!(!plan.fused(), "{what}: {plan:?}");
+        assert_eq!(plan.algo, ordinary.algo, "{what}");
+        assert_eq!(plan.steps, steps, "{what}");
+    }
+
+    /// `Fusion::Fused` refused for `r`, with a reason containing `why`.
+    fn assert_refused(t: &DispatchTable, r: &Request, why: &str, what: &str) {
+        let err = t.device(&Request { norm: Some(NormRequest { hidden: 4096, fusion: Fusion::Fused }), ..*r });
+        match err {
+            Err(e @ Error::InvalidUsage { .. }) => assert!(e.to_string().contains(why), "{what}: {e}"),
+            other => panic!("{what}: Fusion::Fused gave {other:?}, not InvalidUsage"),
+        }
+    }
+
+    #[test]
+    fn auto_fuses_one_node_calls_up_to_the_fused_limit_and_splits_above() {
+        let c = all();
+        for (world, limit) in [(2, 1 << 20), (4, 256 << 10), (8, 256 << 10)] {
+            let t = table(Config::default(), world);
+            assert_eq!(t.fused_norm_max_bytes(), limit);
+            assert_eq!(t.fused_norm_max_bytes, fused_norm_max_bytes(world));
+            for local_rank in [0, world - 1] {
+                let s = Shape::one_node(world, local_rank);
+                for in_place in [false, true] {
+                    let r = |bytes| Request { in_place, ..norm_req(&c, bytes, s, Fusion::Auto) };
+                    for bytes in [0, 16, 4096, packet_max_bytes(world), limit - 16, limit] {
+                        let what = format!("world {world} rank {local_rank} in place {in_place}: {bytes} bytes");
+                        assert_fused(&t.device(&r(bytes)).unwrap(), bytes / 2, &what);
+                    }
+                    // Above: one-shot, two-shot, NCCL (over the IPC limit), then the norm.
+                    for bytes in [limit + 16, 2 * limit, 8 << 20, (8 << 20) + 16, 64 << 20] {
+                        let what = format!("world {world} rank {local_rank} in place {in_place}: {bytes} bytes");
+                        assert_split(&t, &r(bytes), &what);
+                    }
+                }
+            }
+            // The ordinary plans the split path extends: what an allreduce of that size gets.
+            let s = Shape::one_node(world, 0);
+            let split = t.device(&norm_req(&c, 64 << 20, s, Fusion::Auto)).unwrap();
+            assert_eq!(split.algo, Algo::Nccl);
+            let mut want = one(Algo::Nccl, Group::World, 32 << 20);
+            want.push(Step { op: Op::AddRmsNorm, range: 0..32 << 20 });
+            assert_eq!(split.steps, want);
+            let above = t.device(&norm_req(&c, limit + 16, s, Fusion::Auto)).unwrap();
+            // One-shot's own limit is above the fused one at 2 and 4 ranks, below it at 8.
+            let want = if world == 8 { Algo::TwoShot } else { Algo::OneShot };
+            assert_eq!(above.algo, want, "world {world}");
+            // Forced fused, the limit does not apply (the IPC limit does).
+            assert_fused(&t.device(&norm_req(&c, 8 << 20, s, Fusion::Fused)).unwrap(), 4 << 20, "fused at 8 MiB");
+        }
+        // Other element types: the limit is in bytes.
+        let t = table(Config::default(), 4);
+        let s = Shape::one_node(4, 0);
+        let f32s = |bytes: usize| Request { len: bytes / 4, dtype: DType::F32, ..norm_req(&c, 0, s, Fusion::Auto) };
+        let lim = fused_norm_max_bytes(4);
+        assert_fused(&t.device(&f32s(lim)).unwrap(), lim / 4, "f32 at the limit");
+        assert_split(&t, &f32s(lim + 16), "f32 above the limit");
+    }
+
+    #[test]
+    fn split_is_always_split() {
+        let c = all();
+        let nodes = Shape { world: 4, nodes: 2, local_rank: 1, ranks_per_node: 2, min_ranks_per_node: 2 };
+        for (world, s) in [
+            (1, Shape::one_node(1, 0)),
+            (2, Shape::one_node(2, 1)),
+            (4, Shape::one_node(4, 0)),
+            (8, Shape::one_node(8, 7)),
+            (4, nodes),
+        ] {
+            let t = table(Config::default(), world);
+            for bytes in [0, 16, 4096, 256 << 10, 1 << 20, 8 << 20, 64 << 20] {
+                for in_place in [false, true] {
+                    let r = Request { in_place, ..norm_req(&c, bytes, s, Fusion::Split) };
+                    assert_split(&t, &r, &format!("{s:?} {bytes} bytes in place {in_place}"));
+                }
+            }
+        }
+        // The steps themselves: one rank copies, the nodes take the hierarchy, then the norm.
+        let p = table(Config::default(), 1).device(&norm_req(&c, 4096, Shape::one_node(1, 0), Fusion::Split)).unwrap();
+        let norm = Step { op: Op::AddRmsNorm, range: 0..2048 };
+        assert_eq!(p.steps, vec![Step { op: Op::Copy, range: 0..2048 }, norm.clone()]);
+        let p = table(Config::default(), 4).device(&norm_req(&c, 4096, nodes, Fusion::Split)).unwrap();
+        assert_eq!(p.algo, Algo::Hierarchical);
+        assert_eq!(p.steps.last(), Some(&norm));
+        assert_eq!(p.steps.len(), 5, "{p:?}");
+        let p = table(Config::default(), 4).device(&norm_req(&c, 4096, Shape::one_node(4, 0), Fusion::Split)).unwrap();
+        assert_eq!(p.steps, vec![one(Algo::Packet, Group::Node, 2048)[0].clone(), norm]);
+    }
+
+    #[test]
+    fn fused_where_the_kernel_cannot_serve_is_refused_and_auto_splits_there() {
+        let c = all();
+        let s = Shape::one_node(4, 0);
+        let t = table(Config::default(), 4);
+        // A small call, well under every limit, in each layout the fused kernel cannot take.
+        let one_rank = table(Config::default(), 1);
+        let r = norm_req(&c, 4096, Shape::one_node(1, 0), Fusion::Auto);
+        assert_split(&one_rank, &r, "one rank");
+        assert_refused(&one_rank, &r, "one rank", "one rank");
+        let nodes = Shape { world: 4, nodes: 2, local_rank: 0, ranks_per_node: 2, min_ranks_per_node: 2 };
+        let r = norm_req(&c, 4096, nodes, Fusion::Auto);
+        assert_split(&t, &r, "two nodes");
+        assert_eq!(t.device(&r).unwrap().algo, Algo::Hierarchical);
+        assert_refused(&t, &r, "2 nodes", "two nodes");
+        let nccl = caps(&[(BackendKind::Nccl, Group::World)]);
+        let r = norm_req(&nccl, 4096, s, Fusion::Auto);
+        assert_split(&t, &r, "no custom kernels");
+        assert_eq!(t.device(&r).unwrap().algo, Algo::Nccl);
+        assert_refused(&t, &r, "no P2P between the GPUs", "no custom kernels");
+        let r = Request { aligned: false, ..norm_req(&c, 4096, s, Fusion::Auto) };
+        assert_split(&t, &r, "misaligned");
+        assert_eq!(t.device(&r).unwrap().algo, Algo::Nccl);
+        assert_refused(&t, &r, "16-byte aligned", "misaligned");
+        // Misaligned without NCCL: the allreduce itself is refused, fused or not.
+        let ipc = ipc_only();
+        let r = Request { aligned: false, ..norm_req(&ipc, 4096, s, Fusion::Auto) };
+        assert!(matches!(t.device(&r), Err(Error::InvalidArgument { .. })));
+        // Over the IPC limit (a small one, so the fused limit is not what splits it).
+        let small = DispatchTable::new(&Config { custom_max_bytes: 8192, ..Config::default() }, 4);
+        assert_fused(&small.device(&norm_req(&c, 8192, s, Fusion::Auto)).unwrap(), 4096, "at the IPC limit");
+        assert_fused(&small.device(&norm_req(&c, 8192, s, Fusion::Fused)).unwrap(), 4096, "forced at the IPC limit");
+        for bytes in [8192 + 16, 64 << 10] {
+            let r = norm_req(&c, bytes, s, Fusion::Auto);
+            assert_split(&small, &r, &format!("{bytes} bytes over the IPC limit"));
+            assert_refused(&small, &r, "TPCOMM_CUSTOM_MAX_BYTES", "over the IPC limit");
+        }
+        // Without NCCL, above the packets' limit: chunks of the IPC limit, then the norm.
+        let no_nccl = small.device(&norm_req(&ipc, 128 << 10, s, Fusion::Auto)).unwrap();
+        assert_eq!((no_nccl.algo, no_nccl.steps.len()), (Algo::Chunked, 17), "16 chunks, then the norm");
+        assert_eq!(t.device(&norm_req(&c, (8 << 20) + 16, s, Fusion::Auto)).unwrap().algo, Algo::Nccl);
+        assert_refused(&t, &norm_req(&c, (8 << 20) + 16, s, Fusion::Auto), "TPCOMM_CUSTOM_MAX_BYTES", "over 8 MiB");
+        // The allreduce forced (per call or by TPCOMM_ALGO) to anything but one-shot.
+        for algo in [Algo::Packet, Algo::Lamport, Algo::PacketTwoPhase, Algo::TwoShot, Algo::Chunked, Algo::Nccl] {
+            let r = Request { forced: Some(algo), ..norm_req(&c, 4096, s, Fusion::Auto) };
+            assert_split(&t, &r, &format!("forced {algo}"));
+            assert_eq!(t.device(&r).unwrap().algo, algo);
+            assert_refused(&t, &r, &format!("forced to {algo}"), &format!("forced {algo}"));
+            let env = table(Config { algo: Some(algo), ..Config::default() }, 4);
+            let r = norm_req(&c, 4096, s, Fusion::Auto);
+            assert_split(&env, &r, &format!("TPCOMM_ALGO={algo}"));
+            assert_refused(&env, &r, &format!("forced to {algo}"), &format!("TPCOMM_ALGO={algo}"));
+        }
+        // A forced algorithm that cannot serve the call stays the allreduce's error.
+        let r = Request { forced: Some(Algo::Copy), ..norm_req(&c, 4096, s, Fusion::Split) };
+        assert!(matches!(t.device(&r), Err(Error::InvalidUsage { .. })));
+        // Forced one-shot is the fused kernel's own algorithm: Auto still fuses up to the limit.
+        for env in [false, true] {
+            let (t, forced) = if env {
+                (table(Config { algo: Some(Algo::OneShot), ..Config::default() }, 4), None)
+            } else {
+                (table(Config::default(), 4), Some(Algo::OneShot))
+            };
+            let r = |bytes, fusion| Request { forced, ..norm_req(&c, bytes, s, fusion) };
+            assert_fused(&t.device(&r(4096, Fusion::Auto)).unwrap(), 2048, "forced one-shot");
+            let lim = fused_norm_max_bytes(4);
+            assert_fused(&t.device(&r(lim, Fusion::Auto)).unwrap(), lim / 2, "forced one-shot at the limit");
+            let above = r(lim + 16, Fusion::Auto);
+            assert_split(&t, &above, "forced one-shot above the limit");
+            assert_eq!(t.device(&above).unwrap().algo, Algo::OneShot);
+            assert_fused(&t.device(&r(lim + 16, Fusion::Fused)).unwrap(), lim / 2 + 8, "forced fused");
+            assert_split(&t, &r(4096, Fusion::Split), "forced one-shot, split");
+        }
+        // TPCOMM_QUICK where it serves the size (4 KiB up): the codec's plan, then the norm.
+        let mut q = all();
+        q.add(BackendKind::Quick, Group::Node);
+        let int8 = Config { quick: Some(Codec::Int8), quick_min_bytes: Some(4096), ..Config::default() };
+        let quick = table(int8.clone(), 4);
+        let r = norm_req(&q, 4096, s, Fusion::Auto);
+        assert_split(&quick, &r, "quick");
+        assert_eq!(quick.device(&r).unwrap().algo, Algo::QuickInt8);
+        assert_refused(&quick, &r, "TPCOMM_QUICK", "quick");
+        assert_fused(
+            &quick.device(&norm_req(&q, 4096 - 16, s, Fusion::Auto)).unwrap(),
+            2048 - 8,
+            "under quick's range",
+        );
+        let r = Request { forced: Some(Algo::OneShot), ..norm_req(&q, 4096, s, Fusion::Auto) };
+        assert_fused(&quick.device(&r).unwrap(), 2048, "quick configured, one-shot forced");
+        let det_quick = table(Config { deterministic: true, ..int8 }, 4);
+        assert_fused(
+            &det_quick.device(&norm_req(&q, 4096, s, Fusion::Auto)).unwrap(),
+            2048,
+            "quick off when deterministic",
+        );
+    }
+
+    #[test]
+    fn deterministic_mode_may_fuse() {
+        let c = all();
+        let s = Shape::one_node(4, 0);
+        let t = table(Config { deterministic: true, ..Config::default() }, 4);
+        let lim = fused_norm_max_bytes(4);
+        for bytes in [16, 4096, lim] {
+            assert_fused(&t.device(&norm_req(&c, bytes, s, Fusion::Auto)).unwrap(), bytes / 2, "deterministic");
+        }
+        let above = norm_req(&c, lim + 16, s, Fusion::Auto);
+        assert_split(&t, &above, "deterministic, above the fused limit");
+        assert_eq!(t.device(&above).unwrap().algo, Algo::OneShot);
+        let huge = norm_req(&c, 64 << 20, s, Fusion::Auto);
+        assert_split(&t, &huge, "deterministic, over the IPC limit");
+        assert_eq!(t.device(&huge).unwrap().algo, Algo::Chunked, "never NCCL");
+        assert_refused(&t, &huge, "TPCOMM_CUSTOM_MAX_BYTES", "deterministic, over the IPC limit");
+        assert_fused(&t.device(&norm_req(&c, 8 << 20, s, Fusion::Fused)).unwrap(), 4 << 20, "deterministic, forced");
+    }
+
+    #[test]
+    fn a_zero_fused_limit_makes_auto_split() {
+        let c = all();
+        for world in [2, 4, 8] {
+            let t = table(Config { fused_norm_max_bytes: Some(0), ..Config::default() }, world);
+            assert_eq!(t.fused_norm_max_bytes(), 0);
+            let s = Shape::one_node(world, 0);
+            for bytes in [16, 4096, 64 << 10, 1 << 20] {
+                for in_place in [false, true] {
+                    let r = Request { in_place, ..norm_req(&c, bytes, s, Fusion::Auto) };
+                    assert_split(&t, &r, &format!("world {world}, limit 0: {bytes} bytes in place {in_place}"));
+                }
+            }
+            // The limit is Auto's: the kernel can still be asked for.
+            assert_fused(&t.device(&norm_req(&c, 4096, s, Fusion::Fused)).unwrap(), 2048, "limit 0, forced");
+        }
+        // Any other value moves the limit.
+        let t = table(Config { fused_norm_max_bytes: Some(4096), ..Config::default() }, 2);
+        let s = Shape::one_node(2, 0);
+        assert_fused(&t.device(&norm_req(&c, 4096, s, Fusion::Auto)).unwrap(), 2048, "limit 4096");
+        assert_split(&t, &norm_req(&c, 4096 + 16, s, Fusion::Auto), "over a limit of 4096");
     }
 
     #[test]

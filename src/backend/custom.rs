@@ -426,15 +426,23 @@ impl DeviceBackend for CustomAllreduce {
                 ),
             ));
         }
-        // One-shot in place would overwrite our input while peers still read it: stage it. In a
-        // capture, an input that can be exported is read in place by the replays; memory from a
-        // stream-ordered pool cannot be, and is staged.
-        let in_place_oneshot = matches!(kernel, Kernel::OneShot | Kernel::OneShotNorm) && call.input == call.output;
-        let stage = in_place_oneshot
-            || match call.capture {
-                Some(_) => registered.is_none() && ipc::export(&self.ctx, call.input).is_err(),
-                None => registered.is_none(),
-            };
+        // In a capture, an input that can be exported is read in place by the replays; memory
+        // from a stream-ordered pool cannot be, and is staged; eager calls read registered
+        // inputs in place and stage the others.
+        let unreadable = match call.capture {
+            Some(_) => registered.is_none() && ipc::export(&self.ctx, call.input).is_err(),
+            None => registered.is_none(),
+        };
+        // One-shot in place would overwrite our input while peers still read it: stage it. The
+        // fused kernel instead writes its output after the end barrier (`late`) where each block
+        // can hold its rows' norms that long.
+        let in_place = call.input == call.output && matches!(kernel, Kernel::OneShot | Kernel::OneShotNorm);
+        let rows = call.norm.map_or(0, |n| call.len / n.hidden.max(1));
+        let late = kernel == Kernel::OneShotNorm
+            && in_place
+            && !unreadable
+            && rows.div_ceil(rows.clamp(1, self.max_blocks)) <= protocol::NORM_LATE_ROWS;
+        let stage = unreadable || (in_place && !late);
         if (stage || kernel == Kernel::TwoShot) && bytes > self.max_bytes {
             return Err(Error::invalid(
                 OP,
@@ -493,11 +501,12 @@ impl DeviceBackend for CustomAllreduce {
         // registered input on one rank and a staged one on another, in place here and out of
         // place there, other offsets) stop with a mismatch before touching any data.
         let hidden = norm.hidden as u64;
+        let late_flag = i32::from(late);
         let tag = protocol::call_tag(
             count,
             dtype.code(),
             kernel as u32,
-            &[self.placement(row), in_offset, self.placement(out_row), out_offset, hidden],
+            &[self.placement(row), in_offset, self.placement(out_row), out_offset, hidden, u64::from(late)],
         );
         let pdl_launch = blocks <= self.pdl_blocks;
         let pdl = i32::from(pdl_launch);
@@ -524,11 +533,12 @@ impl DeviceBackend for CustomAllreduce {
             arg(&norm.weight),
             arg(&hidden),
             arg(&norm.eps),
+            arg(&late_flag),
         ];
         // SAFETY: the arguments match `(const Ptrs* rd, u64 in_offset, const char* local_in, const Ptrs* rd_out,
         // u64 out_offset, Ptrs sigs, Ptrs scratch, char* out, int rank, u64 count, u64 timeout_ns, u64* err, u32 tag,
         // u64* fault_word, u64 fault_raise, int pdl, const char* residual, char* residual_out, const char* weight,
-        // u64 hidden, float eps)` in kernels/custom_allreduce.cu (types as declared above; the norm's buffers are
+        // u64 hidden, float eps, int late)` in kernels/custom_allreduce.cu (types as declared above; the norm's buffers are
         // the caller's, valid for the call, and read only by the fused kernel); `rd`
         // and `rd_out` point to rows of the rank-data table (the kernels check that they name `local_in` and `out`
         // before reading or writing any address in them),
@@ -617,6 +627,14 @@ impl DeviceBackend for CustomAllreduce {
     }
 
     fn graph_release(&mut self, reg: RegId) {
+        // A registration given up before graph_end (its capture failed on some rank): its
+        // reservation ends here, or every later registration would be refused. Calls captured
+        // under it may name the rows, so they are quarantined like a dropped graph's.
+        if self.capture.as_ref().is_some_and(|c| c.reg == reg) {
+            if let Some(cap) = self.capture.take() {
+                self.rows.release(cap.rows);
+            }
+        }
         if let Some(rows) = self.graphs.remove(&reg) {
             self.rows.release(rows);
         }

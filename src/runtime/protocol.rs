@@ -17,6 +17,9 @@ pub const MAX_RANKS: usize = 8;
 pub const MAX_BLOCKS: usize = 64;
 /// Threads per block.
 pub const THREADS: usize = 512;
+/// Rows of the fused one-shot + RMSNorm one block can keep the norms of until its end barrier
+/// (so in place it needs no staging copy).
+pub const NORM_LATE_ROWS: usize = 16;
 /// Bytes one thread moves per load or store (one `uint4`).
 pub const VEC_BYTES: usize = 16;
 /// Required alignment of every buffer pointer the kernels read or write.
@@ -204,6 +207,7 @@ pub fn defines(world: usize) -> Vec<String> {
         format!("-DTPCOMM_MAX_BLOCKS={MAX_BLOCKS}"),
         format!("-DTPCOMM_PARITIES={PARITIES}"),
         format!("-DTPCOMM_THREADS={THREADS}"),
+        format!("-DTPCOMM_NORM_LATE_ROWS={NORM_LATE_ROWS}"),
         format!("-DTPCOMM_BARRIER_START={BARRIER_START}"),
         format!("-DTPCOMM_BARRIER_MID={BARRIER_MID}"),
         format!("-DTPCOMM_BARRIER_END={BARRIER_END}"),
