@@ -30,6 +30,12 @@
 //! the measured max abs error, max error relative to the group's magnitude and RMS relative
 //! error against the exact sum (out of place).
 //!
+//! `--fused-norm HIDDEN` (device memory): time `all_reduce_add_rms_norm` on rows of HIDDEN
+//! elements for 1 to 4096 tokens, fused and split (tpcomm's allreduce, then its norm kernel),
+//! out of place (input registered) and in place (the engine's form), with the ratio split / fused
+//! (above 1: fusing wins) and the dispatch's choice; `#wrong` counts elements of either output
+//! whose bits differ from `tpcomm::verify::add_rms_norm_reference`, for both paths.
+//!
 //! Eager mode (no `-G`) times `-n` calls enqueued back to back and waited for once (what an engine
 //! sees: the host never waits per call); `--eager-sync` waits for every call instead (launch,
 //! wait, report), the figure before calls became enqueue-only.
@@ -87,12 +93,14 @@ struct Options {
     reference: Option<Vec<(usize, usize, f64)>>,
     /// Time this quick codec (device memory) beside tpcomm's exact path, with error columns.
     quick: Option<tpcomm::quant::Codec>,
+    /// Sweep `all_reduce_add_rms_norm` over token counts for rows of this many elements.
+    fused_norm: Option<usize>,
 }
 
 const USAGE: &str = "usage: allreduce_perf [-b MINBYTES] [-e MAXBYTES] [-f FACTOR] [-n ITERS] [-w WARMUP] \
 [-d float|double|half|bfloat16] [-c 0|1] [-G CALLS_PER_GRAPH] [--memory device|host] [--algo NAME|auto] \
 [--compare mpi|nccl|none] [--show-dispatch] [--show-config] [--autotune] [--floor] [--eager-sync]
-[--reference FILE.csv] [--quick fp8|int8|int6|int4]
+[--reference FILE.csv] [--quick fp8|int8|int6|int4] [--fused-norm HIDDEN]
 sizes take K, M, G suffixes; run under mpirun";
 
 fn parse_bytes(s: &str) -> Result<usize, String> {
@@ -126,6 +134,7 @@ fn parse_args() -> Result<Options, String> {
         eager_sync: false,
         reference: None,
         quick: None,
+        fused_norm: None,
     };
     let mut reference_file = None;
     let mut args = std::env::args().skip(1);
@@ -168,6 +177,7 @@ fn parse_args() -> Result<Options, String> {
             "--eager-sync" => o.eager_sync = true,
             "--reference" => reference_file = Some(value()?),
             "--quick" => o.quick = Some(value()?.parse().map_err(|e| format!("--quick: {e}"))?),
+            "--fused-norm" => o.fused_norm = Some(value()?.parse().map_err(|_| "bad --fused-norm")?),
             "-h" | "--help" => return Err(USAGE.to_string()),
             other => return Err(format!("unknown flag {other}\n{USAGE}")),
         }
@@ -176,6 +186,9 @@ fn parse_args() -> Result<Options, String> {
         return Err(format!(
             "--quick times device memory against the exact path: no --algo, no --compare nccl\n{USAGE}"
         ));
+    }
+    if o.fused_norm.is_some() && (!o.device || o.quick.is_some() || o.dtype == DType::F64) {
+        return Err(format!("--fused-norm times device memory of float, half or bfloat16; no --quick\n{USAGE}"));
     }
     if o.compare_nccl && !o.device {
         return Err(format!("--compare nccl times device memory; add --memory device\n{USAGE}"));
@@ -254,6 +267,9 @@ fn main() {
         (false, DType::F64) => run::<f64>(&comm, &world, &opts, Some(mpi_f64)),
         (false, DType::F16) => run::<f16>(&comm, &world, &opts, None),
         (false, DType::BF16) => run::<bf16>(&comm, &world, &opts, None),
+        (true, DType::F32) if opts.fused_norm.is_some() => device::run_norm::<f32>(&comm, &world, &opts),
+        (true, DType::F16) if opts.fused_norm.is_some() => device::run_norm::<f16>(&comm, &world, &opts),
+        (true, DType::BF16) if opts.fused_norm.is_some() => device::run_norm::<bf16>(&comm, &world, &opts),
         (true, DType::F32) => device::run::<f32>(&comm, nccl_comm.as_ref(), &world, &opts),
         (true, DType::F16) => device::run::<f16>(&comm, nccl_comm.as_ref(), &world, &opts),
         (true, DType::BF16) => device::run::<bf16>(&comm, nccl_comm.as_ref(), &world, &opts),
@@ -650,6 +666,152 @@ mod device {
                 Ok(false)
             }
         }
+    }
+
+    /// The buffers of one out-of-place `all_reduce_add_rms_norm`.
+    struct NormBufs<'a, T> {
+        x: &'a tpcomm::DeviceBuffer<T>,
+        res: &'a CudaSlice<T>,
+        w: &'a CudaSlice<T>,
+        y: &'a mut CudaSlice<T>,
+        ro: &'a mut CudaSlice<T>,
+    }
+
+    /// `all_reduce_add_rms_norm` of the first `len` elements of every buffer, rows of `hidden`.
+    fn out_of_place<T: Element>(
+        comm: &Communicator,
+        opts: &CallOptions,
+        b: NormBufs<'_, T>,
+        len: usize,
+        hidden: usize,
+        st: &Arc<CudaStream>,
+    ) -> Result<()> {
+        comm.all_reduce_add_rms_norm_with(
+            opts,
+            &b.x.slice(0..len),
+            &b.res.slice(0..len),
+            &b.w.slice(0..hidden),
+            1e-6,
+            &mut b.y.slice_mut(0..len),
+            &mut b.ro.slice_mut(0..len),
+            st,
+        )
+    }
+
+    /// `--fused-norm HIDDEN`: fused against split over token counts, out of place and in place.
+    pub fn run_norm<T: Element<Acc = f32>>(
+        comm: &Communicator,
+        world: &SimpleCommunicator,
+        o: &Options,
+    ) -> Result<usize> {
+        use tpcomm::Fusion;
+        let hidden = o.fused_norm.unwrap_or(4096);
+        let (rank, n) = (comm.rank(), comm.size());
+        let root = rank == 0;
+        let ctx = comm.cuda_context()?;
+        // SAFETY: every buffer of this program is used on `s` only, or after a synchronize.
+        unsafe { ctx.disable_event_tracking() };
+        let s = ctx.new_stream().map_err(cuda("cuStreamCreate"))?;
+        let max_tokens = 4096;
+        let max = max_tokens * hidden;
+        let mut x = comm.alloc_shared::<T>(max)?;
+        let mut res = s.alloc_zeros::<T>(max).map_err(cuda("alloc"))?;
+        let mut y = s.alloc_zeros::<T>(max).map_err(cuda("alloc"))?;
+        let mut ro = s.alloc_zeros::<T>(max).map_err(cuda("alloc"))?;
+        let weight_host: Vec<T> = rank_input(0x3e3, 98, hidden);
+        let w = s.clone_htod(&weight_host).map_err(cuda("memcpy_htod"))?;
+        if root {
+            let mode =
+                if o.graph_calls > 0 { format!("graph ({} calls per graph)", o.graph_calls) } else { "eager".into() };
+            println!(
+                "# tpcomm allreduce_perf --fused-norm: ranks {n} hidden {hidden} dtype {} {mode}, iters {}; \
+                 split = allreduce then tpcomm's norm kernel; ratio = split / fused (above 1: fusing wins)",
+                T::DTYPE,
+                o.iters
+            );
+            print_settings(comm, o);
+            println!(
+                "#{:>7} {:>10}  {:>9} {:>9} {:>6}  {:>9} {:>9} {:>6}  {:>6}  dispatch (out|in)",
+                "tokens", "bytes", "fused_us", "split_us", "ratio", "fused_ip", "split_ip", "ratio", "#wrong"
+            );
+        }
+        let mut wrong_total = 0;
+        let mut tokens = 1;
+        while tokens <= max_tokens {
+            let len = tokens * hidden;
+            let seed = 0x4e0 ^ len as u64;
+            let mine: Vec<T> = rank_input(seed, rank, len);
+            let res_host: Vec<T> = rank_input(seed ^ 1, 99, len);
+            let sum: Vec<T> = expected_sum(seed, n, len);
+            let (want_y, want_r) = tpcomm::verify::add_rms_norm_reference(&sum, &res_host, &weight_host, 1e-6);
+            let mut times = [0.0f64; 4];
+            let mut wrong = 0;
+            for (k, fusion) in [Fusion::Fused, Fusion::Split].into_iter().enumerate() {
+                let opts = CallOptions { norm: fusion, ..Default::default() };
+                let fusable = n > 1 && len * size_of::<T>() <= comm.dispatch_table().custom_max_bytes();
+                if fusion == Fusion::Fused && !fusable {
+                    times[k] = f64::NAN;
+                    times[k + 2] = f64::NAN;
+                    continue;
+                }
+                // Check once, with fresh data, then time.
+                if o.check {
+                    s.memcpy_htod(&mine, &mut x.slice_mut(0..len)).map_err(cuda("memcpy_htod"))?;
+                    s.memcpy_htod(&res_host, &mut res.slice_mut(0..len)).map_err(cuda("memcpy_htod"))?;
+                    let poison = vec![tpcomm::verify::poison::<T>(); len];
+                    s.memcpy_htod(&poison, &mut y.slice_mut(0..len)).map_err(cuda("memcpy_htod"))?;
+                    s.memcpy_htod(&poison, &mut ro.slice_mut(0..len)).map_err(cuda("memcpy_htod"))?;
+                    let bufs = NormBufs { x: &x, res: &res, w: &w, y: &mut y, ro: &mut ro };
+                    out_of_place(comm, &opts, bufs, len, hidden, &s)?;
+                    comm.synchronize(&s)?;
+                    let mut got_y = vec![T::default(); len];
+                    let mut got_r = vec![T::default(); len];
+                    s.memcpy_dtoh(&y.slice(0..len), &mut got_y).map_err(cuda("memcpy_dtoh"))?;
+                    s.memcpy_dtoh(&ro.slice(0..len), &mut got_r).map_err(cuda("memcpy_dtoh"))?;
+                    s.synchronize().map_err(cuda("sync"))?;
+                    wrong += count_wrong(&got_y, &want_y) + count_wrong(&got_r, &want_r);
+                }
+                times[k] = time_calls(comm, world, o, &s, |st| {
+                    let bufs = NormBufs { x: &x, res: &res, w: &w, y: &mut y, ro: &mut ro };
+                    out_of_place(comm, &opts, bufs, len, hidden, st)
+                })?;
+                times[k + 2] = time_calls(comm, world, o, &s, |st| {
+                    comm.all_reduce_add_rms_norm_in_place_with(
+                        &opts,
+                        &mut x.slice_mut(0..len),
+                        &mut res.slice_mut(0..len),
+                        &w.slice(0..hidden),
+                        1e-6,
+                        st,
+                    )
+                })?;
+            }
+            let mut all = 0usize;
+            world.all_reduce_into(&wrong, &mut all, SystemOperation::sum());
+            wrong_total += all;
+            if root {
+                let choice = |ip| match comm.norm_is_fused::<T>(len, hidden, ip) {
+                    Ok(true) => "fused",
+                    Ok(false) => "split",
+                    Err(_) => "-",
+                };
+                println!(
+                    "{tokens:>8} {:>10}  {:>9.2} {:>9.2} {:>6.2}  {:>9.2} {:>9.2} {:>6.2}  {all:>6}  {}|{}",
+                    len * size_of::<T>(),
+                    times[0],
+                    times[1],
+                    times[1] / times[0],
+                    times[2],
+                    times[3],
+                    times[3] / times[2],
+                    choice(false),
+                    choice(true)
+                );
+                let _ = std::io::stdout().flush();
+            }
+            tokens *= 2;
+        }
+        Ok(wrong_total)
     }
 
     pub fn run<T: Element<Acc = f32>>(

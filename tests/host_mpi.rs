@@ -14,9 +14,11 @@
 use mpi::traits::Communicator as _;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use tpcomm::testing::mock_all_reduce;
-use tpcomm::verify::{count_wrong, expected_hierarchical_sum, poison, rank_input, SplitMix64};
-use tpcomm::{bf16, f16, Algo, CallOptions, Communicator, Config, Element, Error};
+use tpcomm::testing::{mock_all_reduce, mock_all_reduce_add_rms_norm};
+use tpcomm::verify::{
+    add_rms_norm_reference, count_wrong, expected_hierarchical_sum, first_wrong, poison, rank_input, SplitMix64,
+};
+use tpcomm::{bf16, f16, Algo, CallOptions, Communicator, Config, Element, Error, Fusion};
 
 const CASE_VAR: &str = "TPCOMMTEST_CASE";
 const JOB_LIMIT: Duration = Duration::from_secs(240);
@@ -98,6 +100,17 @@ fn launcher() {
         case: "deterministic",
         ranks: 4,
         env: &[("TPCOMM_DETERMINISTIC", "1"), ("TPCOMM_FAKE_NODES", "2"), ("TPCOMM_HOST_CHUNK_BYTES", "8192")],
+    });
+    for ranks in 1..=4 {
+        jobs.push(Job { case: "mock_norm", ranks, env: &[] });
+        // A small IPC limit: larger calls cannot fuse and go split (through NCCL on the stand-in).
+        jobs.push(Job { case: "mock_norm", ranks, env: &[("TPCOMM_CUSTOM_MAX_BYTES", "8192")] });
+    }
+    // Across pretend nodes: never fused; the hierarchy up to the IPC limit, flat NCCL above.
+    jobs.push(Job {
+        case: "mock_norm",
+        ranks: 4,
+        env: &[("TPCOMM_FAKE_NODES", "2"), ("TPCOMM_CUSTOM_MAX_BYTES", "8192")],
     });
     for ranks in 1..=4 {
         jobs.push(Job {
@@ -232,6 +245,7 @@ fn worker(case: &str) -> i32 {
                 "exact" => exact(&comm),
                 "mock_exact" => mock_exact(&comm),
                 "mock_quick" => mock_quick(&comm),
+                "mock_norm" => mock_norm(&comm, &world),
                 "forced_algorithms" => forced_algorithms(&comm),
                 "mismatched_lengths" => mismatched_lengths(&comm),
                 "batch_invariance" => batch_invariance(&comm),
@@ -417,7 +431,7 @@ fn exact_for<T: Element>(comm: &Communicator, device: bool) -> Result<usize, Str
             for in_place in [false, true] {
                 let seed = base_seed.wrapping_mul(31).wrapping_add((i * 16 + a * 2 + in_place as usize) as u64);
                 let input: Vec<T> = rank_input(seed, rank, len);
-                let opts = CallOptions { algo: *algo, registered_only: false };
+                let opts = CallOptions { algo: *algo, ..CallOptions::default() };
                 let (res, out) = reduce_once(comm, &opts, device, in_place, &input);
                 let what = format!("{} len {len} algo {algo:?} in_place {in_place}", T::DTYPE);
                 res.map_err(|e| format!("{what}: {e}"))?;
@@ -555,6 +569,262 @@ fn mock_quick(comm: &Communicator) -> Result<String, String> {
         return Err("an exact call after the refusal was wrong".into());
     }
     Ok(format!("{checked} quick calls: the model's bits, within the bound, chosen as configured"))
+}
+
+/// One `all_reduce_add_rms_norm` on the stand-in. Out of place: into poisoned outputs, and
+/// `input` and `residual` must come back untouched; in place: `norm_out` is the input's buffer
+/// and `residual_out` the residual's. The call's result, `(norm_out, residual_out)`, and whether
+/// the inputs were left intact.
+fn norm_once<T: Element>(
+    comm: &Communicator,
+    opts: &CallOptions,
+    input: &[T],
+    residual: &[T],
+    weight: &[T],
+    eps: f32,
+    in_place: bool,
+) -> (tpcomm::Result<()>, Vec<T>, Vec<T>, bool) {
+    let (len, hidden) = (input.len(), weight.len());
+    let mut x = Aligned::from(input);
+    let mut r = Aligned::from(residual);
+    let mut w = Aligned::from(weight);
+    if in_place {
+        let (xp, rp) = (x.ptr(), r.ptr());
+        // SAFETY: every buffer holds its length and outlives the (synchronous) call; in place.
+        let res = unsafe { mock_all_reduce_add_rms_norm(comm, opts, xp, rp, w.ptr(), hidden, eps, xp, rp, len) };
+        return (res, x.as_mut().to_vec(), r.as_mut().to_vec(), true);
+    }
+    let mut y = Aligned::from(&vec![poison::<T>(); len]);
+    let mut ro = Aligned::from(&vec![poison::<T>(); len]);
+    // SAFETY: as above; five distinct buffers.
+    let res = unsafe {
+        mock_all_reduce_add_rms_norm(comm, opts, x.ptr(), r.ptr(), w.ptr(), hidden, eps, y.ptr(), ro.ptr(), len)
+    };
+    let intact = count_wrong(x.as_mut(), input) == 0 && count_wrong(r.as_mut(), residual) == 0;
+    (res, y.as_mut().to_vec(), ro.as_mut().to_vec(), intact)
+}
+
+/// `all_reduce_add_rms_norm` through the real checks, plan and device layer on the stand-in:
+/// for bf16, f16 and f32, rows of 8, 128 and 4104 elements, 1, 3 and 17 tokens, each fusion
+/// choice, in place and not, both outputs bit for bit the reference's (the allreduce's exact sum
+/// of the plan in force, then `add_rms_norm_reference`). Auto fuses exactly where the layout and
+/// the limits allow it (asserted through `norm_is_fused`); `Fusion::Fused` elsewhere is refused
+/// on every rank and leaves the communicator usable, as f64 does; bad shapes are refused with
+/// InvalidArgument (which fails the group, so they come last, each on a fresh communicator).
+fn mock_norm(comm: &Communicator, world: &World) -> Result<String, String> {
+    comm.init_device().map_err(|e| format!("init_device: {e}"))?;
+    let start = Instant::now();
+    let mut proved = false;
+    let (mut checks, mut refused) = mock_norm_for::<bf16>(comm, &mut proved)?;
+    for (c, r) in [mock_norm_for::<f16>(comm, &mut proved)?, mock_norm_for::<f32>(comm, &mut proved)?] {
+        checks += c;
+        refused += r;
+    }
+    if !proved {
+        return Err("no call ran the check's self-test".into());
+    }
+    // f64 is refused on every rank alike, before anything is sent: the communicator stays usable.
+    let d: Vec<f64> = rank_input(0xd0, comm.rank(), 64);
+    let (r, ..) = norm_once(comm, &CallOptions::default(), &d, &d, &d[..8], 1e-6, false);
+    if !matches!(r, Err(Error::Unsupported { .. })) {
+        return Err(format!("all_reduce_add_rms_norm of f64 gave {r:?}, not Unsupported"));
+    }
+    let x: Vec<f32> = rank_input(0xd1, comm.rank(), 256);
+    let (r, out) = reduce_once(comm, &CallOptions::default(), true, false, &x);
+    r.map_err(|e| format!("an allreduce after the refusals: {e}"))?;
+    if count_wrong(&out, &expected_hierarchical_sum(0xd1, &comm.layout().rank_to_node, 256)) > 0 {
+        return Err("an allreduce after the refusals was wrong".into());
+    }
+    let took = start.elapsed();
+    let bad = norm_bad_shapes(comm, world)?;
+    Ok(format!("{checks} calls bit-exact, {refused} Fused refusals ({:.1} s); bad shapes: {bad}", took.as_secs_f64()))
+}
+
+/// The good calls of [`mock_norm`] for `T`: (calls checked, `Fusion::Fused` refusals).
+fn mock_norm_for<T: Element<Acc = f32>>(comm: &Communicator, proved: &mut bool) -> Result<(usize, usize), String> {
+    let (rank, n) = (comm.rank(), comm.size());
+    let layout = comm.layout();
+    let (nodes, rank_to_node) = (layout.nodes, layout.rank_to_node.clone());
+    let custom = comm.config().custom_max_bytes;
+    let fused_max = comm.dispatch_table().fused_norm_max_bytes();
+    let (mut checks, mut refused) = (0, 0);
+    for (h, hidden) in [8usize, 128, 4104].into_iter().enumerate() {
+        // The weight is the model's: the same on every rank.
+        let weight: Vec<T> = rank_input(0x3e16 ^ (T::DTYPE as u64) << 8 ^ h as u64, 0, hidden);
+        for (t, tokens) in [1usize, 3, 17].into_iter().enumerate() {
+            let len = tokens * hidden;
+            let bytes = len * size_of::<T>();
+            let eps = [1e-6, 0.0, 1e-5][t];
+            // The fused kernel is a one-shot within one node, at most one IPC call.
+            let fusable = n > 1 && nodes == 1 && bytes <= custom;
+            let auto_fused = fusable && bytes <= fused_max;
+            for in_place in [false, true] {
+                let fused = comm.norm_is_fused::<T>(len, hidden, in_place).map_err(|e| e.to_string())?;
+                if fused != auto_fused {
+                    return Err(format!(
+                        "{} hidden {hidden} tokens {tokens} in place {in_place}: norm_is_fused {fused}, \
+                         expected {auto_fused} ({n} ranks, {nodes} nodes, {bytes} bytes)",
+                        T::DTYPE
+                    ));
+                }
+            }
+            // The split path's allreduce: across nodes the hierarchy (node partials in node order)
+            // up to the IPC limit, flat NCCL (rank order on the stand-in) above; flat on one node.
+            let hier = nodes > 1 && bytes <= custom;
+            if nodes > 1 {
+                let algo = comm.device_algo::<T>(len).map_err(|e| e.to_string())?;
+                let want = if hier { Algo::Hierarchical } else { Algo::Nccl };
+                if algo != want {
+                    return Err(format!(
+                        "{} x {len} across {nodes} nodes: the allreduce is {algo}, not {want}",
+                        T::DTYPE
+                    ));
+                }
+            }
+            let mut variants = vec![(None, Fusion::Auto), (None, Fusion::Fused), (None, Fusion::Split)];
+            if n > 1 && nodes == 1 {
+                // The allreduce forced to chunks of the IPC limit: split, and Fused refused.
+                variants.extend([(Some(Algo::Chunked), Fusion::Auto), (Some(Algo::Chunked), Fusion::Fused)]);
+            }
+            for (v, &(algo, fusion)) in variants.iter().enumerate() {
+                for in_place in [false, true] {
+                    let seed =
+                        0x40_0000 ^ (T::DTYPE as u64) << 16 ^ (h * 64 + t * 16 + v * 2 + in_place as usize) as u64;
+                    let what = format!(
+                        "{} hidden {hidden} tokens {tokens} {fusion:?} algo {algo:?} in place {in_place}",
+                        T::DTYPE
+                    );
+                    let input: Vec<T> = rank_input(seed, rank, len);
+                    // The residual stream differs by rank, and every rank checks its own.
+                    let residual: Vec<T> = rank_input(seed ^ 0x7e51d, rank, len);
+                    let opts = CallOptions { algo, norm: fusion, ..CallOptions::default() };
+                    let (res, y, ro, intact) = norm_once(comm, &opts, &input, &residual, &weight, eps, in_place);
+                    if fusion == Fusion::Fused && (!fusable || algo.is_some()) {
+                        // Refused alike on every rank, before anything is sent.
+                        match res {
+                            Err(Error::InvalidUsage { .. }) => {}
+                            other => return Err(format!("{what}: expected InvalidUsage, got {other:?}")),
+                        }
+                        refused += 1;
+                        continue;
+                    }
+                    res.map_err(|e| format!("{what}: {e}"))?;
+                    if !intact {
+                        return Err(format!("{what}: the call wrote its input or residual"));
+                    }
+                    let sum: Vec<T> = if hier {
+                        expected_hierarchical_sum(seed, &rank_to_node, len)
+                    } else {
+                        tpcomm::verify::expected_sum(seed, n, len)
+                    };
+                    let (want_y, want_ro) = add_rms_norm_reference(&sum, &residual, &weight, eps);
+                    for (name, got, want) in [("norm_out", &y, &want_y), ("residual_out", &ro, &want_ro)] {
+                        let wrong = count_wrong(got, want);
+                        if wrong > 0 {
+                            let first = first_wrong(got, want, 3);
+                            return Err(format!("{what}: {name}: {wrong} of {len} wrong, first {first:?}"));
+                        }
+                    }
+                    if !*proved {
+                        // The check can fail: one changed element of either reference is reported.
+                        for (got, want) in [(&y, &want_y), (&ro, &want_ro)] {
+                            let mut bad = want.clone();
+                            let k = len / 2;
+                            bad[k] = T::from_f64(-bad[k].to_f64());
+                            if count_wrong(got, &bad) != 1 {
+                                return Err(format!("{what}: a corrupted reference was not caught"));
+                            }
+                        }
+                        *proved = true;
+                    }
+                    checks += 1;
+                }
+            }
+        }
+    }
+    Ok((checks, refused))
+}
+
+/// Bad shapes, each on a fresh communicator: every rank makes the same bad call. The first rank
+/// of each node to make it gets InvalidArgument and fails the group (a local refusal); a rank of
+/// that node that calls after it may find the group failed first and get Poisoned with that very
+/// cause. Every later call is an error.
+fn norm_bad_shapes(comm: &Communicator, world: &World) -> Result<String, String> {
+    let config = comm.config().clone();
+    let mut report = Vec::new();
+    for (k, (what, key)) in [
+        ("weight length not dividing the input", "whole rows"),
+        ("rows not a multiple of 16 bytes", "multiple of 16 bytes"),
+        ("eps negative", "eps = -"),
+        ("norm_out = residual_out", "overlap"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let fresh = world.duplicate();
+        let c = build(&fresh, config.clone(), true).map_err(|e| format!("{what}: new: {e}"))?;
+        c.init_device().map_err(|e| format!("{what}: init_device: {e}"))?;
+        // Every rank is past init_device before any fails the group (which its init_device
+        // would report otherwise).
+        tpcomm::testing::barrier(world, Duration::from_secs(60)).map_err(|e| format!("{what}: barrier: {e}"))?;
+        let (len, hidden, eps) = match k {
+            0 => (384, 100, 1e-6), // 3 rows of 128, weight of 100
+            1 => (36, 12, 1e-6),   // 3 rows of 24 bytes
+            _ => (384, 128, if k == 2 { -1e-6 } else { 1e-6 }),
+        };
+        let input: Vec<bf16> = rank_input(0xbad + k as u64, c.rank(), len);
+        let mut x = Aligned::from(&input);
+        let mut r = Aligned::from(&input);
+        let mut w = Aligned::from(&input[..hidden]);
+        let mut y = Aligned::from(&vec![poison::<bf16>(); len]);
+        let mut ro = Aligned::from(&vec![poison::<bf16>(); len]);
+        let ro_ptr = if k == 3 { y.ptr() } else { ro.ptr() };
+        // SAFETY: every buffer holds at least the elements the call names (weight: `hidden`).
+        let res = unsafe {
+            mock_all_reduce_add_rms_norm(
+                &c,
+                &CallOptions::default(),
+                x.ptr(),
+                r.ptr(),
+                w.ptr(),
+                hidden,
+                eps,
+                y.ptr(),
+                ro_ptr,
+                len,
+            )
+        };
+        let mine = match &res {
+            Err(Error::InvalidArgument { op, detail }) if *op == "all_reduce_add_rms_norm" && detail.contains(key) => {
+                1u8
+            }
+            Err(Error::Poisoned { cause }) if cause.contains("invalid argument") && cause.contains(key) => 0u8,
+            other => return Err(format!("{what}: expected InvalidArgument, got {other:?}")),
+        };
+        if count_wrong(y.as_mut(), &vec![poison::<bf16>(); len]) != 0 {
+            return Err(format!("{what}: the refused call wrote its output"));
+        }
+        // At least the first caller of every node saw the InvalidArgument itself.
+        let all = tpcomm::testing::all_gather_bytes(world, &[mine]).map_err(|e| e.to_string())?;
+        let layout = c.layout();
+        for node in 0..layout.nodes {
+            if !(0..layout.size).any(|r| layout.rank_to_node[r] == node && all[r][0] == 1) {
+                return Err(format!("{what}: no rank of node {node} got InvalidArgument ({all:?})"));
+            }
+        }
+        // The group is failed: a good call is an error on every rank.
+        let good: Vec<bf16> = rank_input(0x600d, c.rank(), 384);
+        let (r, ..) = norm_once(&c, &CallOptions::default(), &good, &good, &good[..128], 1e-6, false);
+        if r.is_ok() {
+            return Err(format!("{what}: a good call after the refusal returned Ok"));
+        }
+        report.push(format!(
+            "{what}: {} of {} ranks InvalidArgument",
+            all.iter().filter(|b| b[0] == 1).count(),
+            all.len()
+        ));
+    }
+    Ok(report.join("; "))
 }
 
 /// The bootstrap's byte exchange with blobs of different lengths, empty ones included (an empty
@@ -745,7 +1015,7 @@ fn deterministic_for<T: Element>(comm: &Communicator, device: bool) -> Result<us
         for (algo, in_place) in if device { device_algos } else { host_algos } {
             let input = all[rank].clone();
             let what = format!("{} len {len} offset {offset} {algo:?} in_place {in_place} device {device}", T::DTYPE);
-            let opts = CallOptions { algo, registered_only: false };
+            let opts = CallOptions { algo, ..CallOptions::default() };
             let (res, out) = reduce_once(comm, &opts, device, in_place, &input);
             res.map_err(|e| format!("{what}: {e}"))?;
             let wrong = count_wrong(&out[offset..offset + WINDOW], &want_probe);
@@ -978,8 +1248,12 @@ fn fault_suite(world: &World, config: Config) -> Result<String, String> {
                 mock_call(&comm, &CallOptions::default(), Some(&input), &mut out).map(|()| out.as_mut().to_vec())
             } else {
                 let mut out = vec![poison::<f32>(); len];
-                comm.all_reduce_host_with(&CallOptions { algo: forced, registered_only: false }, Some(&input), &mut out)
-                    .map(|()| out)
+                comm.all_reduce_host_with(
+                    &CallOptions { algo: forced, ..CallOptions::default() },
+                    Some(&input),
+                    &mut out,
+                )
+                .map(|()| out)
             }
         };
         for k in 0..=at {

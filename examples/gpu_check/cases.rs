@@ -62,7 +62,7 @@ fn eager_case<T: Element>(
     let x = inputs.rank_input(c.rank, len);
     let s = c.stream.clone();
     let registered_only = path == Path::Registered;
-    let opts = CallOptions { algo: Some(algo), registered_only };
+    let opts = CallOptions { algo: Some(algo), registered_only, ..Default::default() };
     let input = b.input(path);
     s.memcpy_htod(&x, &mut input.view_mut(0..len))?;
     if in_place {
@@ -276,14 +276,14 @@ pub fn local_bad_arguments(world: &World, config: &Config, tally: &mut Tally) ->
             ),
             ("output shorter than input", true) => comm.all_reduce(&pool.slice(0..256), &mut out.slice_mut(0..255), &s),
             ("unregistered input on the registered path", true) => comm.all_reduce_with(
-                &CallOptions { algo: Some(Algo::OneShot), registered_only: true },
+                &CallOptions { algo: Some(Algo::OneShot), registered_only: true, ..Default::default() },
                 &pool.slice(0..256),
                 &mut out.slice_mut(0..256),
                 &s,
             ),
             _ => comm
                 .all_reduce_with(
-                    &CallOptions { algo: Some(Algo::OneShot), registered_only: true },
+                    &CallOptions { algo: Some(Algo::OneShot), registered_only: true, ..Default::default() },
                     &shared.slice(0..256),
                     &mut out.slice_mut(0..256),
                     &s,

@@ -113,7 +113,7 @@ pub fn unregistered_capture_refused(c: &mut Ctx, tally: &mut Tally) -> Result<()
     let mut y = s.alloc_zeros::<bf16>(1024)?;
     for algo in [None, Some(Algo::OneShot), Some(Algo::Packet)] {
         s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)?;
-        let r = c.comm.all_reduce_with(&CallOptions { algo, registered_only: false }, &x, &mut y, &s);
+        let r = c.comm.all_reduce_with(&CallOptions { algo, ..Default::default() }, &x, &mut y, &s);
         let _ = s.end_capture(CUgraphInstantiate_flags(0));
         tally.record(
             &format!("graphs: a capture without registration is refused ({algo:?})"),
@@ -148,7 +148,7 @@ pub fn eager_loop(
     s.memcpy_htod(&host, &mut x)?;
     poison(&s, &mut y.slice_mut(..))?;
     s.synchronize()?;
-    let opts = CallOptions { algo, registered_only: false };
+    let opts = CallOptions { algo, ..Default::default() };
     let t0 = Instant::now();
     for i in 0..count {
         let st = if two_streams && i % 2 == 1 { &other } else { &s };

@@ -32,6 +32,10 @@
 //!   ranks on their own GPUs are reported as skipped (NCCL's order is not rank order);
 //! - deterministic mode (1 MiB custom limit): messages of 3-5 MiB go chunked and give the
 //!   rank-order reference bits, and a probe embedded anywhere gives the same bits;
+//! - the fused allreduce + residual add + RMSNorm (`norm.rs`): f32, f16, bf16, hidden 128 to
+//!   8192 (and 4104), 1 to 4096 tokens, fused, split and the dispatch's choice, registered and
+//!   staged inputs, in place and not, eager and graph replays of fresh data: the host
+//!   reference's bits for both outputs; ranks passing other row lengths fail;
 //! - quick (`quick.rs`): every codec, dtype and size to 64 MiB, eager and graph (1,000 replays
 //!   of fresh inputs at one size), in place and not: the host model's bits, within the bound,
 //!   the same bytes on every rank; NaN/Inf poison only their groups; the dispatch picks the
@@ -47,6 +51,7 @@
 mod cases;
 mod engine;
 mod harness;
+mod norm;
 mod quick;
 
 use anyhow::{anyhow, Result};
@@ -120,7 +125,7 @@ fn main() -> Result<()> {
         let max_bytes = config.custom_max_bytes;
         let mut c = Ctx { comm: &comm, stream, n, rank, seed: 1, sabotage };
         let captured = if quick { 2_000 } else { 20_000 };
-        let steps: [(&str, &mut Step); 14] = [
+        let steps: [(&str, &mut Step); 15] = [
             ("f32", &mut |c, t| cases::run_dtype::<f32>(c, t, max_bytes, quick)),
             ("f16", &mut |c, t| cases::run_dtype::<f16>(c, t, max_bytes, quick)),
             ("bf16", &mut |c, t| cases::run_dtype::<bf16>(c, t, max_bytes, quick)),
@@ -138,6 +143,7 @@ fn main() -> Result<()> {
             }),
             ("nccl", &mut |c, t| cases::nccl_checks(c, t, &world, &config)),
             ("deterministic", &mut |c, t| cases::deterministic_checks(c, t, &world, &config)),
+            ("norm", &mut |c, t| norm::norm_checks(c, t, quick)),
             ("quick", &mut |c, t| quick::quick_checks(c, &world, &config, t, quick, if quick { 50 } else { 1_000 })),
             ("flag floor", &mut |c, _| {
                 Ok(c.comm.exchange_flags(&c.stream).and_then(|()| c.comm.synchronize(&c.stream))?)
@@ -182,6 +188,10 @@ fn main() -> Result<()> {
         for algo in faults(Algo::QuickInt4) {
             let r = cases::length_mismatch(&world, &config, algo, &mut tally);
             tally.step(&format!("length mismatch ({algo})"), r);
+        }
+        if only.is_none() || only.as_deref() == Some("norm") {
+            let r = norm::hidden_mismatch(&world, &config, &mut tally);
+            tally.step("norm: hidden mismatch", r);
         }
         if only.is_none() {
             for case in 0..3 {
