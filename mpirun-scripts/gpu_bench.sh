@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU benchmark of record: allreduce_perf on device memory for several rank counts sharing the
 # visible GPU(s) through MPS (started here, one server per run, stopped after), CUDA graphs of 10
-# calls and eager calls, bf16, 4 KiB..8 MiB, every run under `timeout`. Logs go to $OUT when set
+# calls and eager calls, bf16, 4 KiB..8 MiB, then the fused allreduce + RMSNorm sweep (hidden
+# 4096 and 8192), every run under `timeout`. Logs go to $OUT when set
 # (the device machine's output folder), else ./gpu-bench-logs; a summary of every table is
 # printed last.
 #
@@ -46,6 +47,12 @@ for n in $RANKS; do
 done
 for n in $RANKS; do
     run eager "$n" -d bfloat16 -b 4K -e 8M -f 8 -n 30 -w 3 "$@"
+done
+# The fused allreduce + RMSNorm against the split path, hidden 4096 and 8192.
+for n in $RANKS; do
+    for hidden in 4096 8192; do
+        run fused-norm "$n" -d bfloat16 -n 20 -w 3 -G 10 --fused-norm "$hidden"
+    done
 done
 grep -E "^===|^ +[0-9]|Out of bounds|rror" "$log"
 echo "runs failed: $failures"

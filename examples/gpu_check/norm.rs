@@ -1,6 +1,7 @@
 //! The fused allreduce + residual add + RMSNorm against the host reference, bit for bit: fused
 //! and split paths, registered and staged inputs, in place and not, eager and graph replays of
-//! fresh inputs, edge values of eps; a rank passing another row length fails on every rank.
+//! fresh inputs (one graph replayed 1,000 times, 100 with `--quick`), edge values of eps; a rank
+//! passing another row length fails on every rank.
 
 use crate::harness::*;
 use anyhow::{anyhow, Context, Result};
@@ -227,6 +228,11 @@ fn norm_dtype<T: Element<Acc = f32>>(c: &mut Ctx, tally: &mut Tally, quick: bool
             }
         }
     }
+    // One graph replayed many times, fresh data before every replay (in place, the engine's form).
+    let long = if quick { 100 } else { 1_000 };
+    let way = Way { fusion: Fusion::Auto, registered: true, in_place: true, graph: true };
+    let r = run_case(c, &mut b, way, 33, 4096, 1e-6, long);
+    tally.record(&format!("norm {} graph of 33 x 4096 replayed {long} times", T::DTYPE), r);
     // eps at its edges: 0 (rows are never all zero here) and 1.
     for eps in [0.0f32, 1.0] {
         for fusion in [Fusion::Auto, Fusion::Split] {

@@ -113,6 +113,7 @@ mod tests {
             ("custom_allreduce", include_str!(concat!(env!("OUT_DIR"), "/custom_allreduce.hip"))),
             ("packet_allreduce", include_str!(concat!(env!("OUT_DIR"), "/packet_allreduce.hip"))),
             ("quick_allreduce", include_str!(concat!(env!("OUT_DIR"), "/quick_allreduce.hip"))),
+            ("rms_norm", include_str!(concat!(env!("OUT_DIR"), "/rms_norm.hip"))),
         ];
         for family in FAMILIES {
             let source = built.iter().find(|(n, _)| *n == family.name).map(|(_, s)| *s);
