@@ -64,8 +64,8 @@ pub enum Fusion {
 }
 
 /// What a device call of the fused op carries besides the allreduce's input and output
-/// (`norm_out`): device addresses, the row length and epsilon.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// (`norm_out`): device addresses, the row length and epsilon (all zero for calls without it).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub(crate) struct NormArgs {
     pub residual: u64,
     pub residual_out: u64,

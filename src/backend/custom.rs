@@ -39,7 +39,6 @@ use crate::algo::Algo;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::exchange::{agree, all_gather_bytes, barrier};
-use crate::norm::NormArgs;
 use crate::runtime::ipc::{self, IpcBuffer, IpcHandle, PeerMappings};
 use crate::runtime::{cuda, kernels, protocol, HostWord};
 use cudarc::driver::{CudaContext, CudaFunction};
@@ -474,14 +473,7 @@ impl DeviceBackend for CustomAllreduce {
         }
         let nvec = bytes / protocol::VEC_BYTES;
         // The fused kernel's blocks own whole rows: one block per row, as many as allowed.
-        let norm = call.norm.unwrap_or(NormArgs {
-            residual: 0,
-            residual_out: 0,
-            weight: 0,
-            hidden: 0,
-            eps: 0.0,
-            fusion: crate::norm::Fusion::Auto,
-        });
+        let norm = call.norm.unwrap_or_default();
         let blocks = match kernel {
             Kernel::OneShot => grid_blocks(nvec, self.max_blocks),
             Kernel::OneShotNorm => (call.len / norm.hidden.max(1)).clamp(1, self.max_blocks),
