@@ -125,23 +125,18 @@ pub fn add_rms_norm_reference<T: Element<Acc = f32>>(
     (norm_out, residual_out)
 }
 
-/// The split path's epilogue on host memory (the CPU stand-in's kernel): reads the sums from
-/// `sum`, writes `residual_out` and `norm_out` (which may be `sum`).
+/// The split path's epilogue on host memory (the CPU stand-in's kernel): `norm_out` holds the
+/// sums on entry and the normalised rows on return; `residual_out` is written too.
 ///
 /// # Safety
 /// Every address is host memory of `len` elements of `dtype` (`weight`: `args.hidden`), laid out
 /// as [`check_call`] accepts.
-pub(crate) unsafe fn add_rms_norm_host(
-    sum: u64,
-    norm_out: u64,
-    args: &NormArgs,
-    len: usize,
-    dtype: DType,
-) -> Result<()> {
-    unsafe fn run<T: Element<Acc = f32>>(sum: u64, norm_out: u64, a: &NormArgs, len: usize) {
-        // SAFETY: the caller's contract; copied out first, so aliasing outputs are fine.
+pub(crate) unsafe fn add_rms_norm_host(norm_out: u64, args: &NormArgs, len: usize, dtype: DType) -> Result<()> {
+    unsafe fn run<T: Element<Acc = f32>>(norm_out: u64, a: &NormArgs, len: usize) {
+        // SAFETY: the caller's contract; copied out first, so the outputs may be inputs.
         let read = |p: u64, n: usize| unsafe { std::slice::from_raw_parts(p as *const T, n) }.to_vec();
-        let (y, r) = add_rms_norm_reference(&read(sum, len), &read(a.residual, len), &read(a.weight, a.hidden), a.eps);
+        let (y, r) =
+            add_rms_norm_reference(&read(norm_out, len), &read(a.residual, len), &read(a.weight, a.hidden), a.eps);
         // SAFETY: as above; the outputs do not overlap each other (checked at the face).
         unsafe {
             std::ptr::copy_nonoverlapping(r.as_ptr(), a.residual_out as *mut T, len);
@@ -151,9 +146,9 @@ pub(crate) unsafe fn add_rms_norm_host(
     // SAFETY: the caller's contract.
     unsafe {
         match dtype {
-            DType::F32 => run::<f32>(sum, norm_out, args, len),
-            DType::F16 => run::<half::f16>(sum, norm_out, args, len),
-            DType::BF16 => run::<half::bf16>(sum, norm_out, args, len),
+            DType::F32 => run::<f32>(norm_out, args, len),
+            DType::F16 => run::<half::f16>(norm_out, args, len),
+            DType::BF16 => run::<half::bf16>(norm_out, args, len),
             DType::F64 => return Err(unsupported()),
         }
     }

@@ -436,11 +436,14 @@ impl DeviceBackend for CustomAllreduce {
         // fused kernel instead writes its output after the end barrier (`late`) where each block
         // can hold its rows' norms that long.
         let in_place = call.input == call.output && matches!(kernel, Kernel::OneShot | Kernel::OneShotNorm);
-        let rows = call.norm.map_or(0, |n| call.len / n.hidden.max(1));
+        // The fused kernel's blocks own whole rows: one block per row, as many as allowed.
+        let norm = call.norm.unwrap_or_default();
+        let rows = call.len / norm.hidden.max(1);
+        let norm_blocks = rows.clamp(1, self.max_blocks);
         let late = kernel == Kernel::OneShotNorm
             && in_place
             && !unreadable
-            && rows.div_ceil(rows.clamp(1, self.max_blocks)) <= protocol::NORM_LATE_ROWS;
+            && rows.div_ceil(norm_blocks) <= protocol::NORM_LATE_ROWS;
         let stage = unreadable || (in_place && !late);
         if (stage || kernel == Kernel::TwoShot) && bytes > self.max_bytes {
             return Err(Error::invalid(
@@ -472,11 +475,9 @@ impl DeviceBackend for CustomAllreduce {
             unsafe { call.stream.copy(self.staging.ptr(), call.input, bytes) }?;
         }
         let nvec = bytes / protocol::VEC_BYTES;
-        // The fused kernel's blocks own whole rows: one block per row, as many as allowed.
-        let norm = call.norm.unwrap_or_default();
         let blocks = match kernel {
             Kernel::OneShot => grid_blocks(nvec, self.max_blocks),
-            Kernel::OneShotNorm => (call.len / norm.hidden.max(1)).clamp(1, self.max_blocks),
+            Kernel::OneShotNorm => norm_blocks,
             Kernel::TwoShot | Kernel::TwoShotDirect => grid_blocks(nvec.div_ceil(self.world), self.max_blocks),
         };
         let func =

@@ -104,9 +104,7 @@ impl DeviceBackend for MockBackend {
         match &call.norm {
             // The fused kernel's epilogue: the same host function as the split path's.
             // SAFETY: the norm's buffers are host memory of the call (the caller's contract).
-            Some(norm) => unsafe {
-                crate::norm::add_rms_norm_host(call.output, call.output, norm, call.len, call.dtype)
-            },
+            Some(norm) => unsafe { crate::norm::add_rms_norm_host(call.output, norm, call.len, call.dtype) },
             None => Ok(()),
         }
     }

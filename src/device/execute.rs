@@ -67,7 +67,7 @@ pub(crate) unsafe fn execute(
                 let args = call.norm.as_ref().ok_or_else(|| Error::Internal("a norm step without its norm".into()))?;
                 // SAFETY: an earlier step left the sums in the output; the norm buffers are the
                 // caller's.
-                unsafe { norm.enqueue(ctx, call.output, call.output, args, call.len, call.dtype, call.stream) }?;
+                unsafe { norm.enqueue(ctx, call.output, args, call.len, call.dtype, call.stream) }?;
             }
         }
     }

@@ -46,18 +46,17 @@ impl NormKernel {
     }
 
     /// Enqueue `residual_out = sum + residual; norm_out = RMSNorm(residual_out) * weight` on
-    /// `stream` (`ctx`: the communicator's context; `None` for host memory, which is done at
-    /// once on the calling thread).
+    /// `stream`, where `norm_out` holds the allreduce's sums (the split path sums into it; each
+    /// thread reads its sums before it writes the same elements). `ctx`: the communicator's
+    /// context; `None` for host memory, which is done at once on the calling thread.
     ///
     /// # Safety
-    /// `sum` and `norm_out` (which may be the same memory) and `args`' buffers are valid for
-    /// `len` elements of `dtype` (weight: `args.hidden`) in the memory `stream` reaches, laid out
-    /// as `crate::norm` requires, until the work ran.
-    #[allow(clippy::too_many_arguments)]
+    /// `norm_out` and `args`' buffers are valid for `len` elements of `dtype` (weight:
+    /// `args.hidden`) in the memory `stream` reaches, laid out as `crate::norm` requires, until
+    /// the work ran.
     pub(crate) unsafe fn enqueue(
         &mut self,
         ctx: Option<&Arc<CudaContext>>,
-        sum: u64,
         norm_out: u64,
         args: &NormArgs,
         len: usize,
@@ -66,7 +65,7 @@ impl NormKernel {
     ) -> Result<()> {
         let s = match stream {
             // SAFETY: the caller's contract.
-            StreamRef::Host => return unsafe { crate::norm::add_rms_norm_host(sum, norm_out, args, len, dtype) },
+            StreamRef::Host => return unsafe { crate::norm::add_rms_norm_host(norm_out, args, len, dtype) },
             StreamRef::Cuda(s) => s,
         };
         let ctx = ctx.ok_or_else(|| Error::Internal("a CUDA stream without the communicator's context".into()))?;
@@ -80,7 +79,7 @@ impl NormKernel {
         let blocks = (rows as usize).min(MAX_BLOCKS);
         use crate::runtime::arg;
         let mut params = [
-            arg(&sum),
+            arg(&norm_out),
             arg(&args.residual),
             arg(&args.residual_out),
             arg(&args.weight),
@@ -91,7 +90,8 @@ impl NormKernel {
         ];
         // SAFETY: the arguments match `(const char* sum, const char* residual, char* residual_out,
         // const char* weight, char* norm_out, u64 rows, u64 hidden, float eps)` in
-        // kernels/rms_norm.cu; every buffer is valid (the caller's contract). No programmatic
+        // kernels/rms_norm.cu, `sum` being norm_out; every buffer is valid (the caller's
+        // contract). No programmatic
         // dependent launch: a waiting norm kernel must never hold room a peer's allreduce needs.
         unsafe {
             crate::runtime::launch(func, blocks, protocol::THREADS, s, &mut params, false, "cuLaunchKernelEx(norm)")
