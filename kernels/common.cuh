@@ -116,20 +116,30 @@ struct Fault {
 };
 
 // Programmatic dependent launch (sm_90 and newer; no-ops before, and on launches that do not
-// ask for it). A kernel first waits until the previous kernel of its stream has finished and
-// its memory is visible, then lets the next kernel be scheduled: nothing of a kernel touches
-// memory before its predecessor is done, so calls keep their stream order, while the next
-// kernel's launch overlaps this one's run instead of following it. In that order at most two
-// kernels of a rank are resident at once (one running, one waiting), which the grids' cap
-// allows for; letting the successor in before the wait would chain waiting kernels until they
-// fill the GPU and starve a peer's running one (seen: every long graph deadlocked).
-// A kernel launched without PDL (`early` false) never lets its successor in before it ends: a
-// successor launched with PDL could otherwise be resident beside a kernel whose grid was not
-// halved for it.
-__device__ __forceinline__ void pdl_begin(bool early) {
+// ask for it). Every kernel first waits until the previous kernel of its stream has finished
+// and its memory is visible (`pdl_wait`): nothing of a kernel touches memory before its
+// predecessor is done, so calls keep their stream order.
+//
+// When the next kernel may be scheduled (`pdl_release_next`) is what keeps ranks sharing a GPU
+// from starving each other. A collective kernel releases its successor only once it knows that
+// every peer's kernel of the same call is resident: after its start barrier (every peer's same
+// block has arrived), or, for packets, once the thread has received data that every peer's
+// same block sent. Then whenever a rank's next kernel takes SM slots while this one runs, every
+// rank's kernel of this call already holds its own slots and finishes without needing more,
+// so one call's grid per rank (the co-residency cap) is all that must fit; a successor released
+// at the start instead could fill the GPU before a slow peer's kernel of this call got its
+// blocks in (seen: long graphs deadlocked). The first release by any thread of a block counts
+// for the block (PTX: repeated invocations have no further effect), so each call site must be
+// one where that thread already holds the proof.
+__device__ __forceinline__ void pdl_wait() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
-    if (early) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_release_next() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
 

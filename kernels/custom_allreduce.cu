@@ -85,6 +85,7 @@ __device__ void oneshot(const Ptrs* __restrict__ rd, u64 in_offset, const char* 
     // Start: every peer's kernel is running, so its input (written by earlier work on its
     // stream) is complete.
     if (!barrier<false>(self, sigs, rank, TPCOMM_BARRIER_START, tag, timeout_ns, err, fault, &failed)) return;
+    pdl_release_next();  // every peer's block b is resident (common.cuh)
     if (!row_is_mine(in, local_in, rank, err, fault)) return;
     const u64 nvec = count / T::PER_VEC;
     const u64 tid = (u64)blockIdx.x * blockDim.x + threadIdx.x;
@@ -129,6 +130,7 @@ __device__ void oneshot_norm(const Ptrs* __restrict__ rd, u64 in_offset, const c
     load_weight<T>(norm, w);
     if (blockIdx.x < rows) load_residual<T>(norm, blockIdx.x, res);
     if (!barrier<false>(self, sigs, rank, TPCOMM_BARRIER_START, tag, timeout_ns, err, fault, &failed)) return;
+    pdl_release_next();  // every peer's block b is resident (common.cuh)
     if (!row_is_mine(src.in, local_in, rank, err, fault)) return;
     int slot = 0;
     for (u64 row = blockIdx.x; row < rows; row += gridDim.x, slot++) {
@@ -181,6 +183,7 @@ __device__ void twoshot(const Ptrs* __restrict__ rd, u64 in_offset, const char* 
     Ptrs in;
     load_row(rd, in_offset, &in);
     if (!barrier<false>(self, sigs, rank, TPCOMM_BARRIER_START, tag, timeout_ns, err, fault, &failed)) return;
+    pdl_release_next();  // every peer's block b is resident (common.cuh)
     if (!row_is_mine(in, local_in, rank, err, fault)) return;
     const u64 nvec = count / T::PER_VEC;
     const u64 tid = (u64)blockIdx.x * blockDim.x + threadIdx.x;
@@ -235,6 +238,7 @@ __device__ void twoshot_direct(const Ptrs* __restrict__ rd, u64 in_offset, const
     load_row(rd_out, out_offset, &outs);
     if (!row_is_mine(in, local_in, rank, err, fault) || !row_is_mine(outs, out, rank, err, fault)) return;
     if (!barrier<false>(self, sigs, rank, TPCOMM_BARRIER_START, tag, timeout_ns, err, fault, &failed)) return;
+    pdl_release_next();  // every peer's block b is resident (common.cuh)
     const u64 nvec = count / T::PER_VEC;
     const u64 tid = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     const u64 stride = (u64)gridDim.x * blockDim.x;
@@ -260,9 +264,9 @@ __device__ void twoshot_direct(const Ptrs* __restrict__ rd, u64 in_offset, const
 // Entry points, one per (algorithm, dtype), all with one signature:
 // (rank-data row, input offset into the row's buffers, our own input, the outputs' row and the
 //  output offset into its buffers (two-shot direct only), signals, scratch, out, rank, count,
-//  timeout_ns, error word, call tag, fault word, the value to raise it with, launched with
-//  programmatic dependent launch, then the epilogue's residual, residual_out, weight, hidden,
-//  eps and late flag (one-shot fused with the norm only; zero otherwise))
+//  timeout_ns, error word, call tag, fault word, the value to raise it with, then the epilogue's
+//  residual, residual_out, weight, hidden, eps and late flag (one-shot fused with the norm only;
+//  zero otherwise))
 
 // Every entry fits two blocks per SM (at most 64 registers a thread): the grid cap of the shared
 // device is computed over all of them, so one heavier kernel would halve every launch's blocks.
@@ -270,9 +274,9 @@ __device__ void twoshot_direct(const Ptrs* __restrict__ rd, u64 in_offset, const
     extern "C" __global__ void __launch_bounds__(TPCOMM_THREADS, 2)                                       \
         NAME(const Ptrs* __restrict__ rd, u64 in_offset, const char* local_in, const Ptrs* __restrict__ rd_out, \
              u64 out_offset, Ptrs sigs, Ptrs scratch, char* out, int rank, u64 count, u64 timeout_ns, u64* err,  \
-             u32 tag, u64* fault_word, u64 fault_raise, int pdl, const char* residual, char* residual_out,       \
+             u32 tag, u64* fault_word, u64 fault_raise, const char* residual, char* residual_out,                \
              const char* weight, u64 hidden, float eps, int late) {                                       \
-        pdl_begin(pdl != 0);                                                                              \
+        pdl_wait();                                                                                       \
         const Fault fault = {fault_word, fault_raise};                                                    \
         const NormArgs norm = {residual, residual_out, weight, hidden, eps, late};                        \
         (void)norm;                                                                                       \

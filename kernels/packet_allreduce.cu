@@ -13,12 +13,13 @@
 //   packet2  (LL, two-phase)  vector i goes to its owner only (shards as in two-shot); the
 //                             owner sums and pushes the result to every peer.
 //   lamport                   like all-pairs but raw data, no flags: receive slots hold a
-//                             sentinel until the data lands, and are re-armed one call later.
+//                             sentinel until the data lands, and the reader re-arms each slot
+//                             as soon as it has read it.
 //
 // Compiled with these defines (from src/runtime/protocol.rs) besides those of common.cuh:
 //   TPCOMM_PACKET_MAX_BLOCKS  blocks the per-block counters exist for
 //   TPCOMM_PACKET_THREADS     most data threads per block (every block adds one header warp)
-//   TPCOMM_LAMPORT_GENS       Lamport buffer generations (3)
+//   TPCOMM_LAMPORT_GENS       Lamport buffer generations (2)
 //   TPCOMM_WAIT_*             wait ids reported in the error word
 //
 // Results: element i is sum(x_r[i] for r = 0..WORLD-1) in that order, in fp32, rounded once,
@@ -29,8 +30,8 @@
     !defined(TPCOMM_WAIT_HEADER) || !defined(TPCOMM_WAIT_DATA) || !defined(TPCOMM_WAIT_RESULT)
 #error "compile through tpcomm's module cache: protocol defines are missing"
 #endif
-#if TPCOMM_LAMPORT_GENS != 3
-#error "the Lamport kernel is written for three generations"
+#if TPCOMM_LAMPORT_GENS != 2
+#error "the Lamport kernel is written for two generations"
 #endif
 
 // One rank's private state (device memory, zeroed at set-up). Kept on the device, never in
@@ -41,7 +42,6 @@
 struct PacketState {
     u32 ll_epoch[TPCOMM_PACKET_MAX_BLOCKS];     // LL calls made (0 skipped on wrap)
     u32 lamport_gen[TPCOMM_PACKET_MAX_BLOCKS];  // generation of the last Lamport call
-    u32 lamport_used[TPCOMM_LAMPORT_GENS];      // slots per source the last call of each generation filled
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -122,12 +122,17 @@ __device__ __forceinline__ void finish_block(u32* per_block, u32 value) {
 //
 // Scratch of one rank: [parity 2][source WORLD][slots] packets; slots 0 and 1 of each region
 // hold the call header (the call tag, so ranks making different calls stop with a mismatch,
-// sent as one vector like any other), slots 2 + 2i and 3 + 2i hold vector i. The layout depends only on the slot count, never on the
-// message size or the grid.
+// sent as one vector like any other, by block 0 to every block), slots 2 + 2i and 3 + 2i hold
+// vector i. The layout depends only on the slot count, never on the message size or the grid.
 struct LLWire {
     struct Raw {
         u64 w[4];
     };
+    // Byte offsets inside a source region: the header block `b` reads, and vector i.
+    static __device__ __forceinline__ u64 header_at(u32) { return 0; }
+    static __device__ __forceinline__ u64 vec_at(u64 i) { return (1 + i) * 32; }
+    // Whether block `b` sends the header (flags make one header readable by every block).
+    static __device__ __forceinline__ bool sends_header(u32 b) { return b == 0; }
     static __device__ __forceinline__ void load(const char* addr, Raw* r) {
         tpcomm_ld_volatile_2x64(addr, &r->w[0]);
         tpcomm_ld_volatile_2x64(addr + 16, &r->w[2]);
@@ -140,6 +145,8 @@ struct LLWire {
         Vec16 v = {{(u32)r.w[0], (u32)r.w[1], (u32)r.w[2], (u32)r.w[3]}};
         return v;
     }
+    // Nothing to re-arm: the next call's epoch tells its packets apart.
+    static __device__ __forceinline__ void consumed(char*) {}
     static __device__ __forceinline__ void store(char* addr, const Vec16& v, u32 flag) {
         const u64 f = (u64)flag << 32;
         tpcomm_st_volatile_2x64(addr, f | v.w[0], f | v.w[1]);
@@ -149,16 +156,22 @@ struct LLWire {
 
 // Lamport push.
 //
-// Receive buffers of one rank: [generation 3][source WORLD][slots] vectors, every 32-bit word
+// Receive buffers of one rank: [generation 2][source WORLD][slots] vectors, every 32-bit word
 // the sentinel 0xffffffff until a peer's data lands (a 32-bit access is single-copy atomic, so
 // a word is either the sentinel or the data). A data word equal to the sentinel (a NaN) is sent
-// as 0xfffffffe (still a NaN; an fp32 sum with a NaN is the canonical NaN either way). Slot 0
-// of each region is the call header (the tag, never the sentinel), vector i is slot 1 + i.
-// Calls rotate through the generations; each call re-arms (refills with the sentinel) what the
-// previous call received. A peer writes generation g again three calls later, only after our
-// header of the call in between, which we send after the re-arming call has finished.
+// as 0xfffffffe (still a NaN; an fp32 sum with a NaN is the canonical NaN either way). Slots
+// 0..TPCOMM_PACKET_MAX_BLOCKS-1 of each region are the call headers, one per block (the tag,
+// never the sentinel: every block sends and reads its own, because each is read once), vector i
+// is slot TPCOMM_PACKET_MAX_BLOCKS + i. The thread that reads a slot writes the sentinel back at
+// once (`consumed`), so every call leaves its generation re-armed. Calls alternate between the
+// two generations: a peer writes generation g again two calls later, only after it received our
+// data of the call in between, which we send after the call that read and re-armed g has
+// finished (stream order; a kernel's end orders its stores before the next one's).
 struct LamportWire {
     typedef Vec16 Raw;
+    static __device__ __forceinline__ u64 header_at(u32 b) { return (u64)b * 16; }
+    static __device__ __forceinline__ u64 vec_at(u64 i) { return (TPCOMM_PACKET_MAX_BLOCKS + i) * 16; }
+    static __device__ __forceinline__ bool sends_header(u32) { return true; }
     static __device__ __forceinline__ void load(const char* addr, Raw* v) {
         tpcomm_ld_volatile_16(addr, v->w);
     }
@@ -168,6 +181,12 @@ struct LamportWire {
     static __device__ __forceinline__ Vec16 data(const Raw& v) { return v; }
     static __device__ __forceinline__ void store_raw(char* addr, const Vec16& v) {
         tpcomm_st_volatile_16(addr, v.w);
+    }
+    // Re-arm a slot this thread has read (only its reader touches it until a peer writes it
+    // again, two calls later).
+    static __device__ __forceinline__ void consumed(char* addr) {
+        const Vec16 s = {{0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu}};
+        store_raw(addr, s);
     }
     static __device__ __forceinline__ void store(char* addr, Vec16 v, u32) {
 #pragma unroll
@@ -179,10 +198,10 @@ struct LamportWire {
 
 // ---------------------------------------------------------------------------------------------
 // Block layout: every block has `data threads` (a multiple of 32, chosen by the host to spread
-// small messages over several SMs) followed by one header warp. The header warp of block 0
-// sends our call header to every peer; the header warp of every block checks the header of
-// every peer, so a mismatch stops every block at once, while the data threads never wait for
-// headers on their critical path.
+// small messages over several SMs) followed by one header warp. The header warp sends our call
+// header to every peer (LL: block 0's, read by every block; Lamport: each block its own); the
+// header warp of every block checks the header of every peer, so a mismatch stops every block
+// at once, while the data threads never wait for headers on their critical path.
 
 __device__ __forceinline__ u32 data_threads() {
     return blockDim.x - 32;
@@ -215,23 +234,28 @@ __device__ __forceinline__ void headers(const Call& c, const Ptrs& bufs, int ran
     const int q = threadIdx.x - data_threads();
     if (q >= TPCOMM_WORLD || q == rank) return;
     const Vec16 h = {{tag, tag, tag, tag}};
-    if (blockIdx.x == 0) Wire::store((char*)bufs.p[q] + c.send_off, h, c.flag);
+    const u64 at = Wire::header_at(blockIdx.x);
+    if (Wire::sends_header(blockIdx.x)) Wire::store((char*)bufs.p[q] + c.send_off + at, h, c.flag);
+    const char* src = c.own + (u64)q * c.region + at;
     typename Wire::Raw raw;
-    Wire::load(c.own + (u64)q * c.region, &raw);
+    Wire::load(src, &raw);
     Spin spin;
     while (!Wire::ready(raw, c.flag)) {
         if (const u64 kind = spin.check(timeout_ns, fault)) {
             fail(err, failed, fault, kind, TPCOMM_WAIT_HEADER, q);
             return;
         }
-        Wire::load(c.own + (u64)q * c.region, &raw);
+        Wire::load(src, &raw);
     }
+    Wire::consumed((char*)src);
     if (Wire::data(raw).w[0] != tag) fail(err, failed, fault, TPCOMM_ERR_MISMATCH, TPCOMM_WAIT_HEADER, q);
 }
 
 // Wait for slot offset `at` of every peer and sum all n contributions in rank order, `mine`
 // being ours. Every sweep loads from all pending peers before looking at any value. Gives up
 // at the timeout (naming the first missing peer) or when another thread of the block failed.
+// The first arrival of all n lets the stream's next kernel be scheduled (common.cuh): this is
+// where a packet kernel first knows that every peer's kernel of the call is resident.
 template <typename T, typename Wire>
 __device__ __forceinline__ bool sum_arrivals(const Call& c, u64 at, const Vec16& mine, int rank, u64 timeout_ns, u64* err,
                                              const Fault& fault, volatile int* failed, Vec16* result) {
@@ -251,6 +275,7 @@ __device__ __forceinline__ bool sum_arrivals(const Call& c, u64 at, const Vec16&
             if (((pending >> r) & 1) && Wire::ready(raw[r], c.flag)) {
                 got[r] = Wire::data(raw[r]);
                 pending &= ~(1u << r);
+                Wire::consumed((char*)c.own + (u64)r * c.region + at);
             }
         if (pending) {
             if (*failed) return false;
@@ -260,6 +285,8 @@ __device__ __forceinline__ bool sum_arrivals(const Call& c, u64 at, const Vec16&
             }
         }
     }
+    // Every peer's same block sent this vector, so every peer's kernel of this call is resident.
+    pdl_release_next();
     float acc[T::PER_VEC];
     unpack<T>(got[0], acc);
 #pragma unroll
@@ -268,13 +295,12 @@ __device__ __forceinline__ bool sum_arrivals(const Call& c, u64 at, const Vec16&
     return true;
 }
 
-// All-pairs (LL or Lamport): push every vector to every peer, then sum what arrived. A vector
-// takes `per_vec` slots; the header is vector -1 (slot 0), vector i starts at slot
-// per_vec * (1 + i). In place is safe: the thread that reads in[i] is the one that
-// writes out[i], after reading it.
+// All-pairs (LL or Lamport): push every vector to every peer, then sum what arrived (vector i
+// at Wire::vec_at(i) of each source region). In place is safe: the thread that reads in[i] is
+// the one that writes out[i], after reading it.
 template <typename T, typename Wire>
 __device__ __forceinline__ void allpairs(const char* in, char* out, const Call& c, const Ptrs& bufs, int rank,
-                                         u64 count, u64 per_vec, u64 timeout_ns, u64* err, const Fault& fault,
+                                         u64 count, u64 timeout_ns, u64* err, const Fault& fault,
                                          volatile int* failed) {
     const u64 nvec = (count + T::PER_VEC - 1) / T::PER_VEC;
     const u64 tid = (u64)blockIdx.x * data_threads() + threadIdx.x;
@@ -282,15 +308,15 @@ __device__ __forceinline__ void allpairs(const char* in, char* out, const Call& 
     // Push first: no thread waits before all of its vectors are on their way.
     for (u64 i = tid; i < nvec; i += stride) {
         const Vec16 v = load_vec<T>(in, i, count);
-        const u64 at = per_vec * (1 + i) * 16;
+        const u64 at = Wire::vec_at(i);
 #pragma unroll
         for (int q = 0; q < TPCOMM_WORLD; q++)
             if (q != rank) Wire::store((char*)bufs.p[q] + c.send_off + at, v, c.flag);
     }
     for (u64 i = tid; i < nvec; i += stride) {
         Vec16 sum;
-        if (!sum_arrivals<T, Wire>(c, per_vec * (1 + i) * 16, load_vec<T>(in, i, count), rank, timeout_ns, err, fault,
-                                   failed, &sum))
+        if (!sum_arrivals<T, Wire>(c, Wire::vec_at(i), load_vec<T>(in, i, count), rank, timeout_ns, err, fault, failed,
+                                   &sum))
             break;
         store_vec<T>(out, i, count, sum);
     }
@@ -320,12 +346,12 @@ __device__ __forceinline__ void twophase(const char* in, char* out, const Call& 
     // 1. Scatter: every vector we do not own goes to its owner.
     for (u64 i = tid; i < nvec; i += stride) {
         const int o = owner_of(i, nvec);
-        if (o != rank) LLWire::store((char*)scratch.p[o] + c.send_off + (1 + i) * 32, load_vec<T>(in, i, count), c.flag);
+        if (o != rank) LLWire::store((char*)scratch.p[o] + c.send_off + LLWire::vec_at(i), load_vec<T>(in, i, count), c.flag);
     }
     // 2. Reduce our shard and broadcast it. Waits only on phase 1, which never waits.
     for (u64 i = tid; i < nvec; i += stride) {
         if (owner_of(i, nvec) != rank) continue;
-        const u64 at = (1 + i) * 32;
+        const u64 at = LLWire::vec_at(i);
         Vec16 sum;
         if (!sum_arrivals<T, LLWire>(c, at, load_vec<T>(in, i, count), rank, timeout_ns, err, fault, failed, &sum))
             return;
@@ -338,7 +364,7 @@ __device__ __forceinline__ void twophase(const char* in, char* out, const Call& 
     for (u64 i = tid; i < nvec; i += stride) {
         const int o = owner_of(i, nvec);
         if (o == rank) continue;
-        const char* src = c.own + (u64)o * c.region + (1 + i) * 32;
+        const char* src = c.own + (u64)o * c.region + LLWire::vec_at(i);
         LLWire::Raw raw;
         LLWire::load(src, &raw);
         Spin spin;
@@ -350,6 +376,8 @@ __device__ __forceinline__ void twophase(const char* in, char* out, const Call& 
             }
             LLWire::load(src, &raw);
         }
+        // The owner's block sent this only after its block received from every rank's.
+        pdl_release_next();
         store_vec<T>(out, i, count, LLWire::data(raw));
     }
 }
@@ -368,38 +396,24 @@ __device__ void ll(const char* in, char* out, const Ptrs& scratch, PacketState* 
     else if (TWO_PHASE)
         twophase<T>(in, out, c, scratch, rank, count, timeout_ns, err, fault, &failed);
     else
-        allpairs<T, LLWire>(in, out, c, scratch, rank, count, 2, timeout_ns, err, fault, &failed);
+        allpairs<T, LLWire>(in, out, c, scratch, rank, count, timeout_ns, err, fault, &failed);
     finish_block(st->ll_epoch, e);
 }
 
-// Lamport push: all-pairs with raw data, then re-arm what the previous call received, off the
-// critical path of the peers (our data is already on its way).
+// Lamport push: all-pairs with raw data; every slot is re-armed by the thread that read it, so
+// the call leaves its generation ready for the call after next.
 template <typename T>
 __device__ void lamport(const char* in, char* out, const Ptrs& bufs, PacketState* st, int rank, u64 count, u64 slots,
                         u64 timeout_ns, u64* err, u32 tag, const Fault& fault) {
     __shared__ volatile int failed;
     if (threadIdx.x == 0) failed = 0;
     __syncthreads();
-    const u32 prev = st->lamport_gen[blockIdx.x];
-    const u32 gen = prev + 1 == TPCOMM_LAMPORT_GENS ? 0 : prev + 1;
+    const u32 gen = st->lamport_gen[blockIdx.x] ^ 1;
     const Call c = make_call(bufs, rank, slots, gen, 0);
-    if (threadIdx.x >= data_threads()) {
+    if (threadIdx.x >= data_threads())
         headers<LamportWire>(c, bufs, rank, tag, timeout_ns, err, fault, &failed);
-    } else {
-        allpairs<T, LamportWire>(in, out, c, bufs, rank, count, 1, timeout_ns, err, fault, &failed);
-        // Re-arm the slots the previous call filled in generation `prev`: no peer writes them
-        // again before our next call has started.
-        const u64 used = st->lamport_used[prev];
-        char* base = (char*)bufs.p[rank] + (u64)prev * TPCOMM_WORLD * c.region;
-        const Vec16 s = {{0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu}};
-        const u64 tid = (u64)blockIdx.x * data_threads() + threadIdx.x;
-        const u64 stride = (u64)gridDim.x * data_threads();
-        for (u64 k = tid; k < used * TPCOMM_WORLD; k += stride) {
-            const u64 src = k / used;
-            if (src != (u64)rank) LamportWire::store_raw(base + src * c.region + (k % used) * 16, s);
-        }
-        if (blockIdx.x == 0 && threadIdx.x == 0) st->lamport_used[gen] = 1 + (count + T::PER_VEC - 1) / T::PER_VEC;
-    }
+    else
+        allpairs<T, LamportWire>(in, out, c, bufs, rank, count, timeout_ns, err, fault, &failed);
     finish_block(st->lamport_gen, gen);
 }
 
@@ -413,7 +427,7 @@ __device__ void lamport(const char* in, char* out, const Ptrs& bufs, PacketState
     extern "C" __global__ void __launch_bounds__(TPCOMM_PACKET_THREADS + 32)                                    \
         NAME(const char* in, char* out, Ptrs scratch, PacketState* st, int rank, u64 count, u64 slots,          \
              u64 timeout_ns, u64* err, u32 tag, u64* fault_word, u64 fault_raise) {                             \
-        pdl_begin(true);                                                                                        \
+        pdl_wait();                                                                                             \
         const Fault fault = {fault_word, fault_raise};                                                          \
         __VA_ARGS__(in, out, scratch, st, rank, count, slots, timeout_ns, err, tag, fault);                     \
     }

@@ -270,6 +270,7 @@ __device__ void quick(const Ptrs& sigs, const Ptrs& inbox, const char* in, char*
     u64 start, len;
 
     if (!barrier<false>(self, sigs, rank, TPCOMM_BARRIER_START, tag, timeout_ns, err, fault, &failed)) return;
+    pdl_release_next();  // every peer's block b is resident (common.cuh)
     // Phase 1: our contribution to every shard, into its owner's inbox.
 #pragma unroll 1
     for (int s = 0; s < TPCOMM_WORLD; s++) {
@@ -329,13 +330,13 @@ __device__ void quick(const Ptrs& sigs, const Ptrs& inbox, const char* in, char*
 // ---------------------------------------------------------------------------------------------
 // Entry points `quick_{codec}_{dtype}`, one signature:
 // (signals, inboxes, our input, our output, rank, count, timeout_ns, error word, call tag,
-//  fault word, the value to raise it with, launched with programmatic dependent launch)
+//  fault word, the value to raise it with)
 
 #define TPCOMM_QUICK_ENTRY(NAME, T, C)                                                                       \
     extern "C" __global__ void __launch_bounds__(TPCOMM_THREADS, 2)                                          \
         NAME(Ptrs sigs, Ptrs inbox, const char* in, char* out, int rank, u64 count, u64 timeout_ns, u64* err, \
-             u32 tag, u64* fault_word, u64 fault_raise, int pdl) {                                           \
-        pdl_begin(pdl != 0);                                                                                 \
+             u32 tag, u64* fault_word, u64 fault_raise) {                                                    \
+        pdl_wait();                                                                                          \
         const Fault fault = {fault_word, fault_raise};                                                       \
         quick<T, C>(sigs, inbox, in, out, rank, count, timeout_ns, err, tag, fault);                         \
     }

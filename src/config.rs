@@ -48,7 +48,7 @@ pub struct Config {
     /// shared GPU.
     pub custom_max_blocks: Option<usize>,
     /// Bytes of the largest message the packet kernels take; sizes each rank's LL scratch and
-    /// Lamport buffers (about 7 x world x this) (`TPCOMM_PACKET_BUFFER_BYTES`).
+    /// Lamport buffers (about 6 x world x this) (`TPCOMM_PACKET_BUFFER_BYTES`).
     pub packet_buffer_bytes: usize,
     /// Data threads per block of the packet kernels (`TPCOMM_PACKET_THREADS`; `None`: 128 at 2
     /// ranks, 64 above).

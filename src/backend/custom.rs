@@ -112,7 +112,7 @@ pub(crate) struct CustomOptions {
     /// Kernel cache directory (`None`: compile every time).
     pub cache_dir: Option<PathBuf>,
     pub fault: FaultTarget,
-    /// Launch with programmatic dependent launch where the grid allows (`TPCOMM_PDL`).
+    /// Launch with programmatic dependent launch (`TPCOMM_PDL`).
     pub pdl: bool,
     /// Most blocks of one launch (`TPCOMM_CUSTOM_MAX_BLOCKS`), before the shared-device cap.
     pub max_blocks: usize,
@@ -160,7 +160,7 @@ pub(crate) struct CustomAllreduce {
     capture: Option<Capture>,
     err: HostWord,
     fault: FaultTarget,
-    pdl_blocks: usize,
+    pdl: bool,
     kernels_from_disk: bool,
     // Dropped last-but-one: peers' mappings close before our own buffers are freed.
     peers: PeerMappings,
@@ -172,7 +172,6 @@ pub(crate) struct CustomAllreduce {
 struct Prepared {
     funcs: HashMap<(Kernel, DType), CudaFunction>,
     max_blocks: usize,
-    pdl_blocks: usize,
     signal: IpcBuffer,
     scratch: IpcBuffer,
     staging: IpcBuffer,
@@ -226,7 +225,7 @@ impl CustomAllreduce {
             capture: None,
             err: HostWord::new()?,
             fault: opts.fault,
-            pdl_blocks: p.pdl_blocks,
+            pdl: opts.pdl,
             kernels_from_disk: p.from_disk,
             peers,
             _signal: p.signal,
@@ -256,8 +255,7 @@ impl CustomAllreduce {
             opts.ranks_per_device,
             "custom allreduce",
         )?;
-        let (max_blocks, pdl_blocks) =
-            crate::runtime::grid_and_pdl(cap, opts.max_blocks.min(protocol::MAX_BLOCKS), opts.pdl);
+        let max_blocks = opts.max_blocks.min(protocol::MAX_BLOCKS).min(cap);
         let signal = IpcBuffer::alloc(ctx, meta_size())?;
         signal.zero()?;
         let scratch = IpcBuffer::alloc(ctx, opts.max_bytes)?;
@@ -265,17 +263,12 @@ impl CustomAllreduce {
         // Zero rows never name an input, so a kernel handed an unfilled row fails its check.
         let rank_data = IpcBuffer::alloc(ctx, ROWS as usize * protocol::RANK_DATA_ROW_BYTES)?;
         rank_data.zero()?;
-        Ok(Prepared { funcs, max_blocks, pdl_blocks, signal, scratch, staging, rank_data, from_disk })
+        Ok(Prepared { funcs, max_blocks, signal, scratch, staging, rank_data, from_disk })
     }
 
     /// Most blocks of one launch (after the shared-device cap).
     pub(crate) fn max_blocks(&self) -> usize {
         self.max_blocks
-    }
-
-    /// The largest launch (in blocks) that uses programmatic dependent launch; 0: none does.
-    pub(crate) fn pdl_blocks(&self) -> usize {
-        self.pdl_blocks
     }
 
     /// True when the kernels' CUBIN came from the disk cache rather than NVRTC.
@@ -501,8 +494,6 @@ impl DeviceBackend for CustomAllreduce {
             kernel as u32,
             &[self.placement(row), in_offset, self.placement(out_row), out_offset, hidden, u64::from(late)],
         );
-        let pdl_launch = blocks <= self.pdl_blocks;
-        let pdl = i32::from(pdl_launch);
         use crate::runtime::arg;
         let mut params = [
             arg(&rd),
@@ -520,7 +511,6 @@ impl DeviceBackend for CustomAllreduce {
             arg(&tag),
             arg(&self.fault.word),
             arg(&self.fault.raise),
-            arg(&pdl),
             arg(&norm.residual),
             arg(&norm.residual_out),
             arg(&norm.weight),
@@ -530,7 +520,7 @@ impl DeviceBackend for CustomAllreduce {
         ];
         // SAFETY: the arguments match `(const Ptrs* rd, u64 in_offset, const char* local_in, const Ptrs* rd_out,
         // u64 out_offset, Ptrs sigs, Ptrs scratch, char* out, int rank, u64 count, u64 timeout_ns, u64* err, u32 tag,
-        // u64* fault_word, u64 fault_raise, int pdl, const char* residual, char* residual_out, const char* weight,
+        // u64* fault_word, u64 fault_raise, const char* residual, char* residual_out, const char* weight,
         // u64 hidden, float eps, int late)` in kernels/custom_allreduce.cu (types as declared above; the norm's buffers are
         // the caller's, valid for the call, and read only by the fused kernel); `rd`
         // and `rd_out` point to rows of the rank-data table (the kernels check that they name `local_in` and `out`
@@ -544,7 +534,7 @@ impl DeviceBackend for CustomAllreduce {
                 protocol::THREADS,
                 stream,
                 &mut params,
-                pdl_launch,
+                self.pdl,
                 "cuLaunchKernelEx(custom)",
             )
         }

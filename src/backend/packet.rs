@@ -19,7 +19,7 @@
 //! - **LL scratch** ([`protocol::ll_scratch_bytes`]): `[parity][source][slots]` 16-byte packets,
 //!   zeroed at set-up.
 //! - **Lamport buffers** ([`protocol::lamport_bytes`]): `[generation][source][slots]` vectors,
-//!   filled with the sentinel at set-up.
+//!   filled with the sentinel at set-up and re-armed by the thread that reads each slot.
 //!
 //! Preconditions as for every collective: all ranks make the same calls in the same order
 //! (a different length, dtype or algorithm is found through the call header and reported as
@@ -50,7 +50,7 @@ enum PacketKernel {
     AllPairs,
     /// LL packets, two-phase: scatter shards to their owners, owners push the reduced shard.
     TwoPhase,
-    /// Lamport push: raw data into sentinel-filled receive buffers, re-armed one call later.
+    /// Lamport push: raw data into sentinel-filled receive buffers, each slot re-armed by its reader.
     Lamport,
 }
 
@@ -78,7 +78,7 @@ impl PacketKernel {
 #[derive(Debug, Clone)]
 pub(crate) struct PacketOptions {
     /// Largest message in bytes; sizes the scratch (about `4 * world * max_bytes` for LL and
-    /// `3 * world * max_bytes` for Lamport per rank).
+    /// `2 * world * max_bytes` for Lamport per rank).
     pub max_bytes: usize,
     /// Limit of every wait on a peer.
     pub timeout: Duration,
@@ -210,7 +210,7 @@ impl PacketAllreduce {
             ctx,
             funcs.values(),
             protocol::PACKET_THREADS + protocol::PACKET_HEADER_THREADS,
-            opts.ranks_per_device * (1 + usize::from(opts.pdl)),
+            opts.ranks_per_device,
             "packet allreduce",
         )?;
         let max_blocks = DEFAULT_MAX_BLOCKS.clamp(1, protocol::PACKET_MAX_BLOCKS).min(cap);

@@ -58,7 +58,7 @@ pub(crate) struct QuickOptions {
     /// Kernel cache directory (`None`: compile every time).
     pub cache_dir: Option<PathBuf>,
     pub fault: FaultTarget,
-    /// Launch with programmatic dependent launch where the grid allows (`TPCOMM_PDL`).
+    /// Launch with programmatic dependent launch (`TPCOMM_PDL`).
     pub pdl: bool,
 }
 
@@ -95,7 +95,7 @@ pub(crate) struct QuickAllreduce {
     inboxes: [u64; protocol::MAX_RANKS],
     err: HostWord,
     fault: FaultTarget,
-    pdl_blocks: usize,
+    pdl: bool,
     // Dropped before our own buffers: peers' mappings close first.
     _peers: PeerMappings,
     _signal: IpcBuffer,
@@ -106,7 +106,6 @@ pub(crate) struct QuickAllreduce {
 struct Prepared {
     funcs: HashMap<(Codec, DType), CudaFunction>,
     max_blocks: usize,
-    pdl_blocks: usize,
     signal: IpcBuffer,
     inbox: IpcBuffer,
 }
@@ -146,7 +145,7 @@ impl QuickAllreduce {
             inboxes: shared.addrs[1],
             err: HostWord::new()?,
             fault: opts.fault,
-            pdl_blocks: p.pdl_blocks,
+            pdl: opts.pdl,
             _peers: peers,
             _signal: p.signal,
             _inbox: p.inbox,
@@ -170,21 +169,16 @@ impl QuickAllreduce {
             opts.ranks_per_device,
             "quick allreduce",
         )?;
-        let (max_blocks, pdl_blocks) = crate::runtime::grid_and_pdl(cap, DEFAULT_MAX_BLOCKS, opts.pdl);
+        let max_blocks = DEFAULT_MAX_BLOCKS.min(cap);
         let signal = IpcBuffer::alloc(ctx, protocol::signal_bytes(protocol::QUICK_MAX_BLOCKS))?;
         signal.zero()?;
         let inbox = IpcBuffer::alloc(ctx, inbox_bytes(world, opts.max_bytes))?;
-        Ok(Prepared { funcs, max_blocks, pdl_blocks, signal, inbox })
+        Ok(Prepared { funcs, max_blocks, signal, inbox })
     }
 
     /// Most blocks of one launch (after the shared-device cap).
     pub(crate) fn max_blocks(&self) -> usize {
         self.max_blocks
-    }
-
-    /// The largest launch (in blocks) that uses programmatic dependent launch; 0: none does.
-    pub(crate) fn pdl_blocks(&self) -> usize {
-        self.pdl_blocks
     }
 }
 
@@ -228,8 +222,6 @@ impl DeviceBackend for QuickAllreduce {
         let timeout_ns = crate::runtime::timeout_ns(self.timeout);
         let err = self.err.device_ptr();
         let tag = protocol::call_tag(count, call.dtype.code(), 16 + codec as u32, &[]);
-        let pdl_launch = blocks <= self.pdl_blocks;
-        let pdl = i32::from(pdl_launch);
         use crate::runtime::arg;
         let mut params = [
             arg(&self.sigs),
@@ -243,10 +235,9 @@ impl DeviceBackend for QuickAllreduce {
             arg(&tag),
             arg(&self.fault.word),
             arg(&self.fault.raise),
-            arg(&pdl),
         ];
         // SAFETY: the arguments match `(Ptrs sigs, Ptrs inbox, const char* in, char* out, int rank,
-        // u64 count, u64 timeout_ns, u64* err, u32 tag, u64* fault_word, u64 fault_raise, int pdl)` in
+        // u64 count, u64 timeout_ns, u64* err, u32 tag, u64* fault_word, u64 fault_raise)` in
         // kernels/quick_allreduce.cu; `sigs` and `inboxes` are live IPC mappings whose inboxes hold
         // the slots of `len` elements (len * size <= max_bytes, checked above); `input` and `output`
         // are valid for `len` elements (the caller's contract); `err` is the mapped host word and
@@ -258,7 +249,7 @@ impl DeviceBackend for QuickAllreduce {
                 protocol::THREADS,
                 stream,
                 &mut params,
-                pdl_launch,
+                self.pdl,
                 "cuLaunchKernelEx(quick)",
             )
         }

@@ -112,13 +112,13 @@ impl BackendSet {
                     Ok(custom) => {
                         set.notes.push(format!(
                             "custom allreduce: {} ranks, {} per GPU at most, full NVLink {}, {} blocks, {} staging bytes, \
-                             PDL up to {} blocks, kernels from disk cache: {}",
+                             PDL {}, kernels from disk cache: {}",
                             l.ranks_per_node,
                             layout.max_ranks_per_device,
                             layout.full_nvlink,
                             custom.max_blocks(),
                             config.custom_max_bytes,
-                            custom.pdl_blocks(),
+                            if config.pdl { "on" } else { "off" },
                             custom.kernels_from_disk_cache()
                         ));
                         set.push(BackendKind::Custom, Group::Node, Box::new(custom));
@@ -153,10 +153,9 @@ impl BackendSet {
                             match QuickAllreduce::new(boot.node(), ctx, &opts) {
                                 Ok(q) => {
                                     set.notes.push(format!(
-                                        "quick allreduce: {} blocks max, {} bytes max, PDL up to {} blocks",
+                                        "quick allreduce: {} blocks max, {} bytes max",
                                         q.max_blocks(),
-                                        config.quick_max_bytes,
-                                        q.pdl_blocks()
+                                        config.quick_max_bytes
                                     ));
                                     set.push(BackendKind::Quick, Group::Node, Box::new(q));
                                 }

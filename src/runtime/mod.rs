@@ -131,9 +131,11 @@ pub(crate) fn arg<T>(value: &T) -> *mut std::ffi::c_void {
 
 /// Launch `func` on `stream` with `grid` blocks of `block` threads (`cuLaunchKernelEx`). With
 /// `pdl` the launch may overlap the previous kernel of the stream (programmatic dependent
-/// launch): tpcomm's kernels let their successor be scheduled and then wait for their
-/// predecessor before touching memory, so the calls keep their order and only the launch
-/// latency is hidden. Inside a capture the dependency becomes a programmatic graph edge.
+/// launch): tpcomm's kernels wait for their predecessor before touching memory, so the calls
+/// keep their order and only the launch latency is hidden; a collective kernel lets its own
+/// successor be scheduled only once every peer's kernel of the call is resident
+/// (kernels/common.cuh), so no grid has to be halved for it. Inside a capture the dependency
+/// becomes a programmatic graph edge.
 ///
 /// # Safety
 /// `params` point to the kernel's arguments, in its order and of its types, all valid for the
@@ -204,20 +206,6 @@ pub fn co_resident_blocks<'a>(
         });
     }
     Ok(cap)
-}
-
-/// The grid limit of a family whose kernels wait on the same block of every peer (custom,
-/// quick), and the largest launch of it that uses programmatic dependent launch (0: none).
-///
-/// The grid is at most `max_blocks`, within the co-residency `cap`. With PDL a rank's next
-/// kernel may be resident beside the running one, so only launches that fit twice (at most
-/// `cap / 2` blocks) use it; a bigger launch neither starts early nor lets the next kernel start
-/// early (`griddepcontrol.launch_dependents` is skipped), so two kernels of one rank are
-/// resident together only when both fit twice. Small messages keep PDL's lower latency and
-/// large ones keep the whole grid (halving it cost 20% at 16 MiB with 8 ranks on one H200).
-pub(crate) fn grid_and_pdl(cap: usize, max_blocks: usize, pdl: bool) -> (usize, usize) {
-    let blocks = max_blocks.min(cap);
-    (blocks, if pdl { (cap / 2).min(blocks) } else { 0 })
 }
 
 /// A wait limit as the kernels take it: nanoseconds, saturated far beyond any real wait.
@@ -329,22 +317,5 @@ impl Drop for MappedHostPage {
         self.ctx.record_err(self.ctx.bind_to_thread());
         // SAFETY: registered in `register`, unregistered once; a failure is kept by the context.
         self.ctx.record_err(unsafe { sys::cuMemHostUnregister(self.host.cast()) }.result());
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pdl_only_for_launches_that_fit_twice() {
-        // Two ranks on an H200-sized cap: the whole grid, every launch with PDL.
-        assert_eq!(grid_and_pdl(264, 36, true), (36, 36));
-        // Eight ranks: the grid is cut to the cap; launches up to half of it keep PDL.
-        assert_eq!(grid_and_pdl(66, 128, true), (66, 33));
-        assert_eq!(grid_and_pdl(71, 36, true), (36, 35));
-        assert_eq!(grid_and_pdl(72, 36, true), (36, 36));
-        // Off: no launch uses it.
-        assert_eq!(grid_and_pdl(264, 36, false), (36, 0));
     }
 }

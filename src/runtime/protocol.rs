@@ -78,12 +78,12 @@ pub const PACKET_MAX_BLOCKS: usize = 64;
 pub const PACKET_THREADS: usize = 256;
 /// Packet kernels: the header warp every block has besides its data threads.
 pub const PACKET_HEADER_THREADS: usize = 32;
-/// Lamport receive-buffer generations: the current call's, the previous call's (being re-armed)
-/// and one a fast peer may already fill for the next call.
-pub const LAMPORT_GENS: usize = 3;
-/// Bytes of one rank's private packet state: LL epochs and Lamport generations per block, then
-/// the slots each Lamport generation used (`u32` each).
-pub const PACKET_STATE_BYTES: usize = (2 * PACKET_MAX_BLOCKS + LAMPORT_GENS) * 4;
+/// Lamport receive-buffer generations: the current call's and the one a fast peer may already
+/// fill for the next call (each call re-arms the slots it reads as it reads them).
+pub const LAMPORT_GENS: usize = 2;
+/// Bytes of one rank's private packet state: LL epochs and Lamport generations per block
+/// (`u32` each).
+pub const PACKET_STATE_BYTES: usize = 2 * PACKET_MAX_BLOCKS * 4;
 /// Packet wait ids recorded in the error word: the call header of a peer.
 pub const WAIT_HEADER: u32 = 3;
 /// A peer's data packets (all-pairs, Lamport, two-phase reduce).
@@ -102,12 +102,13 @@ pub const fn ll_scratch_bytes(world: usize, max_bytes: usize) -> usize {
     2 * world * ll_slots(max_bytes) * 16
 }
 
-/// Lamport slots per source region: a header, then one per 16-byte vector.
+/// Lamport slots per source region: a header per block (each block reads its own), then one per
+/// 16-byte vector.
 pub const fn lamport_slots(max_bytes: usize) -> usize {
-    1 + max_bytes.div_ceil(VEC_BYTES)
+    PACKET_MAX_BLOCKS + max_bytes.div_ceil(VEC_BYTES)
 }
 
-/// Bytes of one rank's Lamport receive buffers: `[generation 3][source world][lamport_slots]`.
+/// Bytes of one rank's Lamport receive buffers: `[generation 2][source world][lamport_slots]`.
 pub const fn lamport_bytes(world: usize, max_bytes: usize) -> usize {
     LAMPORT_GENS * world * lamport_slots(max_bytes) * 16
 }
@@ -266,9 +267,9 @@ mod tests {
     fn packet_layouts_hold_a_header_and_every_vector() {
         assert_eq!(ll_slots(16), 4);
         assert_eq!(ll_slots(17), 6);
-        assert_eq!(lamport_slots(0), 1);
+        assert_eq!(lamport_slots(0), PACKET_MAX_BLOCKS, "a header per block");
         assert_eq!(ll_scratch_bytes(2, 16), 2 * 2 * 4 * 16);
-        assert_eq!(lamport_bytes(3, 32), 3 * 3 * 3 * 16);
+        assert_eq!(lamport_bytes(3, 32), 2 * 3 * (PACKET_MAX_BLOCKS + 2) * 16);
         for count in [0, 1, 1 << 20] {
             assert_ne!(packet_tag(count, 2, 7), 0xffff_ffff);
             assert_ne!(call_tag(count, 2, 7, &[0, 64]), call_tag(count, 2, 7, &[64, 0]), "offsets are part of a call");
