@@ -222,18 +222,19 @@ pub(crate) const fn oneshot_max_bytes(world: usize) -> usize {
     }
 }
 
-/// Largest device message reduced by packets for `world` ranks. All-pairs packets push
-/// `(n - 1) * 2 * S` bytes per rank (the flags double it) but skip one-shot's two barriers; on
-/// one H200 shared by all ranks they beat one-shot up to 128 KiB at 2 ranks (3.9 us against
-/// 5.0), 64 KiB at 4 (bench/RESULTS.md, "Thresholds") and 16 KiB at 8, where one-shot with
-/// programmatic dependent launch took 32 KiB (6.4 us against 8.1; "Two-shot stored directly").
+/// Largest device message reduced by packets (Lamport push) for `world` ranks. Lamport pushes
+/// `(n - 1) * S` bytes per rank but skips one-shot's two barriers; on one H200 shared by all
+/// ranks it beats one-shot and in-place two-shot up to 512 KiB at 2 ranks (in place 4.99 us
+/// against 5.64; out of place within 0.06 of one-shot), 128 KiB at 4 (5.04 against 5.11 / 6.52)
+/// and 32 KiB at 8 (6.30 against 6.27 / 8.10), and loses at twice those sizes
+/// (bench/RESULTS.md, "Late PDL release, Lamport re-armed by its reader").
 pub(crate) const fn packet_max_bytes(world: usize) -> usize {
     if world <= 2 {
-        128 << 10
+        512 << 10
     } else if world <= 4 {
-        64 << 10
+        128 << 10
     } else {
-        16 << 10
+        32 << 10
     }
 }
 
@@ -467,7 +468,7 @@ impl DispatchTable {
     fn within_node(&self, bytes: usize, caps: &Caps, in_place: bool) -> Option<Algo> {
         let oneshot = if in_place { 0 } else { self.oneshot_max_bytes };
         if bytes <= self.packet_max_bytes && caps.has(BackendKind::Packet, Group::Node) {
-            Some(Algo::Packet)
+            Some(Algo::Lamport)
         } else if bytes <= oneshot.min(self.custom_max_bytes) {
             Some(Algo::OneShot)
         } else if bytes <= self.custom_max_bytes {
@@ -642,7 +643,7 @@ impl fmt::Display for DispatchTable {
         writeln!(f, "# host memory:   bytes <= {:>10}: {}", self.host_oneshot_max_bytes, Algo::HostOneShot)?;
         writeln!(f, "# host memory:   bytes >  {:>10}: {}", self.host_oneshot_max_bytes, Algo::HostTwoShot)?;
         writeln!(f, "# device memory: one rank: {} (no kernel)", Algo::Copy)?;
-        writeln!(f, "# device memory: bytes <= {:>10}: {}", self.packet_max_bytes, Algo::Packet)?;
+        writeln!(f, "# device memory: bytes <= {:>10}: {}", self.packet_max_bytes, Algo::Lamport)?;
         let oneshot = |b: usize| if b == usize::MAX { "any".to_string() } else { b.to_string() };
         writeln!(
             f,
@@ -784,17 +785,17 @@ mod tests {
     #[test]
     fn one_node_sizes_follow_the_world_size() {
         let c = all();
-        for (world, packet, oneshot) in [(4, 64 << 10, 1 << 20), (8, 16 << 10, 128 << 10)] {
+        for (world, packet, oneshot) in [(4, 128 << 10, 1 << 20), (8, 32 << 10, 128 << 10)] {
             let t = table(Config::default(), world);
             let s = Shape::one_node(world, 0);
             let algo = |bytes| t.device(&req(&c, bytes, s)).unwrap().algo;
             let in_place = |bytes| t.device(&Request { in_place: true, ..req(&c, bytes, s) }).unwrap().algo;
-            assert_eq!(algo(0), Algo::Packet);
-            assert_eq!(algo(packet), Algo::Packet);
+            assert_eq!(algo(0), Algo::Lamport);
+            assert_eq!(algo(packet), Algo::Lamport);
             assert_eq!(algo(packet + 2), Algo::OneShot);
             assert_eq!(algo(oneshot), Algo::OneShot);
             assert_eq!(algo(oneshot + 2), Algo::TwoShot);
-            assert_eq!(in_place(packet), Algo::Packet, "packets are in place for free");
+            assert_eq!(in_place(packet), Algo::Lamport, "packets are in place for free");
             assert_eq!(in_place(packet + 2), Algo::TwoShot, "one-shot in place would stage its input");
             assert_eq!(algo(8 << 20), Algo::TwoShot);
             assert_eq!(algo((8 << 20) + 2), Algo::Nccl);
@@ -802,10 +803,10 @@ mod tests {
         // Two ranks: one-shot out of place up to the IPC limit, two-shot in place above packets.
         let t = table(Config::default(), 2);
         let s = Shape::one_node(2, 0);
-        assert_eq!(t.device(&req(&c, 128 << 10, s)).unwrap().algo, Algo::Packet);
+        assert_eq!(t.device(&req(&c, 512 << 10, s)).unwrap().algo, Algo::Lamport);
         assert_eq!(t.device(&req(&c, 8 << 20, s)).unwrap().algo, Algo::OneShot);
-        assert_eq!(t.device(&Request { in_place: true, ..req(&c, 128 << 10, s) }).unwrap().algo, Algo::Packet);
-        assert_eq!(t.device(&Request { in_place: true, ..req(&c, (128 << 10) + 2, s) }).unwrap().algo, Algo::TwoShot);
+        assert_eq!(t.device(&Request { in_place: true, ..req(&c, 512 << 10, s) }).unwrap().algo, Algo::Lamport);
+        assert_eq!(t.device(&Request { in_place: true, ..req(&c, (512 << 10) + 2, s) }).unwrap().algo, Algo::TwoShot);
         let env = table(Config { oneshot_max_bytes: Some(1 << 20), ..Config::default() }, 8);
         assert_eq!(env.device(&req(&c, 1 << 20, Shape::one_node(8, 0))).unwrap().algo, Algo::OneShot);
         // The packet override is capped by the buffer the packet kernels have.
@@ -824,7 +825,7 @@ mod tests {
         let c = all();
         let t = table(Config::default(), 4);
         let s = Shape::one_node(4, 2);
-        assert_eq!(t.device(&req(&c, 4096, s)).unwrap().steps, one(Algo::Packet, Group::Node, 2048));
+        assert_eq!(t.device(&req(&c, 4096, s)).unwrap().steps, one(Algo::Lamport, Group::Node, 2048));
         assert_eq!(t.device(&req(&c, 16 << 20, s)).unwrap().steps, one(Algo::Nccl, Group::World, 8 << 20));
     }
 
@@ -863,7 +864,7 @@ mod tests {
         assert_eq!(algos, vec![op(Algo::TwoShot), op(Algo::TwoShot), op(Algo::TwoShot)]);
         // A short last chunk is chosen as an unforced call of its size would be.
         let p = t.device(&req(&c, (8 << 20) + 100, s)).unwrap();
-        assert_eq!(p.steps[1].op, op(Algo::Packet));
+        assert_eq!(p.steps[1].op, op(Algo::Lamport));
         assert_eq!(p.steps[1].range, (4 << 20)..(4 << 20) + 50);
     }
 
@@ -894,7 +895,7 @@ mod tests {
         let s = Shape { world: 4, nodes: 2, local_rank: 1, ranks_per_node: 2, min_ranks_per_node: 2 };
         let p = t.device(&req(&c, 4000, s)).unwrap();
         assert_eq!(p.algo, Algo::Hierarchical);
-        let node = |src| Op::Reduce { algo: Algo::Packet, group: Group::Node, src };
+        let node = |src| Op::Reduce { algo: Algo::Lamport, group: Group::Node, src };
         assert_eq!(
             p.steps,
             vec![
@@ -1101,7 +1102,7 @@ mod tests {
         assert_eq!(p.steps.last(), Some(&norm));
         assert_eq!(p.steps.len(), 5, "{p:?}");
         let p = table(Config::default(), 4).device(&norm_req(&c, 4096, Shape::one_node(4, 0), Fusion::Split)).unwrap();
-        assert_eq!(p.steps, vec![one(Algo::Packet, Group::Node, 2048)[0].clone(), norm]);
+        assert_eq!(p.steps, vec![one(Algo::Lamport, Group::Node, 2048)[0].clone(), norm]);
     }
 
     #[test]
@@ -1142,8 +1143,8 @@ mod tests {
             assert_refused(&small, &r, "TPCOMM_CUSTOM_MAX_BYTES", "over the IPC limit");
         }
         // Without NCCL, above the packets' limit: chunks of the IPC limit, then the norm.
-        let no_nccl = small.device(&norm_req(&ipc, 128 << 10, s, Fusion::Auto)).unwrap();
-        assert_eq!((no_nccl.algo, no_nccl.steps.len()), (Algo::Chunked, 17), "16 chunks, then the norm");
+        let no_nccl = small.device(&norm_req(&ipc, 256 << 10, s, Fusion::Auto)).unwrap();
+        assert_eq!((no_nccl.algo, no_nccl.steps.len()), (Algo::Chunked, 33), "32 chunks, then the norm");
         assert_eq!(t.device(&norm_req(&c, (8 << 20) + 16, s, Fusion::Auto)).unwrap().algo, Algo::Nccl);
         assert_refused(&t, &norm_req(&c, (8 << 20) + 16, s, Fusion::Auto), "TPCOMM_CUSTOM_MAX_BYTES", "over 8 MiB");
         // The allreduce forced (per call or by TPCOMM_ALGO) to anything but one-shot.

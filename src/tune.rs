@@ -116,7 +116,7 @@ fn tune_device(comm: &Communicator) -> Result<Option<(usize, usize)>> {
     let oneshot = measure_crossover(comm, &sizes, [Algo::OneShot, Algo::TwoShot], &mut time)?;
     let packet_top = comm.config().packet_buffer_bytes.min(512 << 10);
     let small: Vec<usize> = sizes.iter().copied().filter(|&b| b <= packet_top).collect();
-    let packet = measure_crossover(comm, &small, [Algo::Packet, Algo::OneShot], &mut time)?;
+    let packet = measure_crossover(comm, &small, [Algo::Lamport, Algo::OneShot], &mut time)?;
     Ok(Some((packet, oneshot)))
 }
 
