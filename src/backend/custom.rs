@@ -58,6 +58,21 @@ pub(crate) fn meta_size() -> usize {
 /// Default block limit per launch (the seed's 36 on H100), before the shared-device cap.
 pub(crate) const DEFAULT_MAX_BLOCKS: usize = 36;
 
+/// Without `TPCOMM_CUSTOM_MAX_BLOCKS`, calls of at least this many bytes may use up to
+/// [`protocol::MAX_BLOCKS`] blocks (within the shared-device cap). Measured on one H200 under
+/// MPS with 64 blocks against 36 (bench/RESULTS.md, "Late PDL release"): one-shot wins from
+/// 2 MiB (2 ranks 16 MiB 43.93 -> 32.52 us; 512 KiB loses, 4.74 -> 5.19), the scratch
+/// two-shot from 8 MiB (4 ranks 16 MiB 70.35 -> 60.28; 2 MiB loses, 13.49 -> 16.00), the
+/// direct two-shot only at 16 MiB (4 ranks 48.33 -> 46.12; 2-8 MiB lose, 2 MiB 11.21 -> 12.85).
+fn large_grid_bytes(kernel: Kernel) -> usize {
+    match kernel {
+        Kernel::OneShot => 2 << 20,
+        Kernel::TwoShot => 8 << 20,
+        Kernel::TwoShotDirect => 16 << 20,
+        Kernel::OneShotNorm => usize::MAX,
+    }
+}
+
 /// The kernels' algorithms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Kernel {
@@ -114,8 +129,9 @@ pub(crate) struct CustomOptions {
     pub fault: FaultTarget,
     /// Launch with programmatic dependent launch (`TPCOMM_PDL`).
     pub pdl: bool,
-    /// Most blocks of one launch (`TPCOMM_CUSTOM_MAX_BLOCKS`), before the shared-device cap.
-    pub max_blocks: usize,
+    /// Most blocks of one launch (`TPCOMM_CUSTOM_MAX_BLOCKS`), before the shared-device cap;
+    /// `None`: [`DEFAULT_MAX_BLOCKS`], and more for large calls ([`large_grid_bytes`]).
+    pub max_blocks: Option<usize>,
 }
 
 /// A registered buffer: its local range, its row, and the peers' handles opened for it.
@@ -148,6 +164,8 @@ pub(crate) struct CustomAllreduce {
     world: usize,
     funcs: HashMap<(Kernel, DType), CudaFunction>,
     max_blocks: usize,
+    /// The grid limit of large calls (`max_blocks` when the user set it).
+    large_blocks: usize,
     max_bytes: usize,
     timeout: Duration,
     sigs: [u64; protocol::MAX_RANKS],
@@ -172,6 +190,7 @@ pub(crate) struct CustomAllreduce {
 struct Prepared {
     funcs: HashMap<(Kernel, DType), CudaFunction>,
     max_blocks: usize,
+    large_blocks: usize,
     signal: IpcBuffer,
     scratch: IpcBuffer,
     staging: IpcBuffer,
@@ -213,6 +232,7 @@ impl CustomAllreduce {
             world,
             funcs: p.funcs,
             max_blocks: p.max_blocks,
+            large_blocks: p.large_blocks,
             max_bytes: opts.max_bytes,
             timeout: opts.timeout,
             sigs: shared.addrs[0],
@@ -255,7 +275,8 @@ impl CustomAllreduce {
             opts.ranks_per_device,
             "custom allreduce",
         )?;
-        let max_blocks = opts.max_blocks.min(protocol::MAX_BLOCKS).min(cap);
+        let max_blocks = opts.max_blocks.unwrap_or(DEFAULT_MAX_BLOCKS).min(protocol::MAX_BLOCKS).min(cap);
+        let large_blocks = if opts.max_blocks.is_some() { max_blocks } else { protocol::MAX_BLOCKS.min(cap) };
         let signal = IpcBuffer::alloc(ctx, meta_size())?;
         signal.zero()?;
         let scratch = IpcBuffer::alloc(ctx, opts.max_bytes)?;
@@ -263,12 +284,17 @@ impl CustomAllreduce {
         // Zero rows never name an input, so a kernel handed an unfilled row fails its check.
         let rank_data = IpcBuffer::alloc(ctx, ROWS as usize * protocol::RANK_DATA_ROW_BYTES)?;
         rank_data.zero()?;
-        Ok(Prepared { funcs, max_blocks, signal, scratch, staging, rank_data, from_disk })
+        Ok(Prepared { funcs, max_blocks, large_blocks, signal, scratch, staging, rank_data, from_disk })
     }
 
     /// Most blocks of one launch (after the shared-device cap).
     pub(crate) fn max_blocks(&self) -> usize {
         self.max_blocks
+    }
+
+    /// Most blocks of a large call's launch ([`large_grid_bytes`]; after the shared-device cap).
+    pub(crate) fn large_blocks(&self) -> usize {
+        self.large_blocks
     }
 
     /// True when the kernels' CUBIN came from the disk cache rather than NVRTC.
@@ -468,10 +494,11 @@ impl DeviceBackend for CustomAllreduce {
             unsafe { call.stream.copy(self.staging.ptr(), call.input, bytes) }?;
         }
         let nvec = bytes / protocol::VEC_BYTES;
+        let limit = if bytes >= large_grid_bytes(kernel) { self.large_blocks } else { self.max_blocks };
         let blocks = match kernel {
-            Kernel::OneShot => grid_blocks(nvec, self.max_blocks),
+            Kernel::OneShot => grid_blocks(nvec, limit),
             Kernel::OneShotNorm => norm_blocks,
-            Kernel::TwoShot | Kernel::TwoShotDirect => grid_blocks(nvec.div_ceil(self.world), self.max_blocks),
+            Kernel::TwoShot | Kernel::TwoShotDirect => grid_blocks(nvec.div_ceil(self.world), limit),
         };
         let func =
             self.funcs.get(&(kernel, dtype)).ok_or_else(|| kernels::unsupported_dtype("custom allreduce", dtype))?;

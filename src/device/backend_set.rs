@@ -8,7 +8,7 @@
 //! kernels, chunked IPC calls without NCCL); only a rank that does not arrive is an error.
 
 use crate::algo::BackendKind;
-use crate::backend::custom::{CustomAllreduce, CustomOptions, FaultTarget, DEFAULT_MAX_BLOCKS};
+use crate::backend::custom::{CustomAllreduce, CustomOptions, FaultTarget};
 use crate::backend::mock::MockBackend;
 use crate::backend::nccl::NcclAllreduce;
 use crate::backend::packet::{PacketAllreduce, PacketOptions};
@@ -106,17 +106,18 @@ impl BackendSet {
                     cache_dir: Some(config.cache_dir()),
                     fault,
                     pdl: config.pdl,
-                    max_blocks: config.custom_max_blocks.unwrap_or(DEFAULT_MAX_BLOCKS),
+                    max_blocks: config.custom_max_blocks,
                 };
                 match CustomAllreduce::new(boot.node(), ctx, &opts) {
                     Ok(custom) => {
                         set.notes.push(format!(
-                            "custom allreduce: {} ranks, {} per GPU at most, full NVLink {}, {} blocks, {} staging bytes, \
+                            "custom allreduce: {} ranks, {} per GPU at most, full NVLink {}, {} blocks ({} for large calls), {} staging bytes, \
                              PDL {}, kernels from disk cache: {}",
                             l.ranks_per_node,
                             layout.max_ranks_per_device,
                             layout.full_nvlink,
                             custom.max_blocks(),
+                            custom.large_blocks(),
                             config.custom_max_bytes,
                             if config.pdl { "on" } else { "off" },
                             custom.kernels_from_disk_cache()
