@@ -258,15 +258,17 @@ pub(crate) const fn quick_min_bytes(world: usize) -> usize {
 /// Fusing saves a launch and a round trip of the sums through memory, but the fused kernel is
 /// a one-shot whose blocks take rows in turns: where two-shot wins the split path does. Measured
 /// on one H200 shared by all ranks, bf16, graphs, hidden 4096 and 8192 (bench/RESULTS.md,
-/// "Fused allreduce + RMSNorm"): in place, fused wins up to 1 MiB at 2 ranks (128 tokens of
-/// 4096: 9.83 us against 10.11), up to 256 KiB at 4 (64 tokens: 11.68 against 11.18) and at 8
-/// (32 tokens: 14.70 against 14.75; 16 tokens of 8192: 13.73 against 14.75). Out of place it
-/// wins further (8 ranks: to 8 MiB), but one limit serves both forms.
+/// "Fused allreduce + RMSNorm" and "Two-shot scratch loops"): in place, fused wins up to 1 MiB
+/// at 2 ranks (128 tokens of 4096: 9.83 us against 10.11) and, since the late PDL release, up to
+/// 512 KiB at 4 (64 tokens of 4096: 10.52 against 11.04; 32 of 8192: 8.59 against 11.07) and at 8
+/// (64 of 4096: 17.80 against 18.75; 32 of 8192: 16.03 against 16.27); one step further it
+/// loses in place (8 ranks, 64 tokens of 8192: 25.20 against 23.35). Out of place it wins
+/// further, but one limit serves both forms.
 pub(crate) const fn fused_norm_max_bytes(world: usize) -> usize {
     if world <= 2 {
         1 << 20
     } else {
-        256 << 10
+        512 << 10
     }
 }
 
@@ -1032,7 +1034,7 @@ mod tests {
     #[test]
     fn auto_fuses_one_node_calls_up_to_the_fused_limit_and_splits_above() {
         let c = all();
-        for (world, limit) in [(2, 1 << 20), (4, 256 << 10), (8, 256 << 10)] {
+        for (world, limit) in [(2, 1 << 20), (4, 512 << 10), (8, 512 << 10)] {
             let t = table(Config::default(), world);
             assert_eq!(t.fused_norm_max_bytes(), limit);
             assert_eq!(t.fused_norm_max_bytes, fused_norm_max_bytes(world));
