@@ -191,7 +191,18 @@ __device__ void twoshot(const Ptrs* __restrict__ rd, u64 in_offset, const char* 
     u64 s0, s1;
     shard(nvec, rank, &s0, &s1);
     Vec16* mine = (Vec16*)scratch.p[rank];
-    for (u64 i = s0 + tid; i < s1; i += stride) mine[i] = sum_vec<T>(in, i);
+    // Two vectors per thread per pass, both loaded before either is stored: more loads in
+    // flight where the co-residency cap limits the threads (4 and 8 ranks, 8-16 MiB: 4-8%
+    // faster, bench/RESULTS.md "Two-shot scratch loops"). The same in one-shot and the direct
+    // two-shot measured no gain, so they keep one vector per pass.
+    for (u64 i = s0 + tid; i < s1; i += 2 * stride) {
+        const bool second = i + stride < s1;
+        const Vec16 a = sum_vec<T>(in, i);
+        Vec16 b = a;  // stored only when `second`
+        if (second) b = sum_vec<T>(in, i + stride);
+        mine[i] = a;
+        if (second) mine[i + stride] = b;
+    }
     if (rank == TPCOMM_WORLD - 1) {
         const u64 j = nvec * T::PER_VEC + tid;
         if (j < count) ((typename T::Bits*)mine)[j] = sum_elem<T>(in, j);
@@ -202,7 +213,14 @@ __device__ void twoshot(const Ptrs* __restrict__ rd, u64 in_offset, const char* 
     for (int s = 0; s < TPCOMM_WORLD; s++) {
         shard(nvec, s, &s0, &s1);
         const char* src = (const char*)scratch.p[s];
-        for (u64 i = s0 + tid; i < s1; i += stride) ((Vec16*)out)[i] = ld_volatile_v4(src + i * 16);
+        for (u64 i = s0 + tid; i < s1; i += 2 * stride) {
+            const bool second = i + stride < s1;
+            const Vec16 a = ld_volatile_v4(src + i * 16);
+            Vec16 b = a;  // stored only when `second`
+            if (second) b = ld_volatile_v4(src + (i + stride) * 16);
+            ((Vec16*)out)[i] = a;
+            if (second) ((Vec16*)out)[i + stride] = b;
+        }
     }
     const u64 j = nvec * T::PER_VEC + tid;
     if (j < count)
