@@ -16,6 +16,10 @@
 //!   differs) with their ELF check, and the status mapping;
 //! - [`device`]: [`device::HipDevice`], an opened GPU with its properties and the architecture
 //!   whose code objects it loads;
+//! - [`stream`]: [`stream::HipStream`] (create, synchronize, capture) and
+//!   [`stream::HipGraph`] (a captured graph, instantiated, launched);
+//! - [`module`]: [`module::HipModule`] (`hipModuleLoadData` of an embedded code object) and
+//!   [`module::launch`] over `hipModuleLaunchKernel`;
 //!
 //! `hip-runtime-sys` (bindings of HIP 5.4) links `libamdhip64` when the crate is built:
 //! Debian's `libamdhip64-dev` (HIP 5.2) serves with `HIP_PATH=/usr`. Without an AMD GPU that
@@ -25,6 +29,10 @@
 // No backend runs on HIP yet: the items below are used by their tests only.
 #[allow(dead_code)]
 pub(crate) mod device;
+#[allow(dead_code)]
+pub(crate) mod module;
+#[allow(dead_code)]
+pub(crate) mod stream;
 
 use crate::error::{Error, Result};
 use hip_runtime_sys::{hipError_t, hipGetDeviceCount};
