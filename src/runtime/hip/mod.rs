@@ -20,6 +20,9 @@
 //!   [`stream::HipGraph`] (a captured graph, instantiated, launched);
 //! - [`module`]: [`module::HipModule`] (`hipModuleLoadData` of an embedded code object) and
 //!   [`module::launch`] over `hipModuleLaunchKernel`;
+//! - [`ipc`]: [`ipc::IpcBuffer`] (device or uncached memory peers can map) and
+//!   [`ipc::PeerMappings`] (peers' buffers opened here);
+//! - [`host_word`]: [`host_word::HostWord`], the mapped error word;
 //!
 //! `hip-runtime-sys` (bindings of HIP 5.4) links `libamdhip64` when the crate is built:
 //! Debian's `libamdhip64-dev` (HIP 5.2) serves with `HIP_PATH=/usr`. Without an AMD GPU that
@@ -29,6 +32,10 @@
 // No backend runs on HIP yet: the items below are used by their tests only.
 #[allow(dead_code)]
 pub(crate) mod device;
+#[allow(dead_code)]
+pub(crate) mod host_word;
+#[allow(dead_code)]
+pub(crate) mod ipc;
 #[allow(dead_code)]
 pub(crate) mod module;
 #[allow(dead_code)]
