@@ -23,6 +23,7 @@
 //! - [`ipc`]: [`ipc::IpcBuffer`] (device or uncached memory peers can map) and
 //!   [`ipc::PeerMappings`] (peers' buffers opened here);
 //! - [`host_word`]: [`host_word::HostWord`], the mapped error word;
+//! - [`rccl`]: RCCL, loaded at run time like libnccl.
 //!
 //! `hip-runtime-sys` (bindings of HIP 5.4) links `libamdhip64` when the crate is built:
 //! Debian's `libamdhip64-dev` (HIP 5.2) serves with `HIP_PATH=/usr`. Without an AMD GPU that
@@ -38,6 +39,8 @@ pub(crate) mod host_word;
 pub(crate) mod ipc;
 #[allow(dead_code)]
 pub(crate) mod module;
+#[allow(dead_code)]
+pub(crate) mod rccl;
 #[allow(dead_code)]
 pub(crate) mod stream;
 
