@@ -1,6 +1,6 @@
 //! With the `rocm` feature, compiles every kernel family for every world size for the AMD GPUs
 //! tpcomm targets (gfx90a = MI200, gfx942 = MI300) with clang-19, header-less and without ROCm,
-//! and writes a table of the code objects for `src/runtime/hip.rs` to embed. Without the
+//! and writes a table of the code objects for `src/runtime/hip/mod.rs` to embed. Without the
 //! feature it does nothing. The sources and defines are the CUDA build's own
 //! (`kernels/`, `src/runtime/protocol.rs`).
 

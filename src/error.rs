@@ -94,7 +94,16 @@ pub enum Error {
         /// The driver's error.
         source: cudarc::driver::DriverError,
     },
-    /// An NCCL call failed (or NCCL reported an asynchronous error).
+    /// A HIP runtime call failed (Cargo feature `rocm`). Where the answer means that no AMD GPU
+    /// can be used here, tpcomm returns [`Error::Unsupported`] instead.
+    Hip {
+        /// The call, e.g. `hipMalloc`.
+        op: &'static str,
+        /// HIP's status, e.g. `hipErrorOutOfMemory (2)`.
+        code: String,
+    },
+    /// An NCCL call failed (or NCCL reported an asynchronous error). RCCL, NCCL's ROCm
+    /// counterpart, reports through this variant too.
     Nccl {
         /// The operation.
         op: &'static str,
@@ -170,6 +179,7 @@ impl fmt::Display for Error {
             Error::Unsupported { what, reason } => write!(f, "{what} is not supported: {reason}"),
             Error::System { op, source } => write!(f, "{op}: {source}"),
             Error::Cuda { op, source } => write!(f, "{op}: CUDA error {source:?}"),
+            Error::Hip { op, code } => write!(f, "{op}: HIP error {code}"),
             Error::Nccl { op, code, detail } => {
                 write!(f, "{op}: NCCL error {code}: {detail} (NCCL_DEBUG=WARN prints NCCL's own account of it)")
             }

@@ -10,7 +10,7 @@
 //! proves the sources indeed do not compile for sm_75, so that fallback is needed.
 //!
 //! The same sources are compiled for AMD GPUs by `build.rs` with the `rocm` feature, and checked
-//! by the tests of `src/runtime/hip.rs` (`cargo test --features rocm hip`, run by test.sh).
+//! by the tests of `src/runtime/hip/mod.rs` (`cargo test --features rocm hip`, run by test.sh).
 
 use tpcomm::testing;
 

@@ -1,17 +1,48 @@
 //! The HIP runtime of ROCm, through `hip-runtime-sys` (Cargo feature `rocm`, off by default).
 //!
-//! Built so far: the device probe, which turns "no AMD GPU here" into a typed
-//! [`Error::Unsupported`] instead of a panic or an `Ok`, and the kernels' code objects for
-//! gfx90a and gfx942, compiled by `build.rs` from the CUDA sources and embedded. Not built yet:
-//! IPC buffers
-//! (`hipIpcGetMemHandle` / `hipIpcOpenMemHandle`, uncached signal memory through
-//! `hipExtMallocWithFlags` with `hipDeviceMallocUncached` = 3, which HIP 5.x bindings lack),
-//! streams, graphs, loading the code objects with `hipModuleLoadData`, and RCCL. The kernels
-//! are the CUDA sources (`kernels/portable.cuh` holds what differs); none has run on AMD
-//! hardware.
+//! **None of this has run on AMD hardware.** Every file here is built and its pure logic tested
+//! on machines without an AMD GPU (where each constructor that needs a device returns
+//! [`Error::Unsupported`]); no allocation, launch, IPC mapping or RCCL call has been made on a
+//! real GPU. No backend uses this module yet: with the feature on, the backends and the
+//! `Communicator` still run on CUDA only.
 //!
-//! `hip-runtime-sys` links `libamdhip64` when the crate is built: Debian's `libamdhip64-dev`
-//! (HIP 5.2) serves with `HIP_PATH=/usr`.
+//! The layering is cudarc's: `hip-runtime-sys` is the raw layer, [`check`] turns each raw
+//! status into a typed error naming the call, and small owning types above it free what they
+//! own on drop. The names follow the CUDA side (`src/runtime/`), so that a later change can
+//! alias the types per vendor:
+//!
+//! - this file: the device probe [`rocm_device_count`], the embedded code objects for gfx90a
+//!   and gfx942 (compiled by `build.rs` from the CUDA sources; `kernels/portable.cuh` holds what
+//!   differs) with their ELF check, and the status mapping;
+//! - [`device`]: [`device::HipDevice`], an opened GPU with its properties and the architecture
+//!   whose code objects it loads;
+//! - [`stream`]: [`stream::HipStream`] (create, synchronize, capture) and
+//!   [`stream::HipGraph`] (a captured graph, instantiated, launched);
+//! - [`module`]: [`module::HipModule`] (`hipModuleLoadData` of an embedded code object) and
+//!   [`module::launch`] over `hipModuleLaunchKernel`;
+//! - [`ipc`]: [`ipc::IpcBuffer`] (device or uncached memory peers can map) and
+//!   [`ipc::PeerMappings`] (peers' buffers opened here);
+//! - [`host_word`]: [`host_word::HostWord`], the mapped error word;
+//! - [`rccl`]: RCCL, loaded at run time like libnccl.
+//!
+//! `hip-runtime-sys` (bindings of HIP 5.4) links `libamdhip64` when the crate is built:
+//! Debian's `libamdhip64-dev` (HIP 5.2) serves with `HIP_PATH=/usr`. Without an AMD GPU that
+//! runtime answers `hipErrorNoDevice` to `hipGetDeviceCount` and `hipErrorInvalidDevice` to the
+//! calls that need a device (measured with Debian's HIP 5.2).
+
+// No backend runs on HIP yet: the items below are used by their tests only.
+#[allow(dead_code)]
+pub(crate) mod device;
+#[allow(dead_code)]
+pub(crate) mod host_word;
+#[allow(dead_code)]
+pub(crate) mod ipc;
+#[allow(dead_code)]
+pub(crate) mod module;
+#[allow(dead_code)]
+pub(crate) mod rccl;
+#[allow(dead_code)]
+pub(crate) mod stream;
 
 use crate::error::{Error, Result};
 use hip_runtime_sys::{hipError_t, hipGetDeviceCount};
@@ -20,19 +51,19 @@ include!(concat!(env!("OUT_DIR"), "/hip_code_objects.rs"));
 
 /// The AMD architectures the code objects are built for, with the `e_flags` machine number
 /// (`EF_AMDGPU_MACH_*`, the low byte) their ELF headers carry: MI200 and MI300.
-#[cfg_attr(not(test), allow(dead_code))] // the HIP runtime module will pick one per device
+#[cfg_attr(not(test), allow(dead_code))] // picked per device by `device`, which no backend uses yet
 pub(crate) const ARCHS: [(&str, u32); 2] = [("gfx90a", 0x3f), ("gfx942", 0x4c)];
 
 /// The code object of kernel family `family` for `world` ranks and the AMD architecture `arch`,
 /// for `hipModuleLoadData`.
-#[cfg_attr(not(test), allow(dead_code))] // loaded by the HIP runtime module, not built yet
+#[cfg_attr(not(test), allow(dead_code))] // loaded by `module`, which no backend uses yet
 pub(crate) fn code_object(family: &str, world: usize, arch: &str) -> Option<&'static [u8]> {
     CODE_OBJECTS.iter().find(|(f, w, a, _)| *f == family && *w == world && *a == arch).map(|&(_, _, _, bin)| bin)
 }
 
 /// Whether `bin` is an AMDGPU code object for machine `mach`: a 64-bit ELF for `EM_AMDGPU`
 /// whose `e_flags` low byte is `mach`.
-#[cfg_attr(not(test), allow(dead_code))] // checked before loading, by the HIP runtime module
+#[cfg_attr(not(test), allow(dead_code))] // checked before loading, by `module`
 pub(crate) fn check_amdgpu_object(bin: &[u8], mach: u32) -> Result<()> {
     const EM_AMDGPU: u16 = 224;
     let bad = |what: String| Err(Error::Internal(format!("not an AMDGPU code object for mach {mach:#x}: {what}")));
@@ -83,6 +114,47 @@ fn count_or_unsupported(status: hipError_t, count: i32) -> Result<usize> {
     }
 }
 
+/// The error a failed HIP call (`status` other than `hipSuccess`) becomes, naming the call `op`.
+///
+/// Statuses that mean no AMD GPU can be used in this process (`hipErrorNoDevice`,
+/// `hipErrorInvalidDevice`, `hipErrorInsufficientDriver`: what HIP answers on a machine
+/// without one) and that this GPU or runtime cannot run the request (`hipErrorNoBinaryForGpu`,
+/// `hipErrorNotSupported`) are [`Error::Unsupported`]; every other status is [`Error::Hip`].
+/// [`device::HipDevice::open`] checks the ordinal first, so `hipErrorInvalidDevice` later does
+/// not stand for a wrong ordinal.
+pub(crate) fn hip_error(op: &'static str, status: hipError_t) -> Error {
+    let code = status_name(status);
+    let unsupported = |why: &str| Error::Unsupported {
+        what: format!("{op} (the ROCm device path)"),
+        reason: format!("HIP answers {code}: {why}"),
+    };
+    match status {
+        hipError_t::hipErrorNoDevice | hipError_t::hipErrorInvalidDevice | hipError_t::hipErrorInsufficientDriver => {
+            unsupported(
+                "no AMD GPU is usable in this process (check HIP_VISIBLE_DEVICES, the amdgpu driver and access to \
+                 /dev/kfd), or build tpcomm without the rocm feature",
+            )
+        }
+        hipError_t::hipErrorNoBinaryForGpu | hipError_t::hipErrorNotSupported => {
+            unsupported("this GPU or HIP runtime cannot serve the call")
+        }
+        _ => Error::Hip { op, code },
+    }
+}
+
+/// Turn a raw HIP status into `Ok` (`hipSuccess`) or the typed error of [`hip_error`].
+pub(crate) fn check(op: &'static str, status: hipError_t) -> Result<()> {
+    match status {
+        hipError_t::hipSuccess => Ok(()),
+        other => Err(hip_error(op, other)),
+    }
+}
+
+/// A status as errors print it: its name and number, e.g. `hipErrorOutOfMemory (2)`.
+fn status_name(status: hipError_t) -> String {
+    format!("{status:?} ({})", status as u32)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,6 +170,39 @@ mod tests {
             match count_or_unsupported(status, count) {
                 Err(Error::Unsupported { what, reason }) => {
                     assert!(what.contains("ROCm") && reason.contains(says), "{what}: {reason}")
+                }
+                other => panic!("{status:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn hip_statuses_map_to_typed_errors_naming_the_call() {
+        assert!(check("hipMalloc", hipError_t::hipSuccess).is_ok());
+        for status in [
+            hipError_t::hipErrorNoDevice,
+            hipError_t::hipErrorInvalidDevice,
+            hipError_t::hipErrorInsufficientDriver,
+            hipError_t::hipErrorNoBinaryForGpu,
+            hipError_t::hipErrorNotSupported,
+        ] {
+            match check("hipStreamCreateWithFlags", status) {
+                Err(Error::Unsupported { what, reason }) => {
+                    assert!(what.contains("hipStreamCreateWithFlags"), "{what}");
+                    assert!(reason.contains(&format!("{status:?} ({})", status as u32)), "{reason}");
+                }
+                other => panic!("{status:?}: {other:?}"),
+            }
+        }
+        for (status, code) in [
+            (hipError_t::hipErrorOutOfMemory, "hipErrorOutOfMemory (2)"),
+            (hipError_t::hipErrorInvalidValue, "hipErrorInvalidValue (1)"),
+            (hipError_t::hipErrorIllegalAddress, "hipErrorIllegalAddress (700)"),
+            (hipError_t::hipErrorInvalidImage, "hipErrorInvalidImage (200)"),
+        ] {
+            match check("hipMalloc", status) {
+                Err(e @ Error::Hip { op: "hipMalloc", .. }) => {
+                    assert_eq!(e.to_string(), format!("hipMalloc: HIP error {code}"))
                 }
                 other => panic!("{status:?}: {other:?}"),
             }
