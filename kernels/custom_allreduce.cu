@@ -192,9 +192,9 @@ __device__ void twoshot(const Ptrs* __restrict__ rd, u64 in_offset, const char* 
     shard(nvec, rank, &s0, &s1);
     Vec16* mine = (Vec16*)scratch.p[rank];
     // Two vectors per thread per pass, both loaded before either is stored: more loads in
-    // flight where the co-residency cap limits the threads (4 and 8 ranks, 8-16 MiB: 4-8%
-    // faster, bench/RESULTS.md "Two-shot scratch loops"). The same in one-shot and the direct
-    // two-shot measured no gain, so they keep one vector per pass.
+    // flight where the co-residency cap limits the threads (8 ranks, 1-16 MiB: 1-4% faster; 4
+    // ranks unchanged; bench/RESULTS.md "Two-shot scratch loops"). The same in one-shot and the
+    // direct two-shot measured no gain, so they keep one vector per pass.
     for (u64 i = s0 + tid; i < s1; i += 2 * stride) {
         const bool second = i + stride < s1;
         const Vec16 a = sum_vec<T>(in, i);

@@ -1,7 +1,7 @@
 //! Self-checking GPU test of tpcomm's device paths. Run under mpirun:
 //!
 //! ```text
-//! mpirun -np 4 target/release/examples/gpu_check [--quick] [--topology] [--sabotage] [--only STEP]
+//! mpirun -np 4 target/release/examples/gpu_check [--quick] [--topology] [--sabotage] [--only STEP[,STEP...]]
 //! ```
 //!
 //! Objective: prove that every device path gives `tpcomm::verify::reference_sum`'s bits on
@@ -71,10 +71,10 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
     let sabotage = args.iter().any(|a| a == "--sabotage");
-    // `--only STEP` runs one step (and, for quick, its fault checks): for focused runs; the
+    // `--only STEP[,STEP...]` runs those steps (and, for quick alone, its fault checks): for focused runs; the
     // steps left out are neither passed nor counted.
     let only: Option<String> = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1).cloned());
-    let wanted = |name: &str| only.as_deref().is_none_or(|o| o == name);
+    let wanted = |name: &str| only.as_deref().is_none_or(|o| o.split(',').any(|s| s == name));
     let replays: usize = std::env::var("GPU_CHECK_REPLAYS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
     // The quick backend is built (calls force its codecs) but never chosen unforced, so every
     // other check sees the exact algorithms; `quick::dispatch_picks_quick` checks the choice.
