@@ -490,18 +490,47 @@ impl DeviceComm {
 }
 
 /// The context of this rank's GPU.
+///
+/// A build with the `rocm` feature is a ROCm build (one vendor per build): it never opens a
+/// CUDA context, and refuses with [`crate::runtime::hip::device_layer_unsupported`]'s typed
+/// error until the backends run on HIP.
 fn open_context(boot: &Bootstrap, spec: &DeviceSpec) -> Result<Arc<CudaContext>> {
+    #[cfg(feature = "rocm")]
+    {
+        let ordinal = match spec {
+            DeviceSpec::Ordinal(o) => Some(*o),
+            DeviceSpec::Context(_) => {
+                return Err(Error::usage(
+                    "a CUDA context in a ROCm build of tpcomm (the rocm feature)",
+                    "build without the rocm feature to use NVIDIA GPUs",
+                ))
+            }
+            _ => None,
+        };
+        return Err(crate::runtime::hip::device_layer_unsupported(ordinal, boot.layout.local_rank));
+    }
+    #[cfg_attr(feature = "rocm", allow(unreachable_code))]
     if !crate::runtime::driver_present() {
         return Err(Error::Unsupported {
             what: "allreduce of device memory".into(),
             reason: "no CUDA driver library (libcuda) can be loaded on this machine".into(),
         });
     }
+    // A driver without a usable GPU is "not supported here", like a missing driver; other
+    // driver errors stay CUDA errors.
+    let context_error = |e: cudarc::driver::DriverError| match e.0 {
+        cudarc::driver::sys::CUresult::CUDA_ERROR_NO_DEVICE => Error::Unsupported {
+            what: "allreduce of device memory".into(),
+            reason: "the CUDA driver finds no GPU (CUDA_ERROR_NO_DEVICE): check CUDA_VISIBLE_DEVICES and the \
+                     NVIDIA driver, or reduce host memory"
+                .into(),
+        },
+        _ => cuda("cuCtxCreate / primary context")(e),
+    };
     let ctx = match spec {
         DeviceSpec::Context(ctx) => ctx.clone(),
-        DeviceSpec::Ordinal(o) => CudaContext::new(*o).map_err(cuda("cuCtxCreate / primary context"))?,
-        _ => CudaContext::new(crate::topology::local_gpu_index(boot.layout.local_rank))
-            .map_err(cuda("cuCtxCreate / primary context"))?,
+        DeviceSpec::Ordinal(o) => CudaContext::new(*o).map_err(context_error)?,
+        _ => CudaContext::new(crate::topology::local_gpu_index(boot.layout.local_rank)).map_err(context_error)?,
     };
     ctx.bind_to_thread().map_err(cuda("cuCtxSetCurrent"))?;
     Ok(ctx)

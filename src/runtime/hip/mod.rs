@@ -93,6 +93,35 @@ pub fn rocm_device_count() -> Result<usize> {
     count_or_unsupported(status, count)
 }
 
+/// What a ROCm build answers where the application asks for device memory: the device layer's
+/// backends run on CUDA only so far, so a build for ROCm serves host memory and refuses device
+/// calls with a typed error instead of reaching for a CUDA driver. `local_rank` picks the GPU
+/// (`local_rank % visible GPUs`) when `ordinal` is `None`, as on CUDA.
+///
+/// # Errors
+/// Always [`Error::Unsupported`]: the probe's answer where no AMD GPU is usable (no device, no
+/// runtime), else the opened GPU named with what is missing.
+pub(crate) fn device_layer_unsupported(ordinal: Option<usize>, local_rank: usize) -> Error {
+    let ordinal = match (ordinal, rocm_device_count()) {
+        (_, Err(e)) => return e,
+        (Some(o), Ok(_)) => o,
+        (None, Ok(n)) => local_rank % n,
+    };
+    match device::HipDevice::open(ordinal) {
+        Err(e) => e,
+        Ok(dev) => Error::Unsupported {
+            what: "allreduce of device memory in a ROCm build".into(),
+            reason: format!(
+                "found {} ({}), but tpcomm's device backends do not run on HIP yet (the HIP runtime module and the \
+                 kernels' code objects exist; no backend uses them): use host memory, or a build without the rocm \
+                 feature on NVIDIA GPUs",
+                dev.name(),
+                dev.arch_name()
+            ),
+        },
+    }
+}
+
 /// The probe's answer as tpcomm reports it.
 fn count_or_unsupported(status: hipError_t, count: i32) -> Result<usize> {
     let what = || "the ROCm (HIP) device path".to_string();
@@ -257,6 +286,25 @@ mod tests {
         elf32[4] = 1;
         assert!(check_amdgpu_object(&elf32, 0x4c).is_err(), "a 32-bit ELF");
         assert!(check_amdgpu_object(b"\x7fELF", 0x4c).is_err(), "truncated");
+    }
+
+    /// The device layer of a ROCm build refuses with a typed error on every machine: here,
+    /// without an AMD GPU, with the probe's reason.
+    #[test]
+    fn the_hip_device_layer_refuses_device_memory_with_a_typed_error() {
+        for ordinal in [None, Some(0), Some(3)] {
+            match device_layer_unsupported(ordinal, 1) {
+                Error::Unsupported { what, reason } => {
+                    let no_gpu = rocm_device_count().is_err();
+                    assert!(
+                        !no_gpu || reason.contains("AMD GPU") || reason.contains("HIP runtime"),
+                        "{what}: {reason}"
+                    );
+                    assert!(no_gpu || reason.contains("do not run on HIP yet") || what.contains("ROCm"), "{reason}");
+                }
+                other => panic!("{ordinal:?}: {other}"),
+            }
+        }
     }
 
     /// The real runtime: a machine without an AMD GPU (every CI machine) gets the typed error,
