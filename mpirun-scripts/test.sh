@@ -27,6 +27,8 @@ cargo clippy --all-targets --features rocm --quiet -- -D warnings
 cargo test --lib --features rocm hip 2>&1
 # A ROCm build without an AMD GPU: Communicator::init_device is a typed Unsupported, host memory still works.
 cargo test --features rocm --test host_mpi -- device_unsupported 2>&1
+# The device layer's host logic (plans, chunking, hierarchy, registration) in the ROCm build, on the CPU stand-in.
+cargo test --features rocm --test host_mpi -- mock 2>&1
 echo "== examples under mpirun"
 cargo build --release --examples --quiet
 passed=0 failed=0
