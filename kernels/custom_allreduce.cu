@@ -193,8 +193,8 @@ __device__ void twoshot(const Ptrs* __restrict__ rd, u64 in_offset, const char* 
     Vec16* mine = (Vec16*)scratch.p[rank];
     // Two vectors per thread per pass, both loaded before either is stored: more loads in
     // flight where the co-residency cap limits the threads (8 ranks, 1-16 MiB: 1-4% faster; 4
-    // ranks unchanged; bench/RESULTS.md "Two-shot scratch loops"). The same in one-shot and the
-    // direct two-shot measured no gain, so they keep one vector per pass.
+    // ranks unchanged; bench/RESULTS.md "Occupancy and grid of the IPC kernels ...", items 1
+    // and 2). One-shot and the direct two-shot measured no gain, so they keep one per pass.
     for (u64 i = s0 + tid; i < s1; i += 2 * stride) {
         const bool second = i + stride < s1;
         const Vec16 a = sum_vec<T>(in, i);

@@ -258,12 +258,12 @@ pub(crate) const fn quick_min_bytes(world: usize) -> usize {
 /// Fusing saves a launch and a round trip of the sums through memory, but the fused kernel is
 /// a one-shot whose blocks take rows in turns: where two-shot wins the split path does. Measured
 /// on one H200 shared by all ranks, bf16, graphs, hidden 4096 and 8192 (bench/RESULTS.md,
-/// "Fused allreduce + RMSNorm" and "Two-shot scratch loops"): in place, fused wins up to 1 MiB
-/// at 2 ranks (128 tokens of 4096: 9.83 us against 10.11) and, since the late PDL release, up to
-/// 512 KiB at 4 (64 tokens of 4096: 10.52 against 11.04; 32 of 8192: 8.59 against 11.07) and at 8
-/// (64 of 4096: 17.80 against 18.75; 32 of 8192: 16.03 against 16.27); one step further it
-/// loses in place (8 ranks, 64 tokens of 8192: 25.20 against 23.35). Out of place it wins
-/// further, but one limit serves both forms.
+/// "Fused allreduce + RMSNorm" and "Occupancy and grid of the IPC kernels ...", item 4): in
+/// place, fused wins up to 1 MiB at 2 ranks (128 tokens of 4096: 9.83 us against 10.11) and,
+/// since the late PDL release, up to 512 KiB at 4 (64 tokens of 4096: 10.52 against 11.04; 32
+/// of 8192: 8.59 against 11.07) and at 8 (64 of 4096: 17.80 against 18.75; 32 of 8192: 16.03
+/// against 16.27); one step further it loses in place (8 ranks, 64 tokens of 8192: 25.20
+/// against 23.35). Out of place it wins further, but one limit serves both forms.
 pub(crate) const fn fused_norm_max_bytes(world: usize) -> usize {
     if world <= 2 {
         1 << 20
