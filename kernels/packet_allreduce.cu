@@ -53,26 +53,32 @@ __device__ __forceinline__ u32 next_epoch(u32 e) {
 }
 
 // Vector i of a message of `count` elements; lanes past the end read as 0 (never stored).
+// The tails index lanes at compile time: a lane chosen at run time would move the vector, and
+// every vector of the same variable on the fast path too, to local memory.
 template <typename T>
 __device__ __forceinline__ Vec16 load_vec(const char* in, u64 i, u64 count) {
     const u64 first = i * T::PER_VEC;
     if (first + T::PER_VEC <= count) return ((const Vec16*)in)[i];
     Vec16 v = {{0, 0, 0, 0}};
-    typename T::Bits* lanes = (typename T::Bits*)&v;
-    for (u64 j = first; j < count; j++) lanes[j - first] = ((const typename T::Bits*)in)[j];
+    const typename T::Bits* x = (const typename T::Bits*)in;
+#pragma unroll
+    for (int k = 0; k < T::PER_VEC; k++)
+        if (first + k < count) v.w[k * sizeof(x[0]) / 4] |= (u32)x[first + k] << (k * sizeof(x[0]) * 8 % 32);
     return v;
 }
 
 // Store vector i, only the lanes inside the message.
 template <typename T>
-__device__ __forceinline__ void store_vec(char* out, u64 i, u64 count, const Vec16& v) {
+__device__ __forceinline__ void store_vec(char* out, u64 i, u64 count, const Vec16 v) {
     const u64 first = i * T::PER_VEC;
     if (first + T::PER_VEC <= count) {
         ((Vec16*)out)[i] = v;
         return;
     }
-    const typename T::Bits* lanes = (const typename T::Bits*)&v;
-    for (u64 j = first; j < count; j++) ((typename T::Bits*)out)[j] = lanes[j - first];
+    typename T::Bits* y = (typename T::Bits*)out;
+#pragma unroll
+    for (int k = 0; k < T::PER_VEC; k++)
+        if (first + k < count) y[first + k] = (typename T::Bits)lane_bits<T>(v, k);
 }
 
 // Record a failure in the host-visible error word, raise the group's fault word (unless another
@@ -257,13 +263,12 @@ __device__ __forceinline__ void headers(const Call& c, const Ptrs& bufs, int ran
 // The first arrival of all n lets the stream's next kernel be scheduled (common.cuh): this is
 // where a packet kernel first knows that every peer's kernel of the call is resident.
 template <typename T, typename Wire>
-__device__ __forceinline__ bool sum_arrivals(const Call& c, u64 at, const Vec16& mine, int rank, u64 timeout_ns, u64* err,
+__device__ __forceinline__ bool sum_arrivals(const Call& c, u64 at, const Vec16 mine, int rank, u64 timeout_ns, u64* err,
                                              const Fault& fault, volatile int* failed, Vec16* result) {
-    Vec16 got[TPCOMM_WORLD];
+    // got[rank] is never written: `mine` is selected in its place with compile-time indices (a
+    // store to got[rank] would index at run time and move the whole array to local memory).
+    Vec16 got[TPCOMM_WORLD] = {};
     u32 pending = ((1u << TPCOMM_WORLD) - 1) & ~(1u << rank);
-#pragma unroll
-    for (int r = 0; r < TPCOMM_WORLD; r++)
-        if (r == rank) got[r] = mine;
     Spin spin;
     while (pending) {
         typename Wire::Raw raw[TPCOMM_WORLD];
@@ -288,9 +293,9 @@ __device__ __forceinline__ bool sum_arrivals(const Call& c, u64 at, const Vec16&
     // Every peer's same block sent this vector, so every peer's kernel of this call is resident.
     pdl_release_next();
     float acc[T::PER_VEC];
-    unpack<T>(got[0], acc);
+    unpack<T>(rank == 0 ? mine : got[0], acc);
 #pragma unroll
-    for (int r = 1; r < TPCOMM_WORLD; r++) unpack_add<T>(got[r], acc);
+    for (int r = 1; r < TPCOMM_WORLD; r++) unpack_add<T>(rank == r ? mine : got[r], acc);
     *result = pack<T>(acc);
     return true;
 }

@@ -217,7 +217,10 @@ __device__ __forceinline__ void load8(const char* in, u64 first, u64 count, floa
     const typename T::Bits* x = (const typename T::Bits*)in;
     if (first + 8 <= count) {
 #pragma unroll
-        for (int k = 0; k < 8 / T::PER_VEC; k++) unpack<T>(((const Vec16*)(x + first))[k], v + k * T::PER_VEC);
+        for (int k = 0; k < 8 / T::PER_VEC; k++) {
+            const Vec16 w = ((const Vec16*)(x + first))[k];  // a copy: one 16-byte load, not four
+            unpack<T>(w, v + k * T::PER_VEC);
+        }
     } else {
 #pragma unroll
         for (int i = 0; i < 8; i++) v[i] = first + i < count ? T::to_f(x[first + i]) : 0.0f;
