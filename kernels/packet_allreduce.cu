@@ -293,9 +293,15 @@ __device__ __forceinline__ bool sum_arrivals(const Call& c, u64 at, const Vec16 
     // Every peer's same block sent this vector, so every peer's kernel of this call is resident.
     pdl_release_next();
     float acc[T::PER_VEC];
-    unpack<T>(rank == 0 ? mine : got[0], acc);
+    // Selected into a copy: a reference to `rank == r ? mine : got[r]` would take the array's
+    // address, which puts it in local memory as surely as a run-time index.
+    const Vec16 first = rank == 0 ? mine : got[0];
+    unpack<T>(first, acc);
 #pragma unroll
-    for (int r = 1; r < TPCOMM_WORLD; r++) unpack_add<T>(rank == r ? mine : got[r], acc);
+    for (int r = 1; r < TPCOMM_WORLD; r++) {
+        const Vec16 v = rank == r ? mine : got[r];
+        unpack_add<T>(v, acc);
+    }
     *result = pack<T>(acc);
     return true;
 }
