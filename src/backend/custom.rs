@@ -73,6 +73,14 @@ fn large_grid_bytes(kernel: Kernel) -> usize {
     }
 }
 
+/// Without `TPCOMM_CUSTOM_MAX_BLOCKS`, the direct two-shot below [`large_grid_bytes`] uses at
+/// most this many blocks at 3-8 ranks: fewer blocks, each thread taking several vectors, win
+/// there. Measured on one H200 under MPS, in place (bench/RESULTS.md, "16-byte loads ...",
+/// item 3): 8 ranks 2 MiB 19.83 us with 33 blocks, 15.21 with 16, 15.18 with 8; 4 MiB 31.28,
+/// 26.48, 27.11; 8 MiB 50.58, 50.36, 55.87; 4 ranks with 16 blocks against 36: 2 MiB 10.70 ->
+/// 9.24, 4 MiB 14.21 -> 12.22, 8 MiB 24.77 -> 23.36. Not measured at 2 ranks, which keep 36.
+const DIRECT_MAX_BLOCKS: usize = 16;
+
 /// The kernels' algorithms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Kernel {
@@ -166,6 +174,8 @@ pub(crate) struct CustomAllreduce {
     max_blocks: usize,
     /// The grid limit of large calls (`max_blocks` when the user set it).
     large_blocks: usize,
+    /// The grid limit of the direct two-shot below the large size ([`DIRECT_MAX_BLOCKS`]).
+    direct_blocks: usize,
     max_bytes: usize,
     timeout: Duration,
     sigs: [u64; protocol::MAX_RANKS],
@@ -191,6 +201,7 @@ struct Prepared {
     funcs: HashMap<(Kernel, DType), CudaFunction>,
     max_blocks: usize,
     large_blocks: usize,
+    direct_blocks: usize,
     signal: IpcBuffer,
     scratch: IpcBuffer,
     staging: IpcBuffer,
@@ -233,6 +244,7 @@ impl CustomAllreduce {
             funcs: p.funcs,
             max_blocks: p.max_blocks,
             large_blocks: p.large_blocks,
+            direct_blocks: p.direct_blocks,
             max_bytes: opts.max_bytes,
             timeout: opts.timeout,
             sigs: shared.addrs[0],
@@ -277,6 +289,8 @@ impl CustomAllreduce {
         )?;
         let max_blocks = opts.max_blocks.unwrap_or(DEFAULT_MAX_BLOCKS).min(protocol::MAX_BLOCKS).min(cap);
         let large_blocks = if opts.max_blocks.is_some() { max_blocks } else { protocol::MAX_BLOCKS.min(cap) };
+        let direct_blocks =
+            if opts.max_blocks.is_none() && world >= 3 { DIRECT_MAX_BLOCKS.min(max_blocks) } else { max_blocks };
         let signal = IpcBuffer::alloc(ctx, meta_size())?;
         signal.zero()?;
         let scratch = IpcBuffer::alloc(ctx, opts.max_bytes)?;
@@ -284,7 +298,7 @@ impl CustomAllreduce {
         // Zero rows never name an input, so a kernel handed an unfilled row fails its check.
         let rank_data = IpcBuffer::alloc(ctx, ROWS as usize * protocol::RANK_DATA_ROW_BYTES)?;
         rank_data.zero()?;
-        Ok(Prepared { funcs, max_blocks, large_blocks, signal, scratch, staging, rank_data, from_disk })
+        Ok(Prepared { funcs, max_blocks, large_blocks, direct_blocks, signal, scratch, staging, rank_data, from_disk })
     }
 
     /// Most blocks of one launch (after the shared-device cap).
@@ -494,7 +508,11 @@ impl DeviceBackend for CustomAllreduce {
             unsafe { call.stream.copy(self.staging.ptr(), call.input, bytes) }?;
         }
         let nvec = bytes / protocol::VEC_BYTES;
-        let limit = if bytes >= large_grid_bytes(kernel) { self.large_blocks } else { self.max_blocks };
+        let limit = match kernel {
+            _ if bytes >= large_grid_bytes(kernel) => self.large_blocks,
+            Kernel::TwoShotDirect => self.direct_blocks,
+            _ => self.max_blocks,
+        };
         let blocks = match kernel {
             Kernel::OneShot => grid_blocks(nvec, limit),
             Kernel::OneShotNorm => norm_blocks,
