@@ -138,7 +138,8 @@ pub(crate) struct CustomOptions {
     /// Launch with programmatic dependent launch (`TPCOMM_PDL`).
     pub pdl: bool,
     /// Most blocks of one launch (`TPCOMM_CUSTOM_MAX_BLOCKS`), before the shared-device cap;
-    /// `None`: [`DEFAULT_MAX_BLOCKS`], and more for large calls ([`large_grid_bytes`]).
+    /// `None`: [`DEFAULT_MAX_BLOCKS`], more for large calls ([`large_grid_bytes`]) and fewer for
+    /// the direct two-shot at 3-8 ranks ([`DIRECT_MAX_BLOCKS`]).
     pub max_blocks: Option<usize>,
 }
 
@@ -309,6 +310,11 @@ impl CustomAllreduce {
     /// Most blocks of a large call's launch ([`large_grid_bytes`]; after the shared-device cap).
     pub(crate) fn large_blocks(&self) -> usize {
         self.large_blocks
+    }
+
+    /// Most blocks of a direct two-shot's launch below the large size ([`DIRECT_MAX_BLOCKS`]).
+    pub(crate) fn direct_blocks(&self) -> usize {
+        self.direct_blocks
     }
 
     /// True when the kernels' CUBIN came from the disk cache rather than NVRTC.
