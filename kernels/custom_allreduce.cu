@@ -227,17 +227,21 @@ __device__ void twoshot(const Ptrs* __restrict__ rd, u64 in_offset, const char* 
     }
     // Middle: every shard is reduced and published (release at system scope).
     if (!barrier<true>(self, sigs, rank, TPCOMM_BARRIER_MID, tag, timeout_ns, err, fault, &failed)) return;
-#pragma unroll 1
-    for (int s = 0; s < TPCOMM_WORLD; s++) {
-        shard(nvec, s, &s0, &s1);
-        const char* src = (const char*)scratch.p[s];
-        for (u64 i = s0 + tid; i < s1; i += 2 * stride) {
-            const bool second = i + stride < s1;
-            const Vec16 a = ld_volatile_v4(src + i * 16);
-            Vec16 b = a;  // stored only when `second`
-            if (second) b = ld_volatile_v4(src + (i + stride) * 16);
-            ((Vec16*)out)[i] = a;
-            if (second) ((Vec16*)out)[i + stride] = b;
+    // All-gather: vector i of every shard per pass, WORLD loads in flight before any store (a
+    // shard after another kept two in flight: 8 ranks 1 MiB 15.9 -> 13.3 us, 4 ranks 8 MiB 34.3
+    // -> 32.4; bench/RESULTS.md "All-gather loads in flight ...", item 1).
+    const u64 longest = nvec / TPCOMM_WORLD + (nvec % TPCOMM_WORLD ? 1 : 0);
+    for (u64 i = tid; i < longest; i += stride) {
+        Vec16 v[TPCOMM_WORLD];
+#pragma unroll
+        for (int s = 0; s < TPCOMM_WORLD; s++) {
+            shard(nvec, s, &s0, &s1);
+            if (s0 + i < s1) v[s] = ld_volatile_v4((const char*)scratch.p[s] + (s0 + i) * 16);
+        }
+#pragma unroll
+        for (int s = 0; s < TPCOMM_WORLD; s++) {
+            shard(nvec, s, &s0, &s1);
+            if (s0 + i < s1) ((Vec16*)out)[s0 + i] = v[s];
         }
     }
     const u64 j = nvec * T::PER_VEC + tid;
