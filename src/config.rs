@@ -45,8 +45,8 @@ pub struct Config {
     pub custom_max_bytes: usize,
     /// Most blocks of one custom one-/two-shot launch (`TPCOMM_CUSTOM_MAX_BLOCKS`, 1 to 64;
     /// `None`: 36, the seed's grid, and 64 for large calls: one-shot from 2 MiB, two-shot through
-    /// scratch from 8 MiB, two-shot stored directly from 16 MiB; the two-shot stored directly
-    /// takes at most 16 below that at 3-8 ranks), before the cap that keeps every rank's blocks
+    /// scratch from 8 MiB, two-shot stored directly from 16 MiB; both two-shots take at most 16
+    /// below those sizes at 3-8 ranks), before the cap that keeps every rank's blocks
     /// resident on a shared GPU.
     pub custom_max_blocks: Option<usize>,
     /// Bytes of the largest message the packet kernels take; sizes each rank's LL scratch and

@@ -73,13 +73,16 @@ fn large_grid_bytes(kernel: Kernel) -> usize {
     }
 }
 
-/// Without `TPCOMM_CUSTOM_MAX_BLOCKS`, the direct two-shot below [`large_grid_bytes`] uses at
-/// most this many blocks at 3-8 ranks: fewer blocks, each thread taking several vectors, win
-/// there. Measured on one H200 under MPS, in place (bench/RESULTS.md, "16-byte loads ...",
-/// item 3): 8 ranks 2 MiB 19.83 us with 33 blocks, 15.21 with 16, 15.18 with 8; 4 MiB 31.28,
-/// 26.48, 27.11; 8 MiB 50.58, 50.36, 55.87; 4 ranks with 16 blocks against 36: 2 MiB 10.70 ->
-/// 9.24, 4 MiB 14.21 -> 12.22, 8 MiB 24.77 -> 23.36. Not measured at 2 ranks, which keep 36.
-const DIRECT_MAX_BLOCKS: usize = 16;
+/// Without `TPCOMM_CUSTOM_MAX_BLOCKS`, both two-shots below [`large_grid_bytes`] use at most
+/// this many blocks at 3-8 ranks: fewer blocks, each thread taking several vectors, win there.
+/// Measured on one H200 under MPS (bench/RESULTS.md): the direct two-shot in place ("16-byte
+/// loads ...", item 3) 8 ranks 2 MiB 19.83 us with 33 blocks, 15.21 with 16, 15.18 with 8;
+/// 4 MiB 31.28, 26.48, 27.11; 8 MiB 50.58, 50.36, 55.87; 4 ranks with 16 blocks against 36:
+/// 2 MiB 10.70 -> 9.24, 4 MiB 14.21 -> 12.22, 8 MiB 24.77 -> 23.36. The scratch two-shot out
+/// of place ("All-gather loads in flight ...", item 2) with 16 blocks against 36: 8 ranks 2 MiB
+/// 23.8 -> 20.1, 4 MiB 34.8 -> 33.4; 4 ranks 2 MiB 12.1 -> 11.0, 4 MiB 20.5 -> 18.9; 24
+/// blocks lose at 8 ranks. Not measured at 2 ranks, which keep 36.
+const TWOSHOT_MAX_BLOCKS: usize = 16;
 
 /// The kernels' algorithms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -139,7 +142,7 @@ pub(crate) struct CustomOptions {
     pub pdl: bool,
     /// Most blocks of one launch (`TPCOMM_CUSTOM_MAX_BLOCKS`), before the shared-device cap;
     /// `None`: [`DEFAULT_MAX_BLOCKS`], more for large calls ([`large_grid_bytes`]) and fewer for
-    /// the direct two-shot at 3-8 ranks ([`DIRECT_MAX_BLOCKS`]).
+    /// the two-shots at 3-8 ranks ([`TWOSHOT_MAX_BLOCKS`]).
     pub max_blocks: Option<usize>,
 }
 
@@ -175,8 +178,8 @@ pub(crate) struct CustomAllreduce {
     max_blocks: usize,
     /// The grid limit of large calls (`max_blocks` when the user set it).
     large_blocks: usize,
-    /// The grid limit of the direct two-shot below the large size ([`DIRECT_MAX_BLOCKS`]).
-    direct_blocks: usize,
+    /// The grid limit of both two-shots below the large size ([`TWOSHOT_MAX_BLOCKS`]).
+    twoshot_blocks: usize,
     max_bytes: usize,
     timeout: Duration,
     sigs: [u64; protocol::MAX_RANKS],
@@ -202,7 +205,7 @@ struct Prepared {
     funcs: HashMap<(Kernel, DType), CudaFunction>,
     max_blocks: usize,
     large_blocks: usize,
-    direct_blocks: usize,
+    twoshot_blocks: usize,
     signal: IpcBuffer,
     scratch: IpcBuffer,
     staging: IpcBuffer,
@@ -245,7 +248,7 @@ impl CustomAllreduce {
             funcs: p.funcs,
             max_blocks: p.max_blocks,
             large_blocks: p.large_blocks,
-            direct_blocks: p.direct_blocks,
+            twoshot_blocks: p.twoshot_blocks,
             max_bytes: opts.max_bytes,
             timeout: opts.timeout,
             sigs: shared.addrs[0],
@@ -290,8 +293,8 @@ impl CustomAllreduce {
         )?;
         let max_blocks = opts.max_blocks.unwrap_or(DEFAULT_MAX_BLOCKS).min(protocol::MAX_BLOCKS).min(cap);
         let large_blocks = if opts.max_blocks.is_some() { max_blocks } else { protocol::MAX_BLOCKS.min(cap) };
-        let direct_blocks =
-            if opts.max_blocks.is_none() && world >= 3 { DIRECT_MAX_BLOCKS.min(max_blocks) } else { max_blocks };
+        let twoshot_blocks =
+            if opts.max_blocks.is_none() && world >= 3 { TWOSHOT_MAX_BLOCKS.min(max_blocks) } else { max_blocks };
         let signal = IpcBuffer::alloc(ctx, meta_size())?;
         signal.zero()?;
         let scratch = IpcBuffer::alloc(ctx, opts.max_bytes)?;
@@ -299,7 +302,7 @@ impl CustomAllreduce {
         // Zero rows never name an input, so a kernel handed an unfilled row fails its check.
         let rank_data = IpcBuffer::alloc(ctx, ROWS as usize * protocol::RANK_DATA_ROW_BYTES)?;
         rank_data.zero()?;
-        Ok(Prepared { funcs, max_blocks, large_blocks, direct_blocks, signal, scratch, staging, rank_data, from_disk })
+        Ok(Prepared { funcs, max_blocks, large_blocks, twoshot_blocks, signal, scratch, staging, rank_data, from_disk })
     }
 
     /// Most blocks of one launch (after the shared-device cap).
@@ -312,9 +315,9 @@ impl CustomAllreduce {
         self.large_blocks
     }
 
-    /// Most blocks of a direct two-shot's launch below the large size ([`DIRECT_MAX_BLOCKS`]).
-    pub(crate) fn direct_blocks(&self) -> usize {
-        self.direct_blocks
+    /// Most blocks of a two-shot's launch below the large size ([`TWOSHOT_MAX_BLOCKS`]).
+    pub(crate) fn twoshot_blocks(&self) -> usize {
+        self.twoshot_blocks
     }
 
     /// True when the kernels' CUBIN came from the disk cache rather than NVRTC.
@@ -516,7 +519,7 @@ impl DeviceBackend for CustomAllreduce {
         let nvec = bytes / protocol::VEC_BYTES;
         let limit = match kernel {
             _ if bytes >= large_grid_bytes(kernel) => self.large_blocks,
-            Kernel::TwoShotDirect => self.direct_blocks,
+            Kernel::TwoShot | Kernel::TwoShotDirect => self.twoshot_blocks,
             _ => self.max_blocks,
         };
         let blocks = match kernel {
