@@ -99,4 +99,10 @@ pub use norm::Fusion;
 pub use plan::DispatchTable;
 #[cfg(feature = "rocm")]
 pub use runtime::hip::rocm_device_count;
+/// The GPU runtime's types of this build, under vendor-neutral names (one vendor per build): in
+/// the default build exactly cudarc's (`Context` is `CudaContext`, `Stream` is `CudaStream`,
+/// `Graph` is `CudaGraph`, and the device-pointer traits are cudarc's own), in a build with the
+/// Cargo feature `rocm` tpcomm's HIP types of the same shape (`HipDevice`, `HipStream`,
+/// `HipGraph`, and traits with cudarc's methods).
+pub use runtime::{Context, DevicePtr, DevicePtrMut, DeviceSlice, Graph, Stream};
 pub use topology::cuda_device_count;

@@ -356,7 +356,7 @@ impl DeviceBackend for NcclAllreduce {
         if call.len == 0 {
             return Ok(());
         }
-        let stream = call.stream.cuda()?;
+        let stream = call.stream.device()?;
         let deadline = Instant::now() + self.timeout;
         // SAFETY: pointers valid for `len` elements (caller); live communicator and stream.
         let r = unsafe {

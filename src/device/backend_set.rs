@@ -21,7 +21,7 @@ use crate::exchange;
 use crate::fault::FaultWord;
 use crate::plan::{Caps, Group};
 use crate::runtime::protocol::MAX_RANKS;
-use cudarc::driver::CudaContext;
+use crate::runtime::Context;
 use std::sync::Arc;
 
 /// One backend instance and the group it reduces among.
@@ -75,7 +75,7 @@ impl BackendSet {
     /// # Errors
     /// [`Error::PeerTimeout`] when a rank does not arrive; [`Error::Cuda`] when the GPU cannot be
     /// used at all. A backend that cannot be built is not an error (its reason is kept).
-    pub(crate) fn build(boot: &Bootstrap, config: &Config, ctx: &Arc<CudaContext>, fault: FaultTarget) -> Result<Self> {
+    pub(crate) fn build(boot: &Bootstrap, config: &Config, ctx: &Arc<Context>, fault: FaultTarget) -> Result<Self> {
         let l = &boot.layout;
         let t = boot.timeout;
         let mut set = BackendSet { caps: Caps::none(), members: Vec::new(), notes: Vec::new() };
