@@ -1,8 +1,8 @@
 //! Device memory tpcomm allocates for the application, and the queue that returns it.
 //!
 //! A [`DeviceBuffer`] is exportable device memory tpcomm allocated (an `IpcBuffer`), typed, with
-//! the vendor's face: in the default build cudarc's views and device-pointer traits, in a ROCm
-//! build tpcomm's HIP views and traits of the same shape (`runtime/cuda/buffer.rs`,
+//! the vendor's face: in the default build the CUDA driver crate's views and device-pointer
+//! traits, in a ROCm build tpcomm's HIP views and traits of the same shape (`runtime/cuda/buffer.rs`,
 //! `runtime/hip/buffer.rs`). It hands out views only, never the memory itself, so safe code
 //! cannot swap the memory under it (which would free IPC memory twice).
 //!
@@ -38,12 +38,12 @@ pub(crate) enum Release {
 }
 
 /// Device memory tpcomm allocated, usable wherever the vendor's device memory goes: it
-/// implements [`crate::DevicePtr`] and [`crate::DevicePtrMut`] (cudarc's traits in the default
-/// build) and hands out views (`as_view`, `slice`, ...). From
+/// implements [`crate::DevicePtr`] and [`crate::DevicePtrMut`] (the CUDA driver crate's traits in
+/// the default build) and hands out views (`as_view`, `slice`, ...). From
 /// [`crate::Communicator::alloc_shared`] it is registered with every peer, so allreduces whose
 /// input lies in it copy nothing; from [`crate::Communicator::alloc_device`] it is not, but
 /// graphs capturing allreduces of it read it in place (it can be exported over IPC, unlike
-/// cudarc's stream-ordered allocations).
+/// stream-ordered pool allocations).
 pub struct DeviceBuffer<T> {
     /// The typed memory (vendor's); dropped before `mem`, which frees it.
     pub(crate) memory: DeviceMemory<T>,

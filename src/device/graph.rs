@@ -82,7 +82,7 @@ impl RegisteredGraph {
         crate::runtime::launch_graph(&self.graph)
     }
 
-    /// The graph ([`crate::Graph`]: cudarc's `CudaGraph` in the default build), to launch it
+    /// The graph ([`crate::Graph`]: `CudaGraph` in the default build, `HipGraph` in a ROCm build), to launch it
     /// another way (for example inside a larger graph).
     pub fn graph(&self) -> &Graph {
         &self.graph
