@@ -102,7 +102,7 @@ impl HipDevice {
     ///
     /// # Errors
     /// [`Error::Unsupported`] without an AMD GPU (the answer of [`rocm_device_count`]) or for
-    /// an architecture tpcomm has no code objects for ([`select_arch`]);
+    /// an architecture tpcomm has no code objects for (`select_arch`);
     /// [`Error::InvalidArgument`] when `ordinal` is not a visible GPU; [`Error::Hip`] naming
     /// the call that failed.
     pub fn open(ordinal: usize) -> Result<Arc<Self>> {
