@@ -503,7 +503,41 @@ fn run<T: Element>(
     Ok(table.wrong)
 }
 
+/// A ROCm build: the device sweep below is written against cudarc's API, so it is built for
+/// CUDA only; `--memory device` there says so, and host memory runs as in every build.
+#[cfg(feature = "rocm")]
+mod device {
+    use super::Options;
+    use mpi::topology::SimpleCommunicator;
+    use tpcomm::{Communicator, Element, Error, Result};
+
+    fn cuda_only() -> Error {
+        Error::Unsupported {
+            what: "allreduce_perf on device memory in a ROCm build".into(),
+            reason: "the device sweep is written against cudarc (CUDA builds); use --memory host".into(),
+        }
+    }
+
+    /// `--fused-norm HIDDEN`: CUDA builds only (`T` as the CUDA build's, for the same calls).
+    #[allow(clippy::extra_unused_type_parameters)]
+    pub fn run_norm<T: Element<Acc = f32>>(_: &Communicator, _: &SimpleCommunicator, _: &Options) -> Result<usize> {
+        Err(cuda_only())
+    }
+
+    /// The device sweep: CUDA builds only.
+    #[allow(clippy::extra_unused_type_parameters)]
+    pub fn run<T: Element<Acc = f32>>(
+        _: &Communicator,
+        _: Option<&Communicator>,
+        _: &SimpleCommunicator,
+        _: &Options,
+    ) -> Result<usize> {
+        Err(cuda_only())
+    }
+}
+
 /// The GPU path: buffers from `alloc_shared` (registered, zero-copy), eager calls or CUDA graphs.
+#[cfg(not(feature = "rocm"))]
 mod device {
     use super::{median, print_settings, sweep, Options, Table};
     use cudarc::driver::{CudaSlice, CudaStream};

@@ -16,9 +16,8 @@ use crate::fault::GroupFault;
 use crate::hierarchy::CrossNode;
 use crate::norm::{Fusion, NormArgs};
 use crate::plan::DispatchTable;
-use crate::runtime::StreamRef;
+use crate::runtime::{Context, DevicePtr, DevicePtrMut, Stream, StreamRef};
 use crate::DeviceBuffer;
-use cudarc::driver::{CudaContext, CudaStream, DevicePtr, DevicePtrMut};
 use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 
@@ -45,6 +44,8 @@ impl CallOptions {
 
 /// Builds a [`Communicator`], optionally on the application's GPU context.
 ///
+/// In the default build (CUDA):
+///
 /// ```no_run
 /// # fn main() -> tpcomm::Result<()> {
 /// let universe = mpi::initialize().expect("MPI initialised twice");
@@ -65,9 +66,10 @@ impl<'a, C: mpi::traits::Communicator> CommunicatorBuilder<'a, C> {
         self
     }
 
-    /// Use the application's CUDA context; `build` then also brings up the device side
-    /// ([`Communicator::init_device`]).
-    pub fn context(mut self, ctx: Arc<CudaContext>) -> Self {
+    /// Use the application's GPU context ([`crate::Context`]: cudarc's `CudaContext` in the
+    /// default build, tpcomm's `HipDevice` in a ROCm build); `build` then also brings up the
+    /// device side ([`Communicator::init_device`]).
+    pub fn context(mut self, ctx: Arc<Context>) -> Self {
         self.device = Some(DeviceSpec::Context(ctx));
         self
     }
@@ -386,18 +388,30 @@ impl Communicator {
         self.settle(r)
     }
 
-    /// The CUDA context of this rank's GPU. Allocate streams and buffers from it.
+    /// The context of this rank's GPU ([`crate::Context`]: cudarc's `CudaContext` in the
+    /// default build, tpcomm's `HipDevice` in a ROCm build). Allocate streams and buffers
+    /// from it.
     ///
     /// # Errors
     /// [`Error::InvalidUsage`] before [`Communicator::init_device`]; [`Error::Unsupported`] for
     /// the CPU stand-in.
-    pub fn cuda_context(&self) -> Result<Arc<CudaContext>> {
+    pub fn context(&self) -> Result<Arc<Context>> {
         let dev = self.device.borrow();
-        let dev = dev.as_ref().ok_or_else(|| Error::usage("cuda_context", "call Communicator::init_device() first"))?;
+        let dev = dev.as_ref().ok_or_else(|| Error::usage("context", "call Communicator::init_device() first"))?;
         dev.context().cloned().ok_or_else(|| Error::Unsupported {
-            what: "cuda_context".into(),
+            what: "the device context".into(),
             reason: "this communicator's device side is the CPU stand-in".into(),
         })
+    }
+
+    /// The CUDA context of this rank's GPU: the same as [`Communicator::context`] (the name
+    /// the CUDA build has always had; a ROCm build names it `context` only).
+    ///
+    /// # Errors
+    /// As [`Communicator::context`].
+    #[cfg(not(feature = "rocm"))]
+    pub fn cuda_context(&self) -> Result<Arc<Context>> {
+        self.context()
     }
 
     /// The algorithm the dispatch picks for a device call of `len` elements of `T` with aligned
@@ -481,7 +495,7 @@ impl Communicator {
         &self,
         input: &I,
         output: &mut O,
-        stream: &CudaStream,
+        stream: &Stream,
     ) -> Result<()> {
         self.all_reduce_with(&CallOptions::default(), input, output, stream)
     }
@@ -493,7 +507,7 @@ impl Communicator {
     ///
     /// # Errors
     /// As [`Communicator::all_reduce`].
-    pub fn all_reduce_in_place<T: Element, B: DevicePtrMut<T>>(&self, buf: &mut B, stream: &CudaStream) -> Result<()> {
+    pub fn all_reduce_in_place<T: Element, B: DevicePtrMut<T>>(&self, buf: &mut B, stream: &Stream) -> Result<()> {
         self.all_reduce_in_place_with(&CallOptions::default(), buf, stream)
     }
 
@@ -510,7 +524,7 @@ impl Communicator {
         opts: &CallOptions,
         input: &I,
         output: &mut O,
-        stream: &CudaStream,
+        stream: &Stream,
     ) -> Result<()> {
         if input.len() != output.len() {
             self.fault.check()?;
@@ -522,10 +536,10 @@ impl Communicator {
         let len = output.len();
         let (inp, _read) = input.device_ptr(stream);
         let (out, _write) = output.device_ptr_mut(stream);
-        // SAFETY: both addresses come from cudarc device memory of `len` elements of T, kept
+        // SAFETY: both addresses come from device memory of `len` elements of T, kept
         // alive (and their stream order recorded) by the guards above until the call is
         // enqueued; the kernels read and write them in stream order.
-        unsafe { self.device_call(opts, inp, out, len, T::DTYPE, StreamRef::Cuda(stream), None) }
+        unsafe { self.device_call(opts, inp, out, len, T::DTYPE, StreamRef::Device(stream), None) }
     }
 
     /// As [`Communicator::all_reduce_in_place`] with per-call options.
@@ -539,12 +553,12 @@ impl Communicator {
         &self,
         opts: &CallOptions,
         buf: &mut B,
-        stream: &CudaStream,
+        stream: &Stream,
     ) -> Result<()> {
         let len = buf.len();
         let (p, _write) = buf.device_ptr_mut(stream);
         // SAFETY: as in all_reduce_with.
-        unsafe { self.device_call(opts, p, p, len, T::DTYPE, StreamRef::Cuda(stream), None) }
+        unsafe { self.device_call(opts, p, p, len, T::DTYPE, StreamRef::Device(stream), None) }
     }
 
     /// # Safety
@@ -586,8 +600,8 @@ impl Communicator {
     ///
     /// # Errors
     /// [`Error::Unsupported`] without the packet kernels; as [`Communicator::all_reduce`].
-    pub fn exchange_flags(&self, stream: &CudaStream) -> Result<()> {
-        self.with_device(|d| d.exchange_flags(StreamRef::Cuda(stream)))
+    pub fn exchange_flags(&self, stream: &Stream) -> Result<()> {
+        self.with_device(|d| d.exchange_flags(StreamRef::Device(stream)))
     }
 
     /// Report errors of device work enqueued so far (kernel timeouts and mismatches recorded in
@@ -610,8 +624,8 @@ impl Communicator {
     ///
     /// # Errors
     /// As [`Communicator::poll`]; [`Error::Cuda`] when the stream failed.
-    pub fn synchronize(&self, stream: &CudaStream) -> Result<()> {
-        self.with_device(|d| d.synchronize(StreamRef::Cuda(stream)))
+    pub fn synchronize(&self, stream: &Stream) -> Result<()> {
+        self.with_device(|d| d.synchronize(StreamRef::Device(stream)))
     }
 
     /// The same as [`Communicator::poll`] (kept for code written against earlier versions).
@@ -681,26 +695,21 @@ impl Communicator {
     /// # Errors
     /// The error of `body` or of capture on this rank, [`Error::PeerFailed`] when they failed on
     /// another; as [`GraphRegistration::finish`].
-    pub fn capture<F>(&self, stream: &Arc<CudaStream>, body: F) -> Result<RegisteredGraph>
+    pub fn capture<F>(&self, stream: &Arc<Stream>, body: F) -> Result<RegisteredGraph>
     where
-        F: FnOnce(&Arc<CudaStream>) -> Result<()>,
+        F: FnOnce(&Arc<Stream>) -> Result<()>,
     {
-        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
         let reg = self.begin_graph_registration()?;
-        let mut local = stream
-            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
-            .map_err(crate::runtime::cuda("cuStreamBeginCapture"));
+        let mut local = crate::runtime::begin_capture(stream);
         let mut graph = None;
         if local.is_ok() {
             local = body(stream);
-            match stream.end_capture(CUgraphInstantiate_flags(0)) {
+            match crate::runtime::end_capture(stream) {
                 Ok(Some(g)) => graph = Some(g),
                 Ok(None) => {
                     local = local.and(Err(Error::invalid("capture", "the body enqueued no work on the stream")))
                 }
-                Err(e) => {
-                    local = local.and(Err(Error::Cuda { op: "cuStreamEndCapture / cuGraphInstantiate", source: e }))
-                }
+                Err(e) => local = local.and(Err(e)),
             }
         }
         let finished = reg.finish(if local.is_ok() { graph } else { None });
@@ -719,7 +728,7 @@ impl Communicator {
     /// # Errors
     /// [`Error::InvalidUsage`] before `init_device`; [`Error::PeerTimeout`].
     pub fn topology_report(&self) -> Result<String> {
-        let ctx = self.cuda_context()?;
+        let ctx = self.context()?;
         crate::topology::link_report(self.boot.node(), &ctx, self.boot.timeout)
     }
 

@@ -515,7 +515,7 @@ impl Config {
 
     /// Where compiled kernels are cached.
     pub(crate) fn cache_dir(&self) -> std::path::PathBuf {
-        self.cache_dir.clone().unwrap_or_else(crate::runtime::module_cache::default_cache_dir)
+        self.cache_dir.clone().unwrap_or_else(crate::runtime::kernels::default_cache_dir)
     }
 }
 

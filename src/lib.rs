@@ -15,7 +15,8 @@
 //! # Ok(()) }
 //! ```
 //!
-//! The engine flow on the GPU (its own context, its own capture, a registration, `poll`):
+//! The engine flow on the GPU (its own context, its own capture, a registration, `poll`), in the
+//! default build, whose [`Context`], [`Stream`] and [`Graph`] are cudarc's:
 //!
 //! ```no_run
 //! # fn main() -> tpcomm::Result<()> {
@@ -56,7 +57,9 @@
 //! ## Layout of the crate
 //! `communicator.rs` is the face; `plan.rs` the pure dispatch over the algorithm table
 //! (`algo.rs`); `device/` runs plans on the device backends (`backend/`) through the vendor
-//! runtime (`runtime/`); `exchange.rs` is the bounded MPI byte exchange everything is built on.
+//! runtime facade (`runtime/`: CUDA in the default build, HIP in a build with the Cargo feature
+//! `rocm`, one vendor per build); `exchange.rs` is the bounded MPI byte exchange everything is
+//! built on.
 
 #![deny(missing_docs)]
 
@@ -87,16 +90,36 @@ pub use algo::{Algo, Memory};
 pub use bootstrap::Layout;
 pub use communicator::{AbortHandle, CallOptions, Communicator, CommunicatorBuilder};
 pub use config::Config;
-/// The CUDA driver bindings tpcomm's signatures use, re-exported so applications need not
-/// match cudarc's version and features by hand.
+/// The CUDA driver bindings tpcomm's signatures use in the default build, re-exported so
+/// applications need not match cudarc's version and features by hand.
 pub use cudarc;
 pub use device::buffer::DeviceBuffer;
 pub use device::graph::{GraphRegistration, RegisteredGraph};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};
+/// The raw HIP runtime bindings a ROCm build's signatures use (for example
+/// `hipStreamCaptureMode` of `HipStream::begin_capture`), re-exported as `cudarc` is in the
+/// default build.
+#[cfg(feature = "rocm")]
+pub use hip_runtime_sys;
 pub use norm::Fusion;
 pub use plan::DispatchTable;
 #[cfg(feature = "rocm")]
 pub use runtime::hip::rocm_device_count;
+/// The HIP types of a ROCm build beyond the aliases above: owned device memory
+/// ([`HipSlice`], from `Stream::alloc_zeros`), the views of device memory, the guard of the
+/// device-pointer traits, and the opened GPU and its stream and graph under their own names.
+#[cfg(feature = "rocm")]
+pub use runtime::hip::{
+    buffer::{DeviceView, DeviceViewMut, HipSlice, SyncOnDrop},
+    device::HipDevice,
+    stream::{HipGraph, HipStream},
+};
+/// The GPU runtime's types of this build, under vendor-neutral names (one vendor per build): in
+/// the default build exactly cudarc's (`Context` is `CudaContext`, `Stream` is `CudaStream`,
+/// `Graph` is `CudaGraph`, and the device-pointer traits are cudarc's own), in a build with the
+/// Cargo feature `rocm` tpcomm's HIP types of the same shape (`HipDevice`, `HipStream`,
+/// `HipGraph`, and traits with cudarc's methods).
+pub use runtime::{Context, DevicePtr, DevicePtrMut, DeviceSlice, Graph, Stream};
 pub use topology::cuda_device_count;

@@ -43,8 +43,8 @@ use crate::communicator::CallOptions;
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::runtime::{protocol, StreamRef};
+use crate::runtime::{DevicePtr, DevicePtrMut, Stream};
 use crate::Communicator;
-use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 
 /// Lanes of the sum of squares: the threads of one block of the kernels (`kernels/rms_norm.cuh`).
 const LANES: usize = protocol::THREADS;
@@ -260,7 +260,7 @@ impl Communicator {
         eps: f32,
         norm_out: &mut N,
         residual_out: &mut O,
-        stream: &CudaStream,
+        stream: &Stream,
     ) -> Result<()>
     where
         T: Element,
@@ -296,7 +296,7 @@ impl Communicator {
         residual: &mut R,
         weight: &W,
         eps: f32,
-        stream: &CudaStream,
+        stream: &Stream,
     ) -> Result<()>
     where
         T: Element,
@@ -326,7 +326,7 @@ impl Communicator {
         eps: f32,
         norm_out: &mut N,
         residual_out: &mut O,
-        stream: &CudaStream,
+        stream: &Stream,
     ) -> Result<()>
     where
         T: Element,
@@ -349,9 +349,9 @@ impl Communicator {
             norm_out: (y, lens.3),
             residual_out: (ro, lens.4),
         };
-        // SAFETY: every address comes from cudarc device memory of the length beside it, kept
+        // SAFETY: every address comes from device memory of the length beside it, kept
         // alive (and its stream order recorded) by the guards above until the call is enqueued.
-        unsafe { self.norm_call(opts, &bufs, eps, T::DTYPE, StreamRef::Cuda(stream)) }
+        unsafe { self.norm_call(opts, &bufs, eps, T::DTYPE, StreamRef::Device(stream)) }
     }
 
     /// As [`Communicator::all_reduce_add_rms_norm_in_place`] with per-call options.
@@ -368,7 +368,7 @@ impl Communicator {
         residual: &mut R,
         weight: &W,
         eps: f32,
-        stream: &CudaStream,
+        stream: &Stream,
     ) -> Result<()>
     where
         T: Element,
@@ -388,7 +388,7 @@ impl Communicator {
             residual_out: (r, nr),
         };
         // SAFETY: as in all_reduce_add_rms_norm_with.
-        unsafe { self.norm_call(opts, &bufs, eps, T::DTYPE, StreamRef::Cuda(stream)) }
+        unsafe { self.norm_call(opts, &bufs, eps, T::DTYPE, StreamRef::Device(stream)) }
     }
 
     /// Whether the dispatch fuses a call of `len` elements of `T` in rows of `hidden` (`true`:

@@ -64,23 +64,27 @@ pub unsafe fn mock_all_reduce_add_rms_norm<T: Element>(
 }
 
 /// Whether an NVRTC library can be loaded (the kernel compile checks need one).
+#[cfg(not(feature = "rocm"))]
 pub fn nvrtc_present() -> bool {
-    crate::runtime::module_cache::nvrtc_present()
+    crate::runtime::cuda::module_cache::nvrtc_present()
 }
 
 /// NVRTC's version.
 ///
 /// # Errors
 /// When NVRTC cannot be queried.
+#[cfg(not(feature = "rocm"))]
 pub fn nvrtc_version() -> Result<(i32, i32)> {
-    crate::runtime::module_cache::nvrtc_version()
+    crate::runtime::cuda::module_cache::nvrtc_version()
 }
 
 /// Compile every kernel family for every world size `1..=8` for `sm_{arch}`: one entry per
 /// (family, world) with the CUBIN's size or the compile error, and the entry points a CUBIN
 /// lacks.
+#[cfg(not(feature = "rocm"))]
 pub fn compile_every_kernel(arch: (i32, i32)) -> Vec<(String, usize, Result<usize>)> {
-    use crate::runtime::{kernels, module_cache, protocol};
+    use crate::runtime::cuda::module_cache;
+    use crate::runtime::{kernels, protocol};
     let mut out = Vec::new();
     for family in kernels::FAMILIES {
         for world in 1..=protocol::MAX_RANKS {
@@ -104,9 +108,10 @@ pub fn compile_every_kernel(arch: (i32, i32)) -> Vec<(String, usize, Result<usiz
 }
 
 /// Compile the custom family without its protocol defines (must fail, naming them).
+#[cfg(not(feature = "rocm"))]
 pub fn compile_without_defines() -> Result<usize> {
     let f = &crate::runtime::kernels::CUSTOM;
-    crate::runtime::module_cache::compile_cubin(f.name, f.source, &[], (9, 0)).map(|b| b.len())
+    crate::runtime::cuda::module_cache::compile_cubin(f.name, f.source, &[], (9, 0)).map(|b| b.len())
 }
 
 /// The bounded byte all-gather every set-up exchange uses (30 s limit).

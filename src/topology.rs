@@ -4,6 +4,7 @@
 //! of the node, so it is the same on every rank.
 
 use crate::error::Result;
+use crate::runtime::Context;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -17,34 +18,24 @@ pub fn cuda_device_count() -> usize {
 }
 
 /// The GPU a rank with this local index uses: `local_rank % devices` (ranks share GPUs when
-/// there are more ranks than GPUs), or `local_rank` itself where no GPU is visible.
+/// there are more ranks than GPUs), or `local_rank` itself where no GPU is visible. GPUs are
+/// this build's vendor's (CUDA, or HIP in a ROCm build).
 pub fn local_gpu_index(local_rank: usize) -> usize {
-    match cuda_device_count() {
+    match crate::runtime::device_count() {
         0 => local_rank,
         n => local_rank % n,
     }
 }
 
-/// Name of a CUDA device (`NVIDIA H100 80GB HBM3`), if a driver and the device are there.
+/// Name of a GPU of this build's vendor (`NVIDIA H100 80GB HBM3`), if the driver and the device
+/// are there.
 pub fn gpu_name(ordinal: usize) -> Option<String> {
-    if cuda_device_count() <= ordinal {
-        return None;
-    }
-    let dev = cudarc::driver::result::device::get(ordinal as i32).ok()?;
-    cudarc::driver::result::device::get_name(dev).ok()
+    crate::runtime::device_name(ordinal)
 }
 
-/// PCI bus id of a CUDA device (`0000:3b:00.0`), lower case, if the driver reports one.
+/// PCI bus id of a GPU (`0000:3b:00.0`), lower case, if the driver reports one.
 fn gpu_pci_bus_id(ordinal: usize) -> Option<String> {
-    use cudarc::driver::{result, sys};
-    result::init().ok()?;
-    let dev = result::device::get(ordinal as i32).ok()?;
-    let mut buf = [0 as std::ffi::c_char; 32];
-    // SAFETY: the buffer is writable for its whole length and the driver NUL-terminates.
-    unsafe { sys::cuDeviceGetPCIBusId(buf.as_mut_ptr(), buf.len() as i32, dev) }.result().ok()?;
-    // SAFETY: NUL-terminated by the driver on success.
-    let id = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
-    Some(id.to_string_lossy().to_lowercase())
+    crate::runtime::pci_bus_id(ordinal)
 }
 
 /// Sorted network devices under `root` (normally `/sys/class/infiniband`), each with the
@@ -120,10 +111,8 @@ impl GpuLayout {
 }
 
 /// Identity of a device: its UUID and its PCI bus id.
-fn device_identity(ctx: &cudarc::driver::CudaContext) -> ([u8; 16], String) {
-    let uuid = ctx.uuid().map(|u| u.bytes.map(|b| b as u8)).unwrap_or([0; 16]);
-    let bus = gpu_pci_bus_id(ctx.ordinal()).unwrap_or_default();
-    (uuid, bus)
+fn device_identity(ctx: &Context) -> ([u8; 16], String) {
+    crate::runtime::identity(ctx)
 }
 
 /// Ranks of `comm` that share a GPU: one entry per GPU used by more than one rank, holding the
@@ -137,7 +126,7 @@ fn device_identity(ctx: &cudarc::driver::CudaContext) -> ([u8; 16], String) {
 /// [`crate::Error::PeerTimeout`] when a rank does not arrive within `timeout`.
 pub(crate) fn shared_gpus<C: mpi::traits::Communicator>(
     comm: &C,
-    ctx: &cudarc::driver::CudaContext,
+    ctx: &Context,
     timeout: Duration,
 ) -> Result<Vec<(String, Vec<usize>)>> {
     let (uuid, _) = device_identity(ctx);
@@ -179,7 +168,7 @@ fn format_uuid(u: &[u8]) -> String {
 /// [`crate::Error::PeerTimeout`] when a rank does not arrive within `timeout`.
 pub(crate) fn gpu_layout<C: mpi::traits::Communicator>(
     node: &C,
-    ctx: &cudarc::driver::CudaContext,
+    ctx: &Context,
     timeout: Duration,
 ) -> Result<GpuLayout> {
     const STEP: &str = "finding the node's GPU layout";
@@ -244,17 +233,13 @@ pub(crate) fn gpu_layout<C: mpi::traits::Communicator>(
 ///
 /// # Errors
 /// [`crate::Error::PeerTimeout`] when a rank does not arrive within `timeout`.
-pub(crate) fn link_report<C: mpi::traits::Communicator>(
-    node: &C,
-    ctx: &cudarc::driver::CudaContext,
-    timeout: Duration,
-) -> Result<String> {
+pub(crate) fn link_report<C: mpi::traits::Communicator>(node: &C, ctx: &Context, timeout: Duration) -> Result<String> {
     const STEP: &str = "the topology report";
     let (_, bus) = device_identity(ctx);
-    let name = gpu_name(ctx.ordinal()).unwrap_or_else(|| "unknown GPU".into());
+    let name = gpu_name(crate::runtime::ordinal(ctx)).unwrap_or_else(|| "unknown GPU".into());
     let buses = crate::exchange::all_gather_bytes(node, bus.as_bytes(), timeout, STEP)?;
     let buses: Vec<String> = buses.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect();
-    let mut row = format!("rank {}: GPU {} {name} (bus {bus})", node.rank(), ctx.ordinal());
+    let mut row = format!("rank {}: GPU {} {name} (bus {bus})", node.rank(), crate::runtime::ordinal(ctx));
     let mut seen: Vec<&str> = Vec::new();
     for peer in &buses {
         if *peer == bus || seen.contains(&peer.as_str()) {
@@ -284,45 +269,15 @@ pub(crate) fn link_report<C: mpi::traits::Communicator>(
 }
 
 /// Whether the link from this context's device to `peer_bus` supports native atomics (NVLink
-/// does, PCIe peer access does not); false when the driver cannot tell.
-fn native_atomics(ctx: &cudarc::driver::CudaContext, peer_bus: &str) -> bool {
-    use cudarc::driver::sys;
-    let Ok(c) = std::ffi::CString::new(peer_bus) else { return false };
-    let mut peer: sys::CUdevice = 0;
-    let mut value = 0;
-    // SAFETY: valid out pointers, NUL-terminated id, device handles from the driver.
-    unsafe {
-        sys::cuDeviceGetByPCIBusId(&mut peer, c.as_ptr()).result().is_ok()
-            && sys::cuDeviceGetP2PAttribute(
-                &mut value,
-                sys::CUdevice_P2PAttribute::CU_DEVICE_P2P_ATTRIBUTE_NATIVE_ATOMIC_SUPPORTED,
-                ctx.cu_device(),
-                peer,
-            )
-            .result()
-            .is_ok()
-            && value != 0
-    }
+/// does, PCIe peer access does not; on AMD GPUs, as HIP reports it); false when the driver
+/// cannot tell.
+fn native_atomics(ctx: &Context, peer_bus: &str) -> bool {
+    crate::runtime::native_atomics(ctx, peer_bus)
 }
 
 /// Whether this context's device can access the device with PCI bus id `peer_bus` directly.
-fn p2p_access(ctx: &cudarc::driver::CudaContext, peer_bus: &str) -> Result<bool, String> {
-    use cudarc::driver::sys;
-    let c = std::ffi::CString::new(peer_bus).map_err(|e| e.to_string())?;
-    let mut peer: sys::CUdevice = 0;
-    // SAFETY: valid out pointer and NUL-terminated id.
-    unsafe { sys::cuDeviceGetByPCIBusId(&mut peer, c.as_ptr()) }.result().map_err(|e| {
-        format!(
-            "GPU {peer_bus}, used by another rank, is not visible to this process ({e:?}); when \
-             CUDA_VISIBLE_DEVICES gives each rank only its own GPU, tpcomm cannot check peer access between \
-             GPUs, so the IPC kernels stay off and NCCL serves the calls: make every GPU of the node visible \
-             to every rank and pick each rank's GPU with Communicator::builder(..).device(ordinal)"
-        )
-    })?;
-    let mut can = 0;
-    // SAFETY: valid out pointer and device handles.
-    unsafe { sys::cuDeviceCanAccessPeer(&mut can, ctx.cu_device(), peer) }.result().map_err(|e| format!("{e:?}"))?;
-    Ok(can != 0)
+fn p2p_access(ctx: &Context, peer_bus: &str) -> Result<bool, String> {
+    crate::runtime::p2p_access(ctx, peer_bus)
 }
 
 #[cfg(test)]

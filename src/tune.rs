@@ -80,21 +80,21 @@ fn tune_host(comm: &Communicator) -> Result<usize> {
 /// with the IPC kernels, on one node of several ranks.
 fn tune_device(comm: &Communicator) -> Result<Option<(usize, usize)>> {
     let boot = comm.boot();
-    let up = u64::from(comm.cuda_context().is_ok() && comm.device_algo::<half::bf16>(4096).is_ok());
+    let up = u64::from(comm.context().is_ok() && comm.device_algo::<half::bf16>(4096).is_ok());
     let everyone = exchange::all_min_u64(boot.world(), up, boot.timeout, "tuning")?;
     let ipc = everyone == 1 && comm.device_algo::<half::bf16>(8192).is_ok_and(|a| a != Algo::Nccl);
     if !ipc || boot.layout.nodes > 1 || boot.layout.size == 1 {
         return Ok(None);
     }
-    let ctx = comm.cuda_context()?;
-    let stream = ctx.new_stream().map_err(crate::runtime::cuda("cuStreamCreate"))?;
+    let ctx = comm.context()?;
+    let stream = ctx.new_stream()?;
     let max = comm.config().custom_max_bytes;
     let sizes: Vec<usize> = (12..=34).map(|p| 1usize << p).take_while(|&b| b <= max).collect();
     let len = max / 2;
     let mut x = comm.alloc_shared::<half::bf16>(len)?;
-    let mut y = stream.alloc_zeros::<half::bf16>(len).map_err(crate::runtime::cuda("alloc"))?;
+    let mut y = stream.alloc_zeros::<half::bf16>(len)?;
     let data: Vec<half::bf16> = input(comm.rank(), len).into_iter().map(half::bf16::from_f32).collect();
-    stream.memcpy_htod(&data, &mut x).map_err(crate::runtime::cuda("memcpy_htod"))?;
+    stream.memcpy_htod(&data, &mut x)?;
     let mut time = |algo: Algo, bytes: usize| -> Result<f64> {
         let n = bytes / 2;
         let opts = CallOptions { algo: Some(algo), registered_only: true, ..CallOptions::default() };

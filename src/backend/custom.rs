@@ -40,8 +40,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::exchange::{agree, all_gather_bytes, barrier};
 use crate::runtime::ipc::{self, IpcBuffer, IpcHandle, PeerMappings};
-use crate::runtime::{cuda, kernels, protocol, HostWord};
-use cudarc::driver::{CudaContext, CudaFunction};
+use crate::runtime::{kernels, protocol, Context, Function, HostWord};
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 use std::collections::HashMap;
@@ -171,10 +170,10 @@ struct Capture {
 /// One rank's side of the custom allreduce.
 pub(crate) struct CustomAllreduce {
     comm: crate::exchange::Comm,
-    ctx: Arc<CudaContext>,
+    ctx: Arc<Context>,
     rank: usize,
     world: usize,
-    funcs: HashMap<(Kernel, DType), CudaFunction>,
+    funcs: HashMap<(Kernel, DType), Function>,
     max_blocks: usize,
     /// The grid limit of large calls (`max_blocks` when the user set it).
     large_blocks: usize,
@@ -202,7 +201,7 @@ pub(crate) struct CustomAllreduce {
 
 /// The fallible part of [`CustomAllreduce::new`] before any exchange.
 struct Prepared {
-    funcs: HashMap<(Kernel, DType), CudaFunction>,
+    funcs: HashMap<(Kernel, DType), Function>,
     max_blocks: usize,
     large_blocks: usize,
     twoshot_blocks: usize,
@@ -231,7 +230,7 @@ impl CustomAllreduce {
     /// [`Error::Unsupported`] for too many ranks, a GPU older than sm_80, or a shared device
     /// that cannot hold every rank's blocks at once; [`Error::Cuda`] / [`Error::Compile`] from
     /// allocation, IPC or compilation. An error on one rank makes every rank return an error.
-    pub(crate) fn new(comm: &SimpleCommunicator, ctx: &Arc<CudaContext>, opts: &CustomOptions) -> Result<Self> {
+    pub(crate) fn new(comm: &SimpleCommunicator, ctx: &Arc<Context>, opts: &CustomOptions) -> Result<Self> {
         const STEP: &str = "custom allreduce set-up";
         let comm = crate::exchange::Comm::new(comm.duplicate());
         let world = comm.size() as usize;
@@ -275,7 +274,7 @@ impl CustomAllreduce {
         Ok(this)
     }
 
-    fn prepare(ctx: &Arc<CudaContext>, world: usize, opts: &CustomOptions) -> Result<Prepared> {
+    fn prepare(ctx: &Arc<Context>, world: usize, opts: &CustomOptions) -> Result<Prepared> {
         let (funcs, from_disk) = kernels::CUSTOM.load(
             ctx,
             world,
@@ -295,7 +294,7 @@ impl CustomAllreduce {
         let large_blocks = if opts.max_blocks.is_some() { max_blocks } else { protocol::MAX_BLOCKS.min(cap) };
         let twoshot_blocks =
             if opts.max_blocks.is_none() && world >= 3 { TWOSHOT_MAX_BLOCKS.min(max_blocks) } else { max_blocks };
-        let signal = IpcBuffer::alloc(ctx, meta_size())?;
+        let signal = IpcBuffer::alloc_signal(ctx, meta_size())?;
         signal.zero()?;
         let scratch = IpcBuffer::alloc(ctx, opts.max_bytes)?;
         let staging = IpcBuffer::alloc(ctx, opts.max_bytes)?;
@@ -337,7 +336,7 @@ impl CustomAllreduce {
         if !self.rows.has_quarantine() {
             return Ok(());
         }
-        self.ctx.synchronize().map_err(cuda("cuCtxSynchronize(recycling rank-data rows)"))?;
+        crate::runtime::synchronize(&self.ctx, "synchronize (recycling rank-data rows)")?;
         self.rows.recycle_with(|r| {
             self.rank_data
                 .zero_at(r.start as usize * protocol::RANK_DATA_ROW_BYTES, r.len() * protocol::RANK_DATA_ROW_BYTES)
@@ -447,7 +446,7 @@ impl DeviceBackend for CustomAllreduce {
             (k, None) => k,
             (k, Some(_)) => return Err(Error::Internal(format!("the norm cannot be fused into {}", k.name()))),
         };
-        let stream = call.stream.cuda()?;
+        let stream = call.stream.device()?;
         let dtype = call.dtype;
         if !self.funcs.contains_key(&(kernel, dtype)) {
             return Err(kernels::unsupported_dtype("custom allreduce", dtype));
@@ -589,7 +588,7 @@ impl DeviceBackend for CustomAllreduce {
                 stream,
                 &mut params,
                 self.pdl,
-                "cuLaunchKernelEx(custom)",
+                "kernel launch (custom)",
             )
         }
     }

@@ -1,12 +1,16 @@
 //! Backends: one file per family of algorithms, behind one seam.
 //!
-//! - `custom`: CUDA IPC one-shot and two-shot (`kernels/custom_allreduce.cu`);
+//! - `custom`: IPC one-shot and two-shot (`kernels/custom_allreduce.cu`);
 //! - `packet`: barrier-free LL and Lamport kernels (`kernels/packet_allreduce.cu`);
 //! - `quick`: two-shot with quantized traffic (`kernels/quick_allreduce.cu`), opt-in;
-//! - `nccl`: NCCL through cudarc's raw bindings;
+//! - `nccl`: NCCL through cudarc's raw bindings (the default build); `rccl`: RCCL through
+//!   `runtime::hip::rccl` (a ROCm build); one of them is the build's [`Collective`];
 //! - `host`: shared memory of one node (host buffers; not a device backend);
 //! - `mock`: a CPU stand-in for the device backends, so the device layer's routing, plans,
 //!   failure handling and registration bookkeeping run in CI without a GPU.
+//!
+//! The IPC backends (custom, packet, quick) are one code for both vendors: they reach the GPU
+//! only through the runtime facade (`crate::runtime`), which is CUDA's or HIP's by build.
 //!
 //! A backend knows nothing of another; [`crate::plan`] chooses and the device layer
 //! (`crate::device`) runs what it chose. Every device backend implements [`DeviceBackend`]:
@@ -22,11 +26,23 @@
 pub(crate) mod custom;
 pub(crate) mod host;
 pub(crate) mod mock;
+#[cfg(not(feature = "rocm"))]
 pub(crate) mod nccl;
 pub(crate) mod packet;
 pub(crate) mod peer_group;
 pub(crate) mod quick;
 pub(crate) mod rank_data;
+#[cfg(feature = "rocm")]
+pub(crate) mod rccl;
+
+/// The backend of the NCCL slot ([`crate::algo::BackendKind::Nccl`]) in this build, with the
+/// library it loads and whether that loads here: NCCL on CUDA, RCCL on ROCm (one vendor per
+/// build). Both offer `new(comm, ctx, timeout)`, `world_size()` and `version()`.
+#[cfg(not(feature = "rocm"))]
+pub(crate) use nccl::{library_present as collective_library_present, NcclAllreduce as Collective, LIBRARY};
+/// The backend of the NCCL slot in a ROCm build (see the CUDA build's).
+#[cfg(feature = "rocm")]
+pub(crate) use rccl::{library_present as collective_library_present, RcclAllreduce as Collective, LIBRARY};
 
 use crate::algo::Algo;
 use crate::dtype::DType;

@@ -47,6 +47,9 @@ const BINDINGS_VERSION: u32 = if cfg!(feature = "cuda-13000") {
 /// Oldest libnccl accepted: non-blocking communicators and `ncclConfig_t` came with 2.14.
 pub(crate) const MIN_VERSION: i32 = 21400;
 
+/// The library every rank must be able to load.
+pub(crate) const LIBRARY: &str = "libnccl.so.2";
+
 /// What to tell a user whose machine has no libnccl.
 const INSTALL_HINT: &str = "libnccl.so.2 was not found: install NCCL 2.14 or newer (apt-get install libnccl2, or \
                             pip install nvidia-nccl-cu13 / nvidia-nccl-cu12) and put the folder holding \
@@ -356,7 +359,7 @@ impl DeviceBackend for NcclAllreduce {
         if call.len == 0 {
             return Ok(());
         }
-        let stream = call.stream.cuda()?;
+        let stream = call.stream.device()?;
         let deadline = Instant::now() + self.timeout;
         // SAFETY: pointers valid for `len` elements (caller); live communicator and stream.
         let r = unsafe {

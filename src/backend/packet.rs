@@ -33,8 +33,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::exchange::{agree, barrier};
 use crate::runtime::ipc::{IpcBuffer, PeerMappings};
-use crate::runtime::{kernels, protocol, HostWord};
-use cudarc::driver::{CudaContext, CudaFunction};
+use crate::runtime::{kernels, protocol, Context, Function, HostWord};
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 use std::collections::HashMap;
@@ -114,11 +113,16 @@ pub(crate) const fn default_block_threads(world: usize) -> usize {
 /// data thread in blocks of `block_threads` while the grid has room for them (at most
 /// `max_blocks`); beyond that the blocks grow, to [`protocol::PACKET_THREADS`] data threads, and
 /// threads take several vectors. Each block also has the header warp.
-pub(crate) fn launch_shape(nvec: usize, block_threads: usize, max_blocks: usize) -> (usize, usize) {
+///
+/// Data threads come in whole warps of `lanes` ([`crate::runtime::WAVE`]: 32 on CUDA, 64 on the
+/// wave64 AMD GPUs tpcomm builds for), so the header threads, which spin on their own condition,
+/// never share a warp or wavefront with data threads: a wavefront whose lanes spin on two
+/// conditions may run one branch to its end before the other.
+pub(crate) fn launch_shape(nvec: usize, block_threads: usize, max_blocks: usize, lanes: usize) -> (usize, usize) {
     let max_blocks = max_blocks.max(1);
-    let mut threads = block_threads.next_multiple_of(32).clamp(32, protocol::PACKET_THREADS);
+    let mut threads = block_threads.next_multiple_of(lanes).clamp(lanes, protocol::PACKET_THREADS);
     if nvec.div_ceil(threads) > max_blocks {
-        threads = nvec.div_ceil(max_blocks).next_multiple_of(32).clamp(32, protocol::PACKET_THREADS);
+        threads = nvec.div_ceil(max_blocks).next_multiple_of(lanes).clamp(lanes, protocol::PACKET_THREADS);
     }
     (nvec.div_ceil(threads).clamp(1, max_blocks), threads)
 }
@@ -126,7 +130,7 @@ pub(crate) fn launch_shape(nvec: usize, block_threads: usize, max_blocks: usize)
 /// One rank's side of the packet allreduce.
 pub(crate) struct PacketAllreduce {
     rank: usize,
-    funcs: HashMap<(PacketKernel, DType), CudaFunction>,
+    funcs: HashMap<(PacketKernel, DType), Function>,
     max_blocks: usize,
     block_threads: usize,
     max_bytes: usize,
@@ -145,7 +149,7 @@ pub(crate) struct PacketAllreduce {
 
 /// The fallible part of [`PacketAllreduce::new`] before any exchange.
 struct Prepared {
-    funcs: HashMap<(PacketKernel, DType), CudaFunction>,
+    funcs: HashMap<(PacketKernel, DType), Function>,
     max_blocks: usize,
     ll: IpcBuffer,
     lamport: IpcBuffer,
@@ -166,7 +170,7 @@ impl PacketAllreduce {
     /// [`Error::Unsupported`] for too many ranks, a GPU older than sm_80, or a GPU that cannot
     /// hold every rank's blocks; [`Error::Cuda`] / [`Error::Compile`]. An error on one rank makes
     /// every rank fail.
-    pub(crate) fn new(comm: &SimpleCommunicator, ctx: &Arc<CudaContext>, opts: &PacketOptions) -> Result<Self> {
+    pub(crate) fn new(comm: &SimpleCommunicator, ctx: &Arc<Context>, opts: &PacketOptions) -> Result<Self> {
         const STEP: &str = "packet allreduce set-up";
         let world = comm.size() as usize;
         let rank = comm.rank() as usize;
@@ -197,7 +201,7 @@ impl PacketAllreduce {
         Ok(this)
     }
 
-    fn prepare(ctx: &Arc<CudaContext>, world: usize, opts: &PacketOptions) -> Result<Prepared> {
+    fn prepare(ctx: &Arc<Context>, world: usize, opts: &PacketOptions) -> Result<Prepared> {
         let (funcs, _) = kernels::PACKET.load(
             ctx,
             world,
@@ -214,9 +218,9 @@ impl PacketAllreduce {
             "packet allreduce",
         )?;
         let max_blocks = DEFAULT_MAX_BLOCKS.clamp(1, protocol::PACKET_MAX_BLOCKS).min(cap);
-        let ll = IpcBuffer::alloc(ctx, protocol::ll_scratch_bytes(world, opts.max_bytes))?;
+        let ll = IpcBuffer::alloc_signal(ctx, protocol::ll_scratch_bytes(world, opts.max_bytes))?;
         ll.zero()?;
-        let lamport = IpcBuffer::alloc(ctx, protocol::lamport_bytes(world, opts.max_bytes))?;
+        let lamport = IpcBuffer::alloc_signal(ctx, protocol::lamport_bytes(world, opts.max_bytes))?;
         lamport.fill(0xff)?;
         let state = IpcBuffer::alloc(ctx, protocol::PACKET_STATE_BYTES)?;
         state.zero()?;
@@ -232,7 +236,7 @@ impl PacketAllreduce {
     /// As [`DeviceBackend::enqueue`].
     unsafe fn launch(&mut self, kernel: PacketKernel, call: &Call) -> Result<()> {
         const OP: &str = "packet all_reduce";
-        let stream = call.stream.cuda()?;
+        let stream = call.stream.device()?;
         let dtype = call.dtype;
         let func =
             self.funcs.get(&(kernel, dtype)).ok_or_else(|| kernels::unsupported_dtype("packet allreduce", dtype))?;
@@ -250,7 +254,12 @@ impl PacketAllreduce {
             PacketKernel::AllPairs | PacketKernel::TwoPhase => (&self.ll_ptrs, protocol::ll_slots(self.max_bytes)),
             PacketKernel::Lamport => (&self.lamport_ptrs, protocol::lamport_slots(self.max_bytes)),
         };
-        let (blocks, threads) = launch_shape(bytes.div_ceil(protocol::VEC_BYTES), self.block_threads, self.max_blocks);
+        let (blocks, threads) = launch_shape(
+            bytes.div_ceil(protocol::VEC_BYTES),
+            self.block_threads,
+            self.max_blocks,
+            crate::runtime::WAVE,
+        );
         let state = self.state.ptr();
         let rank = self.rank as i32;
         let count = call.len as u64;
@@ -287,7 +296,7 @@ impl PacketAllreduce {
                 stream,
                 &mut params,
                 self.pdl,
-                "cuLaunchKernelEx(packet)",
+                "kernel launch (packet)",
             )
         }
     }
@@ -326,19 +335,33 @@ mod tests {
 
     #[test]
     fn small_messages_spread_over_blocks_large_ones_fill_them() {
-        assert_eq!(launch_shape(0, 128, 64), (1, 128));
-        assert_eq!(launch_shape(256, 128, 64), (2, 128)); // 4 KiB at 2 ranks
-        assert_eq!(launch_shape(256, 64, 64), (4, 64)); // 4 KiB at 4-8 ranks
-        assert_eq!(launch_shape(2048, 64, 64), (32, 64)); // 32 KiB
-        assert_eq!(launch_shape(4096, 64, 64), (64, 64));
-        assert_eq!(launch_shape(4097, 64, 64), (43, 96));
-        assert_eq!(launch_shape(1 << 20, 64, 64), (64, 256));
-        assert_eq!(launch_shape(1 << 20, 64, 0), (1, 256));
-        assert_eq!(launch_shape(100, 40, 64), (2, 64));
+        assert_eq!(launch_shape(0, 128, 64, 32), (1, 128));
+        assert_eq!(launch_shape(256, 128, 64, 32), (2, 128)); // 4 KiB at 2 ranks
+        assert_eq!(launch_shape(256, 64, 64, 32), (4, 64)); // 4 KiB at 4-8 ranks
+        assert_eq!(launch_shape(2048, 64, 64, 32), (32, 64)); // 32 KiB
+        assert_eq!(launch_shape(4096, 64, 64, 32), (64, 64));
+        assert_eq!(launch_shape(4097, 64, 64, 32), (43, 96));
+        assert_eq!(launch_shape(1 << 20, 64, 64, 32), (64, 256));
+        assert_eq!(launch_shape(1 << 20, 64, 0, 32), (1, 256));
+        assert_eq!(launch_shape(100, 40, 64, 32), (2, 64));
         for nvec in 0..20_000 {
             for bt in [32, 64, 128, 256] {
-                let (b, t) = launch_shape(nvec, bt, 64);
+                let (b, t) = launch_shape(nvec, bt, 64, 32);
                 assert!(t % 32 == 0 && t <= protocol::PACKET_THREADS && (1..=64).contains(&b));
+                assert!(b * t >= nvec.min(64 * protocol::PACKET_THREADS), "{nvec} {bt}: {b} x {t}");
+            }
+        }
+    }
+
+    #[test]
+    fn wavefronts_of_64_lanes_keep_data_threads_in_whole_wavefronts() {
+        assert_eq!(launch_shape(256, 128, 64, 64), (2, 128));
+        assert_eq!(launch_shape(100, 40, 64, 64), (2, 64));
+        assert_eq!(launch_shape(4097, 64, 64, 64), (33, 128), "32-lane rounding would give 96");
+        for nvec in 0..20_000 {
+            for bt in [32, 64, 96, 128, 256] {
+                let (b, t) = launch_shape(nvec, bt, 64, 64);
+                assert!(t % 64 == 0 && t <= protocol::PACKET_THREADS && (1..=64).contains(&b), "{nvec} {bt}");
                 assert!(b * t >= nvec.min(64 * protocol::PACKET_THREADS), "{nvec} {bt}: {b} x {t}");
             }
         }

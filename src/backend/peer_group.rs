@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::exchange::{agree, all_gather_bytes, records};
 use crate::runtime::ipc::{self, IpcHandle, PeerMappings, IPC_HANDLE_BYTES};
 use crate::runtime::protocol::MAX_RANKS;
-use cudarc::driver::CudaContext;
+use crate::runtime::Context;
 use std::time::Duration;
 
 /// An IPC backend (`what`: "custom allreduce") spans at most [`MAX_RANKS`] ranks of one node.
@@ -82,7 +82,7 @@ pub(crate) struct Shared {
 ///
 /// # Errors
 /// [`crate::Error::Cuda`] for memory that cannot be exported (stream-ordered pools).
-pub(crate) fn export_all(ctx: &CudaContext, ptrs: &[u64]) -> Result<Vec<(IpcHandle, u64)>> {
+pub(crate) fn export_all(ctx: &Context, ptrs: &[u64]) -> Result<Vec<(IpcHandle, u64)>> {
     ptrs.iter().map(|&p| ipc::export(ctx, p)).collect()
 }
 

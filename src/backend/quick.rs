@@ -33,8 +33,7 @@ use crate::error::{Error, Result};
 use crate::exchange::{agree, barrier};
 use crate::quant::{Codec, GROUP};
 use crate::runtime::ipc::{IpcBuffer, PeerMappings};
-use crate::runtime::{kernels, protocol, HostWord};
-use cudarc::driver::{CudaContext, CudaFunction};
+use crate::runtime::{kernels, protocol, Context, Function, HostWord};
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 use std::collections::HashMap;
@@ -87,7 +86,7 @@ fn grid_blocks(len: usize, world: usize, max_blocks: usize) -> usize {
 pub(crate) struct QuickAllreduce {
     rank: usize,
     world: usize,
-    funcs: HashMap<(Codec, DType), CudaFunction>,
+    funcs: HashMap<(Codec, DType), Function>,
     max_blocks: usize,
     max_bytes: usize,
     timeout: Duration,
@@ -104,7 +103,7 @@ pub(crate) struct QuickAllreduce {
 
 /// The fallible part of [`QuickAllreduce::new`] before any exchange.
 struct Prepared {
-    funcs: HashMap<(Codec, DType), CudaFunction>,
+    funcs: HashMap<(Codec, DType), Function>,
     max_blocks: usize,
     signal: IpcBuffer,
     inbox: IpcBuffer,
@@ -122,7 +121,7 @@ impl QuickAllreduce {
     /// [`Error::Unsupported`] for too many ranks, a GPU older than sm_80 or a shared device that
     /// cannot hold every rank's blocks at once; [`Error::Cuda`] / [`Error::Compile`] from
     /// allocation, IPC or compilation. An error on one rank makes every rank return an error.
-    pub(crate) fn new(comm: &SimpleCommunicator, ctx: &Arc<CudaContext>, opts: &QuickOptions) -> Result<Self> {
+    pub(crate) fn new(comm: &SimpleCommunicator, ctx: &Arc<Context>, opts: &QuickOptions) -> Result<Self> {
         const STEP: &str = "quick allreduce set-up";
         let comm = crate::exchange::Comm::new(comm.duplicate());
         let world = comm.size() as usize;
@@ -152,7 +151,7 @@ impl QuickAllreduce {
         })
     }
 
-    fn prepare(ctx: &Arc<CudaContext>, world: usize, opts: &QuickOptions) -> Result<Prepared> {
+    fn prepare(ctx: &Arc<Context>, world: usize, opts: &QuickOptions) -> Result<Prepared> {
         // Entry points are named after the algorithms (`quick_int8_bf16`).
         let (funcs, _) = kernels::QUICK.load(
             ctx,
@@ -170,9 +169,9 @@ impl QuickAllreduce {
             "quick allreduce",
         )?;
         let max_blocks = DEFAULT_MAX_BLOCKS.min(cap);
-        let signal = IpcBuffer::alloc(ctx, protocol::signal_bytes(protocol::QUICK_MAX_BLOCKS))?;
+        let signal = IpcBuffer::alloc_signal(ctx, protocol::signal_bytes(protocol::QUICK_MAX_BLOCKS))?;
         signal.zero()?;
-        let inbox = IpcBuffer::alloc(ctx, inbox_bytes(world, opts.max_bytes))?;
+        let inbox = IpcBuffer::alloc_signal(ctx, inbox_bytes(world, opts.max_bytes))?;
         Ok(Prepared { funcs, max_blocks, signal, inbox })
     }
 
@@ -198,7 +197,7 @@ impl DeviceBackend for QuickAllreduce {
         const OP: &str = "quick all_reduce";
         let codec =
             algo.codec().ok_or_else(|| Error::Internal(format!("the quick backend was asked to run {algo}")))?;
-        let stream = call.stream.cuda()?;
+        let stream = call.stream.device()?;
         let func = self
             .funcs
             .get(&(codec, call.dtype))
@@ -250,7 +249,7 @@ impl DeviceBackend for QuickAllreduce {
                 stream,
                 &mut params,
                 self.pdl,
-                "cuLaunchKernelEx(quick)",
+                "kernel launch (quick)",
             )
         }
     }

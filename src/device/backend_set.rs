@@ -10,10 +10,10 @@
 use crate::algo::BackendKind;
 use crate::backend::custom::{CustomAllreduce, CustomOptions, FaultTarget};
 use crate::backend::mock::MockBackend;
-use crate::backend::nccl::NcclAllreduce;
 use crate::backend::packet::{PacketAllreduce, PacketOptions};
 use crate::backend::quick::{QuickAllreduce, QuickOptions};
 use crate::backend::DeviceBackend;
+use crate::backend::{collective_library_present, Collective, LIBRARY};
 use crate::bootstrap::Bootstrap;
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -21,7 +21,7 @@ use crate::exchange;
 use crate::fault::FaultWord;
 use crate::plan::{Caps, Group};
 use crate::runtime::protocol::MAX_RANKS;
-use cudarc::driver::CudaContext;
+use crate::runtime::Context;
 use std::sync::Arc;
 
 /// One backend instance and the group it reduces among.
@@ -75,7 +75,7 @@ impl BackendSet {
     /// # Errors
     /// [`Error::PeerTimeout`] when a rank does not arrive; [`Error::Cuda`] when the GPU cannot be
     /// used at all. A backend that cannot be built is not an error (its reason is kept).
-    pub(crate) fn build(boot: &Bootstrap, config: &Config, ctx: &Arc<CudaContext>, fault: FaultTarget) -> Result<Self> {
+    pub(crate) fn build(boot: &Bootstrap, config: &Config, ctx: &Arc<Context>, fault: FaultTarget) -> Result<Self> {
         let l = &boot.layout;
         let t = boot.timeout;
         let mut set = BackendSet { caps: Caps::none(), members: Vec::new(), notes: Vec::new() };
@@ -186,18 +186,18 @@ impl BackendSet {
         // NCCL among all ranks (never used in deterministic mode, so not built there).
         let library = exchange::all_min_u64(
             boot.world(),
-            u64::from(crate::backend::nccl::library_present()),
+            u64::from(collective_library_present()),
             t,
-            "looking for libnccl",
+            "looking for the collective library",
         )? == 1;
         if config.deterministic {
             missing.push((BackendKind::Nccl, "deterministic mode never uses NCCL".into()));
         } else if !library {
-            missing.push((BackendKind::Nccl, "libnccl.so.2 cannot be loaded on every rank".into()));
+            missing.push((BackendKind::Nccl, format!("{LIBRARY} cannot be loaded on every rank")));
         } else {
-            match NcclAllreduce::new(boot.world(), ctx, t) {
+            match Collective::new(boot.world(), ctx, t) {
                 Ok(n) => {
-                    set.notes.push(format!("NCCL: {} ranks, libnccl version code {}", n.world_size(), n.version()));
+                    set.notes.push(format!("{LIBRARY}: {} ranks, version code {}", n.world_size(), n.version()));
                     set.push(BackendKind::Nccl, Group::World, Box::new(n));
                 }
                 Err(e) => missing.push((BackendKind::Nccl, fatal_or_reason(e)?)),
@@ -206,7 +206,7 @@ impl BackendSet {
             if l.nodes > 1 && set.members.iter().any(|m| m.kind == BackendKind::Nccl) {
                 exchange::barrier(boot.world(), t, "building NCCL across nodes")?;
                 let built = match boot.cross_communicator() {
-                    Some(cross) => NcclAllreduce::new(&*cross, ctx, t).map(Some),
+                    Some(cross) => Collective::new(&*cross, ctx, t).map(Some),
                     None => Ok(None),
                 };
                 match exchange::agree(boot.world(), built, t, "building NCCL across nodes") {

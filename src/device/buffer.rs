@@ -1,18 +1,10 @@
 //! Device memory tpcomm allocates for the application, and the queue that returns it.
 //!
-//! A [`DeviceBuffer`] is `cuMemAlloc` memory (which, unlike cudarc's stream-ordered pools, can
-//! be exported over CUDA IPC) seen through cudarc's views. It is *not* a `CudaSlice` one could
-//! replace: there is no `DerefMut`, only views, so safe code cannot swap the memory under it
-//! (which would free IPC memory twice).
-//!
-//! ```compile_fail,E0614
-//! # fn f(comm: &tpcomm::Communicator, stream: &std::sync::Arc<tpcomm::cudarc::driver::CudaStream>)
-//! # -> tpcomm::Result<()> {
-//! let mut buf = comm.alloc_shared::<f32>(1024)?;
-//! let other = stream.alloc_zeros::<f32>(1024)?;
-//! *buf = other; // refused: a DeviceBuffer cannot be dereferenced into a CudaSlice
-//! # Ok(()) }
-//! ```
+//! A [`DeviceBuffer`] is exportable device memory tpcomm allocated (an `IpcBuffer`), typed, with
+//! the vendor's face: in the default build the CUDA driver crate's views and device-pointer
+//! traits, in a ROCm build tpcomm's HIP views and traits of the same shape (`runtime/cuda/buffer.rs`,
+//! `runtime/hip/buffer.rs`). It hands out views only, never the memory itself, so safe code
+//! cannot swap the memory under it (which would free IPC memory twice).
 //!
 //! Peers map the memory of [`crate::Communicator::alloc_shared`], so dropping a buffer on one
 //! rank must not free memory a peer still reads: the drop only queues a release. At the next
@@ -20,9 +12,7 @@
 //! agree which buffers every rank released; those are unmapped by the peers and then freed.
 
 use crate::runtime::ipc::IpcBuffer;
-use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceSlice, SyncOnDrop};
-use std::mem::ManuallyDrop;
-use std::ops::RangeBounds;
+use crate::runtime::{Context, DeviceMemory};
 use std::sync::{Arc, Mutex};
 
 /// What was dropped since the device layer last looked.
@@ -47,67 +37,42 @@ pub(crate) enum Release {
     Private,
 }
 
-/// Device memory from `cuMemAlloc`, usable wherever cudarc takes device memory (it implements
-/// [`DevicePtr`] and [`DevicePtrMut`], and hands out views). From
+/// Device memory tpcomm allocated, usable wherever the vendor's device memory goes: it
+/// implements [`crate::DevicePtr`] and [`crate::DevicePtrMut`] (the CUDA driver crate's traits in
+/// the default build) and hands out views (`as_view`, `slice`, ...). From
 /// [`crate::Communicator::alloc_shared`] it is registered with every peer, so allreduces whose
 /// input lies in it copy nothing; from [`crate::Communicator::alloc_device`] it is not, but
-/// CUDA graphs capturing allreduces of it read it in place (it can be exported over IPC, unlike
-/// cudarc's stream-ordered allocations).
+/// graphs capturing allreduces of it read it in place (it can be exported over IPC, unlike
+/// stream-ordered pool allocations).
 pub struct DeviceBuffer<T> {
-    slice: ManuallyDrop<CudaSlice<T>>,
+    /// The typed memory (vendor's); dropped before `mem`, which frees it.
+    pub(crate) memory: DeviceMemory<T>,
     mem: Arc<IpcBuffer>,
     release: Release,
 }
 
 impl<T> DeviceBuffer<T> {
-    /// Wrap `mem` (holding `len` elements of `T`) for `stream`'s context.
-    pub(crate) fn new(stream: &Arc<CudaStream>, mem: Arc<IpcBuffer>, len: usize, release: Release) -> Self {
-        // SAFETY: the allocation holds `len` elements of T and outlives the slice (the Arc is
-        // kept beside it); the slice is never handed out (only views of it), so nothing can
-        // replace it, and it is leaked, never freed by cudarc, in Drop.
-        let slice = unsafe { stream.upgrade_device_ptr::<T>(mem.ptr(), len) };
-        DeviceBuffer { slice: ManuallyDrop::new(slice), mem, release }
+    /// Wrap `mem` (holding `len` elements of `T`) for `ctx`'s GPU.
+    pub(crate) fn new(ctx: &Arc<Context>, mem: Arc<IpcBuffer>, len: usize, release: Release) -> Self {
+        // SAFETY: the allocation holds `len` elements of T and outlives the typed memory (the
+        // Arc is kept beside it, and dropped after it).
+        let memory = unsafe { DeviceMemory::new(ctx, mem.ptr(), len) };
+        DeviceBuffer { memory, mem, release }
     }
 
     /// Elements.
     pub fn len(&self) -> usize {
-        self.slice.len()
+        self.memory.len()
     }
 
     /// True for a buffer of no elements.
     pub fn is_empty(&self) -> bool {
-        self.slice.len() == 0
+        self.memory.len() == 0
     }
 
     /// The device address of the first element.
     pub fn device_address(&self) -> u64 {
         self.mem.ptr()
-    }
-
-    /// The whole buffer, to read.
-    pub fn as_view(&self) -> CudaView<'_, T> {
-        self.slice.as_view()
-    }
-
-    /// The whole buffer, to write.
-    pub fn as_view_mut(&mut self) -> CudaViewMut<'_, T> {
-        self.slice.as_view_mut()
-    }
-
-    /// Elements `range`, to read.
-    ///
-    /// # Panics
-    /// When `range` is out of bounds, as cudarc's `slice`.
-    pub fn slice(&self, range: impl RangeBounds<usize>) -> CudaView<'_, T> {
-        self.slice.slice(range)
-    }
-
-    /// Elements `range`, to write.
-    ///
-    /// # Panics
-    /// When `range` is out of bounds, as cudarc's `slice_mut`.
-    pub fn slice_mut(&mut self, range: impl RangeBounds<usize>) -> CudaViewMut<'_, T> {
-        self.slice.slice_mut(range)
     }
 }
 
@@ -117,32 +82,8 @@ impl<T> std::fmt::Debug for DeviceBuffer<T> {
     }
 }
 
-impl<T> DeviceSlice<T> for DeviceBuffer<T> {
-    fn len(&self) -> usize {
-        self.slice.len()
-    }
-    fn stream(&self) -> &Arc<CudaStream> {
-        DeviceSlice::stream(&*self.slice)
-    }
-}
-
-impl<T> DevicePtr<T> for DeviceBuffer<T> {
-    fn device_ptr<'a>(&'a self, stream: &'a CudaStream) -> (cudarc::driver::sys::CUdeviceptr, SyncOnDrop<'a>) {
-        self.slice.device_ptr(stream)
-    }
-}
-
-impl<T> DevicePtrMut<T> for DeviceBuffer<T> {
-    fn device_ptr_mut<'a>(&'a mut self, stream: &'a CudaStream) -> (cudarc::driver::sys::CUdeviceptr, SyncOnDrop<'a>) {
-        self.slice.device_ptr_mut(stream)
-    }
-}
-
 impl<T> Drop for DeviceBuffer<T> {
     fn drop(&mut self) {
-        // SAFETY: taken once, here; cudarc must not free memory it did not allocate.
-        let slice = unsafe { ManuallyDrop::take(&mut self.slice) };
-        let _ = slice.leak();
         if let Release::Shared(queue, id) = &self.release {
             // A poisoned lock only means another drop panicked; the list is still a list.
             queue.lock().unwrap_or_else(|e| e.into_inner()).buffers.push(*id);

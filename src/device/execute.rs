@@ -10,7 +10,7 @@ use crate::algo::{Algo, BackendKind};
 use crate::backend::Call;
 use crate::error::{Error, Result};
 use crate::plan::{Op, Plan, Src};
-use cudarc::driver::CudaContext;
+use crate::runtime::Context;
 use std::sync::Arc;
 
 /// Enqueue every step of `plan` for `call`.
@@ -24,7 +24,7 @@ use std::sync::Arc;
 pub(crate) unsafe fn execute(
     set: &mut BackendSet,
     norm: &mut NormKernel,
-    ctx: Option<&Arc<CudaContext>>,
+    ctx: Option<&Arc<Context>>,
     plan: &Plan,
     call: &Call,
 ) -> Result<()> {

@@ -1,22 +1,12 @@
-//! Graph registration around the application's own CUDA graph capture (the seed's
-//! `register_graph_buffers` flow).
-//!
-//! ```no_run
-//! # fn step(comm: &tpcomm::Communicator, s: &std::sync::Arc<tpcomm::cudarc::driver::CudaStream>,
-//! #         x: &tpcomm::DeviceBuffer<tpcomm::bf16>, y: &mut tpcomm::cudarc::driver::CudaSlice<tpcomm::bf16>)
-//! #         -> tpcomm::Result<()> {
-//! use tpcomm::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-//! let reg = comm.begin_graph_registration()?;          // local
-//! s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)?;
-//! comm.all_reduce(x, y, s)?;                            // recorded, not run
-//! let graph = s.end_capture(CUgraphInstantiate_flags(0)).ok().flatten();
-//! let graph = reg.finish(graph)?;                       // collective: addresses exchanged
-//! graph.launch()?;                                      // replay as often as needed
-//! # Ok(()) }
-//! ```
+//! Graph registration around the application's own graph capture (the seed's
+//! `register_graph_buffers` flow): [`crate::Communicator::begin_graph_registration`], the
+//! application's `begin_capture`, the allreduces (recorded, not run), its `end_capture`, then
+//! [`GraphRegistration::finish`] with the graph (collective: addresses exchanged), and
+//! [`RegisteredGraph::launch`] as often as needed. The crate documentation shows the flow on
+//! CUDA; [`crate::Communicator::capture`] does all of it around a closure on either vendor.
 //!
 //! Calls captured outside a registration are refused ([`crate::Error::InvalidUsage`]); a
-//! registered graph owns its CUDA graph, so it cannot be replayed after the rows its calls read
+//! registered graph owns its graph, so it cannot be replayed after the rows its calls read
 //! are freed; and every custom kernel checks that its row names its own input, so a graph
 //! captured under a registration that was never finished fails its replays with an error instead
 //! of reading what an unfilled row names.
@@ -25,7 +15,7 @@ use super::buffer::ReleaseQueue;
 use crate::backend::RegId;
 use crate::communicator::Communicator;
 use crate::error::{Error, Result};
-use cudarc::driver::CudaGraph;
+use crate::runtime::Graph;
 
 /// An open registration: the calls captured until [`GraphRegistration::finish`] belong to it.
 /// Made by [`Communicator::begin_graph_registration`]. Dropping it without finishing abandons
@@ -53,7 +43,7 @@ impl<'c> GraphRegistration<'c> {
     /// [`Error::PeerFailed`] when capture failed on another rank; [`Error::InvalidUsage`] for a
     /// failed capture here; [`Error::Mismatch`] when ranks captured different calls (do not
     /// replay); [`Error::PeerTimeout`].
-    pub fn finish(mut self, graph: Option<CudaGraph>) -> Result<RegisteredGraph> {
+    pub fn finish(mut self, graph: Option<Graph>) -> Result<RegisteredGraph> {
         self.done = true;
         let captured = match &graph {
             Some(_) => Ok(()),
@@ -73,27 +63,28 @@ impl Drop for GraphRegistration<'_> {
     }
 }
 
-/// A CUDA graph whose captured allreduces are registered with every peer. Replay it with
+/// A graph whose captured allreduces are registered with every peer. Replay it with
 /// [`RegisteredGraph::launch`]; dropping it frees what its calls held (rank-data rows). It may
 /// outlive neither the communicator's device side nor the buffers its calls read.
 pub struct RegisteredGraph {
-    graph: CudaGraph,
+    graph: Graph,
     reg: RegId,
     releases: ReleaseQueue,
 }
 
 impl RegisteredGraph {
-    /// Replay the graph on the stream it was captured on (`cuGraphLaunch`). Errors of its calls
+    /// Replay the graph on the stream it was captured on (`cuGraphLaunch`, `hipGraphLaunch`). Errors of its calls
     /// are reported by [`Communicator::poll`], `synchronize` and the next call.
     ///
     /// # Errors
-    /// [`Error::Cuda`] when the launch fails.
+    /// The vendor's error ([`Error::Cuda`], [`Error::Hip`]) when the launch fails.
     pub fn launch(&self) -> Result<()> {
-        self.graph.launch().map_err(crate::runtime::cuda("cuGraphLaunch"))
+        crate::runtime::launch_graph(&self.graph)
     }
 
-    /// The CUDA graph, to launch it another way (for example inside a larger graph).
-    pub fn graph(&self) -> &CudaGraph {
+    /// The graph ([`crate::Graph`]: `CudaGraph` in the default build, `HipGraph` in a ROCm build), to launch it
+    /// another way (for example inside a larger graph).
+    pub fn graph(&self) -> &Graph {
         &self.graph
     }
 }

@@ -27,10 +27,9 @@ use crate::exchange;
 use crate::fault::GroupFault;
 use crate::plan::{DispatchTable, Group, Request, Shape};
 use crate::runtime::ipc::IpcBuffer;
-use crate::runtime::{cuda, protocol, MappedHostPage, StreamRef};
+use crate::runtime::{self, protocol, Context, MappedHostPage, Stream, StreamRef};
 use backend_set::BackendSet;
 use buffer::{DeviceBuffer, Release, ReleaseQueue};
-use cudarc::driver::{CudaContext, CudaStream};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -43,7 +42,7 @@ pub(crate) enum DeviceSpec {
     /// This device ordinal.
     Ordinal(usize),
     /// The application's context.
-    Context(Arc<CudaContext>),
+    Context(Arc<Context>),
     /// No GPU: the CPU stand-in of the device backends (tests).
     Mock,
 }
@@ -68,15 +67,15 @@ pub(crate) struct DeviceCall<'a> {
 /// event recorded after every call would cost every call. The wait is bounded: tpcomm's kernels
 /// end their own waits.
 struct StreamOrder {
-    ctx: Arc<CudaContext>,
+    ctx: Arc<Context>,
     last: usize,
 }
 
 impl StreamOrder {
-    fn before(&mut self, stream: &CudaStream) -> Result<()> {
-        let id = stream.cu_stream() as usize;
+    fn before(&mut self, stream: &Stream) -> Result<()> {
+        let id = runtime::stream_id(stream);
         if self.last != 0 && self.last != id {
-            self.ctx.synchronize().map_err(cuda("cuCtxSynchronize(a call on another stream)"))?;
+            runtime::synchronize(&self.ctx, "synchronize (a call on another stream)")?;
         }
         self.last = id;
         Ok(())
@@ -96,7 +95,7 @@ enum FaultMapping {
 
 /// The device side of a communicator.
 pub(crate) struct DeviceComm {
-    ctx: Option<Arc<CudaContext>>,
+    ctx: Option<Arc<Context>>,
     set: BackendSet,
     _fault: FaultMapping,
     order: Option<StreamOrder>,
@@ -123,7 +122,8 @@ impl DeviceComm {
     /// Every rank, with the same configuration.
     ///
     /// # Errors
-    /// [`Error::Unsupported`] without a CUDA driver (on every rank); [`Error::Cuda`];
+    /// [`Error::Unsupported`] without a usable GPU of this build's vendor (on every rank); the
+    /// vendor's error ([`Error::Cuda`], [`Error::Hip`]);
     /// [`Error::PeerTimeout`] when a rank does not arrive within the timeout.
     pub(crate) fn init(boot: &Bootstrap, config: &Config, spec: &DeviceSpec, fault: &GroupFault) -> Result<Self> {
         const STEP: &str = "init_device";
@@ -161,7 +161,7 @@ impl DeviceComm {
     }
 
     /// The GPU's context (`None` for the CPU stand-in).
-    pub(crate) fn context(&self) -> Option<&Arc<CudaContext>> {
+    pub(crate) fn context(&self) -> Option<&Arc<Context>> {
         self.ctx.as_ref()
     }
 
@@ -229,7 +229,7 @@ impl DeviceComm {
             log::info!("tpcomm: device {what} {} x {} -> {} ({})", call.len, call.dtype, plan.algo, plan.reason);
         }
         let cuda_stream = match call.stream {
-            StreamRef::Cuda(s) if capture.is_none() => Some(s),
+            StreamRef::Device(s) if capture.is_none() => Some(s),
             _ => None,
         };
         if let (Some(s), Some(order)) = (cuda_stream, self.order.as_mut()) {
@@ -298,9 +298,9 @@ impl DeviceComm {
     /// # Errors
     /// As [`DeviceComm::poll`]; [`Error::Cuda`] when the stream failed.
     pub(crate) fn synchronize(&mut self, stream: StreamRef) -> Result<()> {
-        if let StreamRef::Cuda(s) = stream {
+        if let StreamRef::Device(s) = stream {
             let mut polls = 0;
-            while !crate::runtime::stream_done(s, "cuStreamQuery(synchronize)")? {
+            while !runtime::stream_done(s, "stream query (synchronize)")? {
                 self.poll()?;
                 exchange::backoff(&mut polls);
             }
@@ -371,7 +371,7 @@ impl DeviceComm {
         self.next_id
     }
 
-    fn ctx(&self, what: &str) -> Result<&Arc<CudaContext>> {
+    fn ctx(&self, what: &str) -> Result<&Arc<Context>> {
         self.ctx.as_ref().ok_or_else(|| Error::Unsupported {
             what: what.into(),
             reason: "this communicator's device side is the CPU stand-in (no GPU)".into(),
@@ -399,7 +399,7 @@ impl DeviceComm {
             b.register_buffer(id, mem.ptr(), bytes)?;
         }
         self.shared.insert(id, mem.clone());
-        Ok(DeviceBuffer::new(&ctx.default_stream(), mem, len, Release::Shared(self.releases.clone(), id)))
+        Ok(DeviceBuffer::new(&ctx, mem, len, Release::Shared(self.releases.clone(), id)))
     }
 
     /// `len` elements of `T` of exportable device memory, not registered. Local.
@@ -412,7 +412,7 @@ impl DeviceComm {
         mem.zero()?;
         let mem = Arc::new(mem);
         self.private.push(mem.clone());
-        Ok(DeviceBuffer::new(&ctx.default_stream(), mem, len, Release::Private))
+        Ok(DeviceBuffer::new(&ctx, mem, len, Release::Private))
     }
 
     /// Free what dropped graphs held (local: their rows wait for the device to finish).
@@ -445,7 +445,7 @@ impl DeviceComm {
             return Ok(());
         }
         if let Some(ctx) = &self.ctx {
-            ctx.synchronize().map_err(cuda("cuCtxSynchronize(releasing shared buffers)"))?;
+            runtime::synchronize(ctx, "synchronize (releasing shared buffers)")?;
         }
         for &id in &common {
             for b in self.set.all() {
@@ -474,7 +474,7 @@ impl DeviceComm {
         }
         let drained = self.set.all().try_for_each(|b| b.drain(wait));
         let synced = match &self.ctx {
-            Some(ctx) => ctx.synchronize().map_err(cuda("cuCtxSynchronize(finalize)")),
+            Some(ctx) => runtime::synchronize(ctx, "synchronize (finalize)"),
             None => Ok(()),
         };
         let met = exchange::barrier(boot.world(), wait, "finalize");
@@ -489,55 +489,26 @@ impl DeviceComm {
     }
 }
 
-/// The context of this rank's GPU.
+/// The context of this rank's GPU, of this build's vendor (one vendor per build): the
+/// application's, made current, or the GPU of the ordinal asked for, or by default of
+/// `local_rank % visible GPUs`.
 ///
-/// A build with the `rocm` feature is a ROCm build (one vendor per build): it never opens a
-/// CUDA context, and refuses with [`crate::runtime::hip::device_layer_unsupported`]'s typed
-/// error until the backends run on HIP.
-fn open_context(boot: &Bootstrap, spec: &DeviceSpec) -> Result<Arc<CudaContext>> {
-    #[cfg(feature = "rocm")]
-    {
-        let ordinal = match spec {
-            DeviceSpec::Ordinal(o) => Some(*o),
-            DeviceSpec::Context(_) => {
-                return Err(Error::usage(
-                    "a CUDA context in a ROCm build of tpcomm (the rocm feature)",
-                    "build without the rocm feature to use NVIDIA GPUs",
-                ))
-            }
-            _ => None,
-        };
-        return Err(crate::runtime::hip::device_layer_unsupported(ordinal, boot.layout.local_rank));
+/// # Errors
+/// [`Error::Unsupported`] naming what is missing where no GPU of the vendor is usable (no
+/// driver or runtime, no device, an AMD architecture without code objects); the vendor's error.
+fn open_context(boot: &Bootstrap, spec: &DeviceSpec) -> Result<Arc<Context>> {
+    match spec {
+        DeviceSpec::Context(ctx) => {
+            runtime::bind(ctx)?;
+            Ok(ctx.clone())
+        }
+        DeviceSpec::Ordinal(o) => runtime::open(Some(*o), boot.layout.local_rank),
+        _ => runtime::open(None, boot.layout.local_rank),
     }
-    #[cfg_attr(feature = "rocm", allow(unreachable_code))]
-    if !crate::runtime::driver_present() {
-        return Err(Error::Unsupported {
-            what: "allreduce of device memory".into(),
-            reason: "no CUDA driver library (libcuda) can be loaded on this machine".into(),
-        });
-    }
-    // A driver without a usable GPU is "not supported here", like a missing driver; other
-    // driver errors stay CUDA errors.
-    let context_error = |e: cudarc::driver::DriverError| match e.0 {
-        cudarc::driver::sys::CUresult::CUDA_ERROR_NO_DEVICE => Error::Unsupported {
-            what: "allreduce of device memory".into(),
-            reason: "the CUDA driver finds no GPU (CUDA_ERROR_NO_DEVICE): check CUDA_VISIBLE_DEVICES and the \
-                     NVIDIA driver, or reduce host memory"
-                .into(),
-        },
-        _ => cuda("cuCtxCreate / primary context")(e),
-    };
-    let ctx = match spec {
-        DeviceSpec::Context(ctx) => ctx.clone(),
-        DeviceSpec::Ordinal(o) => CudaContext::new(*o).map_err(context_error)?,
-        _ => CudaContext::new(crate::topology::local_gpu_index(boot.layout.local_rank)).map_err(context_error)?,
-    };
-    ctx.bind_to_thread().map_err(cuda("cuCtxSetCurrent"))?;
-    Ok(ctx)
 }
 
 /// Map the fault page into the device, or fall back to a private word (logged).
-fn map_fault(ctx: &Arc<CudaContext>, boot: &Bootstrap, fault: &GroupFault) -> Result<(FaultMapping, FaultTarget)> {
+fn map_fault(ctx: &Arc<Context>, boot: &Bootstrap, fault: &GroupFault) -> Result<(FaultMapping, FaultTarget)> {
     let raise = crate::fault::raised_word(crate::fault::KIND_KERNEL, boot.layout.rank);
     let (page, bytes) = fault.page();
     // SAFETY: the page belongs to `fault`, which the communicator keeps until after the device

@@ -6,8 +6,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::norm::NormArgs;
 use crate::runtime::kernels::{self, Functions};
-use crate::runtime::{protocol, StreamRef};
-use cudarc::driver::CudaContext;
+use crate::runtime::{protocol, Context, StreamRef};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -30,7 +29,7 @@ impl NormKernel {
         NormKernel { cache_dir, funcs: None }
     }
 
-    fn funcs(&mut self, ctx: &Arc<CudaContext>) -> Result<&Functions<AddRmsNorm>> {
+    fn funcs(&mut self, ctx: &Arc<Context>) -> Result<&Functions<AddRmsNorm>> {
         if self.funcs.is_none() {
             let (funcs, _) = kernels::NORM.load(
                 ctx,
@@ -56,7 +55,7 @@ impl NormKernel {
     /// the work ran.
     pub(crate) unsafe fn enqueue(
         &mut self,
-        ctx: Option<&Arc<CudaContext>>,
+        ctx: Option<&Arc<Context>>,
         norm_out: u64,
         args: &NormArgs,
         len: usize,
@@ -66,9 +65,9 @@ impl NormKernel {
         let s = match stream {
             // SAFETY: the caller's contract.
             StreamRef::Host => return unsafe { crate::norm::add_rms_norm_host(norm_out, args, len, dtype) },
-            StreamRef::Cuda(s) => s,
+            StreamRef::Device(s) => s,
         };
-        let ctx = ctx.ok_or_else(|| Error::Internal("a CUDA stream without the communicator's context".into()))?;
+        let ctx = ctx.ok_or_else(|| Error::Internal("a device stream without the communicator's context".into()))?;
         let func =
             self.funcs(ctx)?.get(&(AddRmsNorm, dtype)).ok_or_else(|| kernels::unsupported_dtype("RMSNorm", dtype))?;
         let rows = (len / args.hidden.max(1)) as u64;
@@ -94,7 +93,7 @@ impl NormKernel {
         // contract). No programmatic
         // dependent launch: a waiting norm kernel must never hold room a peer's allreduce needs.
         unsafe {
-            crate::runtime::launch(func, blocks, protocol::THREADS, s, &mut params, false, "cuLaunchKernelEx(norm)")
+            crate::runtime::launch(func, blocks, protocol::THREADS, s, &mut params, false, "kernel launch (norm)")
         }
     }
 }

@@ -1,4 +1,10 @@
-//! Kernel sources compiled at run time, embedded in the library so binaries need no files.
+//! The kernel families, embedded in the library so binaries need no files, and their loading.
+//!
+//! One source per family serves both vendors: CUDA compiles it at run time through NVRTC
+//! (`runtime/cuda/module_cache.rs`), a ROCm build embeds the code objects `build.rs` compiled
+//! from it for each world size and AMD architecture. [`Family::load`] is the one call the
+//! backends make either way; it returns the family's [`super::Function`]s, which they launch with
+//! [`super::launch`].
 //!
 //! Each family is `kernels/portable.cuh` (what differs between CUDA and HIP), `kernels/common.cuh`
 //! (and `kernels/barrier.cuh` for the families that synchronise whole launches), then the
@@ -8,8 +14,11 @@
 
 use crate::dtype::DType;
 
-/// One kernel family: a `.cu` file and the algorithms it holds.
+/// One kernel family: a `.cu` file and the algorithms it holds. A ROCm build reads only the
+/// name at run time (`build.rs` compiled the source with the defines); the other fields serve
+/// its tests, which check the embedded code objects against them.
 #[derive(Debug)]
+#[cfg_attr(feature = "rocm", allow(dead_code))]
 pub(crate) struct Family {
     /// Family name (cache file names, error messages).
     pub name: &'static str,
@@ -22,7 +31,7 @@ pub(crate) struct Family {
 }
 
 /// A family's loaded functions, by (kind, dtype).
-pub(crate) type Functions<K> = std::collections::HashMap<(K, DType), cudarc::driver::CudaFunction>;
+pub(crate) type Functions<K> = std::collections::HashMap<(K, DType), super::Function>;
 
 /// The dtypes every family has kernels for.
 pub(crate) const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
@@ -82,12 +91,8 @@ pub(crate) const NORM: Family = Family {
 };
 
 /// Every family, for the compile checks.
+#[cfg_attr(all(feature = "rocm", not(test)), allow(dead_code))]
 pub(crate) const FAMILIES: [&Family; 4] = [&CUSTOM, &PACKET, &QUICK, &NORM];
-
-/// The oldest GPU architecture the kernels compile for: they use `cvt.rn.bf16.f32` and
-/// system-scope acquire/release, which need sm_80. Older GPUs get no IPC kernels (NCCL serves
-/// them) instead of a compile error.
-pub(crate) const MIN_ARCH: (i32, i32) = (8, 0);
 
 /// The entry point of `algo` for `dtype`, `None` for dtypes without kernels.
 pub(crate) fn entry(algo: &str, dtype: DType) -> Option<String> {
@@ -108,69 +113,50 @@ pub(crate) fn unsupported_dtype(family: &str, dtype: DType) -> crate::Error {
     }
 }
 
-/// The functions of `kinds` (each named by `name`) for every dtype, loaded from `module`.
-///
-/// # Errors
-/// [`crate::Error::Cuda`] when an entry point is missing from the module.
-pub(crate) fn load_functions<K: Copy + Eq + std::hash::Hash>(
-    module: &std::sync::Arc<cudarc::driver::CudaModule>,
-    kinds: &[K],
-    name: fn(K) -> &'static str,
-) -> crate::Result<Functions<K>> {
-    let mut funcs = std::collections::HashMap::new();
-    for &k in kinds {
-        for dtype in DTYPES {
-            let entry = entry(name(k), dtype).ok_or_else(|| unsupported_dtype(name(k), dtype))?;
-            let f = module.load_function(&entry).map_err(super::cuda("cuModuleGetFunction"))?;
-            funcs.insert((k, dtype), f);
-        }
-    }
-    Ok(funcs)
-}
-
-/// The IPC kernels need sm_80 or newer (bf16 conversions and system-scope acquire/release).
-///
-/// # Errors
-/// [`crate::Error::Unsupported`] naming the GPU's architecture on older GPUs, before anything is
-/// compiled, so the dispatch sends their calls to NCCL.
-pub(crate) fn check_arch(ctx: &cudarc::driver::CudaContext, what: &str) -> crate::Result<()> {
-    let cc = ctx.compute_capability().map_err(super::cuda("cuDeviceGetAttribute(compute capability)"))?;
-    if cc < MIN_ARCH {
-        return Err(crate::Error::Unsupported {
-            what: what.into(),
-            reason: format!(
-                "the GPU is sm_{}{} and the IPC kernels need sm_{}{} or newer",
-                cc.0, cc.1, MIN_ARCH.0, MIN_ARCH.1
-            ),
-        });
-    }
-    Ok(())
+/// The default cache directory of compiled kernels: `$HOME/.cache/tpcomm` (or
+/// `./.tpcomm-cache` without `HOME`). A ROCm build compiles nothing at run time and leaves it
+/// unused.
+pub fn default_cache_dir() -> std::path::PathBuf {
+    std::env::var_os("HOME")
+        .map(|h| std::path::PathBuf::from(h).join(".cache").join("tpcomm"))
+        .unwrap_or_else(|| std::path::PathBuf::from(".tpcomm-cache"))
 }
 
 impl Family {
-    /// Compile (or load from the cache in `cache_dir`) this family for `world` ranks and load
-    /// the functions of `kinds` for every dtype; `what` names the backend in errors. Returns the
-    /// functions and whether the CUBIN came from the disk cache.
+    /// Load this family for `world` ranks on `ctx`'s GPU and the functions of `kinds` (each
+    /// named by `name`) for every dtype; `what` names the backend in errors. CUDA compiles the
+    /// source through NVRTC for the GPU's architecture, or reads the CUBIN from the cache in
+    /// `cache_dir`; HIP loads the embedded code object for the world size and the GPU's
+    /// architecture (`cache_dir` unused). Returns the functions and whether they came from the
+    /// disk cache.
     ///
     /// # Errors
-    /// [`crate::Error::Unsupported`] for a GPU older than [`MIN_ARCH`]; [`crate::Error::Compile`],
-    /// [`crate::Error::Cuda`].
+    /// [`crate::Error::Unsupported`] for a GPU the kernels cannot run on (older than sm_80; an
+    /// AMD architecture without code objects; a world size without them);
+    /// [`crate::Error::Compile`]; the vendor's error when loading fails or an entry point is
+    /// missing.
     pub(crate) fn load<K: Copy + Eq + std::hash::Hash>(
         &self,
-        ctx: &std::sync::Arc<cudarc::driver::CudaContext>,
+        ctx: &std::sync::Arc<super::Context>,
         world: usize,
         cache_dir: Option<std::path::PathBuf>,
         kinds: &[K],
         name: fn(K) -> &'static str,
         what: &str,
     ) -> crate::Result<(Functions<K>, bool)> {
-        check_arch(ctx, what)?;
-        let cache = super::module_cache::ModuleCache::new(ctx, cache_dir)?;
-        let module = cache.module(self.name, self.source, &(self.defines)(world))?;
-        Ok((load_functions(&module, kinds, name)?, cache.disk_hits() > 0))
+        let (module, from_disk) = super::load_module(ctx, self, world, cache_dir, what)?;
+        let mut funcs = std::collections::HashMap::new();
+        for &k in kinds {
+            for dtype in DTYPES {
+                let entry = entry(name(k), dtype).ok_or_else(|| unsupported_dtype(name(k), dtype))?;
+                funcs.insert((k, dtype), super::function(&module, &entry)?);
+            }
+        }
+        Ok((funcs, from_disk))
     }
 
     /// Every entry point of the family.
+    #[cfg_attr(all(feature = "rocm", not(test)), allow(dead_code))]
     pub(crate) fn entries(&self) -> Vec<String> {
         self.algos.iter().flat_map(|a| DTYPES.iter().filter_map(move |&d| entry(a, d))).collect()
     }

@@ -10,10 +10,19 @@
 //! HIP names the architecture with its target features, as in `gfx942:sramecc+:xnack-`, and
 //! [`select_arch`] keeps the part before the first `:`. The code objects are built for "xnack
 //! any" and "sramecc any", so either setting of those features loads them.
+//!
+//! The free functions below are the facade's device queries, the HIP counterparts of
+//! `runtime/cuda/device.rs`: [`open`] (the GPU of an ordinal, or `local_rank % visible GPUs`),
+//! and what the topology asks (names, PCI bus ids, UUIDs, peer access, native atomics).
 
+use super::stream::HipStream;
 use super::{check, rocm_device_count, ARCHS};
 use crate::error::{Error, Result};
-use hip_runtime_sys::{hipDeviceProp_t, hipDeviceSynchronize, hipError_t, hipGetDeviceProperties, hipSetDevice};
+use hip_runtime_sys::{
+    hipDeviceCanAccessPeer, hipDeviceGetByPCIBusId, hipDeviceGetName, hipDeviceGetP2PAttribute, hipDeviceGetPCIBusId,
+    hipDeviceGetUuid, hipDeviceP2PAttr, hipDeviceProp_t, hipDeviceSynchronize, hipError_t, hipGetDeviceProperties,
+    hipSetDevice, hipUUID,
+};
 use std::ffi::c_char;
 use std::sync::{Arc, Mutex};
 
@@ -93,7 +102,7 @@ impl HipDevice {
     ///
     /// # Errors
     /// [`Error::Unsupported`] without an AMD GPU (the answer of [`rocm_device_count`]) or for
-    /// an architecture tpcomm has no code objects for ([`select_arch`]);
+    /// an architecture tpcomm has no code objects for (`select_arch`);
     /// [`Error::InvalidArgument`] when `ordinal` is not a visible GPU; [`Error::Hip`] naming
     /// the call that failed.
     pub fn open(ordinal: usize) -> Result<Arc<Self>> {
@@ -176,6 +185,15 @@ impl HipDevice {
         self.multiprocessors
     }
 
+    /// A new stream on this device ([`HipStream::new`]), shared: what cudarc's
+    /// `CudaContext::new_stream` is on CUDA.
+    ///
+    /// # Errors
+    /// As [`HipStream::new`].
+    pub fn new_stream(self: &Arc<Self>) -> Result<Arc<HipStream>> {
+        HipStream::new(self).map(Arc::new)
+    }
+
     /// Keep the first error of `result` (a `Drop` cannot return it).
     pub(crate) fn record_err(&self, result: Result<()>) {
         if let Err(e) = result {
@@ -199,6 +217,117 @@ impl HipDevice {
         let mut first = self.first_err.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         first.take().map_or(Ok(()), Err)
     }
+}
+
+/// The GPU `ordinal`, or `local_rank % visible GPUs` when `ordinal` is `None`, opened and made
+/// current on this thread ([`HipDevice::open`]).
+///
+/// # Errors
+/// As [`HipDevice::open`]: [`Error::Unsupported`] with the probe's answer where no AMD GPU is
+/// usable.
+pub(crate) fn open(ordinal: Option<usize>, local_rank: usize) -> Result<Arc<HipDevice>> {
+    let count = rocm_device_count()?;
+    HipDevice::open(ordinal.unwrap_or(local_rank % count.max(1)))
+}
+
+/// Make `device` current on the calling thread.
+///
+/// # Errors
+/// As [`HipDevice::bind`].
+pub(crate) fn bind(device: &HipDevice) -> Result<()> {
+    device.bind()
+}
+
+/// AMD GPUs HIP sees in this process; 0 where it sees none or cannot start.
+pub(crate) fn device_count() -> usize {
+    rocm_device_count().unwrap_or(0)
+}
+
+/// A device's ordinal as HIP takes it, if HIP sees such a device.
+fn visible(ordinal: usize) -> Option<i32> {
+    check_ordinal(ordinal, device_count()).ok()
+}
+
+/// The marketing name of GPU `ordinal` (`hipDeviceGetName`), if HIP sees it.
+pub(crate) fn device_name(ordinal: usize) -> Option<String> {
+    let id = visible(ordinal)?;
+    let mut buf = [0 as c_char; 256];
+    // SAFETY: the buffer is writable for its whole length; HIP NUL-terminates within it.
+    check("hipDeviceGetName", unsafe { hipDeviceGetName(buf.as_mut_ptr(), buf.len() as i32, id) }).ok()?;
+    Some(c_field(&buf))
+}
+
+/// The PCI bus id of GPU `ordinal` (`0000:c1:00.0`), lower case (`hipDeviceGetPCIBusId`), if HIP
+/// sees it.
+pub(crate) fn pci_bus_id(ordinal: usize) -> Option<String> {
+    let id = visible(ordinal)?;
+    let mut buf = [0 as c_char; 32];
+    // SAFETY: as in `device_name`.
+    check("hipDeviceGetPCIBusId", unsafe { hipDeviceGetPCIBusId(buf.as_mut_ptr(), buf.len() as i32, id) }).ok()?;
+    Some(c_field(&buf).to_lowercase())
+}
+
+/// The ordinal of `device`.
+pub(crate) fn ordinal(device: &HipDevice) -> usize {
+    device.ordinal()
+}
+
+/// The UUID of `device` (`hipDeviceGetUuid`; zeros where HIP reports none) and its PCI bus id
+/// (empty where unknown): what tells ranks sharing a GPU apart.
+pub(crate) fn identity(device: &HipDevice) -> ([u8; 16], String) {
+    let mut uuid = hipUUID { bytes: [0; 16] };
+    // SAFETY: a valid out pointer; HIP checks the device id.
+    let uuid = match check("hipDeviceGetUuid", unsafe { hipDeviceGetUuid(&mut uuid, device.ordinal) }) {
+        Ok(()) => uuid.bytes.map(|b| b as u8),
+        Err(_) => [0; 16],
+    };
+    (uuid, pci_bus_id(device.ordinal()).unwrap_or_default())
+}
+
+/// The HIP device id of the GPU with PCI bus id `bus`.
+///
+/// # Errors
+/// Why it cannot be found (not visible in this process, or a malformed id).
+fn by_bus_id(bus: &str) -> std::result::Result<i32, String> {
+    let c = std::ffi::CString::new(bus).map_err(|e| e.to_string())?;
+    let mut peer: i32 = 0;
+    // SAFETY: a valid out pointer and a NUL-terminated id.
+    check("hipDeviceGetByPCIBusId", unsafe { hipDeviceGetByPCIBusId(&mut peer, c.as_ptr()) }).map_err(|e| {
+        format!(
+            "GPU {bus}, used by another rank, is not visible to this process ({e}); when HIP_VISIBLE_DEVICES gives \
+             each rank only its own GPU, tpcomm cannot check peer access between GPUs, so the IPC kernels stay off \
+             and RCCL serves the calls: make every GPU of the node visible to every rank and pick each rank's GPU \
+             with Communicator::builder(..).device(ordinal)"
+        )
+    })?;
+    Ok(peer)
+}
+
+/// Whether `device` can access the GPU with PCI bus id `peer_bus` directly
+/// (`hipDeviceCanAccessPeer`).
+///
+/// # Errors
+/// Why it cannot be told.
+pub(crate) fn p2p_access(device: &HipDevice, peer_bus: &str) -> std::result::Result<bool, String> {
+    let peer = by_bus_id(peer_bus)?;
+    let mut can = 0;
+    // SAFETY: a valid out pointer; HIP checks both ids.
+    check("hipDeviceCanAccessPeer", unsafe { hipDeviceCanAccessPeer(&mut can, device.ordinal, peer) })
+        .map_err(|e| e.to_string())?;
+    Ok(can != 0)
+}
+
+/// Whether the link from `device` to the GPU `peer_bus` supports native atomics, as HIP reports
+/// it (`hipDevP2PAttrNativeAtomicSupported`; what it says for xGMI and PCIe links is not
+/// checked on AMD hardware); false when HIP cannot tell.
+pub(crate) fn native_atomics(device: &HipDevice, peer_bus: &str) -> bool {
+    let Ok(peer) = by_bus_id(peer_bus) else { return false };
+    let mut value = 0;
+    // SAFETY: a valid out pointer; HIP checks both ids.
+    let r = unsafe {
+        hipDeviceGetP2PAttribute(&mut value, hipDeviceP2PAttr::hipDevP2PAttrNativeAtomicSupported, device.ordinal, peer)
+    };
+    check("hipDeviceGetP2PAttribute", r).is_ok() && value != 0
 }
 
 #[cfg(test)]
@@ -265,6 +394,31 @@ mod tests {
             (Ok(_), Err(e @ Error::Unsupported { .. })) => assert!(e.to_string().contains("architecture"), "{e}"),
             (probe, open) => panic!("probe {probe:?}, open {open:?}"),
         }
+    }
+
+    /// Without an AMD GPU the facade's open is Unsupported naming what is missing, and the
+    /// device queries answer "nothing" instead of failing.
+    #[test]
+    fn the_facade_without_an_amd_gpu_opens_nothing_and_finds_nothing() {
+        if rocm_device_count().is_ok() {
+            return; // a machine with an AMD GPU: the answers below are for machines without one
+        }
+        for (ordinal, local_rank) in [(None, 0), (None, 3), (Some(0), 0), (Some(2), 1)] {
+            match open(ordinal, local_rank) {
+                Err(Error::Unsupported { what, reason }) => {
+                    assert!(what.contains("ROCm"), "{what}");
+                    assert!(reason.contains("AMD GPU") || reason.contains("HIP runtime"), "{reason}");
+                }
+                Err(e) => panic!("{ordinal:?}: {e}"),
+                Ok(_) => panic!("{ordinal:?}: a device without an AMD GPU"),
+            }
+        }
+        assert_eq!(device_count(), 0);
+        assert_eq!((device_name(0), pci_bus_id(0)), (None, None));
+        let dev = HipDevice::assumed(0, select_arch("gfx942").unwrap());
+        assert_eq!(identity(&dev), ([0; 16], String::new()));
+        assert!(!native_atomics(&dev, "0000:c1:00.0"));
+        assert!(p2p_access(&dev, "0000:c1:00.0").unwrap_err().contains("not visible"));
     }
 
     #[test]

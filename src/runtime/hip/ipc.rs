@@ -1,5 +1,6 @@
 //! HIP IPC: device memory other processes can map, and the mappings of theirs we opened; the
-//! HIP counterpart of `src/runtime/ipc.rs`, with the same names.
+//! HIP counterpart of `src/runtime/cuda/ipc.rs`, with the same names (re-exported by
+//! `runtime::ipc` in a ROCm build).
 //!
 //! A HIP IPC handle (`hipIpcMemHandle_t`) is 64 opaque bytes, as CUDA's is, so both travel as
 //! the crate's [`IpcHandle`] and the exchange over MPI is the same for both vendors. As on CUDA,
@@ -8,10 +9,14 @@
 //! everything on drop. [`IpcBuffer`] sizes are rounded up to [`IPC_GRANULARITY`] as on CUDA,
 //! so that no two exported allocations share a page (seen on CUDA; not checked on AMD).
 //!
-//! The barrier flags of the signal areas live in uncached device memory
-//! ([`Memory::Uncached`], `hipExtMallocWithFlags(.., hipDeviceMallocUncached)`), as in SGLang's
-//! ROCm custom allreduce, so that plain loads see peers' stores. Whether HIP 5.2 accepts that
-//! flag is not verified.
+//! What peers poll lives in uncached device memory ([`IpcBuffer::alloc_signal`],
+//! [`Memory::Uncached`], `hipExtMallocWithFlags(.., hipDeviceMallocUncached)`), so that loads see
+//! peers' stores: the barrier flags of the signal areas, as in SGLang's ROCm custom allreduce,
+//! and, by the same reasoning, the packet buffers (LL flags beside the data, Lamport sentinels)
+//! and the quick inboxes (QuickReduce allocates its whole buffer uncached). Data peers only read
+//! after a barrier (scratch, staging) is ordinary `hipMalloc` memory ([`IpcBuffer::alloc`]).
+//! Whether HIP 5.2 accepts the uncached flag, and whether these choices are right and fast on
+//! MI200 / MI300, is not verified.
 
 use super::check;
 use super::device::HipDevice;
@@ -100,10 +105,27 @@ pub struct IpcBuffer {
     device: Arc<HipDevice>,
     ptr: u64,
     bytes: usize,
-    memory: Memory,
 }
 
 impl IpcBuffer {
+    /// Allocate `bytes` of ordinary device memory (data buffers) on `device`; as
+    /// [`IpcBuffer::alloc_memory`].
+    ///
+    /// # Errors
+    /// As [`IpcBuffer::alloc_memory`].
+    pub fn alloc(device: &Arc<HipDevice>, bytes: usize) -> Result<Self> {
+        Self::alloc_memory(device, bytes, Memory::Device)
+    }
+
+    /// Allocate `bytes` of uncached device memory (what peers poll: flags, packets) on
+    /// `device`; as [`IpcBuffer::alloc_memory`].
+    ///
+    /// # Errors
+    /// As [`IpcBuffer::alloc_memory`].
+    pub fn alloc_signal(device: &Arc<HipDevice>, bytes: usize) -> Result<Self> {
+        Self::alloc_memory(device, bytes, Memory::Uncached)
+    }
+
     /// Allocate `bytes` of `memory` on `device`, rounded up to [`IPC_GRANULARITY`] (at least
     /// one granule). The contents are undefined: call [`IpcBuffer::zero`] before peers read
     /// flags from it.
@@ -111,7 +133,7 @@ impl IpcBuffer {
     /// # Errors
     /// [`Error::Unsupported`] where HIP can use no AMD GPU; [`Error::Hip`] when the allocation
     /// fails (out of memory, or uncached memory this runtime does not offer).
-    pub fn alloc(device: &Arc<HipDevice>, bytes: usize, memory: Memory) -> Result<Self> {
+    pub fn alloc_memory(device: &Arc<HipDevice>, bytes: usize, memory: Memory) -> Result<Self> {
         device.bind()?;
         let mut ptr: *mut c_void = std::ptr::null_mut();
         let size = rounded(bytes);
@@ -125,7 +147,7 @@ impl IpcBuffer {
             ),
         };
         check(op, status)?;
-        Ok(IpcBuffer { device: device.clone(), ptr: ptr as u64, bytes, memory })
+        Ok(IpcBuffer { device: device.clone(), ptr: ptr as u64, bytes })
     }
 
     /// Fill with zero bytes and wait for it (before the MPI barrier that lets peers in).
@@ -189,21 +211,6 @@ impl IpcBuffer {
     /// The device address.
     pub fn ptr(&self) -> u64 {
         self.ptr
-    }
-
-    /// The bytes asked for (the allocation may be larger).
-    pub fn len(&self) -> usize {
-        self.bytes
-    }
-
-    /// Whether no bytes were asked for.
-    pub fn is_empty(&self) -> bool {
-        self.bytes == 0
-    }
-
-    /// Which memory the buffer holds.
-    pub fn memory(&self) -> Memory {
-        self.memory
     }
 
     /// The handle peers open with [`PeerMappings::open`].
@@ -316,7 +323,7 @@ mod tests {
         }
         let dev = HipDevice::assumed(0, select_arch("gfx90a").unwrap());
         for memory in [Memory::Device, Memory::Uncached] {
-            match IpcBuffer::alloc(&dev, 4096, memory) {
+            match IpcBuffer::alloc_memory(&dev, 4096, memory) {
                 Err(Error::Unsupported { .. }) => {}
                 Err(e) => panic!("{memory:?}: {e}"),
                 Ok(_) => panic!("{memory:?}: a buffer without an AMD GPU"),

@@ -1,69 +1,268 @@
-//! The HIP runtime of ROCm, through `hip-runtime-sys` (Cargo feature `rocm`, off by default).
+//! The HIP runtime of ROCm, through `hip-runtime-sys` (Cargo feature `rocm`, off by default):
+//! the side of the runtime facade a ROCm build runs on.
 //!
-//! **None of this has run on AMD hardware.** Every file here is built and its pure logic tested
+//! **None of this has run on AMD hardware.** Every file here is built, and its pure logic tested,
 //! on machines without an AMD GPU (where each constructor that needs a device returns
 //! [`Error::Unsupported`]); no allocation, launch, IPC mapping or RCCL call has been made on a
-//! real GPU. No backend uses this module yet: with the feature on, the backends and the
-//! `Communicator` still run on CUDA only.
+//! real GPU. With the feature on, `runtime/mod.rs` re-exports this module's items under the
+//! facade's names, so the same backends (custom, packet, quick), the device layer and the
+//! `Communicator` are built on HIP, and the public `tpcomm::Context`, `Stream`, `Graph` and
+//! device-pointer traits are the types below.
 //!
 //! The layering is cudarc's: `hip-runtime-sys` is the raw layer, [`check`] turns each raw
 //! status into a typed error naming the call, and small owning types above it free what they
-//! own on drop. The names follow the CUDA side (`src/runtime/`), so that a later change can
-//! alias the types per vendor:
+//! own on drop. The names follow the CUDA side (`src/runtime/cuda/`):
 //!
 //! - this file: the device probe [`rocm_device_count`], the embedded code objects for gfx90a
 //!   and gfx942 (compiled by `build.rs` from the CUDA sources; `kernels/portable.cuh` holds what
-//!   differs) with their ELF check, and the status mapping;
-//! - [`device`]: [`device::HipDevice`], an opened GPU with its properties and the architecture
-//!   whose code objects it loads;
-//! - [`stream`]: [`stream::HipStream`] (create, synchronize, capture) and
-//!   [`stream::HipGraph`] (a captured graph, instantiated, launched);
-//! - [`module`]: [`module::HipModule`] (`hipModuleLoadData` of an embedded code object) and
-//!   [`module::launch`] over `hipModuleLaunchKernel`;
+//!   differs) with their ELF check, the status mapping, and the facade's functions (launch,
+//!   occupancy, module loading, stream and capture helpers);
+//! - [`device`]: [`device::HipDevice`] (`Context`), an opened GPU with its properties and the
+//!   architecture whose code objects it loads, and the topology's device queries;
+//! - [`stream`]: [`stream::HipStream`] (`Stream`: create, synchronize, capture) and
+//!   [`stream::HipGraph`] (`Graph`: a captured graph, instantiated, replayed on its stream);
+//! - [`module`]: [`module::HipModule`] (`hipModuleLoadData` of an embedded code object),
+//!   [`module::HipFunction`] (`Function`) and [`module::launch`] over `hipModuleLaunchKernel`;
+//! - [`buffer`]: the public device-pointer traits, views, [`buffer::HipSlice`] and the memory
+//!   behind a `DeviceBuffer`;
 //! - [`ipc`]: [`ipc::IpcBuffer`] (device or uncached memory peers can map) and
 //!   [`ipc::PeerMappings`] (peers' buffers opened here);
-//! - [`host_word`]: [`host_word::HostWord`], the mapped error word;
-//! - [`rccl`]: RCCL, loaded at run time like libnccl.
+//! - [`host_word`]: [`host_word::HostWord`], the mapped error word, and
+//!   [`host_word::MappedHostPage`], the registered fault page;
+//! - [`rccl`]: RCCL, loaded at run time like libnccl (the NCCL slot's backend in a ROCm build).
+//!
+//! Where the vendors differ, this side decides: there is no programmatic dependent launch (the
+//! `pdl` flag of [`launch`] is ignored: kernels of one stream run one after the other); the
+//! kernels come from the embedded code objects, never compiled at run time (the kernel cache
+//! directory is unused); occupancy is `hipModuleOccupancyMaxActiveBlocksPerMultiprocessor` per
+//! compute unit; and a wavefront has [`WAVE`] = 64 lanes on gfx90a and gfx942 (clang's default
+//! for them, which `build.rs` keeps), so the packet kernels' data threads come in whole
+//! wavefronts (`backend/packet.rs`).
 //!
 //! `hip-runtime-sys` (bindings of HIP 5.4) links `libamdhip64` when the crate is built:
 //! Debian's `libamdhip64-dev` (HIP 5.2) serves with `HIP_PATH=/usr`. Without an AMD GPU that
 //! runtime answers `hipErrorNoDevice` to `hipGetDeviceCount` and `hipErrorInvalidDevice` to the
 //! calls that need a device (measured with Debian's HIP 5.2).
 
-// No backend runs on HIP yet: the items below are used by their tests only.
-#[allow(dead_code)]
+pub(crate) mod buffer;
 pub(crate) mod device;
-#[allow(dead_code)]
 pub(crate) mod host_word;
-#[allow(dead_code)]
 pub(crate) mod ipc;
-#[allow(dead_code)]
 pub(crate) mod module;
-#[allow(dead_code)]
 pub(crate) mod rccl;
-#[allow(dead_code)]
 pub(crate) mod stream;
 
 use crate::error::{Error, Result};
-use hip_runtime_sys::{hipError_t, hipGetDeviceCount};
+use crate::runtime::kernels::Family;
+use hip_runtime_sys::{hipError_t, hipGetDeviceCount, hipMemcpyDtoDAsync, hipMemsetD8Async, hipStreamCaptureMode};
+use std::sync::Arc;
+
+pub(crate) use buffer::DeviceMemory;
+pub use buffer::{DevicePtr, DevicePtrMut, DeviceSlice};
+pub(crate) use device::{
+    bind, device_count, device_name, identity, native_atomics, open, ordinal, p2p_access, pci_bus_id,
+};
+pub(crate) use host_word::{HostWord, MappedHostPage};
+
+/// The GPU a communicator runs on (`tpcomm::Context` in a ROCm build).
+pub type Context = device::HipDevice;
+/// A stream of the GPU (`tpcomm::Stream` in a ROCm build).
+pub type Stream = stream::HipStream;
+/// A captured, instantiated graph (`tpcomm::Graph` in a ROCm build).
+pub type Graph = stream::HipGraph;
+/// A kernel of a loaded code object.
+pub(crate) type Function = module::HipFunction;
+/// A loaded kernel family.
+pub(crate) type Module = Arc<module::HipModule>;
+
+/// Lanes of a wavefront on the AMD GPUs tpcomm builds for (gfx90a, gfx942: wave64).
+pub const WAVE: usize = 64;
+
+/// `e` with `op` as the call it names, when it is a HIP error (the facade's callers name the
+/// step, as on CUDA).
+fn named(op: &'static str) -> impl FnOnce(Error) -> Error {
+    move |e| match e {
+        Error::Hip { code, .. } => Error::Hip { op, code },
+        other => other,
+    }
+}
+
+/// Wait for all work of the device (`hipDeviceSynchronize`); `op` names the step in the error.
+///
+/// # Errors
+/// [`Error::Hip`] naming `op` when work on the device failed.
+pub(crate) fn synchronize(device: &Context, op: &'static str) -> Result<()> {
+    device.synchronize().map_err(named(op))
+}
+
+/// A number that tells streams apart (the raw handle's address).
+pub(crate) fn stream_id(stream: &Stream) -> usize {
+    stream.raw() as usize
+}
+
+/// Whether all work enqueued on `stream` so far has finished (`hipStreamQuery`), without
+/// waiting.
+///
+/// # Errors
+/// [`Error::Hip`] naming `op` when the stream holds a failed operation.
+pub(crate) fn stream_done(stream: &Stream, op: &'static str) -> Result<bool> {
+    stream.query().map_err(named(op))
+}
+
+/// Whether `stream` is capturing a graph now.
+///
+/// # Errors
+/// [`Error::Hip`] when HIP cannot tell.
+pub(crate) fn is_capturing(stream: &Stream) -> Result<bool> {
+    Ok(stream.capture_status()? == stream::CaptureStatus::Active)
+}
+
+/// Enqueue a copy of `bytes` from `src` to `dst` on `stream` (`hipMemcpyDtoDAsync`).
+///
+/// # Safety
+/// Both ranges are device memory of the stream's device for `bytes` bytes, not written by other
+/// work until the copy ran.
+pub(crate) unsafe fn copy_async(stream: &Stream, dst: u64, src: u64, bytes: usize) -> Result<()> {
+    stream.device().bind()?;
+    // SAFETY: the caller's contract; the stream is live for the borrow.
+    check("hipMemcpyDtoDAsync", unsafe {
+        hipMemcpyDtoDAsync(dst as *mut std::ffi::c_void, src as *mut std::ffi::c_void, bytes, stream.raw())
+    })
+}
+
+/// Enqueue zero-filling `bytes` at `dst` on `stream` (`hipMemsetD8Async`).
+///
+/// # Safety
+/// As [`copy_async`] for the destination.
+pub(crate) unsafe fn zero_async(stream: &Stream, dst: u64, bytes: usize) -> Result<()> {
+    stream.device().bind()?;
+    // SAFETY: the caller's contract.
+    check("hipMemsetD8Async", unsafe { hipMemsetD8Async(dst as *mut std::ffi::c_void, 0, bytes, stream.raw()) })
+}
+
+/// Start capturing `stream` into a graph, in relaxed mode.
+///
+/// # Errors
+/// [`Error::Hip`], for example when the stream captures already.
+pub(crate) fn begin_capture(stream: &Stream) -> Result<()> {
+    stream.begin_capture(hipStreamCaptureMode::hipStreamCaptureModeRelaxed)
+}
+
+/// End the capture of `stream` and instantiate what was recorded.
+///
+/// # Errors
+/// [`Error::Hip`] when the capture failed or cannot be instantiated.
+pub(crate) fn end_capture(stream: &Arc<Stream>) -> Result<Option<Graph>> {
+    stream.end_capture().map(Some)
+}
+
+/// Replay `graph` on the stream it was captured on.
+///
+/// # Errors
+/// [`Error::Hip`] when the launch fails.
+pub(crate) fn launch_graph(graph: &Graph) -> Result<()> {
+    graph.launch()
+}
+
+/// Launch `func` on `stream` with `grid` blocks of `block` threads ([`module::launch`]). HIP has
+/// no programmatic dependent launch: `pdl` is ignored, and a kernel starts once the previous one
+/// of its stream ended.
+///
+/// # Safety
+/// As [`module::launch`].
+///
+/// # Errors
+/// As [`module::launch`].
+pub(crate) unsafe fn launch(
+    func: &Function,
+    grid: usize,
+    block: usize,
+    stream: &Stream,
+    params: &mut [*mut std::ffi::c_void],
+    _pdl: bool,
+    op: &'static str,
+) -> Result<()> {
+    // SAFETY: the caller's contract.
+    unsafe { module::launch(func, grid, block, stream, params, op) }
+}
+
+/// Most blocks one launch of any of `funcs` (at `threads` per block) may have so that the blocks
+/// of all `ranks_per_device` ranks sharing the GPU are resident at once: per compute unit as
+/// HIP's occupancy calculator says, times the compute units.
+///
+/// # Errors
+/// [`Error::Unsupported`] when the GPU cannot hold one block per rank; [`Error::Hip`].
+pub(crate) fn co_resident_blocks<'a>(
+    device: &Context,
+    funcs: impl Iterator<Item = &'a Function>,
+    threads: usize,
+    ranks_per_device: usize,
+    what: &str,
+) -> Result<usize> {
+    let mut per_cu = usize::MAX;
+    for f in funcs {
+        per_cu = per_cu.min(f.max_active_blocks_per_cu(threads)?);
+    }
+    resident_cap(per_cu, device.multiprocessor_count(), threads, ranks_per_device, what)
+}
+
+/// The cap of [`co_resident_blocks`] from its inputs.
+fn resident_cap(per_cu: usize, cus: usize, threads: usize, ranks_per_device: usize, what: &str) -> Result<usize> {
+    let resident = per_cu.saturating_mul(cus);
+    let share = ranks_per_device.max(1);
+    let cap = resident / share;
+    if cap == 0 {
+        return Err(Error::Unsupported {
+            what: format!("{what} with {share} ranks on one GPU"),
+            reason: format!("the GPU holds {resident} resident blocks of {threads} threads, fewer than one per rank"),
+        });
+    }
+    Ok(cap)
+}
+
+/// The embedded code object of `family` for `world` ranks and the device's architecture, loaded
+/// (nothing is compiled at run time: `cache_dir` is unused, and the answer is never "from the
+/// disk cache"). `what` names the backend in errors.
+///
+/// # Errors
+/// As [`module::HipModule::load`]: [`Error::Unsupported`] for a world size without code
+/// objects or where HIP can use no AMD GPU, named after `what`; [`Error::Hip`].
+pub(crate) fn load_module(
+    device: &Arc<Context>,
+    family: &Family,
+    world: usize,
+    _cache_dir: Option<std::path::PathBuf>,
+    what: &str,
+) -> Result<(Module, bool)> {
+    let module = module::HipModule::load(device, family.name, world).map_err(|e| match e {
+        Error::Unsupported { what: w, reason } => Error::Unsupported { what: format!("{what}: {w}"), reason },
+        other => other,
+    })?;
+    Ok((module, false))
+}
+
+/// The kernel `name` of `module`.
+///
+/// # Errors
+/// [`Error::Internal`] when the code object has no such kernel; [`Error::Hip`].
+pub(crate) fn function(module: &Module, name: &str) -> Result<Function> {
+    module.function(name)
+}
 
 include!(concat!(env!("OUT_DIR"), "/hip_code_objects.rs"));
 
 /// The AMD architectures the code objects are built for, with the `e_flags` machine number
 /// (`EF_AMDGPU_MACH_*`, the low byte) their ELF headers carry: MI200 and MI300.
-#[cfg_attr(not(test), allow(dead_code))] // picked per device by `device`, which no backend uses yet
 pub(crate) const ARCHS: [(&str, u32); 2] = [("gfx90a", 0x3f), ("gfx942", 0x4c)];
 
 /// The code object of kernel family `family` for `world` ranks and the AMD architecture `arch`,
 /// for `hipModuleLoadData`.
-#[cfg_attr(not(test), allow(dead_code))] // loaded by `module`, which no backend uses yet
 pub(crate) fn code_object(family: &str, world: usize, arch: &str) -> Option<&'static [u8]> {
     CODE_OBJECTS.iter().find(|(f, w, a, _)| *f == family && *w == world && *a == arch).map(|&(_, _, _, bin)| bin)
 }
 
 /// Whether `bin` is an AMDGPU code object for machine `mach`: a 64-bit ELF for `EM_AMDGPU`
 /// whose `e_flags` low byte is `mach`.
-#[cfg_attr(not(test), allow(dead_code))] // checked before loading, by `module`
 pub(crate) fn check_amdgpu_object(bin: &[u8], mach: u32) -> Result<()> {
     const EM_AMDGPU: u16 = 224;
     let bad = |what: String| Err(Error::Internal(format!("not an AMDGPU code object for mach {mach:#x}: {what}")));
@@ -91,35 +290,6 @@ pub fn rocm_device_count() -> Result<usize> {
     // SAFETY: hipGetDeviceCount writes one int through a valid, exclusive pointer.
     let status = unsafe { hipGetDeviceCount(&mut count) };
     count_or_unsupported(status, count)
-}
-
-/// What a ROCm build answers where the application asks for device memory: the device layer's
-/// backends run on CUDA only so far, so a build for ROCm serves host memory and refuses device
-/// calls with a typed error instead of reaching for a CUDA driver. `local_rank` picks the GPU
-/// (`local_rank % visible GPUs`) when `ordinal` is `None`, as on CUDA.
-///
-/// # Errors
-/// Always [`Error::Unsupported`]: the probe's answer where no AMD GPU is usable (no device, no
-/// runtime), else the opened GPU named with what is missing.
-pub(crate) fn device_layer_unsupported(ordinal: Option<usize>, local_rank: usize) -> Error {
-    let ordinal = match (ordinal, rocm_device_count()) {
-        (_, Err(e)) => return e,
-        (Some(o), Ok(_)) => o,
-        (None, Ok(n)) => local_rank % n,
-    };
-    match device::HipDevice::open(ordinal) {
-        Err(e) => e,
-        Ok(dev) => Error::Unsupported {
-            what: "allreduce of device memory in a ROCm build".into(),
-            reason: format!(
-                "found {} ({}), but tpcomm's device backends do not run on HIP yet (the HIP runtime module and the \
-                 kernels' code objects exist; no backend uses them): use host memory, or a build without the rocm \
-                 feature on NVIDIA GPUs",
-                dev.name(),
-                dev.arch_name()
-            ),
-        },
-    }
 }
 
 /// The probe's answer as tpcomm reports it.
@@ -288,23 +458,57 @@ mod tests {
         assert!(check_amdgpu_object(b"\x7fELF", 0x4c).is_err(), "truncated");
     }
 
-    /// The device layer of a ROCm build refuses with a typed error on every machine: here,
-    /// without an AMD GPU, with the probe's reason.
     #[test]
-    fn the_hip_device_layer_refuses_device_memory_with_a_typed_error() {
-        for ordinal in [None, Some(0), Some(3)] {
-            match device_layer_unsupported(ordinal, 1) {
-                Error::Unsupported { what, reason } => {
-                    let no_gpu = rocm_device_count().is_err();
-                    assert!(
-                        !no_gpu || reason.contains("AMD GPU") || reason.contains("HIP runtime"),
-                        "{what}: {reason}"
-                    );
-                    assert!(no_gpu || reason.contains("do not run on HIP yet") || what.contains("ROCm"), "{reason}");
+    fn hip_resident_blocks_are_per_cu_times_cus_shared_by_the_ranks() {
+        assert_eq!(resident_cap(2, 304, 512, 1, "custom").unwrap(), 608);
+        assert_eq!(resident_cap(2, 304, 512, 8, "custom").unwrap(), 76);
+        assert_eq!(resident_cap(usize::MAX, 2, 512, 0, "custom").unwrap(), usize::MAX);
+        match resident_cap(1, 4, 1024, 5, "packet allreduce") {
+            Err(Error::Unsupported { what, reason }) => {
+                assert_eq!(what, "packet allreduce with 5 ranks on one GPU");
+                assert!(reason.contains("4 resident blocks of 1024 threads"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The facade's module loading picks the code object by family, world size and the
+    /// device's architecture: a world size without one is Unsupported before HIP is asked, and
+    /// without an AMD GPU a real one is Unsupported at the load, both named after the backend.
+    #[test]
+    fn hip_module_loading_names_the_backend_and_what_is_missing() {
+        use crate::runtime::kernels::FAMILIES;
+        for (arch, _) in ARCHS {
+            let dev = device::HipDevice::assumed(0, device::select_arch(arch).unwrap());
+            for family in FAMILIES {
+                let too_many = crate::runtime::protocol::MAX_RANKS + 1;
+                match load_module(&dev, family, too_many, None, "the test backend") {
+                    Err(Error::Unsupported { what, reason }) => {
+                        assert!(what.starts_with("the test backend: ") && what.contains(arch), "{what}");
+                        assert!(what.contains(family.name) && reason.contains("no code object"), "{what}: {reason}");
+                    }
+                    Err(e) => panic!("{e}"),
+                    Ok(_) => panic!("a module without a code object"),
                 }
-                other => panic!("{ordinal:?}: {other}"),
+                if rocm_device_count().is_err() {
+                    match load_module(&dev, family, 2, None, "the test backend") {
+                        Err(Error::Unsupported { what, .. }) => {
+                            assert!(what.starts_with("the test backend: ") && what.contains("hipSetDevice"), "{what}")
+                        }
+                        Err(e) => panic!("{e}"),
+                        Ok(_) => panic!("a module without an AMD GPU"),
+                    }
+                }
             }
         }
+    }
+
+    #[test]
+    fn hip_errors_take_the_name_of_the_step() {
+        let e = named("synchronize (finalize)")(Error::Hip { op: "hipDeviceSynchronize", code: "x (1)".into() });
+        assert!(matches!(e, Error::Hip { op: "synchronize (finalize)", .. }), "{e}");
+        let u = named("x")(Error::Unsupported { what: "w".into(), reason: "r".into() });
+        assert!(matches!(u, Error::Unsupported { .. }), "{u}");
     }
 
     /// The real runtime: a machine without an AMD GPU (every CI machine) gets the typed error,

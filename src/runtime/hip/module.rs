@@ -114,11 +114,6 @@ unsafe impl Send for HipFunction {}
 unsafe impl Sync for HipFunction {}
 
 impl HipFunction {
-    /// The raw handle.
-    pub fn raw(&self) -> hipFunction_t {
-        self.raw
-    }
-
     /// How many blocks of `threads` threads can be resident on one compute unit
     /// (`hipModuleOccupancyMaxActiveBlocksPerMultiprocessor`).
     ///

@@ -9,8 +9,8 @@
 //! its failures are [`Error::Nccl`] with the code's name and RCCL's text for it.
 //!
 //! [`RcclComm`] owns one communicator. It is built with the blocking `ncclCommInitRank`, which
-//! waits for every rank: the bounded, non-blocking set-up of the NCCL backend is for the RCCL
-//! backend to add, like the agreement over MPI of every step.
+//! waits for every rank; `backend/rccl.rs` agrees over MPI around each step (the bounded,
+//! non-blocking set-up of the NCCL backend is not there yet).
 
 use super::device::HipDevice;
 use super::stream::HipStream;
@@ -70,6 +70,8 @@ type CommEnd = unsafe extern "C" fn(RawComm) -> c_int;
 type GetErrorString = unsafe extern "C" fn(c_int) -> *const c_char;
 /// `ncclCommGetAsyncError`.
 type CommGetAsyncError = unsafe extern "C" fn(RawComm, *mut c_int) -> c_int;
+/// `ncclGetVersion`.
+type GetVersion = unsafe extern "C" fn(*mut c_int) -> c_int;
 
 /// `ncclSuccess`.
 const SUCCESS: c_int = 0;
@@ -128,6 +130,7 @@ pub struct Rccl {
     comm_destroy: CommEnd,
     get_error_string: GetErrorString,
     comm_get_async_error: CommGetAsyncError,
+    get_version: GetVersion,
 }
 
 // SAFETY: the handle and function pointers are process-wide and immutable once resolved; RCCL's
@@ -201,10 +204,12 @@ impl Rccl {
             comm_destroy: symbol(handle, c"ncclCommDestroy")?,
             get_error_string: symbol(handle, c"ncclGetErrorString")?,
             comm_get_async_error: symbol(handle, c"ncclCommGetAsyncError")?,
+            get_version: symbol(handle, c"ncclGetVersion")?,
         })
     }
 
     /// The name the library was loaded under.
+    #[cfg(test)]
     pub fn library(&self) -> &str {
         &self.library
     }
@@ -232,6 +237,17 @@ impl Rccl {
         }
     }
 
+    /// The library's version code (`ncclGetVersion`: major * 10000 + minor * 100 + patch).
+    ///
+    /// # Errors
+    /// [`Error::Nccl`] when RCCL does not answer.
+    pub fn version(&self) -> Result<i32> {
+        let mut v: c_int = 0;
+        // SAFETY: a valid out pointer.
+        self.check("ncclGetVersion", unsafe { (self.get_version)(&mut v) })?;
+        Ok(v)
+    }
+
     /// A new unique id (`ncclGetUniqueId`), made on one rank and sent to the others.
     ///
     /// # Errors
@@ -257,7 +273,6 @@ pub struct RcclComm {
     lib: Arc<Rccl>,
     device: Arc<HipDevice>,
     raw: RawComm,
-    rank: usize,
     world: usize,
     aborted: bool,
 }
@@ -310,12 +325,7 @@ impl RcclComm {
         if raw.is_null() {
             return Err(Error::Internal("ncclCommInitRank succeeded but returned no communicator".into()));
         }
-        Ok(RcclComm { lib: lib.clone(), device: device.clone(), raw, rank, world, aborted: false })
-    }
-
-    /// This rank.
-    pub fn rank(&self) -> usize {
-        self.rank
+        Ok(RcclComm { lib: lib.clone(), device: device.clone(), raw, world, aborted: false })
     }
 
     /// The number of ranks.

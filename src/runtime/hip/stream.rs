@@ -3,8 +3,10 @@
 //! A [`HipStream`] is a non-blocking stream of one [`HipDevice`] (it does not wait for the null
 //! stream, as tpcomm's CUDA streams do not). Capture follows CUDA's: [`HipStream::begin_capture`]
 //! records the work enqueued next instead of running it, [`HipStream::end_capture`] instantiates
-//! what was recorded as a [`HipGraph`], and [`HipGraph::launch`] replays it on a stream. Both
-//! types free what they own on drop and keep a failure there in their device.
+//! what was recorded as a [`HipGraph`], which keeps the stream it was captured on, and
+//! [`HipGraph::launch`] replays it there (as cudarc's `CudaGraph` does). Both types free what
+//! they own on drop and keep a failure there in their device. In a ROCm build these are
+//! `tpcomm::Stream` and `tpcomm::Graph`.
 
 use super::check;
 use super::device::HipDevice;
@@ -106,18 +108,19 @@ impl HipStream {
         check("hipStreamBeginCapture", unsafe { hipStreamBeginCapture(self.raw, mode) })
     }
 
-    /// Stop recording (`hipStreamEndCapture`) and instantiate what was recorded.
+    /// Stop recording (`hipStreamEndCapture`) and instantiate what was recorded; the graph
+    /// replays on this stream.
     ///
     /// # Errors
     /// [`Error::Hip`] when the capture was invalidated or the graph cannot be instantiated.
-    pub fn end_capture(&self) -> Result<HipGraph> {
+    pub fn end_capture(self: &Arc<Self>) -> Result<HipGraph> {
         let mut graph: hipGraph_t = std::ptr::null_mut();
         // SAFETY: the handle is live; `graph` is a valid out pointer.
         check("hipStreamEndCapture", unsafe { hipStreamEndCapture(self.raw, &mut graph) })?;
         if graph.is_null() {
             return Err(Error::Internal("hipStreamEndCapture succeeded but returned no graph".into()));
         }
-        HipGraph::instantiate(&self.device, graph)
+        HipGraph::instantiate(self, graph)
     }
 
     /// Whether the stream is capturing (`hipStreamIsCapturing`).
@@ -140,9 +143,10 @@ impl Drop for HipStream {
     }
 }
 
-/// A captured graph and its executable instance, both destroyed on drop.
+/// A captured graph and its executable instance, both destroyed on drop, with the stream it
+/// was captured on.
 pub struct HipGraph {
-    device: Arc<HipDevice>,
+    stream: Arc<HipStream>,
     graph: hipGraph_t,
     exec: hipGraphExec_t,
 }
@@ -155,7 +159,8 @@ unsafe impl Sync for HipGraph {}
 impl HipGraph {
     /// Instantiate `graph` (`hipGraphInstantiate`), taking ownership of it: it is destroyed
     /// when the instantiation fails too.
-    fn instantiate(device: &Arc<HipDevice>, graph: hipGraph_t) -> Result<Self> {
+    fn instantiate(stream: &Arc<HipStream>, graph: hipGraph_t) -> Result<Self> {
+        let device = &stream.device;
         let mut exec: hipGraphExec_t = std::ptr::null_mut();
         // SAFETY: `graph` came from hipStreamEndCapture; HIP accepts null error-node and log
         // pointers with a zero log size.
@@ -165,14 +170,22 @@ impl HipGraph {
             device.record_err(check("hipGraphDestroy", unsafe { hipGraphDestroy(graph) }));
             return Err(e);
         }
-        Ok(HipGraph { device: device.clone(), graph, exec })
+        Ok(HipGraph { stream: stream.clone(), graph, exec })
+    }
+
+    /// Enqueue one replay of the graph on the stream it was captured on (`hipGraphLaunch`).
+    ///
+    /// # Errors
+    /// [`Error::Hip`] when the launch fails.
+    pub fn launch(&self) -> Result<()> {
+        self.launch_on(&self.stream)
     }
 
     /// Enqueue one replay of the graph on `stream` (`hipGraphLaunch`).
     ///
     /// # Errors
     /// [`Error::Hip`] when the launch fails.
-    pub fn launch(&self, stream: &HipStream) -> Result<()> {
+    pub fn launch_on(&self, stream: &HipStream) -> Result<()> {
         // SAFETY: both handles are live for the borrows.
         check("hipGraphLaunch", unsafe { hipGraphLaunch(self.exec, stream.raw) })
     }
@@ -181,9 +194,9 @@ impl HipGraph {
 impl Drop for HipGraph {
     fn drop(&mut self) {
         // SAFETY: instantiated in `instantiate` and destroyed only here, instance first.
-        self.device.release("hipGraphExecDestroy", || unsafe { hipGraphExecDestroy(self.exec) });
+        self.stream.device.release("hipGraphExecDestroy", || unsafe { hipGraphExecDestroy(self.exec) });
         // SAFETY: as above; the instance no longer refers to the graph.
-        self.device.release("hipGraphDestroy", || unsafe { hipGraphDestroy(self.graph) });
+        self.stream.device.release("hipGraphDestroy", || unsafe { hipGraphDestroy(self.graph) });
     }
 }
 

@@ -38,13 +38,6 @@ pub fn nvrtc_version() -> Result<(i32, i32)> {
     Ok((major, minor))
 }
 
-/// The default cache directory: `$HOME/.cache/tpcomm` (or `./.tpcomm-cache` without `HOME`).
-pub fn default_cache_dir() -> PathBuf {
-    std::env::var_os("HOME")
-        .map(|h| PathBuf::from(h).join(".cache").join("tpcomm"))
-        .unwrap_or_else(|| PathBuf::from(".tpcomm-cache"))
-}
-
 /// Compile `src` with NVRTC to a CUBIN for `sm_{major}{minor}`.
 ///
 /// # Errors
