@@ -11,21 +11,24 @@
 //! 2. RCCL is loaded on every rank ([`Error::Unsupported`] saying what to install where it is
 //!    missing);
 //! 3. rank 0 makes the unique id and broadcasts it over MPI;
-//! 4. `ncclCommInitRank`, which **blocks** until every rank joined: unlike the NCCL backend's
-//!    non-blocking set-up, this wait is not bounded by the timeout (every rank has passed the
-//!    agreement of step 2 when it starts, so only a rank that dies in between can make it hang);
-//! 5. each allreduce only enqueues `ncclAllReduce` on the caller's stream; `poll` reads RCCL's
-//!    asynchronous error and aborts the communicator on one. A call whose peer never came is not
-//!    aborted after the timeout as the NCCL backend's are (no completion event is tracked yet).
+//! 4. `ncclCommInitRankConfig` with `blocking = 0`, polled until every rank joined or the
+//!    timeout passed (the communicator is then aborted: [`Error::PeerTimeout`]); RCCL older than
+//!    2.14 has no non-blocking communicators and is [`Error::Unsupported`];
+//! 5. each allreduce only enqueues `ncclAllReduce` on the caller's stream and records an event
+//!    after an eager one; `poll` reads RCCL's asynchronous error and, while that event has not
+//!    completed, how long the call has been pending: past the timeout the communicator is
+//!    aborted (a peer never came) and the call's error is [`Error::PeerTimeout`]. A failure
+//!    aborts the communicator, which then refuses every later call.
 
 use super::{Call, DeviceBackend};
 use crate::algo::Algo;
 use crate::error::{Error, Result};
-use crate::exchange::{agree, broadcast_bytes};
-use crate::runtime::hip::rccl::{Rccl, RcclComm, RcclUniqueId, LIBRARY_NAMES};
+use crate::exchange::{agree, backoff, broadcast_bytes};
+use crate::runtime::hip::rccl::{Rccl, RcclComm, RcclUniqueId, LIBRARY_NAMES, MIN_VERSION};
+use crate::runtime::hip::stream::HipEvent;
 use crate::runtime::Context;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The library a rank must be able to load (named in the reason when one cannot).
 pub(crate) const LIBRARY: &str = LIBRARY_NAMES[0];
@@ -39,8 +42,31 @@ pub(crate) fn library_present() -> bool {
 pub(crate) struct RcclAllreduce {
     comm: RcclComm,
     version: i32,
+    timeout: Duration,
     /// Why the communicator was aborted; every later call fails with it.
     aborted: Option<String>,
+    /// When the oldest eager call not known to have finished was enqueued.
+    pending: Option<Instant>,
+    /// Recorded after every eager call.
+    done: HipEvent,
+}
+
+/// The version check of step 2.
+///
+/// # Errors
+/// [`Error::Unsupported`] below [`MIN_VERSION`], naming the version found.
+fn check_version(version: i32) -> Result<i32> {
+    if version < MIN_VERSION {
+        return Err(Error::Unsupported {
+            what: "RCCL allreduce".into(),
+            reason: format!(
+                "the RCCL found is version code {version}; tpcomm needs 2.14 or newer (non-blocking \
+                 communicators, so that set-up and calls are bounded by the timeout): install the rccl of ROCm 5.5 \
+                 or newer"
+            ),
+        });
+    }
+    Ok(version)
 }
 
 /// The broadcast blob of the unique id: 1 and its bytes, or 0 and rank 0's error.
@@ -93,13 +119,14 @@ impl RcclAllreduce {
             });
         }
         let lib = agree(comm, Rccl::load(), timeout, "loading RCCL")?;
-        let version = agree(comm, lib.version(), timeout, "loading RCCL")?;
+        let version = agree(comm, lib.version().and_then(check_version), timeout, "loading RCCL")?;
         let mut blob = if rank == 0 { id_blob(lib.unique_id()) } else { Vec::new() };
         broadcast_bytes(comm, 0, &mut blob, timeout, STEP)?;
         let id = agree(comm, id_from_blob(&blob), timeout, STEP)?;
-        let joined = RcclComm::init_rank(&lib, ctx, &id, rank, world);
-        let comm = agree(comm, joined, timeout, "ncclCommInitRank")?;
-        Ok(RcclAllreduce { comm, version, aborted: None })
+        let joined = HipEvent::new(ctx)
+            .and_then(|done| RcclComm::init_rank(&lib, ctx, &id, rank, world, timeout).map(|c| (c, done)));
+        let (comm, done) = agree(comm, joined, timeout, "ncclCommInitRankConfig")?;
+        Ok(RcclAllreduce { comm, version, timeout, aborted: None, pending: None, done })
     }
 
     /// Ranks in the RCCL communicator.
@@ -128,6 +155,28 @@ impl RcclAllreduce {
             None => Ok(()),
         }
     }
+
+    /// Whether the last eager call finished; past the timeout it never will (a peer did not
+    /// come): abort, and say so.
+    fn check_pending(&mut self) -> Result<bool> {
+        let Some(since) = self.pending else { return Ok(true) };
+        match self.done.is_complete() {
+            Ok(true) => {
+                self.pending = None;
+                Ok(true)
+            }
+            Ok(false) if past(since, self.timeout) => {
+                Err(self.fail(Error::PeerTimeout { op: "rccl all_reduce", peer: None, waited: since.elapsed() }))
+            }
+            Ok(false) => Ok(false),
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+}
+
+/// Whether a call pending since `since` has waited longer than `timeout`.
+fn past(since: Instant, timeout: Duration) -> bool {
+    since.elapsed() > timeout
 }
 
 impl DeviceBackend for RcclAllreduce {
@@ -143,12 +192,34 @@ impl DeviceBackend for RcclAllreduce {
         // SAFETY: the pointers are valid for `len` elements (the caller's contract); live
         // communicator and stream.
         let r = unsafe { self.comm.all_reduce(call.input, call.output, call.len, call.dtype, stream) };
-        r.map_err(|e| self.fail(e))
+        r.map_err(|e| self.fail(e))?;
+        if call.capture.is_none() {
+            let recorded = self.done.record(stream);
+            recorded.map_err(|e| self.fail(e))?;
+            self.pending.get_or_insert_with(Instant::now);
+        }
+        Ok(())
     }
 
     fn poll(&mut self) -> Result<()> {
         self.usable()?;
-        self.comm.async_error().map_err(|e| self.fail(e))
+        self.comm.async_error().map_err(|e| self.fail(e))?;
+        self.check_pending().map(|_| ())
+    }
+
+    fn drain(&mut self, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        let mut polls = 0;
+        loop {
+            self.poll()?;
+            if self.check_pending()? {
+                return Ok(());
+            }
+            if past(start, timeout) {
+                return Err(self.fail(Error::PeerTimeout { op: "rccl (finishing)", peer: None, waited: timeout }));
+            }
+            backoff(&mut polls);
+        }
     }
 
     fn abort(&mut self) {
@@ -162,6 +233,27 @@ impl DeviceBackend for RcclAllreduce {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rccl_older_than_2_14_is_unsupported_naming_its_version() {
+        assert_eq!(check_version(21400).unwrap(), 21400);
+        assert_eq!(check_version(22203).unwrap(), 22203);
+        match check_version(21305) {
+            Err(Error::Unsupported { reason, .. }) => {
+                assert!(reason.contains("21305") && reason.contains("2.14"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_call_is_past_its_timeout_only_after_it() {
+        let now = Instant::now();
+        assert!(!past(now, Duration::from_secs(60)));
+        let long_ago = now.checked_sub(Duration::from_secs(2)).unwrap();
+        assert!(past(long_ago, Duration::from_secs(1)));
+        assert!(!past(long_ago, Duration::from_secs(10)));
+    }
 
     #[test]
     fn rccl_unique_ids_travel_as_blobs_and_rank_0_failures_are_named() {

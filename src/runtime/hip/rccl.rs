@@ -8,9 +8,12 @@
 //! bytes, the same enum values; the tests check the values against cudarc's NCCL bindings), and
 //! its failures are [`Error::Nccl`] with the code's name and RCCL's text for it.
 //!
-//! [`RcclComm`] owns one communicator. It is built with the blocking `ncclCommInitRank`, which
-//! waits for every rank; `backend/rccl.rs` agrees over MPI around each step (the bounded,
-//! non-blocking set-up of the NCCL backend is not there yet).
+//! [`RcclComm`] owns one communicator, built as the NCCL backend builds its own: non-blocking
+//! (`ncclCommInitRankConfig` with `blocking = 0`), then `ncclCommGetAsyncError` is polled until
+//! RCCL leaves `ncclInProgress` or the deadline passes, when the communicator is aborted and the
+//! answer is [`Error::PeerTimeout`]. So no wait on a peer is unbounded. That needs RCCL 2.14 or
+//! newer (ROCm 5.5 and later ship it), where `ncclConfig_t` and non-blocking communicators
+//! appeared; older libraries are [`Error::Unsupported`].
 
 use super::device::HipDevice;
 use super::stream::HipStream;
@@ -19,6 +22,11 @@ use crate::error::{Error, Result};
 use hip_runtime_sys::hipStream_t;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Oldest RCCL accepted (its `ncclGetVersion` code): non-blocking communicators and
+/// `ncclConfig_t` came with NCCL 2.14, which RCCL follows.
+pub const MIN_VERSION: i32 = 21400;
 
 /// The names tried, in order.
 pub const LIBRARY_NAMES: [&str; 2] = ["librccl.so.1", "librccl.so"];
@@ -60,8 +68,39 @@ impl RcclUniqueId {
 type RawComm = *mut c_void;
 /// `ncclGetUniqueId`.
 type GetUniqueId = unsafe extern "C" fn(*mut RcclUniqueId) -> c_int;
-/// `ncclCommInitRank`.
-type CommInitRank = unsafe extern "C" fn(*mut RawComm, c_int, RcclUniqueId, c_int) -> c_int;
+/// `ncclCommInitRankConfig`.
+type CommInitRankConfig = unsafe extern "C" fn(*mut RawComm, c_int, RcclUniqueId, c_int, *mut RcclConfig) -> c_int;
+
+/// `ncclConfig_t` as NCCL 2.14 declares it (the first version that has it). Later versions
+/// append fields and accept a caller's older, shorter struct: they read `size` bytes and take
+/// their defaults for the rest, which is how a header-less caller can pass one.
+#[repr(C)]
+struct RcclConfig {
+    size: usize,
+    magic: u32,
+    version: u32,
+    blocking: c_int,
+    cga_cluster_size: c_int,
+    min_ctas: c_int,
+    max_ctas: c_int,
+    net_name: *const c_char,
+}
+
+/// `NCCL_CONFIG_INITIALIZER` of NCCL 2.14 (every option undefined, so RCCL picks its
+/// defaults), except `blocking = 0`.
+fn nonblocking_config() -> RcclConfig {
+    const UNDEF: c_int = c_int::MIN; // NCCL_CONFIG_UNDEF_INT
+    RcclConfig {
+        size: size_of::<RcclConfig>(),
+        magic: 0xcafe_beef,
+        version: MIN_VERSION as u32,
+        blocking: 0,
+        cga_cluster_size: UNDEF,
+        min_ctas: UNDEF,
+        max_ctas: UNDEF,
+        net_name: std::ptr::null(), // NCCL_CONFIG_UNDEF_PTR
+    }
+}
 /// `ncclAllReduce`.
 type AllReduce = unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, RawComm, hipStream_t) -> c_int;
 /// `ncclCommAbort` and `ncclCommDestroy`.
@@ -75,6 +114,8 @@ type GetVersion = unsafe extern "C" fn(*mut c_int) -> c_int;
 
 /// `ncclSuccess`.
 const SUCCESS: c_int = 0;
+/// `ncclInProgress`: a non-blocking communicator is still working on the last request.
+const IN_PROGRESS: c_int = 7;
 /// `ncclSum`.
 const SUM: c_int = 0;
 
@@ -124,7 +165,7 @@ pub struct Rccl {
     handle: *mut c_void,
     library: String,
     get_unique_id: GetUniqueId,
-    comm_init_rank: CommInitRank,
+    comm_init_rank_config: CommInitRankConfig,
     all_reduce: AllReduce,
     comm_abort: CommEnd,
     comm_destroy: CommEnd,
@@ -198,7 +239,7 @@ impl Rccl {
             handle,
             library: library.to_string(),
             get_unique_id: symbol(handle, c"ncclGetUniqueId")?,
-            comm_init_rank: symbol(handle, c"ncclCommInitRank")?,
+            comm_init_rank_config: symbol(handle, c"ncclCommInitRankConfig")?,
             all_reduce: symbol(handle, c"ncclAllReduce")?,
             comm_abort: symbol(handle, c"ncclCommAbort")?,
             comm_destroy: symbol(handle, c"ncclCommDestroy")?,
@@ -274,6 +315,9 @@ pub struct RcclComm {
     device: Arc<HipDevice>,
     raw: RawComm,
     world: usize,
+    /// The wait limit of set-up and of each request (a non-blocking communicator may still be
+    /// enqueueing when a call returns).
+    timeout: Duration,
     aborted: bool,
 }
 
@@ -294,28 +338,33 @@ fn check_ranks(rank: usize, world: usize) -> Result<(c_int, c_int)> {
 
 impl RcclComm {
     /// Join the communicator of `world` ranks named by `id`, as rank `rank`, on `device`
-    /// (`ncclCommInitRank`).
+    /// (`ncclCommInitRankConfig`, non-blocking), waiting at most `timeout` for every rank.
     ///
     /// # Collective
     /// Every rank, with the same `id` and `world`; the call returns once all have joined.
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] for a rank outside the world; [`Error::Unsupported`] where
-    /// HIP can use no AMD GPU; [`Error::Nccl`] for RCCL's failures.
+    /// HIP can use no AMD GPU; [`Error::PeerTimeout`] when not every rank joined in time (the
+    /// communicator is aborted); [`Error::Nccl`] for RCCL's failures.
     pub fn init_rank(
         lib: &Arc<Rccl>,
         device: &Arc<HipDevice>,
         id: &RcclUniqueId,
         rank: usize,
         world: usize,
+        timeout: Duration,
     ) -> Result<Self> {
+        const OP: &str = "ncclCommInitRankConfig";
         let (r, w) = check_ranks(rank, world)?;
         device.bind()?;
+        let deadline = Instant::now() + timeout;
         let mut raw: RawComm = std::ptr::null_mut();
-        // SAFETY: a valid out pointer; the id is passed by value, as the C API takes it.
-        let code = unsafe { (lib.comm_init_rank)(&mut raw, w, *id, r) };
-        if code != SUCCESS {
-            let e = lib.error("ncclCommInitRank", code);
+        let mut config = nonblocking_config();
+        // SAFETY: valid out and config pointers; the id is passed by value, as the C API takes it.
+        let code = unsafe { (lib.comm_init_rank_config)(&mut raw, w, *id, r, &mut config) };
+        if code != SUCCESS && code != IN_PROGRESS {
+            let e = lib.error(OP, code);
             if !raw.is_null() {
                 // SAFETY: a communicator RCCL returned; not used afterwards.
                 unsafe { (lib.comm_abort)(raw) };
@@ -323,9 +372,48 @@ impl RcclComm {
             return Err(e);
         }
         if raw.is_null() {
-            return Err(Error::Internal("ncclCommInitRank succeeded but returned no communicator".into()));
+            return Err(Error::Internal(format!("{OP} succeeded but returned no communicator")));
         }
-        Ok(RcclComm { lib: lib.clone(), device: device.clone(), raw, world, aborted: false })
+        let mut comm = RcclComm { lib: lib.clone(), device: device.clone(), raw, world, timeout, aborted: false };
+        comm.wait_ready(OP, deadline)?;
+        Ok(comm)
+    }
+
+    /// Poll `ncclCommGetAsyncError` until RCCL leaves `ncclInProgress`; abort on an error or at
+    /// `deadline`.
+    ///
+    /// # Errors
+    /// [`Error::PeerTimeout`] at the deadline; [`Error::Nccl`] with RCCL's error.
+    fn wait_ready(&mut self, op: &'static str, deadline: Instant) -> Result<()> {
+        let mut polls = 0;
+        loop {
+            match self.async_state(op) {
+                Ok(SUCCESS) => return Ok(()),
+                Ok(IN_PROGRESS) => {}
+                Ok(code) => return Err(self.fail(self.lib.error(op, code))),
+                Err(e) => return Err(self.fail(e)),
+            }
+            if Instant::now() >= deadline {
+                return Err(self.fail(Error::PeerTimeout { op, peer: None, waited: self.timeout }));
+            }
+            crate::exchange::backoff(&mut polls);
+        }
+    }
+
+    /// The communicator's asynchronous state (`ncclCommGetAsyncError`): `ncclSuccess`,
+    /// `ncclInProgress` or an error code.
+    fn async_state(&self, op: &'static str) -> Result<c_int> {
+        self.live(op)?;
+        let mut state: c_int = SUCCESS;
+        // SAFETY: a live communicator and a valid out pointer.
+        self.lib.check(op, unsafe { (self.lib.comm_get_async_error)(self.raw, &mut state) })?;
+        Ok(state)
+    }
+
+    /// Abort (if live) and return `e`.
+    fn fail(&mut self, e: Error) -> Error {
+        self.abort();
+        e
     }
 
     /// The number of ranks.
@@ -352,7 +440,8 @@ impl RcclComm {
     /// Every rank, in the same order, with the same `count` and `dtype`.
     ///
     /// # Errors
-    /// [`Error::InvalidUsage`] after [`RcclComm::abort`]; [`Error::Nccl`].
+    /// [`Error::InvalidUsage`] after [`RcclComm::abort`]; [`Error::PeerTimeout`] when RCCL is
+    /// still enqueueing after the timeout (the communicator is aborted); [`Error::Nccl`].
     pub unsafe fn all_reduce(
         &mut self,
         send: u64,
@@ -374,20 +463,23 @@ impl RcclComm {
                 stream.raw(),
             )
         };
-        self.lib.check("ncclAllReduce", code)
+        match code {
+            // A non-blocking communicator may still be enqueueing (host work, bounded).
+            SUCCESS | IN_PROGRESS => self.wait_ready("ncclAllReduce", Instant::now() + self.timeout),
+            _ => Err(self.fail(self.lib.error("ncclAllReduce", code))),
+        }
     }
 
     /// RCCL's asynchronous error of the communicator (`ncclCommGetAsyncError`): `Ok` while
-    /// there is none.
+    /// there is none (work still in progress is fine).
     ///
     /// # Errors
     /// [`Error::InvalidUsage`] after [`RcclComm::abort`]; [`Error::Nccl`] with the error.
     pub fn async_error(&mut self) -> Result<()> {
-        self.live("RcclComm::async_error")?;
-        let mut state: c_int = SUCCESS;
-        // SAFETY: a live communicator and a valid out pointer.
-        self.lib.check("ncclCommGetAsyncError", unsafe { (self.lib.comm_get_async_error)(self.raw, &mut state) })?;
-        self.lib.check("ncclCommGetAsyncError (state)", state)
+        match self.async_state("ncclCommGetAsyncError")? {
+            SUCCESS | IN_PROGRESS => Ok(()),
+            code => Err(self.lib.error("ncclCommGetAsyncError (state)", code)),
+        }
     }
 
     /// Abort the communicator (`ncclCommAbort`): outstanding work is cancelled and every later
@@ -415,7 +507,41 @@ impl Drop for RcclComm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cudarc::nccl::sys::{ncclDataType_t, ncclRedOp_t, ncclResult_t};
+    use cudarc::nccl::sys::{ncclConfig_t, ncclDataType_t, ncclRedOp_t, ncclResult_t};
+    use std::mem::offset_of;
+
+    /// The 2.14 layout passed to RCCL is the head of every later `ncclConfig_t` (here the
+    /// one of cudarc's NCCL headers), field for field, and the initializer is NCCL's.
+    #[test]
+    fn the_config_is_the_head_of_nccls_and_asks_for_non_blocking() {
+        let ours = [
+            offset_of!(RcclConfig, size),
+            offset_of!(RcclConfig, magic),
+            offset_of!(RcclConfig, version),
+            offset_of!(RcclConfig, blocking),
+            offset_of!(RcclConfig, cga_cluster_size),
+            offset_of!(RcclConfig, min_ctas),
+            offset_of!(RcclConfig, max_ctas),
+            offset_of!(RcclConfig, net_name),
+        ];
+        let nccl = [
+            offset_of!(ncclConfig_t, size),
+            offset_of!(ncclConfig_t, magic),
+            offset_of!(ncclConfig_t, version),
+            offset_of!(ncclConfig_t, blocking),
+            offset_of!(ncclConfig_t, cgaClusterSize),
+            offset_of!(ncclConfig_t, minCTAs),
+            offset_of!(ncclConfig_t, maxCTAs),
+            offset_of!(ncclConfig_t, netName),
+        ];
+        assert_eq!(ours, nccl);
+        assert!(size_of::<RcclConfig>() <= size_of::<ncclConfig_t>());
+        let c = nonblocking_config();
+        assert_eq!((c.size, c.magic, c.version, c.blocking), (size_of::<RcclConfig>(), 0xcafe_beef, 21400, 0));
+        assert_eq!([c.cga_cluster_size, c.min_ctas, c.max_ctas], [i32::MIN; 3]);
+        assert!(c.net_name.is_null());
+        assert_eq!(IN_PROGRESS, ncclResult_t::ncclInProgress as c_int);
+    }
 
     #[test]
     fn a_missing_library_is_unsupported_naming_it() {

@@ -12,6 +12,7 @@ use super::check;
 use super::device::HipDevice;
 use crate::error::{Error, Result};
 use hip_runtime_sys::{
+    hipEventCreateWithFlags, hipEventDestroy, hipEventDisableTiming, hipEventQuery, hipEventRecord, hipEvent_t,
     hipGraphDestroy, hipGraphExecDestroy, hipGraphExec_t, hipGraphInstantiate, hipGraphLaunch, hipGraph_t,
     hipStreamBeginCapture, hipStreamCaptureMode, hipStreamCaptureStatus, hipStreamCreateWithFlags, hipStreamDestroy,
     hipStreamEndCapture, hipStreamIsCapturing, hipStreamNonBlocking, hipStreamQuery, hipStreamSynchronize, hipStream_t,
@@ -140,6 +141,60 @@ impl Drop for HipStream {
         // Never panic in Drop: the device keeps the first error for `check_err()`.
         // SAFETY: created in `new` and destroyed only here.
         self.device.release("hipStreamDestroy", || unsafe { hipStreamDestroy(self.raw) });
+    }
+}
+
+/// An event without timing (`hipEventDisableTiming`), for telling whether the work enqueued on
+/// a stream before it has finished: how the RCCL backend bounds a call whose peer never comes.
+/// Destroyed on drop.
+pub struct HipEvent {
+    device: Arc<HipDevice>,
+    raw: hipEvent_t,
+}
+
+// SAFETY: a HIP event may be recorded and queried from any thread; `record` takes `&mut self`.
+unsafe impl Send for HipEvent {}
+
+impl HipEvent {
+    /// A new event on `device` (`hipEventCreateWithFlags`).
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] where HIP can use no AMD GPU; [`Error::Hip`].
+    pub fn new(device: &Arc<HipDevice>) -> Result<Self> {
+        device.bind()?;
+        let mut raw: hipEvent_t = std::ptr::null_mut();
+        // SAFETY: a valid out pointer; the flag is one HIP defines.
+        check("hipEventCreateWithFlags", unsafe { hipEventCreateWithFlags(&mut raw, hipEventDisableTiming) })?;
+        Ok(HipEvent { device: device.clone(), raw })
+    }
+
+    /// Mark the point after the work enqueued on `stream` so far (`hipEventRecord`).
+    ///
+    /// # Errors
+    /// [`Error::Hip`].
+    pub fn record(&mut self, stream: &HipStream) -> Result<()> {
+        // SAFETY: both handles are live for the borrows.
+        check("hipEventRecord", unsafe { hipEventRecord(self.raw, stream.raw()) })
+    }
+
+    /// Whether the work before the last record has finished (`hipEventQuery`), without waiting;
+    /// `true` for an event never recorded.
+    ///
+    /// # Errors
+    /// [`Error::Hip`] when that work failed.
+    pub fn is_complete(&self) -> Result<bool> {
+        // SAFETY: the handle is live for the life of `self`.
+        match unsafe { hipEventQuery(self.raw) } {
+            hip_runtime_sys::hipError_t::hipErrorNotReady => Ok(false),
+            other => check("hipEventQuery", other).map(|()| true),
+        }
+    }
+}
+
+impl Drop for HipEvent {
+    fn drop(&mut self) {
+        // SAFETY: created in `new` and destroyed only here.
+        self.device.release("hipEventDestroy", || unsafe { hipEventDestroy(self.raw) });
     }
 }
 
