@@ -261,13 +261,20 @@ pub(crate) fn code_object(family: &str, world: usize, arch: &str) -> Option<&'st
     CODE_OBJECTS.iter().find(|(f, w, a, _)| *f == family && *w == world && *a == arch).map(|&(_, _, _, bin)| bin)
 }
 
-/// Whether `bin` is an AMDGPU code object for machine `mach`: a 64-bit ELF for `EM_AMDGPU`
-/// whose `e_flags` low byte is `mach`.
+/// Whether `bin` is an AMDGPU code object for machine `mach`: a 64-bit ELF of HSA code object
+/// v5 for `EM_AMDGPU` whose `e_flags` low byte is `mach`.
 pub(crate) fn check_amdgpu_object(bin: &[u8], mach: u32) -> Result<()> {
+    const ELFOSABI_AMDGPU_HSA: u8 = 64;
+    // clang-19's default; ROCm 6 runtimes load it, a ROCm 5 runtime may not (README, ROCm).
+    const CODE_OBJECT_V5: u8 = 3;
     const EM_AMDGPU: u16 = 224;
     let bad = |what: String| Err(Error::Internal(format!("not an AMDGPU code object for mach {mach:#x}: {what}")));
     if bin.len() < 64 || !bin.starts_with(b"\x7fELF") || bin[4] != 2 {
         return bad("not a 64-bit ELF".into());
+    }
+    // EI_OSABI / EI_ABIVERSION: the HSA code object version the runtime must load.
+    if (bin[7], bin[8]) != (ELFOSABI_AMDGPU_HSA, CODE_OBJECT_V5) {
+        return bad(format!("EI_OSABI {} EI_ABIVERSION {} (tpcomm embeds HSA code object v5)", bin[7], bin[8]));
     }
     let machine = u16::from_le_bytes([bin[18], bin[19]]);
     let flags = u32::from_le_bytes([bin[48], bin[49], bin[50], bin[51]]);
@@ -441,6 +448,8 @@ mod tests {
         let mut h = vec![0u8; 64];
         h[..4].copy_from_slice(b"\x7fELF");
         h[4] = 2;
+        h[7] = 64; // ELFOSABI_AMDGPU_HSA
+        h[8] = 3; // code object v5
         h[18..20].copy_from_slice(&machine.to_le_bytes());
         h[48..52].copy_from_slice(&flags.to_le_bytes());
         h
@@ -456,6 +465,9 @@ mod tests {
         elf32[4] = 1;
         assert!(check_amdgpu_object(&elf32, 0x4c).is_err(), "a 32-bit ELF");
         assert!(check_amdgpu_object(b"\x7fELF", 0x4c).is_err(), "truncated");
+        let mut v4 = header(224, 0x4c);
+        v4[8] = 2;
+        assert!(check_amdgpu_object(&v4, 0x4c).is_err(), "code object v4");
     }
 
     #[test]
