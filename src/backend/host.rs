@@ -324,7 +324,17 @@ impl HostAllreduce {
                 self.check_descs(desc, op)?;
             }
             match kernel {
-                HostKernel::OneShot => self.reduce_range(parity, 0..m, &mut output[offset..offset + m]),
+                HostKernel::OneShot => {
+                    // SAFETY: src is valid for m elements; in place, output is written only
+                    // by the reduction, which reads each element before it writes it.
+                    let mine = unsafe { std::slice::from_raw_parts(src, m) };
+                    let out = &mut output[offset..offset + m];
+                    if std::ptr::eq(mine.as_ptr(), out.as_ptr()) {
+                        self.reduce_range(parity, 0..m, out)
+                    } else {
+                        self.reduce_range_with(parity, 0..m, mine, out)
+                    }
+                }
                 _ => {
                     // Reduce-scatter: I reduce my shard into shards[next parity], my own part
                     // read where it is (in place too: the output is written only after).
@@ -353,16 +363,17 @@ impl HostAllreduce {
     /// `dst = sum over ranks (in order) of input[parity][r][range]`.
     fn reduce_range<T: Element>(&self, parity: u64, range: Range<usize>, dst: &mut [T]) {
         debug_assert_eq!(range.len(), dst.len());
-        let srcs: Vec<&[T]> = (0..self.n).map(|r| self.published(parity, r, &range)).collect();
-        reduce_rank_order(&srcs, dst);
+        with_sources(self.n, |r| self.published(parity, r, &range), |srcs| reduce_rank_order(srcs, dst));
     }
 
     /// The same with this rank's own term taken from `mine` instead of its published copy.
     fn reduce_range_with<T: Element>(&self, parity: u64, range: Range<usize>, mine: &[T], dst: &mut [T]) {
         debug_assert_eq!(range.len(), dst.len());
-        let srcs: Vec<&[T]> =
-            (0..self.n).map(|r| if r == self.rank { mine } else { self.published(parity, r, &range) }).collect();
-        reduce_rank_order(&srcs, dst);
+        with_sources(
+            self.n,
+            |r| if r == self.rank { mine } else { self.published(parity, r, &range) },
+            |srcs| reduce_rank_order(srcs, dst),
+        );
     }
 
     /// Rank `r`'s published input chunk, elements `range`.
@@ -477,6 +488,21 @@ pub(crate) fn shard_range<T>(len: usize, n: usize, rank: usize) -> Range<usize> 
 }
 
 /// `dst[i] = srcs[0][i] + srcs[1][i] + ...` in that order in `T::Acc`, rounded once.
+/// Call `f` with the `n` slices `source(0..n)`, on the stack up to 16 ranks (a call of a few
+/// KiB is short enough for a heap allocation to show).
+fn with_sources<'a, T: 'a>(n: usize, source: impl Fn(usize) -> &'a [T], f: impl FnOnce(&[&'a [T]])) {
+    const ON_STACK: usize = 16;
+    if n <= ON_STACK {
+        let mut srcs: [&[T]; ON_STACK] = [&[]; ON_STACK];
+        for (r, s) in srcs.iter_mut().enumerate().take(n) {
+            *s = source(r);
+        }
+        f(&srcs[..n]);
+    } else {
+        f(&(0..n).map(source).collect::<Vec<_>>());
+    }
+}
+
 fn reduce_rank_order<T: Element>(srcs: &[&[T]], dst: &mut [T]) {
     let mut acc = [T::Acc::default(); BLOCK];
     let mut wide = [T::Acc::default(); BLOCK];
