@@ -324,15 +324,13 @@ impl HostAllreduce {
                 self.check_descs(desc, op)?;
             }
             match kernel {
+                // Out of place, my own term is read from my input rather than my copy of it;
+                // in place the output is the input, so the copy serves.
                 HostKernel::OneShot => {
-                    // SAFETY: src is valid for m elements; in place, output is written only
-                    // by the reduction, which reads each element before it writes it.
-                    let mine = unsafe { std::slice::from_raw_parts(src, m) };
                     let out = &mut output[offset..offset + m];
-                    if std::ptr::eq(mine.as_ptr(), out.as_ptr()) {
-                        self.reduce_range(parity, 0..m, out)
-                    } else {
-                        self.reduce_range_with(parity, 0..m, mine, out)
+                    match input {
+                        Some(x) => self.reduce_range_with(parity, 0..m, &x[offset..offset + m], out),
+                        None => self.reduce_range(parity, 0..m, out),
                     }
                 }
                 _ => {
