@@ -156,6 +156,13 @@ impl RcclAllreduce {
         }
     }
 
+    /// RCCL's asynchronous error, then whether the last eager call finished ([`Self::check_pending`]).
+    fn progress(&mut self) -> Result<bool> {
+        self.usable()?;
+        self.comm.async_error().map_err(|e| self.fail(e))?;
+        self.check_pending()
+    }
+
     /// Whether the last eager call finished; past the timeout it never will (a peer did not
     /// come): abort, and say so.
     fn check_pending(&mut self) -> Result<bool> {
@@ -202,24 +209,19 @@ impl DeviceBackend for RcclAllreduce {
     }
 
     fn poll(&mut self) -> Result<()> {
-        self.usable()?;
-        self.comm.async_error().map_err(|e| self.fail(e))?;
-        self.check_pending().map(|_| ())
+        self.progress().map(|_| ())
     }
 
     fn drain(&mut self, timeout: Duration) -> Result<()> {
         let start = Instant::now();
         let mut polls = 0;
-        loop {
-            self.poll()?;
-            if self.check_pending()? {
-                return Ok(());
-            }
+        while !self.progress()? {
             if past(start, timeout) {
                 return Err(self.fail(Error::PeerTimeout { op: "rccl (finishing)", peer: None, waited: timeout }));
             }
             backoff(&mut polls);
         }
+        Ok(())
     }
 
     fn abort(&mut self) {
