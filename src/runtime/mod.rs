@@ -126,3 +126,49 @@ pub(crate) fn arg<T>(value: &T) -> *mut std::ffi::c_void {
 pub(crate) fn timeout_ns(timeout: std::time::Duration) -> u64 {
     u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX / 2)
 }
+
+/// Most blocks per launch so that the blocks of all `ranks_per_device` ranks sharing a GPU are
+/// resident at once (a block spinning on a peer's block that cannot be scheduled would
+/// deadlock): `per_sm` blocks of `threads` threads per multiprocessor (compute unit) times
+/// `sms`, shared by the ranks. The vendors' `co_resident_blocks` ask their runtime for the two
+/// counts. `what` names the backend in the error.
+///
+/// # Errors
+/// [`Error::Unsupported`] when the GPU cannot hold one block per rank.
+pub(crate) fn resident_cap(
+    per_sm: usize,
+    sms: usize,
+    threads: usize,
+    ranks_per_device: usize,
+    what: &str,
+) -> Result<usize> {
+    let resident = per_sm.saturating_mul(sms);
+    let share = ranks_per_device.max(1);
+    let cap = resident / share;
+    if cap == 0 {
+        return Err(Error::Unsupported {
+            what: format!("{what} with {share} ranks on one GPU"),
+            reason: format!("the GPU holds {resident} resident blocks of {threads} threads, fewer than one per rank"),
+        });
+    }
+    Ok(cap)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resident_blocks_are_per_cu_times_cus_shared_by_the_ranks() {
+        assert_eq!(resident_cap(2, 304, 512, 1, "custom").unwrap(), 608);
+        assert_eq!(resident_cap(2, 304, 512, 8, "custom").unwrap(), 76);
+        assert_eq!(resident_cap(usize::MAX, 2, 512, 0, "custom").unwrap(), usize::MAX);
+        match resident_cap(1, 4, 1024, 5, "packet allreduce") {
+            Err(Error::Unsupported { what, reason }) => {
+                assert_eq!(what, "packet allreduce with 5 ranks on one GPU");
+                assert!(reason.contains("4 resident blocks of 1024 threads"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -254,16 +254,7 @@ pub(crate) fn co_resident_blocks<'a>(
     let sms = ctx
         .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
         .map_err(cuda("cuDeviceGetAttribute(MULTIPROCESSOR_COUNT)"))? as usize;
-    let resident = per_sm as usize * sms;
-    let share = ranks_per_device.max(1);
-    let cap = resident / share;
-    if cap == 0 {
-        return Err(Error::Unsupported {
-            what: format!("{what} with {share} ranks on one GPU"),
-            reason: format!("the GPU holds {resident} resident blocks of {threads} threads, fewer than one per rank"),
-        });
-    }
-    Ok(cap)
+    super::resident_cap(per_sm as usize, sms, threads, ranks_per_device, what)
 }
 
 /// One 64-bit word of pinned host memory mapped into the device address space: kernels store

@@ -203,21 +203,7 @@ pub(crate) fn co_resident_blocks<'a>(
     for f in funcs {
         per_cu = per_cu.min(f.max_active_blocks_per_cu(threads)?);
     }
-    resident_cap(per_cu, device.multiprocessor_count(), threads, ranks_per_device, what)
-}
-
-/// The cap of [`co_resident_blocks`] from its inputs.
-fn resident_cap(per_cu: usize, cus: usize, threads: usize, ranks_per_device: usize, what: &str) -> Result<usize> {
-    let resident = per_cu.saturating_mul(cus);
-    let share = ranks_per_device.max(1);
-    let cap = resident / share;
-    if cap == 0 {
-        return Err(Error::Unsupported {
-            what: format!("{what} with {share} ranks on one GPU"),
-            reason: format!("the GPU holds {resident} resident blocks of {threads} threads, fewer than one per rank"),
-        });
-    }
-    Ok(cap)
+    super::resident_cap(per_cu, device.multiprocessor_count(), threads, ranks_per_device, what)
 }
 
 /// The embedded code object of `family` for `world` ranks and the device's architecture, loaded
@@ -468,20 +454,6 @@ mod tests {
         let mut v4 = header(224, 0x4c);
         v4[8] = 2;
         assert!(check_amdgpu_object(&v4, 0x4c).is_err(), "code object v4");
-    }
-
-    #[test]
-    fn hip_resident_blocks_are_per_cu_times_cus_shared_by_the_ranks() {
-        assert_eq!(resident_cap(2, 304, 512, 1, "custom").unwrap(), 608);
-        assert_eq!(resident_cap(2, 304, 512, 8, "custom").unwrap(), 76);
-        assert_eq!(resident_cap(usize::MAX, 2, 512, 0, "custom").unwrap(), usize::MAX);
-        match resident_cap(1, 4, 1024, 5, "packet allreduce") {
-            Err(Error::Unsupported { what, reason }) => {
-                assert_eq!(what, "packet allreduce with 5 ranks on one GPU");
-                assert!(reason.contains("4 resident blocks of 1024 threads"), "{reason}");
-            }
-            other => panic!("{other:?}"),
-        }
     }
 
     /// The facade's module loading picks the code object by family, world size and the
