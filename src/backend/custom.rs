@@ -73,15 +73,27 @@ fn large_grid_bytes(kernel: Kernel) -> usize {
 }
 
 /// Without `TPCOMM_CUSTOM_MAX_BLOCKS`, both two-shots below [`large_grid_bytes`] use at most
-/// this many blocks at 3-8 ranks: fewer blocks, each thread taking several vectors, win there.
-/// Measured on one H200 under MPS (bench/RESULTS.md): the direct two-shot in place ("16-byte
-/// loads ...", item 3) 8 ranks 2 MiB 19.83 us with 33 blocks, 15.21 with 16, 15.18 with 8;
-/// 4 MiB 31.28, 26.48, 27.11; 8 MiB 50.58, 50.36, 55.87; 4 ranks with 16 blocks against 36:
-/// 2 MiB 10.70 -> 9.24, 4 MiB 14.21 -> 12.22, 8 MiB 24.77 -> 23.36. The scratch two-shot out
-/// of place ("All-gather loads in flight ...", item 2) with 16 blocks against 36: 8 ranks 2 MiB
-/// 23.8 -> 20.1, 4 MiB 34.8 -> 33.4; 4 ranks 2 MiB 12.1 -> 11.0, 4 MiB 20.5 -> 18.9; 24
-/// blocks lose at 8 ranks. Not measured at 2 ranks, which keep 36.
-const TWOSHOT_MAX_BLOCKS: usize = 16;
+/// this many blocks at 3-8 ranks, and the one-shot at 4-8 ranks ([`small_grid_kernel`]): fewer
+/// blocks, each thread taking several vectors, win there. Measured on one H200 under MPS
+/// (bench/RESULTS.md): the direct two-shot in place ("16-byte loads ...", item 3) 8 ranks
+/// 2 MiB 19.83 us with 33 blocks, 15.21 with 16, 15.18 with 8; 4 MiB 31.28, 26.48, 27.11;
+/// 8 MiB 50.58, 50.36, 55.87; 4 ranks with 16 blocks against 36: 2 MiB 10.70 -> 9.24, 4 MiB
+/// 14.21 -> 12.22, 8 MiB 24.77 -> 23.36. The scratch two-shot out of place ("All-gather loads
+/// in flight ...", item 2) with 16 blocks against 36: 8 ranks 2 MiB 23.8 -> 20.1, 4 MiB 34.8 ->
+/// 33.4; 4 ranks 2 MiB 12.1 -> 11.0, 4 MiB 20.5 -> 18.9; 24 blocks lose at 8 ranks. The
+/// one-shot with 16 blocks against 36 ("One-shot on 16 blocks"): 4 ranks 256 KiB 5.76 -> 5.08,
+/// 512 KiB 6.56 -> 5.87, 1 MiB 7.78 -> 7.42; at 3 ranks 1 MiB loses (6.29 -> 6.74), so 3
+/// ranks keep 36 for it. Not measured at 2 ranks, which keep 36.
+const SMALL_GRID_MAX_BLOCKS: usize = 16;
+
+/// Whether `kernel` at `world` ranks takes [`SMALL_GRID_MAX_BLOCKS`] below the large size.
+fn small_grid_kernel(kernel: Kernel, world: usize) -> bool {
+    match kernel {
+        Kernel::TwoShot | Kernel::TwoShotDirect => world >= 3,
+        Kernel::OneShot => world >= 4,
+        Kernel::OneShotNorm => false,
+    }
+}
 
 /// The kernels' algorithms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -141,7 +153,7 @@ pub(crate) struct CustomOptions {
     pub pdl: bool,
     /// Most blocks of one launch (`TPCOMM_CUSTOM_MAX_BLOCKS`), before the shared-device cap;
     /// `None`: [`DEFAULT_MAX_BLOCKS`], more for large calls ([`large_grid_bytes`]) and fewer for
-    /// the two-shots at 3-8 ranks ([`TWOSHOT_MAX_BLOCKS`]).
+    /// some kernels at 3-8 ranks ([`SMALL_GRID_MAX_BLOCKS`]).
     pub max_blocks: Option<usize>,
 }
 
@@ -177,8 +189,9 @@ pub(crate) struct CustomAllreduce {
     max_blocks: usize,
     /// The grid limit of large calls (`max_blocks` when the user set it).
     large_blocks: usize,
-    /// The grid limit of both two-shots below the large size ([`TWOSHOT_MAX_BLOCKS`]).
-    twoshot_blocks: usize,
+    /// The grid limit below the large size of the kernels [`small_grid_kernel`] names
+    /// ([`SMALL_GRID_MAX_BLOCKS`]; `max_blocks` when the user set it).
+    small_grid_blocks: usize,
     max_bytes: usize,
     timeout: Duration,
     sigs: [u64; protocol::MAX_RANKS],
@@ -204,7 +217,7 @@ struct Prepared {
     funcs: HashMap<(Kernel, DType), Function>,
     max_blocks: usize,
     large_blocks: usize,
-    twoshot_blocks: usize,
+    small_grid_blocks: usize,
     signal: IpcBuffer,
     scratch: IpcBuffer,
     staging: IpcBuffer,
@@ -247,7 +260,7 @@ impl CustomAllreduce {
             funcs: p.funcs,
             max_blocks: p.max_blocks,
             large_blocks: p.large_blocks,
-            twoshot_blocks: p.twoshot_blocks,
+            small_grid_blocks: p.small_grid_blocks,
             max_bytes: opts.max_bytes,
             timeout: opts.timeout,
             sigs: shared.addrs[0],
@@ -292,8 +305,8 @@ impl CustomAllreduce {
         )?;
         let max_blocks = opts.max_blocks.unwrap_or(DEFAULT_MAX_BLOCKS).min(protocol::MAX_BLOCKS).min(cap);
         let large_blocks = if opts.max_blocks.is_some() { max_blocks } else { protocol::MAX_BLOCKS.min(cap) };
-        let twoshot_blocks =
-            if opts.max_blocks.is_none() && world >= 3 { TWOSHOT_MAX_BLOCKS.min(max_blocks) } else { max_blocks };
+        let small_grid_blocks =
+            if opts.max_blocks.is_none() { SMALL_GRID_MAX_BLOCKS.min(max_blocks) } else { max_blocks };
         let signal = IpcBuffer::alloc_signal(ctx, meta_size())?;
         signal.zero()?;
         let scratch = IpcBuffer::alloc(ctx, opts.max_bytes)?;
@@ -301,7 +314,17 @@ impl CustomAllreduce {
         // Zero rows never name an input, so a kernel handed an unfilled row fails its check.
         let rank_data = IpcBuffer::alloc(ctx, ROWS as usize * protocol::RANK_DATA_ROW_BYTES)?;
         rank_data.zero()?;
-        Ok(Prepared { funcs, max_blocks, large_blocks, twoshot_blocks, signal, scratch, staging, rank_data, from_disk })
+        Ok(Prepared {
+            funcs,
+            max_blocks,
+            large_blocks,
+            small_grid_blocks,
+            signal,
+            scratch,
+            staging,
+            rank_data,
+            from_disk,
+        })
     }
 
     /// Most blocks of one launch (after the shared-device cap).
@@ -314,9 +337,10 @@ impl CustomAllreduce {
         self.large_blocks
     }
 
-    /// Most blocks of a two-shot's launch below the large size ([`TWOSHOT_MAX_BLOCKS`]).
-    pub(crate) fn twoshot_blocks(&self) -> usize {
-        self.twoshot_blocks
+    /// Most blocks below the large size of the kernels [`small_grid_kernel`] names
+    /// ([`SMALL_GRID_MAX_BLOCKS`]; after the shared-device cap).
+    pub(crate) fn small_grid_blocks(&self) -> usize {
+        self.small_grid_blocks
     }
 
     /// True when the kernels' CUBIN came from the disk cache rather than NVRTC.
@@ -518,7 +542,7 @@ impl DeviceBackend for CustomAllreduce {
         let nvec = bytes / protocol::VEC_BYTES;
         let limit = match kernel {
             _ if bytes >= large_grid_bytes(kernel) => self.large_blocks,
-            Kernel::TwoShot | Kernel::TwoShotDirect => self.twoshot_blocks,
+            _ if small_grid_kernel(kernel, self.world) => self.small_grid_blocks,
             _ => self.max_blocks,
         };
         let blocks = match kernel {

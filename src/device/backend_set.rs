@@ -111,7 +111,7 @@ impl BackendSet {
                 match CustomAllreduce::new(boot.node(), ctx, &opts) {
                     Ok(custom) => {
                         set.notes.push(format!(
-                            "custom allreduce: {} ranks, {} per GPU at most, full NVLink {}, {} blocks ({} for large calls, {} for the two-shots below them), \
+                            "custom allreduce: {} ranks, {} per GPU at most, full NVLink {}, {} blocks ({} for large calls, {} for the small-grid kernels below them), \
                              {} staging bytes, \
                              PDL {}, kernels from disk cache: {}",
                             l.ranks_per_node,
@@ -119,7 +119,7 @@ impl BackendSet {
                             layout.full_nvlink,
                             custom.max_blocks(),
                             custom.large_blocks(),
-                            custom.twoshot_blocks(),
+                            custom.small_grid_blocks(),
                             config.custom_max_bytes,
                             if config.pdl { "on" } else { "off" },
                             custom.kernels_from_disk_cache()
