@@ -192,12 +192,20 @@ pub struct DispatchTable {
     pub(crate) fused_norm_max_bytes: usize,
 }
 
-/// Host one-shot limit times the world size. One-shot makes every rank read all `n` inputs,
-/// two-shot reads each input once but pays a second barrier. Since two-shot reads its own shard
-/// in place, it wins at 2 ranks from 4 KiB on the development VM (bench/RESULTS.md, "Host
-/// one-shot limit"); one-shot's reads grow with `n`, so the limit falls as `n` grows. `tune()`
-/// measures it per machine.
-const HOST_ONESHOT_BYTES_TIMES_RANKS: usize = 8 << 10;
+/// Largest host message (bytes per rank) reduced by one-shot for `world` ranks. One-shot makes
+/// every rank read all `n` inputs (its own where it is, in place too), two-shot reads each input
+/// once but pays a second barrier. At 2 ranks one-shot wins to 64 KiB and two-shot from 128 KiB
+/// (bench/RESULTS.md, "Host one-shot in place"; one H200 machine's 16 cores: 64 KiB 15.85 us
+/// against 17.34, 128 KiB 32.46 against 27.06); at 4 ranks two-shot wins from 4 KiB (4.12
+/// against 3.96; 16 KiB 10.25 against 8.76), so the limit falls with `n`. `tune()` measures it
+/// per machine.
+const fn host_oneshot_max_bytes(world: usize) -> usize {
+    if world <= 2 {
+        64 << 10
+    } else {
+        (8 << 10) / world
+    }
+}
 
 /// Largest device message reduced one-shot (out of place) for `world` ranks. One-shot reads
 /// (n-1)*S per rank against two-shot's ~2(n-1)/n*S plus a second barrier, so the crossover falls
@@ -276,9 +284,7 @@ impl DispatchTable {
     /// The table for a configuration and a world size.
     pub(crate) fn new(config: &Config, world_size: usize) -> Self {
         DispatchTable {
-            host_oneshot_max_bytes: config
-                .host_oneshot_max_bytes
-                .unwrap_or(HOST_ONESHOT_BYTES_TIMES_RANKS / world_size.max(1)),
+            host_oneshot_max_bytes: config.host_oneshot_max_bytes.unwrap_or(host_oneshot_max_bytes(world_size)),
             packet_max_bytes: config
                 .packet_max_bytes
                 .unwrap_or(packet_max_bytes(world_size))
@@ -780,7 +786,7 @@ mod tests {
         assert_eq!(t.host(251, DType::F32, Some(Algo::HostOneShot)).unwrap(), Algo::HostOneShot);
         let err = t.host(8, DType::F32, Some(Algo::OneShot)).unwrap_err();
         assert!(matches!(err, Error::InvalidUsage { .. }) && err.to_string().contains("host_twoshot"), "{err}");
-        assert_eq!(DispatchTable::new(&Config::default(), 2).host_oneshot_max_bytes, 4 << 10);
+        assert_eq!(DispatchTable::new(&Config::default(), 2).host_oneshot_max_bytes, 64 << 10);
         assert_eq!(DispatchTable::new(&Config::default(), 8).host_oneshot_max_bytes, 1 << 10);
     }
 

@@ -324,13 +324,13 @@ impl HostAllreduce {
                 self.check_descs(desc, op)?;
             }
             match kernel {
-                // Out of place, my own term is read from my input rather than my copy of it;
-                // in place the output is the input, so the copy serves.
+                // My own term is read where it is, not from my published copy: from my input,
+                // or in place from the output itself (each block is read before it is written).
                 HostKernel::OneShot => {
                     let out = &mut output[offset..offset + m];
                     match input {
                         Some(x) => self.reduce_range_with(parity, 0..m, &x[offset..offset + m], out),
-                        None => self.reduce_range(parity, 0..m, out),
+                        None => self.reduce_range_in_place(parity, 0..m, out),
                     }
                 }
                 _ => {
@@ -358,19 +358,24 @@ impl HostAllreduce {
         Ok(())
     }
 
-    /// `dst = sum over ranks (in order) of input[parity][r][range]`.
-    fn reduce_range<T: Element>(&self, parity: u64, range: Range<usize>, dst: &mut [T]) {
-        debug_assert_eq!(range.len(), dst.len());
-        with_sources(self.n, |r| self.published(parity, r, &range), |srcs| reduce_rank_order(srcs, dst));
-    }
-
-    /// The same with this rank's own term taken from `mine` instead of its published copy.
+    /// `dst = sum over ranks (in order) of input[parity][r][range]`, this rank's own term taken
+    /// from `mine` instead of its published copy.
     fn reduce_range_with<T: Element>(&self, parity: u64, range: Range<usize>, mine: &[T], dst: &mut [T]) {
         debug_assert_eq!(range.len(), dst.len());
         with_sources(
             self.n,
             |r| if r == self.rank { mine } else { self.published(parity, r, &range) },
-            |srcs| reduce_rank_order(srcs, dst),
+            |srcs| reduce_rank_order(srcs, None, dst),
+        );
+    }
+
+    /// The same where `dst` holds this rank's own term on entry (in place).
+    fn reduce_range_in_place<T: Element>(&self, parity: u64, range: Range<usize>, dst: &mut [T]) {
+        debug_assert_eq!(range.len(), dst.len());
+        with_sources(
+            self.n,
+            |r| if r == self.rank { &[] } else { self.published(parity, r, &range) },
+            |srcs| reduce_rank_order(srcs, Some(self.rank), dst),
         );
     }
 
@@ -501,16 +506,23 @@ fn with_sources<'a, T: 'a>(n: usize, source: impl Fn(usize) -> &'a [T], f: impl 
     }
 }
 
-fn reduce_rank_order<T: Element>(srcs: &[&[T]], dst: &mut [T]) {
+/// `dst = srcs[0] + srcs[1] + ...` in that order, in the accumulator type, rounded once. With
+/// `own = Some(r)`, `dst` itself holds term r on entry (`srcs[r]` is not read): each block of
+/// `dst` is read whole before it is written.
+fn reduce_rank_order<T: Element>(srcs: &[&[T]], own: Option<usize>, dst: &mut [T]) {
     let mut acc = [T::Acc::default(); BLOCK];
     let mut wide = [T::Acc::default(); BLOCK];
     let mut start = 0;
     while start < dst.len() {
         let m = BLOCK.min(dst.len() - start);
         let (acc, wide) = (&mut acc[..m], &mut wide[..m]);
-        T::widen(&srcs[0][start..start + m], acc);
-        for src in &srcs[1..] {
-            T::widen(&src[start..start + m], wide);
+        for (r, src) in srcs.iter().enumerate() {
+            let term = if own == Some(r) { &dst[start..start + m] } else { &src[start..start + m] };
+            if r == 0 {
+                T::widen(term, acc);
+                continue;
+            }
+            T::widen(term, wide);
             for (a, w) in acc.iter_mut().zip(wide.iter()) {
                 *a += *w;
             }
@@ -546,8 +558,25 @@ mod tests {
         let b: Vec<f32> = (0..1500).map(|i| (i as f32).cos() * 1e-3).collect();
         let c: Vec<f32> = (0..1500).map(|i| (i as f32 * 0.37).sin()).collect();
         let mut out = vec![f32::NAN; 1500];
-        reduce_rank_order(&[&a[..], &b[..], &c[..]], &mut out);
+        reduce_rank_order(&[&a[..], &b[..], &c[..]], None, &mut out);
         let want = crate::dtype::reference_sum(&[&a[..], &b[..], &c[..]]);
         assert!(out.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()));
+    }
+
+    /// In place, the own term is read from `dst` itself (its source slot is never read) and the
+    /// sum keeps rank order, whichever rank owns `dst`.
+    #[test]
+    fn in_place_block_reduction_matches_reference() {
+        let terms: Vec<Vec<f32>> = (0..3)
+            .map(|r| (0..1500).map(|i| ((i * 7 + r * 13) as f32).sin() * 10f32.powi(i as i32 % 9 - 4)).collect())
+            .collect();
+        let want = crate::dtype::reference_sum(&[&terms[0][..], &terms[1][..], &terms[2][..]]);
+        for own in 0..3 {
+            let mut dst = terms[own].clone();
+            let srcs: Vec<&[f32]> = (0..3).map(|r| if r == own { &[][..] } else { &terms[r][..] }).collect();
+            reduce_rank_order(&srcs, Some(own), &mut dst);
+            let bad = dst.iter().zip(&want).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+            assert_eq!(bad, 0, "own {own}: {bad} of {} elements differ from the rank-order sum", dst.len());
+        }
     }
 }
