@@ -568,7 +568,7 @@ mod tests {
     #[test]
     fn in_place_block_reduction_matches_reference() {
         let terms: Vec<Vec<f32>> = (0..3)
-            .map(|r| (0..1500).map(|i| ((i * 7 + r * 13) as f32).sin() * 10f32.powi(i as i32 % 9 - 4)).collect())
+            .map(|r| (0..1500i32).map(|i| ((i * 7 + r * 13) as f32).sin() * 10f32.powi(i % 9 - 4)).collect())
             .collect();
         let want = crate::dtype::reference_sum(&[&terms[0][..], &terms[1][..], &terms[2][..]]);
         for own in 0..3 {
