@@ -265,20 +265,13 @@ pub(crate) const fn quick_min_bytes(world: usize) -> usize {
 /// (one-shot with the norm as its epilogue) rather than the allreduce and the norm kernel.
 /// Fusing saves a launch and a round trip of the sums through memory, but the fused kernel is
 /// a one-shot whose blocks take rows in turns: where two-shot wins the split path does. Measured
-/// on one H200 shared by all ranks, bf16, graphs, hidden 4096 and 8192 (bench/RESULTS.md,
-/// "Fused allreduce + RMSNorm" and "Occupancy and grid of the IPC kernels ...", item 4): in
-/// place, fused wins up to 1 MiB at 2 ranks (128 tokens of 4096: 9.83 us against 10.11) and,
-/// since the late PDL release, up to 512 KiB at 4 (64 tokens of 4096: 10.52 against 11.04; 32
-/// of 8192: 8.59 against 11.07) and at 8 (64 of 4096: 17.80 against 18.75; 32 of 8192: 16.03
-/// against 16.27); one step further it loses in place (8 ranks, 64 tokens of 8192: 25.20
-/// against 23.35). Out of place it wins further, but one limit serves both forms.
-pub(crate) const fn fused_norm_max_bytes(world: usize) -> usize {
-    if world <= 2 {
-        1 << 20
-    } else {
-        512 << 10
-    }
-}
+/// on one H200 shared by all ranks, bf16, graphs, hidden 4096 (bench/RESULTS.md, "Fused limit
+/// of one size"): at 512 KiB (64 tokens) fused is at least even at 2, 4 and 8 ranks, out of place
+/// and in place (split/fused 1.14/1.07, 1.00/1.01, 1.04/1.00); at 1 MiB it loses out of place at
+/// 2 ranks (8.75 us split against 9.04 fused) and in place at 4 and 8 (15.13 against 15.58,
+/// 25.08 against 25.81). Out of place at 8 ranks fused wins to 8 MiB (1.10-1.22), where the
+/// split path's norm runs on every rank of the one shared GPU; one limit serves both forms.
+pub(crate) const FUSED_NORM_MAX_BYTES: usize = 512 << 10;
 
 impl DispatchTable {
     /// The table for a configuration and a world size.
@@ -297,7 +290,7 @@ impl DispatchTable {
             quick: config.quick,
             quick_min_bytes: config.quick_min_bytes.unwrap_or(quick_min_bytes(world_size)),
             quick_max_bytes: config.quick_max_bytes,
-            fused_norm_max_bytes: config.fused_norm_max_bytes.unwrap_or(fused_norm_max_bytes(world_size)),
+            fused_norm_max_bytes: config.fused_norm_max_bytes.unwrap_or(FUSED_NORM_MAX_BYTES),
         }
     }
 
@@ -1040,10 +1033,10 @@ mod tests {
     #[test]
     fn auto_fuses_one_node_calls_up_to_the_fused_limit_and_splits_above() {
         let c = all();
-        for (world, limit) in [(2, 1 << 20), (4, 512 << 10), (8, 512 << 10)] {
+        for world in [2, 4, 8] {
             let t = table(Config::default(), world);
+            let limit = FUSED_NORM_MAX_BYTES;
             assert_eq!(t.fused_norm_max_bytes(), limit);
-            assert_eq!(t.fused_norm_max_bytes, fused_norm_max_bytes(world));
             for local_rank in [0, world - 1] {
                 let s = Shape::one_node(world, local_rank);
                 for in_place in [false, true] {
@@ -1077,7 +1070,7 @@ mod tests {
         let t = table(Config::default(), 4);
         let s = Shape::one_node(4, 0);
         let f32s = |bytes: usize| Request { len: bytes / 4, dtype: DType::F32, ..norm_req(&c, 0, s, Fusion::Auto) };
-        let lim = fused_norm_max_bytes(4);
+        let lim = FUSED_NORM_MAX_BYTES;
         assert_fused(&t.device(&f32s(lim)).unwrap(), lim / 4, "f32 at the limit");
         assert_split(&t, &f32s(lim + 16), "f32 above the limit");
     }
@@ -1178,7 +1171,7 @@ mod tests {
             };
             let r = |bytes, fusion| Request { forced, ..norm_req(&c, bytes, s, fusion) };
             assert_fused(&t.device(&r(4096, Fusion::Auto)).unwrap(), 2048, "forced one-shot");
-            let lim = fused_norm_max_bytes(4);
+            let lim = FUSED_NORM_MAX_BYTES;
             assert_fused(&t.device(&r(lim, Fusion::Auto)).unwrap(), lim / 2, "forced one-shot at the limit");
             let above = r(lim + 16, Fusion::Auto);
             assert_split(&t, &above, "forced one-shot above the limit");
@@ -1215,7 +1208,7 @@ mod tests {
         let c = all();
         let s = Shape::one_node(4, 0);
         let t = table(Config { deterministic: true, ..Config::default() }, 4);
-        let lim = fused_norm_max_bytes(4);
+        let lim = FUSED_NORM_MAX_BYTES;
         for bytes in [16, 4096, lim] {
             assert_fused(&t.device(&norm_req(&c, bytes, s, Fusion::Auto)).unwrap(), bytes / 2, "deterministic");
         }
