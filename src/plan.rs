@@ -194,11 +194,13 @@ pub struct DispatchTable {
 
 /// Largest host message (bytes per rank) reduced by one-shot for `world` ranks. One-shot makes
 /// every rank read all `n` inputs (its own where it is, in place too), two-shot reads each input
-/// once but pays a second barrier. At 2 ranks one-shot wins to 64 KiB and two-shot from 128 KiB
-/// (bench/RESULTS.md, "Host one-shot in place"; one H200 machine's 16 cores: 64 KiB 15.85 us
-/// against 17.34, 128 KiB 32.46 against 27.06); at 4 ranks two-shot wins from 4 KiB (4.12
-/// against 3.96; 16 KiB 10.25 against 8.76), so the limit falls with `n`. `tune()` measures it
-/// per machine.
+/// once but pays a second barrier. At 2 ranks on the 16 cores of the H200 machine one-shot wins
+/// to 128 KiB and two-shot from 256 KiB (bench/RESULTS.md, "One-shot on 16 blocks ...", item 4:
+/// in place 64 KiB 13.36-14.59 us against 19.32, 128 KiB 25.05-27.29 against 27.91-28.52,
+/// 256 KiB 52.05-60.94 against 50.05-50.41); on the development VM they are even at 128 KiB, so
+/// the limit is 64 KiB. One-shot's reads grow with `n`, so at more ranks the limit falls to a
+/// few KiB (two-shot at 4 and 8 ranks is 1.64-3.19x `MPI_Allreduce` at 4-64 KiB, item 5).
+/// `tune()` measures it per machine.
 const fn host_oneshot_max_bytes(world: usize) -> usize {
     if world <= 2 {
         64 << 10
@@ -265,11 +267,11 @@ pub(crate) const fn quick_min_bytes(world: usize) -> usize {
 /// (one-shot with the norm as its epilogue) rather than the allreduce and the norm kernel.
 /// Fusing saves a launch and a round trip of the sums through memory, but the fused kernel is
 /// a one-shot whose blocks take rows in turns: where two-shot wins the split path does. Measured
-/// on one H200 shared by all ranks, bf16, graphs, hidden 4096 (bench/RESULTS.md, "Fused limit
-/// of one size"): at 512 KiB (64 tokens) fused is at least even at 2, 4 and 8 ranks, out of place
-/// and in place (split/fused 1.14/1.07, 1.00/1.01, 1.04/1.00); at 1 MiB it loses out of place at
-/// 2 ranks (8.75 us split against 9.04 fused) and in place at 4 and 8 (15.13 against 15.58,
-/// 25.08 against 25.81). Out of place at 8 ranks fused wins to 8 MiB (1.10-1.22), where the
+/// on one H200 shared by all ranks, bf16, graphs, hidden 4096 (bench/RESULTS.md, "One-shot on
+/// 16 blocks ...", item 6): at 512 KiB (64 tokens) fused is at least even at 2, 4 and 8 ranks,
+/// out of place and in place (split/fused 1.14/1.07, 1.00/1.01, 1.04/1.00); at 1 MiB it loses
+/// out of place at 2 ranks (8.75 us split against 9.04 fused) and in place at 4 and 8 (15.13
+/// against 15.58, 25.08 against 25.81). Out of place at 8 ranks fused wins to 8 MiB (1.10-1.22), where the
 /// split path's norm runs on every rank of the one shared GPU; one limit serves both forms.
 pub(crate) const FUSED_NORM_MAX_BYTES: usize = 512 << 10;
 

@@ -81,9 +81,9 @@ fn large_grid_bytes(kernel: Kernel) -> usize {
 /// 14.21 -> 12.22, 8 MiB 24.77 -> 23.36. The scratch two-shot out of place ("All-gather loads
 /// in flight ...", item 2) with 16 blocks against 36: 8 ranks 2 MiB 23.8 -> 20.1, 4 MiB 34.8 ->
 /// 33.4; 4 ranks 2 MiB 12.1 -> 11.0, 4 MiB 20.5 -> 18.9; 24 blocks lose at 8 ranks. The
-/// one-shot with 16 blocks against 36 ("One-shot on 16 blocks"): 4 ranks 256 KiB 5.76 -> 5.08,
-/// 512 KiB 6.56 -> 5.87, 1 MiB 7.78 -> 7.42; at 3 ranks 1 MiB loses (6.29 -> 6.74), so 3
-/// ranks keep 36 for it. Not measured at 2 ranks, which keep 36.
+/// one-shot with 16 blocks against 36 ("One-shot on 16 blocks ...", item 1): 4 ranks 256 KiB
+/// 5.89 -> 5.05, 512 KiB 6.57 -> 5.91, 1 MiB 7.83 -> 7.43; at 3 ranks 1 MiB lost (6.29 ->
+/// 6.74), so 3 ranks keep 36 for it. Not measured at 2 ranks, which keep 36.
 const SMALL_GRID_MAX_BLOCKS: usize = 16;
 
 /// Whether `kernel` at `world` ranks takes [`SMALL_GRID_MAX_BLOCKS`] below the large size.
