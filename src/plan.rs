@@ -271,8 +271,9 @@ pub(crate) const fn quick_min_bytes(world: usize) -> usize {
 /// 16 blocks ...", item 6): at 512 KiB (64 tokens) fused is at least even at 2, 4 and 8 ranks,
 /// out of place and in place (split/fused 1.14/1.07, 1.00/1.01, 1.04/1.00); at 1 MiB it loses
 /// out of place at 2 ranks (8.75 us split against 9.04 fused) and in place at 4 and 8 (15.13
-/// against 15.58, 25.08 against 25.81). Out of place at 8 ranks fused wins to 8 MiB (1.10-1.22), where the
-/// split path's norm runs on every rank of the one shared GPU; one limit serves both forms.
+/// against 15.58, 25.08 against 25.81). Out of place at 8 ranks fused wins to 8 MiB
+/// (1.10-1.22), where the split path's norm runs on every rank of the one shared GPU; one limit
+/// serves both forms.
 pub(crate) const FUSED_NORM_MAX_BYTES: usize = 512 << 10;
 
 impl DispatchTable {
