@@ -10,7 +10,8 @@
 //   TPCOMM_MAX_BLOCKS   blocks the signal area has counters for
 //   TPCOMM_PARITIES     mailbox generations (2)
 //   TPCOMM_VEC_BYTES    bytes per vector access (16)
-//   TPCOMM_THREADS      threads per block of every launch
+//   TPCOMM_THREADS      threads per block of the fused one-shot + RMSNorm (the norm's lanes)
+//   TPCOMM_AR_THREADS   threads per block of the plain one-shot and two-shots
 //   TPCOMM_BARRIER_*    barrier ids reported in the error word
 //   TPCOMM_ERR_*        error word kinds (common.cuh)
 //
@@ -308,10 +309,11 @@ __device__ void twoshot_direct(const Ptrs* __restrict__ rd, u64 in_offset, const
 //  residual, residual_out, weight, hidden, eps and late flag (one-shot fused with the norm only;
 //  zero otherwise))
 
-// Every entry fits two blocks per SM (at most 64 registers a thread): the grid cap of the shared
-// device is computed over all of them, so one heavier kernel would halve every launch's blocks.
-#define TPCOMM_ENTRY(NAME, ALGO)                                                                          \
-    extern "C" __global__ void __launch_bounds__(TPCOMM_THREADS, 2)                                       \
+// Every entry keeps to 64 registers a thread (1024 threads per SM: two blocks of 512 or four of
+// 256): the grid cap of the shared device is computed over the entries of one block size, so one
+// heavier kernel would cut every launch's blocks.
+#define TPCOMM_ENTRY(NAME, THREADS, ALGO)                                                                 \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1024 / THREADS)                                 \
         NAME(const Ptrs* __restrict__ rd, u64 in_offset, const char* local_in, const Ptrs* __restrict__ rd_out, \
              u64 out_offset, Ptrs sigs, Ptrs scratch, char* out, int rank, u64 count, u64 timeout_ns, u64* err,  \
              u32 tag, u64* fault_word, u64 fault_raise, const char* residual, char* residual_out,                \
@@ -333,15 +335,15 @@ __device__ void twoshot_direct(const Ptrs* __restrict__ rd, u64 in_offset, const
     twoshot_direct<T>(rd, in_offset, local_in, rd_out, out_offset, sigs, out, rank, count, timeout_ns, err, tag, \
                       fault)
 
-TPCOMM_ENTRY(oneshot_f32, TPCOMM_ONESHOT(F32))
-TPCOMM_ENTRY(oneshot_f16, TPCOMM_ONESHOT(F16))
-TPCOMM_ENTRY(oneshot_bf16, TPCOMM_ONESHOT(BF16))
-TPCOMM_ENTRY(oneshot_norm_f32, TPCOMM_ONESHOT_NORM(F32))
-TPCOMM_ENTRY(oneshot_norm_f16, TPCOMM_ONESHOT_NORM(F16))
-TPCOMM_ENTRY(oneshot_norm_bf16, TPCOMM_ONESHOT_NORM(BF16))
-TPCOMM_ENTRY(twoshot_f32, TPCOMM_TWOSHOT(F32))
-TPCOMM_ENTRY(twoshot_f16, TPCOMM_TWOSHOT(F16))
-TPCOMM_ENTRY(twoshot_bf16, TPCOMM_TWOSHOT(BF16))
-TPCOMM_ENTRY(twoshot_direct_f32, TPCOMM_DIRECT(F32))
-TPCOMM_ENTRY(twoshot_direct_f16, TPCOMM_DIRECT(F16))
-TPCOMM_ENTRY(twoshot_direct_bf16, TPCOMM_DIRECT(BF16))
+TPCOMM_ENTRY(oneshot_f32, TPCOMM_AR_THREADS, TPCOMM_ONESHOT(F32))
+TPCOMM_ENTRY(oneshot_f16, TPCOMM_AR_THREADS, TPCOMM_ONESHOT(F16))
+TPCOMM_ENTRY(oneshot_bf16, TPCOMM_AR_THREADS, TPCOMM_ONESHOT(BF16))
+TPCOMM_ENTRY(oneshot_norm_f32, TPCOMM_THREADS, TPCOMM_ONESHOT_NORM(F32))
+TPCOMM_ENTRY(oneshot_norm_f16, TPCOMM_THREADS, TPCOMM_ONESHOT_NORM(F16))
+TPCOMM_ENTRY(oneshot_norm_bf16, TPCOMM_THREADS, TPCOMM_ONESHOT_NORM(BF16))
+TPCOMM_ENTRY(twoshot_f32, TPCOMM_AR_THREADS, TPCOMM_TWOSHOT(F32))
+TPCOMM_ENTRY(twoshot_f16, TPCOMM_AR_THREADS, TPCOMM_TWOSHOT(F16))
+TPCOMM_ENTRY(twoshot_bf16, TPCOMM_AR_THREADS, TPCOMM_TWOSHOT(BF16))
+TPCOMM_ENTRY(twoshot_direct_f32, TPCOMM_AR_THREADS, TPCOMM_DIRECT(F32))
+TPCOMM_ENTRY(twoshot_direct_f16, TPCOMM_AR_THREADS, TPCOMM_DIRECT(F16))
+TPCOMM_ENTRY(twoshot_direct_bf16, TPCOMM_AR_THREADS, TPCOMM_DIRECT(BF16))

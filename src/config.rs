@@ -43,11 +43,12 @@ pub struct Config {
     /// Largest device message (bytes per rank) the custom IPC allreduce serves; each rank
     /// allocates a staging and a scratch buffer of this size (`TPCOMM_CUSTOM_MAX_BYTES`).
     pub custom_max_bytes: usize,
-    /// Most blocks of one custom one-/two-shot launch (`TPCOMM_CUSTOM_MAX_BLOCKS`, 1 to 64;
-    /// `None`: 36, the seed's grid, and 64 for large calls: one-shot from 2 MiB, two-shot through
-    /// scratch from 8 MiB, two-shot stored directly from 16 MiB; both two-shots take at most 16
-    /// below those sizes at 3-8 ranks), before the cap that keeps every rank's blocks
-    /// resident on a shared GPU.
+    /// Most blocks of one custom one-/two-shot launch (`TPCOMM_CUSTOM_MAX_BLOCKS`, 1 to 128;
+    /// blocks of 256 threads, 512 for the fused one-shot + RMSNorm; `None`: 72, the threads of
+    /// the seed's 36 blocks of 512, and 128 for large calls: one-shot from 2 MiB, two-shot
+    /// through scratch from 8 MiB; both two-shots take at most 32 below those sizes at 3-8
+    /// ranks, the two-shot stored directly at every size there; the fused kernel at most 36),
+    /// before the cap that keeps every rank's blocks resident on a shared GPU.
     pub custom_max_blocks: Option<usize>,
     /// Bytes of the largest message the packet kernels take; sizes each rank's LL scratch and
     /// Lamport buffers (about 6 x world x this) (`TPCOMM_PACKET_BUFFER_BYTES`).
@@ -307,7 +308,7 @@ const PARAMS: &[Param] = &[
     },
     Param {
         key: "TPCOMM_CUSTOM_MAX_BLOCKS",
-        help: "most blocks of one custom one-/two-shot launch (auto = 36), within what a shared GPU holds",
+        help: "most blocks (of 256 threads) of one custom one-/two-shot launch (auto = 72), within what a shared GPU holds",
         set: |c, v| {
             c.custom_max_blocks = match v.trim() {
                 "auto" | "" => None,

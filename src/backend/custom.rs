@@ -54,28 +54,45 @@ pub(crate) fn meta_size() -> usize {
     protocol::SIGNAL_BYTES
 }
 
-/// Default block limit per launch (the seed's 36 on H100), before the shared-device cap.
-pub(crate) const DEFAULT_MAX_BLOCKS: usize = 36;
+/// Default block limit per launch of the plain kernels, in blocks of [`protocol::AR_THREADS`]
+/// (the threads of the seed's 36 blocks of 512 on H100), before the shared-device cap.
+pub(crate) const DEFAULT_MAX_BLOCKS: usize = 72;
+
+/// Block limit of the fused one-shot + RMSNorm, whose blocks have [`protocol::THREADS`] threads
+/// (one block per row), before the shared-device cap.
+const NORM_MAX_BLOCKS: usize = 36;
+
+/// Threads per block of `kernel`'s launches.
+fn block_threads(kernel: Kernel) -> usize {
+    match kernel {
+        Kernel::OneShotNorm => protocol::THREADS,
+        Kernel::OneShot | Kernel::TwoShot | Kernel::TwoShotDirect => protocol::AR_THREADS,
+    }
+}
 
 /// Without `TPCOMM_CUSTOM_MAX_BLOCKS`, calls of at least this many bytes may use up to
 /// [`protocol::MAX_BLOCKS`] blocks (within the shared-device cap). Measured on one H200 under
-/// MPS with 64 blocks against 36 (bench/RESULTS.md, "Late PDL release"): one-shot wins from
+/// MPS with 64 blocks of 512 threads against 36 (bench/RESULTS.md, "Late PDL release"; the same
+/// threads as 128 and 72 blocks of [`protocol::AR_THREADS`] now): one-shot wins from
 /// 2 MiB (2 ranks 16 MiB 43.93 -> 32.52 us; 512 KiB loses, 4.74 -> 5.19), the scratch
 /// two-shot from 8 MiB (4 ranks 16 MiB 70.35 -> 60.28; 2 MiB loses, 13.49 -> 16.00), the
-/// direct two-shot only at 16 MiB (4 ranks 48.33 -> 46.12; 2-8 MiB lose, 2 MiB 11.21 -> 12.85).
+/// direct two-shot never: in blocks of 256 threads, 128 lost to 64 and 32 at 4 ranks 16 MiB in
+/// place (56.95 against 51.93 and 53.40 us; "Blocks of 256 threads"), and the small grid
+/// matches the large one at 8 ranks (97.62 against 96.54-97.54).
 fn large_grid_bytes(kernel: Kernel) -> usize {
     match kernel {
         Kernel::OneShot => 2 << 20,
         Kernel::TwoShot => 8 << 20,
-        Kernel::TwoShotDirect => 16 << 20,
+        Kernel::TwoShotDirect => usize::MAX,
         Kernel::OneShotNorm => usize::MAX,
     }
 }
 
 /// Without `TPCOMM_CUSTOM_MAX_BLOCKS`, both two-shots below [`large_grid_bytes`] use at most
 /// this many blocks at 3-8 ranks, and the one-shot at 4-8 ranks ([`small_grid_kernel`]): fewer
-/// blocks, each thread taking several vectors, win there. Measured on one H200 under MPS
-/// (bench/RESULTS.md): the direct two-shot in place ("16-byte loads ...", item 3) 8 ranks
+/// threads, each taking several vectors, win there. Measured on one H200 under MPS in blocks of
+/// 512 threads, 16 against more (bench/RESULTS.md; 32 blocks of 256 now, the same threads,
+/// which won against 16 of 512 in "Blocks of 256 threads"): the direct two-shot in place ("16-byte loads ...", item 3) 8 ranks
 /// 2 MiB 19.83 us with 33 blocks, 15.21 with 16, 15.18 with 8; 4 MiB 31.28, 26.48, 27.11;
 /// 8 MiB 50.58, 50.36, 55.87; 4 ranks with 16 blocks against 36: 2 MiB 10.70 -> 9.24, 4 MiB
 /// 14.21 -> 12.22, 8 MiB 24.77 -> 23.36. The scratch two-shot out of place ("All-gather loads
@@ -84,7 +101,7 @@ fn large_grid_bytes(kernel: Kernel) -> usize {
 /// one-shot with 16 blocks against 36 ("One-shot on 16 blocks ...", item 1): 4 ranks 256 KiB
 /// 5.89 -> 5.05, 512 KiB 6.57 -> 5.91, 1 MiB 7.83 -> 7.43; at 3 ranks 1 MiB lost (6.29 ->
 /// 6.74), so 3 ranks keep 36 for it. Not measured at 2 ranks, which keep 36.
-const SMALL_GRID_MAX_BLOCKS: usize = 16;
+const SMALL_GRID_MAX_BLOCKS: usize = 32;
 
 /// Whether `kernel` at `world` ranks takes [`SMALL_GRID_MAX_BLOCKS`] below the large size.
 fn small_grid_kernel(kernel: Kernel, world: usize) -> bool {
@@ -187,6 +204,8 @@ pub(crate) struct CustomAllreduce {
     world: usize,
     funcs: HashMap<(Kernel, DType), Function>,
     max_blocks: usize,
+    /// The fused kernel's grid limit ([`NORM_MAX_BLOCKS`]; `max_blocks` when the user set it).
+    norm_max_blocks: usize,
     /// The grid limit of large calls (`max_blocks` when the user set it).
     large_blocks: usize,
     /// The grid limit below the large size of the kernels [`small_grid_kernel`] names
@@ -216,6 +235,7 @@ pub(crate) struct CustomAllreduce {
 struct Prepared {
     funcs: HashMap<(Kernel, DType), Function>,
     max_blocks: usize,
+    norm_max_blocks: usize,
     large_blocks: usize,
     small_grid_blocks: usize,
     signal: IpcBuffer,
@@ -225,9 +245,9 @@ struct Prepared {
     from_disk: bool,
 }
 
-/// Blocks for `work_vecs` vectors of work per rank, within `max_blocks`.
-pub(crate) fn grid_blocks(work_vecs: usize, max_blocks: usize) -> usize {
-    work_vecs.div_ceil(protocol::THREADS).clamp(1, max_blocks.max(1))
+/// Blocks of `threads` for `work_vecs` vectors of work per rank, within `max_blocks`.
+pub(crate) fn grid_blocks(work_vecs: usize, threads: usize, max_blocks: usize) -> usize {
+    work_vecs.div_ceil(threads).clamp(1, max_blocks.max(1))
 }
 
 impl CustomAllreduce {
@@ -259,6 +279,7 @@ impl CustomAllreduce {
             world,
             funcs: p.funcs,
             max_blocks: p.max_blocks,
+            norm_max_blocks: p.norm_max_blocks,
             large_blocks: p.large_blocks,
             small_grid_blocks: p.small_grid_blocks,
             max_bytes: opts.max_bytes,
@@ -296,14 +317,20 @@ impl CustomAllreduce {
             Kernel::name,
             "the custom allreduce",
         )?;
-        let cap = crate::runtime::co_resident_blocks(
-            ctx,
-            funcs.values(),
-            protocol::THREADS,
-            opts.ranks_per_device,
-            "custom allreduce",
-        )?;
+        // One cap per block size, each over the entries launched with it: a call's grid per rank
+        // is what must fit on the shared device (kernels/common.cuh, PDL).
+        let cap_of = |norm: bool| {
+            crate::runtime::co_resident_blocks(
+                ctx,
+                funcs.iter().filter(|((k, _), _)| (*k == Kernel::OneShotNorm) == norm).map(|(_, f)| f),
+                if norm { protocol::THREADS } else { protocol::AR_THREADS },
+                opts.ranks_per_device,
+                "custom allreduce",
+            )
+        };
+        let (cap, norm_cap) = (cap_of(false)?, cap_of(true)?);
         let max_blocks = opts.max_blocks.unwrap_or(DEFAULT_MAX_BLOCKS).min(protocol::MAX_BLOCKS).min(cap);
+        let norm_max_blocks = opts.max_blocks.unwrap_or(NORM_MAX_BLOCKS).min(protocol::MAX_BLOCKS).min(norm_cap);
         let large_blocks = if opts.max_blocks.is_some() { max_blocks } else { protocol::MAX_BLOCKS.min(cap) };
         let small_grid_blocks =
             if opts.max_blocks.is_none() { SMALL_GRID_MAX_BLOCKS.min(max_blocks) } else { max_blocks };
@@ -317,6 +344,7 @@ impl CustomAllreduce {
         Ok(Prepared {
             funcs,
             max_blocks,
+            norm_max_blocks,
             large_blocks,
             small_grid_blocks,
             signal,
@@ -504,7 +532,7 @@ impl DeviceBackend for CustomAllreduce {
         // The fused kernel's blocks own whole rows: one block per row, as many as allowed.
         let norm = call.norm.unwrap_or_default();
         let rows = call.len / norm.hidden.max(1);
-        let norm_blocks = rows.clamp(1, self.max_blocks);
+        let norm_blocks = rows.clamp(1, self.norm_max_blocks);
         let late = kernel == Kernel::OneShotNorm
             && in_place
             && !unreadable
@@ -546,9 +574,11 @@ impl DeviceBackend for CustomAllreduce {
             _ => self.max_blocks,
         };
         let blocks = match kernel {
-            Kernel::OneShot => grid_blocks(nvec, limit),
+            Kernel::OneShot => grid_blocks(nvec, block_threads(kernel), limit),
             Kernel::OneShotNorm => norm_blocks,
-            Kernel::TwoShot | Kernel::TwoShotDirect => grid_blocks(nvec.div_ceil(self.world), limit),
+            Kernel::TwoShot | Kernel::TwoShotDirect => {
+                grid_blocks(nvec.div_ceil(self.world), block_threads(kernel), limit)
+            }
         };
         let func =
             self.funcs.get(&(kernel, dtype)).ok_or_else(|| kernels::unsupported_dtype("custom allreduce", dtype))?;
@@ -608,7 +638,7 @@ impl DeviceBackend for CustomAllreduce {
             crate::runtime::launch(
                 func,
                 blocks,
-                protocol::THREADS,
+                block_threads(kernel),
                 stream,
                 &mut params,
                 self.pdl,
@@ -746,9 +776,10 @@ mod tests {
 
     #[test]
     fn grid_is_capped_and_never_empty() {
-        assert_eq!(grid_blocks(0, 36), 1);
-        assert_eq!(grid_blocks(513, 36), 2);
-        assert_eq!(grid_blocks(1 << 30, 36), 36);
-        assert_eq!(grid_blocks(1 << 30, 0), 1);
+        assert_eq!(grid_blocks(0, 256, 72), 1);
+        assert_eq!(grid_blocks(257, 256, 72), 2);
+        assert_eq!(grid_blocks(513, 512, 36), 2);
+        assert_eq!(grid_blocks(1 << 30, 256, 72), 72);
+        assert_eq!(grid_blocks(1 << 30, 256, 0), 1);
     }
 }

@@ -110,16 +110,22 @@ impl BackendSet {
                 };
                 match CustomAllreduce::new(boot.node(), ctx, &opts) {
                     Ok(custom) => {
+                        // The small grid serves 3-8 ranks only (custom.rs, small_grid_kernel).
+                        let small = if l.ranks_per_node >= 3 {
+                            format!(", {} for the small-grid kernels below them", custom.small_grid_blocks())
+                        } else {
+                            String::new()
+                        };
                         set.notes.push(format!(
-                            "custom allreduce: {} ranks, {} per GPU at most, full NVLink {}, {} blocks ({} for large calls, {} for the small-grid kernels below them), \
+                            "custom allreduce: {} ranks, {} per GPU at most, full NVLink {}, {} blocks of {} threads ({} for large calls{small}), \
                              {} staging bytes, \
                              PDL {}, kernels from disk cache: {}",
                             l.ranks_per_node,
                             layout.max_ranks_per_device,
                             layout.full_nvlink,
                             custom.max_blocks(),
+                            crate::runtime::protocol::AR_THREADS,
                             custom.large_blocks(),
-                            custom.small_grid_blocks(),
                             config.custom_max_bytes,
                             if config.pdl { "on" } else { "off" },
                             custom.kernels_from_disk_cache()

@@ -14,9 +14,15 @@ pub const QUICK_GROUP: usize = 32;
 /// Most ranks one custom allreduce spans (one per GPU of an NVLink domain).
 pub const MAX_RANKS: usize = 8;
 /// Most thread blocks of one launch; the signal area holds counters for this many.
-pub const MAX_BLOCKS: usize = 64;
-/// Threads per block.
+pub const MAX_BLOCKS: usize = 128;
+/// Threads per block of the norm kernels, the fused one-shot + RMSNorm (its threads are the lanes
+/// of a row's sum of squares, so it must match the standalone norm kernel) and quick.
 pub const THREADS: usize = 512;
+/// Threads per block of the plain custom allreduce kernels (one-shot and both two-shots).
+/// Measured on one H200 under MPS against 512 with the same threads per launch (twice the
+/// blocks; bench/RESULTS.md "Blocks of 256 threads"): 4 ranks 2 MiB in place 9.3 -> 8.6 us,
+/// 8 ranks 256 KiB 8.9 -> 7.7, 2 ranks 2 MiB 6.3 -> 5.8; no size lost.
+pub const AR_THREADS: usize = 256;
 /// Rows of the fused one-shot + RMSNorm one block can keep the norms of until its end barrier
 /// (so in place it needs no staging copy).
 pub const NORM_LATE_ROWS: usize = 16;
@@ -117,6 +123,7 @@ const _: () = assert!(PACKET_THREADS >= MAX_RANKS && PACKET_THREADS % 32 == 0);
 const _: () = assert!(PACKET_MAX_BLOCKS <= 0xffff);
 const _: () = assert!(MAX_RANKS <= 32, "a warp signals all peers at once");
 const _: () = assert!(THREADS >= MAX_RANKS && THREADS % 32 == 0);
+const _: () = assert!(AR_THREADS >= MAX_RANKS && AR_THREADS % 64 == 0 && 1024 % AR_THREADS == 0);
 const _: () = assert!(MAX_BLOCKS <= 0xffff, "the error word keeps 16 bits of block index");
 const _: () = assert!(QUICK_MAX_BLOCKS <= 0xffff && signal_bytes(MAX_BLOCKS) == SIGNAL_BYTES);
 const _: () = assert!(PARITIES == 2, "the kernel picks the mailbox by counter & 1");
@@ -208,6 +215,7 @@ pub fn defines(world: usize) -> Vec<String> {
         format!("-DTPCOMM_MAX_BLOCKS={MAX_BLOCKS}"),
         format!("-DTPCOMM_PARITIES={PARITIES}"),
         format!("-DTPCOMM_THREADS={THREADS}"),
+        format!("-DTPCOMM_AR_THREADS={AR_THREADS}"),
         format!("-DTPCOMM_NORM_LATE_ROWS={NORM_LATE_ROWS}"),
         format!("-DTPCOMM_BARRIER_START={BARRIER_START}"),
         format!("-DTPCOMM_BARRIER_MID={BARRIER_MID}"),
