@@ -20,8 +20,9 @@ pub const MAX_BLOCKS: usize = 128;
 pub const THREADS: usize = 512;
 /// Threads per block of the plain custom allreduce kernels (one-shot and both two-shots).
 /// Measured on one H200 under MPS against 512 with the same threads per launch (twice the
-/// blocks; bench/RESULTS.md "Blocks of 256 threads"): 4 ranks 2 MiB in place 9.3 -> 8.6 us,
-/// 8 ranks 256 KiB 8.9 -> 7.7, 2 ranks 2 MiB 6.3 -> 5.8; no size lost.
+/// blocks; bench/RESULTS.md "Blocks of 256 threads"): 4 ranks 2 MiB in place 9.3 -> 8.5 us,
+/// 8 ranks 256 KiB 8.9 -> 7.9; out of place 2-4% lost at 4 ranks 8-16 MiB (the scratch
+/// two-shot's large grid) and 8 ranks 128 KiB.
 pub const AR_THREADS: usize = 256;
 /// Rows of the fused one-shot + RMSNorm one block can keep the norms of until its end barrier
 /// (so in place it needs no staging copy).
