@@ -92,7 +92,8 @@ fn large_grid_bytes(kernel: Kernel) -> usize {
 /// this many blocks at 3-8 ranks, and the one-shot at 4-8 ranks ([`small_grid_kernel`]): fewer
 /// threads, each taking several vectors, win there. Measured on one H200 under MPS in blocks of
 /// 512 threads, 16 against more (bench/RESULTS.md; 32 blocks of 256 now, the same threads,
-/// which won against 16 of 512 in "Blocks of 256 threads"): the direct two-shot in place ("16-byte loads ...", item 3) 8 ranks
+/// which won against 16 of 512 in "Blocks of 256 threads"): the direct two-shot in place
+/// ("16-byte loads ...", item 3) 8 ranks
 /// 2 MiB 19.83 us with 33 blocks, 15.21 with 16, 15.18 with 8; 4 MiB 31.28, 26.48, 27.11;
 /// 8 MiB 50.58, 50.36, 55.87; 4 ranks with 16 blocks against 36: 2 MiB 10.70 -> 9.24, 4 MiB
 /// 14.21 -> 12.22, 8 MiB 24.77 -> 23.36. The scratch two-shot out of place ("All-gather loads
@@ -100,7 +101,7 @@ fn large_grid_bytes(kernel: Kernel) -> usize {
 /// 33.4; 4 ranks 2 MiB 12.1 -> 11.0, 4 MiB 20.5 -> 18.9; 24 blocks lose at 8 ranks. The
 /// one-shot with 16 blocks against 36 ("One-shot on 16 blocks ...", item 1): 4 ranks 256 KiB
 /// 5.89 -> 5.05, 512 KiB 6.57 -> 5.91, 1 MiB 7.83 -> 7.43; at 3 ranks 1 MiB lost (6.29 ->
-/// 6.74), so 3 ranks keep 36 for it. Not measured at 2 ranks, which keep 36.
+/// 6.74), so 3 ranks keep the default grid for it. Not measured at 2 ranks, which keep it too.
 const SMALL_GRID_MAX_BLOCKS: usize = 32;
 
 /// Whether `kernel` at `world` ranks takes [`SMALL_GRID_MAX_BLOCKS`] below the large size.
@@ -319,16 +320,17 @@ impl CustomAllreduce {
         )?;
         // One cap per block size, each over the entries launched with it: a call's grid per rank
         // is what must fit on the shared device (kernels/common.cuh, PDL).
-        let cap_of = |norm: bool| {
+        let cap_of = |threads: usize| {
             crate::runtime::co_resident_blocks(
                 ctx,
-                funcs.iter().filter(|((k, _), _)| (*k == Kernel::OneShotNorm) == norm).map(|(_, f)| f),
-                if norm { protocol::THREADS } else { protocol::AR_THREADS },
+                funcs.iter().filter(|((k, _), _)| block_threads(*k) == threads).map(|(_, f)| f),
+                threads,
                 opts.ranks_per_device,
                 "custom allreduce",
             )
         };
-        let (cap, norm_cap) = (cap_of(false)?, cap_of(true)?);
+        let cap = cap_of(block_threads(Kernel::OneShot))?;
+        let norm_cap = cap_of(block_threads(Kernel::OneShotNorm))?;
         let max_blocks = opts.max_blocks.unwrap_or(DEFAULT_MAX_BLOCKS).min(protocol::MAX_BLOCKS).min(cap);
         let norm_max_blocks = opts.max_blocks.unwrap_or(NORM_MAX_BLOCKS).min(protocol::MAX_BLOCKS).min(norm_cap);
         let large_blocks = if opts.max_blocks.is_some() { max_blocks } else { protocol::MAX_BLOCKS.min(cap) };
@@ -366,9 +368,13 @@ impl CustomAllreduce {
     }
 
     /// Most blocks below the large size of the kernels [`small_grid_kernel`] names
-    /// ([`SMALL_GRID_MAX_BLOCKS`]; after the shared-device cap).
-    pub(crate) fn small_grid_blocks(&self) -> usize {
-        self.small_grid_blocks
+    /// ([`SMALL_GRID_MAX_BLOCKS`]; after the shared-device cap); `None` where no kernel takes
+    /// the small grid at this world size.
+    pub(crate) fn small_grid_blocks(&self) -> Option<usize> {
+        let used = [Kernel::OneShot, Kernel::TwoShot, Kernel::TwoShotDirect]
+            .into_iter()
+            .any(|k| small_grid_kernel(k, self.world));
+        used.then_some(self.small_grid_blocks)
     }
 
     /// True when the kernels' CUBIN came from the disk cache rather than NVRTC.
@@ -573,12 +579,11 @@ impl DeviceBackend for CustomAllreduce {
             _ if small_grid_kernel(kernel, self.world) => self.small_grid_blocks,
             _ => self.max_blocks,
         };
+        let threads = block_threads(kernel);
         let blocks = match kernel {
-            Kernel::OneShot => grid_blocks(nvec, block_threads(kernel), limit),
+            Kernel::OneShot => grid_blocks(nvec, threads, limit),
             Kernel::OneShotNorm => norm_blocks,
-            Kernel::TwoShot | Kernel::TwoShotDirect => {
-                grid_blocks(nvec.div_ceil(self.world), block_threads(kernel), limit)
-            }
+            Kernel::TwoShot | Kernel::TwoShotDirect => grid_blocks(nvec.div_ceil(self.world), threads, limit),
         };
         let func =
             self.funcs.get(&(kernel, dtype)).ok_or_else(|| kernels::unsupported_dtype("custom allreduce", dtype))?;
@@ -635,15 +640,7 @@ impl DeviceBackend for CustomAllreduce {
         // `sigs` and `scratch_ptrs` are live IPC mappings, `output` is valid for `len` elements (caller),
         // `err` is the mapped host word and `fault.word` the mapped fault page.
         unsafe {
-            crate::runtime::launch(
-                func,
-                blocks,
-                block_threads(kernel),
-                stream,
-                &mut params,
-                self.pdl,
-                "kernel launch (custom)",
-            )
+            crate::runtime::launch(func, blocks, threads, stream, &mut params, self.pdl, "kernel launch (custom)")
         }
     }
 

@@ -110,12 +110,10 @@ impl BackendSet {
                 };
                 match CustomAllreduce::new(boot.node(), ctx, &opts) {
                     Ok(custom) => {
-                        // The small grid serves 3-8 ranks only (custom.rs, small_grid_kernel).
-                        let small = if l.ranks_per_node >= 3 {
-                            format!(", {} for the small-grid kernels below them", custom.small_grid_blocks())
-                        } else {
-                            String::new()
-                        };
+                        let small = custom
+                            .small_grid_blocks()
+                            .map(|b| format!(", {b} for the small-grid kernels below them"))
+                            .unwrap_or_default();
                         set.notes.push(format!(
                             "custom allreduce: {} ranks, {} per GPU at most, full NVLink {}, {} blocks of {} threads ({} for large calls{small}), \
                              {} staging bytes, \
