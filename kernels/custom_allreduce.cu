@@ -309,11 +309,14 @@ __device__ void twoshot_direct(const Ptrs* __restrict__ rd, u64 in_offset, const
 //  residual, residual_out, weight, hidden, eps and late flag (one-shot fused with the norm only;
 //  zero otherwise))
 
-// Every entry keeps to 64 registers a thread (1024 threads per SM: two blocks of 512 or four of
-// 256): the grid cap of the shared device is computed over the entries of one block size, so one
-// heavier kernel would cut every launch's blocks.
-#define TPCOMM_ENTRY(NAME, THREADS, ALGO)                                                                 \
-    extern "C" __global__ void __launch_bounds__(THREADS, 1024 / THREADS)                                 \
+// BLOCKS_PER_SM sets each entry's register budget (65536 / (THREADS x BLOCKS_PER_SM)): 1024 threads
+// per SM, 64 registers a thread, for every kernel but the direct two-shot, which takes 512 per SM
+// (128 registers): at 8 ranks it holds 8 loaded vectors and 16 row pointers at once, and at 64 it
+// spilled and reloaded the pointers from local memory in its loop (8 ranks 4-16 MiB in place
+// 8-10% slower; bench/RESULTS.md "Register budget of the direct two-shot"). The host computes
+// the shared device's grid cap per kernel from the driver's occupancy of that kernel.
+#define TPCOMM_ENTRY(NAME, THREADS, BLOCKS_PER_SM, ALGO)                                                  \
+    extern "C" __global__ void __launch_bounds__(THREADS, BLOCKS_PER_SM)                                  \
         NAME(const Ptrs* __restrict__ rd, u64 in_offset, const char* local_in, const Ptrs* __restrict__ rd_out, \
              u64 out_offset, Ptrs sigs, Ptrs scratch, char* out, int rank, u64 count, u64 timeout_ns, u64* err,  \
              u32 tag, u64* fault_word, u64 fault_raise, const char* residual, char* residual_out,                \
@@ -335,15 +338,15 @@ __device__ void twoshot_direct(const Ptrs* __restrict__ rd, u64 in_offset, const
     twoshot_direct<T>(rd, in_offset, local_in, rd_out, out_offset, sigs, out, rank, count, timeout_ns, err, tag, \
                       fault)
 
-TPCOMM_ENTRY(oneshot_f32, TPCOMM_AR_THREADS, TPCOMM_ONESHOT(F32))
-TPCOMM_ENTRY(oneshot_f16, TPCOMM_AR_THREADS, TPCOMM_ONESHOT(F16))
-TPCOMM_ENTRY(oneshot_bf16, TPCOMM_AR_THREADS, TPCOMM_ONESHOT(BF16))
-TPCOMM_ENTRY(oneshot_norm_f32, TPCOMM_THREADS, TPCOMM_ONESHOT_NORM(F32))
-TPCOMM_ENTRY(oneshot_norm_f16, TPCOMM_THREADS, TPCOMM_ONESHOT_NORM(F16))
-TPCOMM_ENTRY(oneshot_norm_bf16, TPCOMM_THREADS, TPCOMM_ONESHOT_NORM(BF16))
-TPCOMM_ENTRY(twoshot_f32, TPCOMM_AR_THREADS, TPCOMM_TWOSHOT(F32))
-TPCOMM_ENTRY(twoshot_f16, TPCOMM_AR_THREADS, TPCOMM_TWOSHOT(F16))
-TPCOMM_ENTRY(twoshot_bf16, TPCOMM_AR_THREADS, TPCOMM_TWOSHOT(BF16))
-TPCOMM_ENTRY(twoshot_direct_f32, TPCOMM_AR_THREADS, TPCOMM_DIRECT(F32))
-TPCOMM_ENTRY(twoshot_direct_f16, TPCOMM_AR_THREADS, TPCOMM_DIRECT(F16))
-TPCOMM_ENTRY(twoshot_direct_bf16, TPCOMM_AR_THREADS, TPCOMM_DIRECT(BF16))
+TPCOMM_ENTRY(oneshot_f32, TPCOMM_AR_THREADS, 1024 / TPCOMM_AR_THREADS, TPCOMM_ONESHOT(F32))
+TPCOMM_ENTRY(oneshot_f16, TPCOMM_AR_THREADS, 1024 / TPCOMM_AR_THREADS, TPCOMM_ONESHOT(F16))
+TPCOMM_ENTRY(oneshot_bf16, TPCOMM_AR_THREADS, 1024 / TPCOMM_AR_THREADS, TPCOMM_ONESHOT(BF16))
+TPCOMM_ENTRY(oneshot_norm_f32, TPCOMM_THREADS, 1024 / TPCOMM_THREADS, TPCOMM_ONESHOT_NORM(F32))
+TPCOMM_ENTRY(oneshot_norm_f16, TPCOMM_THREADS, 1024 / TPCOMM_THREADS, TPCOMM_ONESHOT_NORM(F16))
+TPCOMM_ENTRY(oneshot_norm_bf16, TPCOMM_THREADS, 1024 / TPCOMM_THREADS, TPCOMM_ONESHOT_NORM(BF16))
+TPCOMM_ENTRY(twoshot_f32, TPCOMM_AR_THREADS, 1024 / TPCOMM_AR_THREADS, TPCOMM_TWOSHOT(F32))
+TPCOMM_ENTRY(twoshot_f16, TPCOMM_AR_THREADS, 1024 / TPCOMM_AR_THREADS, TPCOMM_TWOSHOT(F16))
+TPCOMM_ENTRY(twoshot_bf16, TPCOMM_AR_THREADS, 1024 / TPCOMM_AR_THREADS, TPCOMM_TWOSHOT(BF16))
+TPCOMM_ENTRY(twoshot_direct_f32, TPCOMM_AR_THREADS, 512 / TPCOMM_AR_THREADS, TPCOMM_DIRECT(F32))
+TPCOMM_ENTRY(twoshot_direct_f16, TPCOMM_AR_THREADS, 512 / TPCOMM_AR_THREADS, TPCOMM_DIRECT(F16))
+TPCOMM_ENTRY(twoshot_direct_bf16, TPCOMM_AR_THREADS, 512 / TPCOMM_AR_THREADS, TPCOMM_DIRECT(BF16))

@@ -212,6 +212,9 @@ pub(crate) struct CustomAllreduce {
     /// The grid limit below the large size of the kernels [`small_grid_kernel`] names
     /// ([`SMALL_GRID_MAX_BLOCKS`]; `max_blocks` when the user set it).
     small_grid_blocks: usize,
+    /// The direct two-shot's shared-device cap: its register budget gives it its own occupancy
+    /// (kernels/custom_allreduce.cu, `BLOCKS_PER_SM`).
+    direct_cap: usize,
     max_bytes: usize,
     timeout: Duration,
     sigs: [u64; protocol::MAX_RANKS],
@@ -239,6 +242,7 @@ struct Prepared {
     norm_max_blocks: usize,
     large_blocks: usize,
     small_grid_blocks: usize,
+    direct_cap: usize,
     signal: IpcBuffer,
     scratch: IpcBuffer,
     staging: IpcBuffer,
@@ -283,6 +287,7 @@ impl CustomAllreduce {
             norm_max_blocks: p.norm_max_blocks,
             large_blocks: p.large_blocks,
             small_grid_blocks: p.small_grid_blocks,
+            direct_cap: p.direct_cap,
             max_bytes: opts.max_bytes,
             timeout: opts.timeout,
             sigs: shared.addrs[0],
@@ -318,19 +323,20 @@ impl CustomAllreduce {
             Kernel::name,
             "the custom allreduce",
         )?;
-        // One cap per block size, each over the entries launched with it: a call's grid per rank
-        // is what must fit on the shared device (kernels/common.cuh, PDL).
-        let cap_of = |threads: usize| {
+        // A call's grid per rank is what must fit on the shared device (kernels/common.cuh, PDL):
+        // one cap per group of kernels of one block size and register budget, over its dtypes.
+        let cap_of = |kernels: &[Kernel]| {
             crate::runtime::co_resident_blocks(
                 ctx,
-                funcs.iter().filter(|((k, _), _)| block_threads(*k) == threads).map(|(_, f)| f),
-                threads,
+                funcs.iter().filter(|((k, _), _)| kernels.contains(k)).map(|(_, f)| f),
+                block_threads(kernels[0]),
                 opts.ranks_per_device,
                 "custom allreduce",
             )
         };
-        let cap = cap_of(block_threads(Kernel::OneShot))?;
-        let norm_cap = cap_of(block_threads(Kernel::OneShotNorm))?;
+        let cap = cap_of(&[Kernel::OneShot, Kernel::TwoShot])?;
+        let direct_cap = cap_of(&[Kernel::TwoShotDirect])?;
+        let norm_cap = cap_of(&[Kernel::OneShotNorm])?;
         let max_blocks = opts.max_blocks.unwrap_or(DEFAULT_MAX_BLOCKS).min(protocol::MAX_BLOCKS).min(cap);
         let norm_max_blocks = opts.max_blocks.unwrap_or(NORM_MAX_BLOCKS).min(protocol::MAX_BLOCKS).min(norm_cap);
         let large_blocks = if opts.max_blocks.is_some() { max_blocks } else { protocol::MAX_BLOCKS.min(cap) };
@@ -349,6 +355,7 @@ impl CustomAllreduce {
             norm_max_blocks,
             large_blocks,
             small_grid_blocks,
+            direct_cap,
             signal,
             scratch,
             staging,
@@ -579,6 +586,7 @@ impl DeviceBackend for CustomAllreduce {
             _ if small_grid_kernel(kernel, self.world) => self.small_grid_blocks,
             _ => self.max_blocks,
         };
+        let limit = if kernel == Kernel::TwoShotDirect { limit.min(self.direct_cap) } else { limit };
         let threads = block_threads(kernel);
         let blocks = match kernel {
             Kernel::OneShot => grid_blocks(nvec, threads, limit),
