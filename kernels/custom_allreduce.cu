@@ -312,9 +312,9 @@ __device__ void twoshot_direct(const Ptrs* __restrict__ rd, u64 in_offset, const
 // BLOCKS_PER_SM sets each entry's register budget (65536 / (THREADS x BLOCKS_PER_SM)): 1024 threads
 // per SM, 64 registers a thread, for every kernel but the direct two-shot, which takes 512 per SM
 // (128 registers): at 8 ranks it holds 8 loaded vectors and 16 row pointers at once, and at 64 it
-// spilled and reloaded the pointers from local memory in its loop (8 ranks 4-16 MiB in place
-// 8-10% slower; bench/RESULTS.md "Register budget of the direct two-shot"). The host computes
-// the shared device's grid cap per kernel from the driver's occupancy of that kernel.
+// reloaded the pointers from local memory in its loop (8 ranks 2-8 MiB in place 5-7% slower
+// under MPS; bench/RESULTS.md "Register budget of the direct two-shot"). The host computes
+// the shared device's grid cap from the driver's occupancy of the kernels of each budget.
 #define TPCOMM_ENTRY(NAME, THREADS, BLOCKS_PER_SM, ALGO)                                                  \
     extern "C" __global__ void __launch_bounds__(THREADS, BLOCKS_PER_SM)                                  \
         NAME(const Ptrs* __restrict__ rd, u64 in_offset, const char* local_in, const Ptrs* __restrict__ rd_out, \
