@@ -384,6 +384,14 @@ impl CustomAllreduce {
         used.then_some(self.small_grid_blocks)
     }
 
+    /// Most blocks of a direct two-shot launch where its own shared-device cap is below the
+    /// other limits (its register budget halves its blocks per SM); `None` where it is not.
+    pub(crate) fn direct_cap_below_limits(&self) -> Option<usize> {
+        let limit =
+            if small_grid_kernel(Kernel::TwoShotDirect, self.world) { self.small_grid_blocks } else { self.max_blocks };
+        (self.direct_cap < limit).then_some(self.direct_cap)
+    }
+
     /// True when the kernels' CUBIN came from the disk cache rather than NVRTC.
     pub(crate) fn kernels_from_disk_cache(&self) -> bool {
         self.kernels_from_disk

@@ -114,8 +114,12 @@ impl BackendSet {
                             .small_grid_blocks()
                             .map(|b| format!(", {b} for the small-grid kernels below them"))
                             .unwrap_or_default();
+                        let direct = custom
+                            .direct_cap_below_limits()
+                            .map(|b| format!(", the direct two-shot at most {b}"))
+                            .unwrap_or_default();
                         set.notes.push(format!(
-                            "custom allreduce: {} ranks, {} per GPU at most, full NVLink {}, {} blocks of {} threads ({} for large calls{small}), \
+                            "custom allreduce: {} ranks, {} per GPU at most, full NVLink {}, {} blocks of {} threads ({} for large calls{small}{direct}), \
                              {} staging bytes, \
                              PDL {}, kernels from disk cache: {}",
                             l.ranks_per_node,
