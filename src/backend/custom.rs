@@ -128,6 +128,9 @@ enum Kernel {
 }
 
 impl Kernel {
+    /// Every kernel, in the order of their index into per-kernel tables (`kernel as usize`).
+    const ALL: [Kernel; 4] = [Kernel::OneShot, Kernel::OneShotNorm, Kernel::TwoShot, Kernel::TwoShotDirect];
+
     fn of(algo: Algo) -> Result<Self> {
         match algo {
             Algo::OneShot => Ok(Kernel::OneShot),
@@ -212,9 +215,10 @@ pub(crate) struct CustomAllreduce {
     /// The grid limit below the large size of the kernels [`small_grid_kernel`] names
     /// ([`SMALL_GRID_MAX_BLOCKS`]; `max_blocks` when the user set it).
     small_grid_blocks: usize,
-    /// The direct two-shot's shared-device cap: its register budget gives it its own occupancy
-    /// (kernels/custom_allreduce.cu, `BLOCKS_PER_SM`).
-    direct_cap: usize,
+    /// Each kernel's shared-device cap (`kernel as usize`), from its own occupancy: the direct
+    /// two-shot's register budget gives it fewer blocks per SM (kernels/custom_allreduce.cu,
+    /// `BLOCKS_PER_SM`).
+    caps: [usize; Kernel::ALL.len()],
     max_bytes: usize,
     timeout: Duration,
     sigs: [u64; protocol::MAX_RANKS],
@@ -242,7 +246,7 @@ struct Prepared {
     norm_max_blocks: usize,
     large_blocks: usize,
     small_grid_blocks: usize,
-    direct_cap: usize,
+    caps: [usize; Kernel::ALL.len()],
     signal: IpcBuffer,
     scratch: IpcBuffer,
     staging: IpcBuffer,
@@ -287,7 +291,7 @@ impl CustomAllreduce {
             norm_max_blocks: p.norm_max_blocks,
             large_blocks: p.large_blocks,
             small_grid_blocks: p.small_grid_blocks,
-            direct_cap: p.direct_cap,
+            caps: p.caps,
             max_bytes: opts.max_bytes,
             timeout: opts.timeout,
             sigs: shared.addrs[0],
@@ -319,24 +323,25 @@ impl CustomAllreduce {
             ctx,
             world,
             opts.cache_dir.clone(),
-            &[Kernel::OneShot, Kernel::OneShotNorm, Kernel::TwoShot, Kernel::TwoShotDirect],
+            &Kernel::ALL,
             Kernel::name,
             "the custom allreduce",
         )?;
         // A call's grid per rank is what must fit on the shared device (kernels/common.cuh, PDL):
-        // one cap per group of kernels of one block size and register budget, over its dtypes.
-        let cap_of = |kernels: &[Kernel]| {
-            crate::runtime::co_resident_blocks(
+        // each kernel's cap comes from its own occupancy (block size and register budget), over
+        // its dtypes.
+        let mut caps = [0; Kernel::ALL.len()];
+        for kernel in Kernel::ALL {
+            caps[kernel as usize] = crate::runtime::co_resident_blocks(
                 ctx,
-                funcs.iter().filter(|((k, _), _)| kernels.contains(k)).map(|(_, f)| f),
-                block_threads(kernels[0]),
+                funcs.iter().filter(|((k, _), _)| *k == kernel).map(|(_, f)| f),
+                block_threads(kernel),
                 opts.ranks_per_device,
                 "custom allreduce",
-            )
-        };
-        let cap = cap_of(&[Kernel::OneShot, Kernel::TwoShot])?;
-        let direct_cap = cap_of(&[Kernel::TwoShotDirect])?;
-        let norm_cap = cap_of(&[Kernel::OneShotNorm])?;
+            )?;
+        }
+        let cap = caps[Kernel::OneShot as usize].min(caps[Kernel::TwoShot as usize]);
+        let norm_cap = caps[Kernel::OneShotNorm as usize];
         let max_blocks = opts.max_blocks.unwrap_or(DEFAULT_MAX_BLOCKS).min(protocol::MAX_BLOCKS).min(cap);
         let norm_max_blocks = opts.max_blocks.unwrap_or(NORM_MAX_BLOCKS).min(protocol::MAX_BLOCKS).min(norm_cap);
         let large_blocks = if opts.max_blocks.is_some() { max_blocks } else { protocol::MAX_BLOCKS.min(cap) };
@@ -355,7 +360,7 @@ impl CustomAllreduce {
             norm_max_blocks,
             large_blocks,
             small_grid_blocks,
-            direct_cap,
+            caps,
             signal,
             scratch,
             staging,
@@ -387,9 +392,19 @@ impl CustomAllreduce {
     /// Most blocks of a direct two-shot launch where its own shared-device cap is below the
     /// other limits (its register budget halves its blocks per SM); `None` where it is not.
     pub(crate) fn direct_cap_below_limits(&self) -> Option<usize> {
-        let limit =
-            if small_grid_kernel(Kernel::TwoShotDirect, self.world) { self.small_grid_blocks } else { self.max_blocks };
-        (self.direct_cap < limit).then_some(self.direct_cap)
+        // Any size: the direct two-shot's grid never grows with it (large_grid_bytes).
+        let cap = self.caps[Kernel::TwoShotDirect as usize];
+        (cap < self.grid_limit(Kernel::TwoShotDirect, 0)).then_some(cap)
+    }
+
+    /// The most blocks of a `kernel` launch for a call of `bytes`, before the kernel's own
+    /// shared-device cap.
+    fn grid_limit(&self, kernel: Kernel, bytes: usize) -> usize {
+        match kernel {
+            _ if bytes >= large_grid_bytes(kernel) => self.large_blocks,
+            _ if small_grid_kernel(kernel, self.world) => self.small_grid_blocks,
+            _ => self.max_blocks,
+        }
     }
 
     /// True when the kernels' CUBIN came from the disk cache rather than NVRTC.
@@ -589,12 +604,7 @@ impl DeviceBackend for CustomAllreduce {
             unsafe { call.stream.copy(self.staging.ptr(), call.input, bytes) }?;
         }
         let nvec = bytes / protocol::VEC_BYTES;
-        let limit = match kernel {
-            _ if bytes >= large_grid_bytes(kernel) => self.large_blocks,
-            _ if small_grid_kernel(kernel, self.world) => self.small_grid_blocks,
-            _ => self.max_blocks,
-        };
-        let limit = if kernel == Kernel::TwoShotDirect { limit.min(self.direct_cap) } else { limit };
+        let limit = self.grid_limit(kernel, bytes).min(self.caps[kernel as usize]);
         let threads = block_threads(kernel);
         let blocks = match kernel {
             Kernel::OneShot => grid_blocks(nvec, threads, limit),
