@@ -63,7 +63,7 @@ __device__ __forceinline__ bool barrier(Signal* self, const Ptrs& sigs, int rank
         const int p = threadIdx.x;
         const u32 c = self->counter[blockIdx.x][p] + 1;
         self->counter[blockIdx.x][p] = c;
-        Signal* peer = (Signal*)sigs.p[p];
+        Signal* peer = (Signal*)pick(sigs, p);
         u64* theirs = &peer->mailbox[c & 1][blockIdx.x][rank];
         const u64* mine = &self->mailbox[c & 1][blockIdx.x][p];
         const u64 word = ((u64)tag << 32) | c;

@@ -35,6 +35,17 @@ struct Ptrs {
     u64 p[TPCOMM_MAX_RANKS];
 };
 
+// Entry `i` of a row for a run-time `i` below TPCOMM_WORLD. `row.p[i]` (or any expression the
+// optimiser reduces to it, such as `r == i && row.p[r] == x` over r) keeps the whole row in local
+// memory, and then every access through the row, the data loops' included, reloads its entries
+// from there; selects over compile-time indices keep the entries in registers.
+__device__ __forceinline__ u64 pick(const Ptrs& row, int i) {
+    u64 v = row.p[0];
+#pragma unroll
+    for (int r = 1; r < TPCOMM_WORLD; r++) v = tpcomm_select_u64(i, r, row.p[r], v);
+    return v;
+}
+
 struct __align__(16) Vec16 {
     u32 w[4];
 };

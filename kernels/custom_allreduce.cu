@@ -73,12 +73,7 @@ __device__ __forceinline__ void load_row(const Ptrs* __restrict__ rd, u64 in_off
 
 __device__ __forceinline__ bool row_is_mine(const Ptrs& in, const char* local_in, int rank, volatile u64* err,
                                             const Fault& fault) {
-    // Unrolled with compile-time indices: indexing `in` by the run-time `rank` would move the
-    // whole row to local memory and slow every later load through it.
-    bool mine = false;
-#pragma unroll
-    for (int r = 0; r < TPCOMM_WORLD; r++) mine |= r == rank && in.p[r] == (u64)local_in;
-    if (mine) return true;
+    if (pick(in, rank) == (u64)local_in) return true;
     if (threadIdx.x == 0) {
         if (*err == 0) *err = TPCOMM_ERR_BAD_ROW | ((u64)rank << 16) | (u64)blockIdx.x;
         fault.raise_now();
@@ -90,7 +85,7 @@ __device__ __forceinline__ bool row_is_mine(const Ptrs& in, const char* local_in
 // One-shot: every rank reads every input and writes its whole output.
 //
 // rd:      rank-data row: rd->p[r] + in_offset is rank r's input (an address valid here)
-// sigs:    every rank's signal area, sigs.p[rank] being our own
+// sigs:    every rank's signal area, entry `rank` being our own
 // out:     our output (may be our own input only when no peer reads it: the host stages then)
 // count:   elements; the last count % PER_VEC are summed element by element
 template <typename T>
@@ -98,7 +93,7 @@ __device__ void oneshot(const Ptrs* __restrict__ rd, u64 in_offset, const char* 
                         int rank, u64 count, u64 timeout_ns, u64* err, u32 tag, const Fault& fault) {
     __shared__ int failed;
     if (threadIdx.x == 0) failed = 0;
-    Signal* self = (Signal*)sigs.p[rank];
+    Signal* self = (Signal*)pick(sigs, rank);
     Ptrs in;
     load_row(rd, in_offset, &in);
     // Start: every peer's kernel is running, so its input (written by earlier work on its
@@ -141,7 +136,7 @@ __device__ void oneshot_norm(const Ptrs* __restrict__ rd, u64 in_offset, const c
     __shared__ int failed;
     __shared__ float inv_rows[TPCOMM_NORM_LATE_ROWS];
     if (threadIdx.x == 0) failed = 0;
-    Signal* self = (Signal*)sigs.p[rank];
+    Signal* self = (Signal*)pick(sigs, rank);
     RankSum<T> src;
     load_row(rd, in_offset, &src.in);
     const u64 rows = count / norm.hidden;
@@ -198,7 +193,7 @@ __device__ void twoshot(const Ptrs* __restrict__ rd, u64 in_offset, const char* 
                         const Fault& fault) {
     __shared__ int failed;
     if (threadIdx.x == 0) failed = 0;
-    Signal* self = (Signal*)sigs.p[rank];
+    Signal* self = (Signal*)pick(sigs, rank);
     Ptrs in;
     load_row(rd, in_offset, &in);
     if (!barrier<false>(self, sigs, rank, TPCOMM_BARRIER_START, tag, timeout_ns, err, fault, &failed)) return;
@@ -209,7 +204,7 @@ __device__ void twoshot(const Ptrs* __restrict__ rd, u64 in_offset, const char* 
     const u64 stride = (u64)gridDim.x * blockDim.x;
     u64 s0, s1;
     shard(nvec, rank, &s0, &s1);
-    Vec16* mine = (Vec16*)scratch.p[rank];
+    Vec16* mine = (Vec16*)pick(scratch, rank);
     // Two vectors per thread per pass, both loaded before either is stored: more loads in
     // flight where the co-residency cap limits the threads (8 ranks, 1-16 MiB: 1-4% faster; 4
     // ranks unchanged; bench/RESULTS.md "Occupancy and grid of the IPC kernels ...", items 1
@@ -273,7 +268,7 @@ __device__ void twoshot_direct(const Ptrs* __restrict__ rd, u64 in_offset, const
                                u64 count, u64 timeout_ns, u64* err, u32 tag, const Fault& fault) {
     __shared__ int failed;
     if (threadIdx.x == 0) failed = 0;
-    Signal* self = (Signal*)sigs.p[rank];
+    Signal* self = (Signal*)pick(sigs, rank);
     Ptrs in, outs;
     load_row(rd, in_offset, &in);
     load_row(rd_out, out_offset, &outs);

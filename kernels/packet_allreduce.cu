@@ -227,7 +227,7 @@ __device__ __forceinline__ Call make_call(const Ptrs& bufs, int rank, u64 slots,
     c.region = slots * 16;
     const u64 gen_base = (u64)gen * TPCOMM_WORLD * c.region;
     c.send_off = gen_base + (u64)rank * c.region;
-    c.own = (const char*)bufs.p[rank] + gen_base;
+    c.own = (const char*)pick(bufs, rank) + gen_base;
     return c;
 }
 
@@ -241,7 +241,7 @@ __device__ __forceinline__ void headers(const Call& c, const Ptrs& bufs, int ran
     if (q >= TPCOMM_WORLD || q == rank) return;
     const Vec16 h = {{tag, tag, tag, tag}};
     const u64 at = Wire::header_at(blockIdx.x);
-    if (Wire::sends_header(blockIdx.x)) Wire::store((char*)bufs.p[q] + c.send_off + at, h, c.flag);
+    if (Wire::sends_header(blockIdx.x)) Wire::store((char*)pick(bufs, q) + c.send_off + at, h, c.flag);
     const char* src = c.own + (u64)q * c.region + at;
     typename Wire::Raw raw;
     Wire::load(src, &raw);
@@ -357,7 +357,7 @@ __device__ __forceinline__ void twophase(const char* in, char* out, const Call& 
     // 1. Scatter: every vector we do not own goes to its owner.
     for (u64 i = tid; i < nvec; i += stride) {
         const int o = owner_of(i, nvec);
-        if (o != rank) LLWire::store((char*)scratch.p[o] + c.send_off + LLWire::vec_at(i), load_vec<T>(in, i, count), c.flag);
+        if (o != rank) LLWire::store((char*)pick(scratch, o) + c.send_off + LLWire::vec_at(i), load_vec<T>(in, i, count), c.flag);
     }
     // 2. Reduce our shard and broadcast it. Waits only on phase 1, which never waits.
     for (u64 i = tid; i < nvec; i += stride) {

@@ -97,6 +97,22 @@ __device__ __forceinline__ unsigned long long tpcomm_clock_ns() {
 #endif
 }
 
+// --- `c ? a : b` the optimiser cannot turn into an indexed load --------------------------------
+// A chain of selects between a row's entries (kernels/common.cuh, `pick`) is otherwise
+// rewritten as one load at a run-time index, which moves the whole row to local memory.
+__device__ __forceinline__ unsigned long long tpcomm_select_u64(int eq_a, int eq_b, unsigned long long a,
+                                                                unsigned long long b) {
+#if defined(__HIP__)
+    return eq_a == eq_b ? a : b;
+#else
+    unsigned long long v;
+    asm("{\n\t.reg .pred q;\n\tsetp.eq.s32 q, %1, %2;\n\tselp.b64 %0, %3, %4, q;\n\t}"
+        : "=l"(v)
+        : "r"(eq_a), "r"(eq_b), "l"(a), "l"(b));
+    return v;
+#endif
+}
+
 // --- 64-bit flags at system scope (peers in other processes and on other GPUs read them):
 // release / acquire where data travels with the flag, relaxed for a pure rendezvous ----------
 

@@ -258,7 +258,7 @@ __device__ void quick(const Ptrs& sigs, const Ptrs& inbox, const char* in, char*
                       u64 timeout_ns, u64* err, u32 tag, const Fault& fault) {
     __shared__ int failed;
     if (threadIdx.x == 0) failed = 0;
-    Signal* self = (Signal*)sigs.p[rank];
+    Signal* self = (Signal*)pick(sigs, rank);
     const u64 groups = (count + TPCOMM_QUICK_GROUP - 1) / TPCOMM_QUICK_GROUP;
     const u64 per_slot = (groups + TPCOMM_WORLD - 1) / TPCOMM_WORLD;
     const u64 stride = slot_bytes<C>(per_slot);
@@ -267,7 +267,7 @@ __device__ void quick(const Ptrs& sigs, const Ptrs& inbox, const char* in, char*
     const u64 quad = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 2;
     const u64 quads = ((u64)gridDim.x * blockDim.x) >> 2;
     const auto slot = [&](int owner, int stage, int index) {
-        return Slot<C>{(char*)inbox.p[owner] + (u64)(stage * TPCOMM_WORLD + index) * stride, per_slot};
+        return Slot<C>{(char*)pick(inbox, owner) + (u64)(stage * TPCOMM_WORLD + index) * stride, per_slot};
     };
     float v[8];
     u64 start, len;
