@@ -97,7 +97,7 @@ __device__ __forceinline__ unsigned long long tpcomm_clock_ns() {
 #endif
 }
 
-// --- `c ? a : b` the optimiser cannot turn into an indexed load --------------------------------
+// --- `eq_a == eq_b ? a : b`, a select the optimiser cannot turn into an indexed load ----------
 // A chain of selects between a row's entries (kernels/common.cuh, `pick`) is otherwise
 // rewritten as one load at a run-time index, which moves the whole row to local memory.
 __device__ __forceinline__ unsigned long long tpcomm_select_u64(int eq_a, int eq_b, unsigned long long a,
