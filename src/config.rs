@@ -63,7 +63,7 @@ pub struct Config {
     /// (`TPCOMM_ONESHOT_MAX_BYTES`; `None` keeps the tuned or default value).
     pub oneshot_max_bytes: Option<usize>,
     /// `all_reduce_add_rms_norm` fuses messages up to this many bytes
-    /// (`TPCOMM_FUSED_NORM_MAX_BYTES`; `None` keeps the default, 512 KiB).
+    /// (`TPCOMM_FUSED_NORM_MAX_BYTES`; `None` keeps the default: 512 KiB at 2 ranks, 256 KiB at 3-8).
     pub fused_norm_max_bytes: Option<usize>,
     /// A dispatch table tuned by [`crate::Communicator::tune`]: loaded at start when the file
     /// exists and was tuned for this machine and layout, written by `tune` (`TPCOMM_TUNE_FILE`).

@@ -267,14 +267,19 @@ pub(crate) const fn quick_min_bytes(world: usize) -> usize {
 /// (one-shot with the norm as its epilogue) rather than the allreduce and the norm kernel.
 /// Fusing saves a launch and a round trip of the sums through memory, but the fused kernel is
 /// a one-shot whose blocks take rows in turns: where two-shot wins the split path does. Measured
-/// on one H200 shared by all ranks, bf16, graphs, hidden 4096 (bench/RESULTS.md, "One-shot on
-/// 16 blocks ...", item 6): at 512 KiB (64 tokens) fused is at least even at 2, 4 and 8 ranks,
-/// out of place and in place (split/fused 1.14/1.07, 1.00/1.01, 1.04/1.00); at 1 MiB it loses
-/// out of place at 2 ranks (8.75 us split against 9.04 fused) and in place at 4 and 8 (15.13
-/// against 15.58, 25.08 against 25.81). Out of place at 8 ranks fused wins to 8 MiB
-/// (1.10-1.22), where the split path's norm runs on every rank of the one shared GPU; one limit
-/// serves both forms.
-pub(crate) const FUSED_NORM_MAX_BYTES: usize = 512 << 10;
+/// on one H200 shared by all ranks, bf16, graphs, at `893c771` (bench/RESULTS.md, "Rows in
+/// registers ..."): at 2 ranks fused wins through 512 KiB at hidden 4096 and 8192, out of place
+/// and in place (split/fused 1.15-1.47 at 512 KiB) and loses at 1 MiB (0.90 at hidden 4096); at
+/// 4 and 8 ranks it wins through 256 KiB (1.08-1.49) and loses in place at 512 KiB (4 ranks
+/// 0.98 at hidden 4096; 8 ranks 0.97 at 4096, 0.98 at 8192). 3 ranks takes the 4-rank limit
+/// (not measured). One limit serves both forms.
+pub(crate) const fn fused_norm_max_bytes(world: usize) -> usize {
+    if world <= 2 {
+        512 << 10
+    } else {
+        256 << 10
+    }
+}
 
 impl DispatchTable {
     /// The table for a configuration and a world size.
@@ -293,7 +298,7 @@ impl DispatchTable {
             quick: config.quick,
             quick_min_bytes: config.quick_min_bytes.unwrap_or(quick_min_bytes(world_size)),
             quick_max_bytes: config.quick_max_bytes,
-            fused_norm_max_bytes: config.fused_norm_max_bytes.unwrap_or(FUSED_NORM_MAX_BYTES),
+            fused_norm_max_bytes: config.fused_norm_max_bytes.unwrap_or(fused_norm_max_bytes(world_size)),
         }
     }
 
@@ -1038,7 +1043,7 @@ mod tests {
         let c = all();
         for world in [2, 4, 8] {
             let t = table(Config::default(), world);
-            let limit = FUSED_NORM_MAX_BYTES;
+            let limit = fused_norm_max_bytes(world);
             assert_eq!(t.fused_norm_max_bytes(), limit);
             for local_rank in [0, world - 1] {
                 let s = Shape::one_node(world, local_rank);
@@ -1073,7 +1078,7 @@ mod tests {
         let t = table(Config::default(), 4);
         let s = Shape::one_node(4, 0);
         let f32s = |bytes: usize| Request { len: bytes / 4, dtype: DType::F32, ..norm_req(&c, 0, s, Fusion::Auto) };
-        let lim = FUSED_NORM_MAX_BYTES;
+        let lim = fused_norm_max_bytes(4);
         assert_fused(&t.device(&f32s(lim)).unwrap(), lim / 4, "f32 at the limit");
         assert_split(&t, &f32s(lim + 16), "f32 above the limit");
     }
@@ -1174,7 +1179,7 @@ mod tests {
             };
             let r = |bytes, fusion| Request { forced, ..norm_req(&c, bytes, s, fusion) };
             assert_fused(&t.device(&r(4096, Fusion::Auto)).unwrap(), 2048, "forced one-shot");
-            let lim = FUSED_NORM_MAX_BYTES;
+            let lim = fused_norm_max_bytes(4);
             assert_fused(&t.device(&r(lim, Fusion::Auto)).unwrap(), lim / 2, "forced one-shot at the limit");
             let above = r(lim + 16, Fusion::Auto);
             assert_split(&t, &above, "forced one-shot above the limit");
@@ -1211,7 +1216,7 @@ mod tests {
         let c = all();
         let s = Shape::one_node(4, 0);
         let t = table(Config { deterministic: true, ..Config::default() }, 4);
-        let lim = FUSED_NORM_MAX_BYTES;
+        let lim = fused_norm_max_bytes(4);
         for bytes in [16, 4096, lim] {
             assert_fused(&t.device(&norm_req(&c, bytes, s, Fusion::Auto)).unwrap(), bytes / 2, "deterministic");
         }
