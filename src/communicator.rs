@@ -441,7 +441,7 @@ impl Communicator {
         norm: Option<crate::plan::NormRequest>,
     ) -> Result<crate::plan::Plan> {
         let table = self.table.borrow().clone();
-        self.with_device(|d| d.plan(&self.boot, &table, len, dtype, true, in_place, None, norm))
+        self.with_device(|d| d.plan(&self.boot, &table, len, dtype, true, in_place, None, false, norm))
     }
 
     /// Refuse a call for a local reason (a bad argument): every rank's later calls stop too,
