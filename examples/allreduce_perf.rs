@@ -20,8 +20,9 @@
 //! cross-rank call can take), measured in the same run and mode, and each time as a multiple of it.
 //! `--reference FILE` (device memory): replace them by a reference's time for the same rank count
 //! and size, from a CSV with `ranks` and `bytes` columns and time columns in microseconds (the
-//! faster of the columns ending `_graph_us` with `-G`, `_eager_us` without), and `ref/tp` (above 1:
-//! tpcomm is faster). `../shared/bench/*.csv` holds SGLang's figures in that form.
+//! faster of the columns ending `_graph_us` with `-G`, `_eager_us` without), and `ref/tp`, the
+//! reference over the faster of tpcomm's out-of-place and in-place times (above 1: tpcomm is
+//! faster). `../shared/bench/*.csv` holds SGLang's figures in that form.
 //!
 //! `--quick CODEC` (device memory): time the quantized allreduce with that codec, and beside it
 //! tpcomm's exact path for the same call (two-shot, chunked above `TPCOMM_CUSTOM_MAX_BYTES`)
@@ -952,13 +953,13 @@ mod device {
                 s.memcpy_htod(&input_host[..], &mut input).map_err(cuda("memcpy_htod"))?;
                 let poison = vec![tpcomm::verify::poison::<T>(); count];
                 let mut output: CudaSlice<T> = s.alloc_zeros::<T>(count).map_err(cuda("alloc"))?;
-                let forced = CallOptions::algo(algo);
-                // In place, the dispatch's own choice for in-place calls (it may differ).
-                let algo_ip = match (o.quick, o.algo) {
-                    (None, None) => comm.device_algo_in_place::<T>(count).unwrap_or(algo),
-                    _ => algo,
+                // The dispatch's own choice unless one is asked for: it knows the buffers, which
+                // decide some choices (registered or captured ones may take two-shot above the
+                // staging size); the columns print what served the calls.
+                let forced = match (o.quick, o.algo) {
+                    (None, None) => CallOptions::default(),
+                    _ => CallOptions::algo(algo),
                 };
-                let forced_ip = CallOptions::algo(algo_ip);
                 let trace = |phase: &str| {
                     if comm.config().debug && root {
                         eprintln!("allreduce_perf: {size} bytes {algo}: {phase}");
@@ -968,11 +969,14 @@ mod device {
                 trace("out-of-place timing");
                 let t_oop =
                     time_calls(comm, world, o, &s, |st| comm.all_reduce_with(&forced, &input, &mut output, st))?;
+                let algo = comm.last_device_algo().unwrap_or(algo);
                 let mut wrong_oop = 0;
                 if o.check {
                     trace("out-of-place check");
                     s.memcpy_htod(&poison[..], &mut output).map_err(cuda("memcpy_htod"))?;
                     comm.all_reduce_with(&forced, &input, &mut output, &s)?;
+                    // The check runs eagerly: its algorithm may differ from the timed one's.
+                    let algo = comm.last_device_algo().unwrap_or(algo);
                     let got = read(comm, &s, &output)?;
                     if let Some(codec) = o.quick {
                         wrong_oop = check_quick(&got, &model, &views, codec);
@@ -990,13 +994,18 @@ mod device {
                 let t_ip = if algo.is_lossy() {
                     f64::NAN
                 } else {
-                    time_calls(comm, world, o, &s, |st| comm.all_reduce_in_place_with(&forced_ip, &mut input, st))?
+                    time_calls(comm, world, o, &s, |st| comm.all_reduce_in_place_with(&forced, &mut input, st))?
+                };
+                let algo_ip = match algo.is_lossy() {
+                    true => algo,
+                    false => comm.last_device_algo().unwrap_or(algo),
                 };
                 let mut wrong_ip = 0;
                 if o.check {
                     trace("in-place check");
                     s.memcpy_htod(&input_host[..], &mut input).map_err(cuda("memcpy_htod"))?;
-                    comm.all_reduce_in_place_with(&forced_ip, &mut input, &s)?;
+                    comm.all_reduce_in_place_with(&forced, &mut input, &s)?;
+                    let algo_ip = comm.last_device_algo().unwrap_or(algo);
                     let got: Vec<T> = read(comm, &s, &input)?;
                     if let Some(codec) = o.quick {
                         wrong_ip = check_quick(&got, &model, &views, codec);
@@ -1046,7 +1055,7 @@ mod device {
                     match (nccl_comm, t_nccl, reference, flags) {
                         (Some(_), Some(t), _, _) => format!("{t:8.2}  {:6.2}", t / t_oop),
                         (Some(_), None, _, _) => format!("{:>8}  {:>6}", "n/a", "n/a"),
-                        (None, _, Some(Some(r)), _) => format!("{r:8.2}  {:6.2}", r / t_oop),
+                        (None, _, Some(Some(r)), _) => format!("{r:8.2}  {:6.2}", r / t_oop.min(t_ip)),
                         (None, _, Some(None), _) => format!("{:>8}  {:>6}", "n/a", "n/a"),
                         (None, _, None, Some(f)) => format!("{f:8.2}  {:5.2}x", t_oop / f),
                         (None, _, None, None) => {

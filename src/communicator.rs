@@ -151,6 +151,7 @@ pub struct Communicator {
     table: RefCell<DispatchTable>,
     spec: DeviceSpec,
     finalized: Cell<bool>,
+    last_device_algo: Cell<Option<Algo>>,
 }
 
 impl Communicator {
@@ -203,6 +204,7 @@ impl Communicator {
             table: RefCell::new(table),
             spec,
             finalized: Cell::new(false),
+            last_device_algo: Cell::new(None),
         })
     }
 
@@ -414,6 +416,14 @@ impl Communicator {
         self.context()
     }
 
+    /// The algorithm that served this rank's last successful device call (what `TPCOMM_DEBUG`
+    /// logs for it), `None` before the first: unlike [`Communicator::device_algo`] it knows the
+    /// call's buffers, which decide some choices (registered or captured buffers every peer
+    /// reaches take the two-shot kernel above `TPCOMM_CUSTOM_MAX_BYTES`).
+    pub fn last_device_algo(&self) -> Option<Algo> {
+        self.last_device_algo.get()
+    }
+
     /// The algorithm the dispatch picks for a device call of `len` elements of `T` with aligned
     /// pointers (what `TPCOMM_DEBUG` would log for it).
     ///
@@ -441,7 +451,7 @@ impl Communicator {
         norm: Option<crate::plan::NormRequest>,
     ) -> Result<crate::plan::Plan> {
         let table = self.table.borrow().clone();
-        self.with_device(|d| d.plan(&self.boot, &table, len, dtype, true, in_place, None, norm))
+        self.with_device(|d| d.plan(&self.boot, &table, len, dtype, true, in_place, None, false, norm))
     }
 
     /// Refuse a call for a local reason (a bad argument): every rank's later calls stop too,
@@ -588,7 +598,9 @@ impl Communicator {
             norm,
         };
         // SAFETY: the caller's contract.
-        self.with_device(|d| unsafe { d.all_reduce(&self.boot, &table, &call) }.map(|_| ()))
+        let algo = self.with_device(|d| unsafe { d.all_reduce(&self.boot, &table, &call) })?;
+        self.last_device_algo.set(Some(algo));
+        Ok(())
     }
 
     /// Exchange one flag with every peer on the GPU and wait for theirs: the floor of any

@@ -40,8 +40,10 @@ pub struct Config {
     pub pdl: bool,
     /// Where compiled kernels (CUBIN) are cached (`TPCOMM_CACHE_DIR`; `None` = `~/.cache/tpcomm`).
     pub cache_dir: Option<std::path::PathBuf>,
-    /// Largest device message (bytes per rank) the custom IPC allreduce serves; each rank
-    /// allocates a staging and a scratch buffer of this size (`TPCOMM_CUSTOM_MAX_BYTES`).
+    /// Largest device message (bytes per rank) the custom IPC allreduce serves through its
+    /// staging and scratch buffers, which each rank allocates of this size
+    /// (`TPCOMM_CUSTOM_MAX_BYTES`). Above it, calls whose buffers every peer reaches (registered
+    /// or captured) take the direct two-shot where NCCL does not serve; others go in chunks.
     pub custom_max_bytes: usize,
     /// Most blocks of one custom one-/two-shot launch (`TPCOMM_CUSTOM_MAX_BLOCKS`, 1 to 128;
     /// blocks of 256 threads, 512 for the fused one-shot + RMSNorm; `None`: 72, the threads of
@@ -72,7 +74,7 @@ pub struct Config {
     /// absolute rank order whatever the message size, so the bits of element `i` depend only on
     /// the ranks' inputs at `i`. NCCL (whose ring and tree orders vary with size and layout) is
     /// never chosen; device messages over `TPCOMM_CUSTOM_MAX_BYTES` go through the custom kernels
-    /// in chunks instead.
+    /// (one direct two-shot, or chunks) instead.
     pub deterministic: bool,
     /// Let the dispatch use the quantized allreduce with this codec for device messages of at
     /// least `quick_min_bytes` on one node (`TPCOMM_QUICK=off|fp8|int8|int6|int4`, default off).

@@ -165,6 +165,12 @@ pub(crate) struct Request<'a> {
     pub in_place: bool,
     /// An algorithm the caller forced for this call (over the configuration's).
     pub forced: Option<Algo>,
+    /// Every peer reaches this call's input and output where they are (registered buffers, or
+    /// a call captured in a registration): two-shot then stores straight into the outputs and
+    /// needs no staging or scratch, so it serves sizes above `custom_max_bytes` where NCCL does
+    /// not (instead of chunks). A rank that disagrees runs another kernel, and the call tags
+    /// stop both with a mismatch.
+    pub peer_rows: bool,
     /// Residual add + RMSNorm after the sum (`all_reduce_add_rms_norm`).
     pub norm: Option<NormRequest>,
 }
@@ -455,7 +461,7 @@ impl DispatchTable {
         if let Some(codec) = self.quick_for(req) {
             return Ok((Algo::quick(codec), "TPCOMM_QUICK, size"));
         }
-        Ok(match self.within_node(req.bytes(), req.caps, req.in_place) {
+        Ok(match self.within_node(req.bytes(), req.caps, req.in_place, req.peer_rows && !nccl) {
             Some(algo) => (algo, "size"),
             None if nccl => (Algo::Nccl, "over TPCOMM_CUSTOM_MAX_BYTES"),
             None if self.deterministic => (Algo::Chunked, "deterministic, over TPCOMM_CUSTOM_MAX_BYTES"),
@@ -474,13 +480,13 @@ impl DispatchTable {
     }
 
     /// The IPC algorithm for `bytes` among the ranks of one node, `None` above the IPC limit.
-    fn within_node(&self, bytes: usize, caps: &Caps, in_place: bool) -> Option<Algo> {
+    fn within_node(&self, bytes: usize, caps: &Caps, in_place: bool, peer_rows: bool) -> Option<Algo> {
         let oneshot = if in_place { 0 } else { self.oneshot_max_bytes };
         if bytes <= self.packet_max_bytes && caps.has(BackendKind::Packet, Group::Node) {
             Some(Algo::Lamport)
         } else if bytes <= oneshot.min(self.custom_max_bytes) {
             Some(Algo::OneShot)
-        } else if bytes <= self.custom_max_bytes {
+        } else if bytes <= self.custom_max_bytes || peer_rows {
             Some(Algo::TwoShot)
         } else {
             None
@@ -622,7 +628,7 @@ impl DispatchTable {
             let end = (start + chunk).min(req.len);
             // Node steps reading the output (the hierarchy's second pass) are in place.
             let in_place = req.in_place || src == Src::Output;
-            let algo = self.within_node((end - start) * size, req.caps, in_place).unwrap_or(Algo::TwoShot);
+            let algo = self.within_node((end - start) * size, req.caps, in_place, false).unwrap_or(Algo::TwoShot);
             steps.push(Step { op: Op::Reduce { algo, group: Group::Node, src }, range: start..end });
             start = end;
             if start >= req.len {
@@ -757,6 +763,7 @@ mod tests {
             aligned: true,
             in_place: false,
             forced: None,
+            peer_rows: false,
             norm: None,
         }
     }
@@ -855,6 +862,30 @@ mod tests {
         }
         let err = t.device(&req(&Caps::none(), 64, s)).unwrap_err();
         assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+    }
+
+    #[test]
+    fn buffers_every_peer_reaches_take_one_two_shot_above_the_staging_size_where_nccl_does_not() {
+        let s = Shape::one_node(4, 0);
+        let big = (20 << 20) + 6;
+        let reach = |caps, in_place| Request { peer_rows: true, in_place, ..req(caps, big, s) };
+        let (ipc, every) = (ipc_only(), all());
+        for in_place in [false, true] {
+            for deterministic in [false, true] {
+                let t = table(Config { deterministic, ..Config::default() }, 4);
+                let p = t.device(&reach(&ipc, in_place)).unwrap();
+                assert_eq!((p.algo, p.steps.len()), (Algo::TwoShot, 1), "in place {in_place}");
+                // NCCL, where it serves, keeps the large messages; deterministic mode never uses it.
+                let algo = t.device(&reach(&every, in_place)).unwrap().algo;
+                assert_eq!(algo, if deterministic { Algo::TwoShot } else { Algo::Nccl });
+            }
+        }
+        // Buffers the peers cannot reach still go in chunks through the staging buffers.
+        let t = table(Config::default(), 4);
+        assert_eq!(t.device(&req(&ipc, big, s)).unwrap().algo, Algo::Chunked);
+        // Below the staging size nothing changes.
+        let small = Request { peer_rows: true, ..req(&ipc, 1 << 20, s) };
+        assert_eq!(t.device(&small).unwrap().algo, Algo::OneShot);
     }
 
     #[test]

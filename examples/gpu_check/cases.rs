@@ -52,7 +52,7 @@ impl<T: Element> Bufs<T> {
 fn eager_case<T: Element>(
     c: &mut Ctx,
     b: &mut Bufs<T>,
-    algo: Algo,
+    algo: impl Into<Option<Algo>>,
     path: Path,
     in_place: bool,
     len: usize,
@@ -62,12 +62,17 @@ fn eager_case<T: Element>(
     let x = inputs.rank_input(c.rank, len);
     let s = c.stream.clone();
     let registered_only = path == Path::Registered;
-    let opts = CallOptions { algo: Some(algo), registered_only, ..Default::default() };
+    let algo = algo.into();
+    let opts = CallOptions { algo, registered_only, ..Default::default() };
     let input = b.input(path);
     s.memcpy_htod(&x, &mut input.view_mut(0..len))?;
     if in_place {
         let g = guard_poison(&s, input, len)?;
-        c.comm.all_reduce_in_place_with(&CallOptions::algo(algo), &mut input.view_mut(0..len), &s)?;
+        c.comm.all_reduce_in_place_with(
+            &CallOptions { algo, ..Default::default() },
+            &mut input.view_mut(0..len),
+            &s,
+        )?;
         c.comm.synchronize(&s)?;
         let got = read(&s, &input.view(0..len))?;
         check_out(c, &inputs, &got)?;
@@ -89,7 +94,7 @@ fn eager_case<T: Element>(
 pub fn graph_case<T: Element>(
     c: &mut Ctx,
     b: &mut Bufs<T>,
-    algo: Algo,
+    algo: impl Into<Option<Algo>>,
     path: Path,
     in_place: bool,
     len: usize,
@@ -97,7 +102,7 @@ pub fn graph_case<T: Element>(
 ) -> Result<()> {
     let s = c.stream.clone();
     let comm = c.comm;
-    let opts = CallOptions::algo(algo);
+    let opts = CallOptions { algo: algo.into(), ..Default::default() };
     let graph = {
         let Bufs { ipc, pool, out, .. } = b;
         let input: &mut dyn Buf<T> = if path == Path::GraphIpc { ipc } else { pool };
@@ -692,6 +697,39 @@ fn deterministic_dtype<T: Element>(d: &mut Ctx, tally: &mut Tally) -> Result<()>
     }
     let r = probe_invariance::<T>(d, &mut b);
     tally.record(&format!("deterministic: {dt} probe gives the same bits at every offset and size"), r);
+    Ok(())
+}
+
+/// A 1 MiB custom limit: unforced calls above it on buffers every peer reaches (a registered
+/// input in place, captured calls in and out of place) take the direct two-shot, which needs
+/// no staging; staged ones still go chunked. Either way the rank-order reference bits.
+pub fn beyond_staging_checks(c: &mut Ctx, tally: &mut Tally, world: &World, config: &Config) -> Result<()> {
+    let cfg = Config { algo: None, custom_max_bytes: MIB, ..config.clone() };
+    let comm = Communicator::new(world, cfg)?;
+    comm.init_device()?;
+    // SAFETY: as for the first communicator: all work is ordered on one stream.
+    unsafe { comm.cuda_context()?.disable_event_tracking() };
+    let mut d = Ctx {
+        comm: &comm,
+        stream: c.stream.clone(),
+        n: c.n,
+        rank: c.rank,
+        seed: c.seed + 200_000,
+        sabotage: c.sabotage,
+    };
+    let len = 3 * MIB / 2 + 5; // bf16: 3 MiB and a tail that is not a whole vector
+    let mut b = Bufs::<bf16>::new(&d, len + GUARD)?;
+    for (path, in_place) in [(Path::Registered, true), (Path::Registered, false), (Path::Staged, true)] {
+        let r = eager_case(&mut d, &mut b, None, path, in_place, len);
+        tally.record(&format!("beyond staging: eager {path:?} in_place={in_place}"), r);
+    }
+    for (path, in_place) in [(Path::GraphIpc, false), (Path::GraphIpc, true), (Path::GraphPool, true)] {
+        let r = graph_case(&mut d, &mut b, None, path, in_place, len, 3);
+        tally.record(&format!("beyond staging: graph {path:?} in_place={in_place}"), r);
+    }
+    drop(b);
+    comm.finalize()?;
+    world.barrier();
     Ok(())
 }
 

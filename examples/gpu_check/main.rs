@@ -147,7 +147,7 @@ fn main() -> Result<()> {
         let max_bytes = config.custom_max_bytes;
         let mut c = Ctx { comm: &comm, stream, n, rank, seed: 1, sabotage };
         let captured = if quick { 2_000 } else { 20_000 };
-        let steps: [(&str, &mut Step); 15] = [
+        let steps: [(&str, &mut Step); 16] = [
             ("f32", &mut |c, t| cases::run_dtype::<f32>(c, t, max_bytes, quick)),
             ("f16", &mut |c, t| cases::run_dtype::<f16>(c, t, max_bytes, quick)),
             ("bf16", &mut |c, t| cases::run_dtype::<bf16>(c, t, max_bytes, quick)),
@@ -165,6 +165,7 @@ fn main() -> Result<()> {
             }),
             ("nccl", &mut |c, t| cases::nccl_checks(c, t, &world, &config)),
             ("deterministic", &mut |c, t| cases::deterministic_checks(c, t, &world, &config)),
+            ("beyond staging", &mut |c, t| cases::beyond_staging_checks(c, t, &world, &config)),
             ("norm", &mut |c, t| norm::norm_checks(c, t, quick)),
             ("quick", &mut |c, t| quick::quick_checks(c, &world, &config, t, quick, if quick { 50 } else { 1_000 })),
             ("flag floor", &mut |c, _| {

@@ -527,6 +527,15 @@ const WORDS: KernelWords = KernelWords {
 };
 
 impl DeviceBackend for CustomAllreduce {
+    fn reads_in_place(&mut self, call: &Call) -> bool {
+        let bytes = call.bytes();
+        // What enqueue reads in place: a registered buffer, or in a capture an exportable one.
+        let reachable = |ptr: u64| {
+            self.registered_at(ptr, bytes).is_some() || (call.capture.is_some() && ipc::export(&self.ctx, ptr).is_ok())
+        };
+        reachable(call.input) && (call.output == call.input || reachable(call.output))
+    }
+
     unsafe fn enqueue(&mut self, algo: Algo, call: &Call) -> Result<()> {
         const OP: &str = "custom all_reduce";
         let kernel = match (Kernel::of(algo)?, call.norm) {
@@ -574,11 +583,11 @@ impl DeviceBackend for CustomAllreduce {
             && !unreadable
             && rows.div_ceil(norm_blocks) <= protocol::NORM_LATE_ROWS;
         let stage = unreadable || (in_place && !late);
-        if (stage || kernel == Kernel::TwoShot) && bytes > self.max_bytes {
-            return Err(Error::invalid(
-                OP,
-                format!("{bytes} bytes exceed the {} bytes of the staging/scratch buffers", self.max_bytes),
-            ));
+        let max_bytes = self.max_bytes;
+        let too_big =
+            || Error::invalid(OP, format!("{bytes} bytes exceed the {max_bytes} bytes of the staging/scratch buffers"));
+        if stage && bytes > max_bytes {
+            return Err(too_big());
         }
         let (row, in_offset, local_in) = match (call.capture, stage, registered) {
             (Some(reg), true, _) => (self.capture_row(reg, self.staging.ptr(), true)?, 0, self.staging.ptr()),
@@ -593,6 +602,10 @@ impl DeviceBackend for CustomAllreduce {
             Kernel::TwoShot if !stage => self.output_row(call, row, in_offset)?,
             _ => None,
         };
+        // Only the direct two-shot needs neither staging nor scratch: any size.
+        if kernel == Kernel::TwoShot && direct.is_none() && bytes > max_bytes {
+            return Err(too_big());
+        }
         if call.capture.is_some() {
             self.record_call((row, direct.map(|d| d.0)));
         }

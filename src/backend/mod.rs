@@ -96,6 +96,13 @@ pub(crate) trait DeviceBackend {
     /// Every rank of the backend's group, same length, dtype and algorithm, in the same order.
     unsafe fn enqueue(&mut self, algo: Algo, call: &Call) -> Result<()>;
 
+    /// Whether every peer reaches `call`'s input and output where they are (no staging copy, no
+    /// scratch): what lets the plan send a large call to a kernel that stores into the peers'
+    /// outputs. Backends without such kernels say no.
+    fn reads_in_place(&mut self, _call: &Call) -> bool {
+        false
+    }
+
     /// Report an error recorded by device work enqueued so far (the mapped error word, NCCL's
     /// asynchronous error); cheap and non-blocking. `Ok` says nothing about work not yet run.
     fn poll(&mut self) -> Result<()>;

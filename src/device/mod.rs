@@ -176,6 +176,7 @@ impl DeviceComm {
         aligned: bool,
         in_place: bool,
         forced: Option<Algo>,
+        peer_rows: bool,
         norm: Option<crate::plan::NormRequest>,
     ) -> Result<crate::plan::Plan> {
         let l = &boot.layout;
@@ -186,7 +187,7 @@ impl DeviceComm {
             ranks_per_node: l.ranks_per_node,
             min_ranks_per_node: l.min_ranks_per_node(),
         };
-        table.device(&Request { len, dtype, shape, caps: &self.set.caps, aligned, in_place, forced, norm })
+        table.device(&Request { len, dtype, shape, caps: &self.set.caps, aligned, in_place, forced, peer_rows, norm })
     }
 
     /// Enqueue one allreduce.
@@ -223,7 +224,22 @@ impl DeviceComm {
         let aligned = call.input % align == 0 && call.output % align == 0;
         let in_place = call.input == call.output;
         let norm = call.norm.map(|n| crate::plan::NormRequest { hidden: n.hidden, fusion: n.fusion });
-        let plan = self.plan(boot, table, call.len, call.dtype, aligned, in_place, call.forced, norm)?;
+        let c = Call {
+            input: call.input,
+            output: call.output,
+            len: call.len,
+            dtype: call.dtype,
+            stream: call.stream,
+            capture,
+            registered_only: call.registered_only,
+            norm: call.norm,
+        };
+        // Whether every peer reaches this call's buffers in place: the custom backend knows.
+        let peer_rows = match self.set.get(BackendKind::Custom, Group::Node) {
+            Ok(custom) => custom.reads_in_place(&c),
+            Err(_) => false,
+        };
+        let plan = self.plan(boot, table, call.len, call.dtype, aligned, in_place, call.forced, peer_rows, norm)?;
         if self.debug && boot.layout.rank == 0 {
             let what = if norm.is_some() { "allreduce + RMSNorm" } else { "allreduce" };
             log::info!("tpcomm: device {what} {} x {} -> {} ({})", call.len, call.dtype, plan.algo, plan.reason);
@@ -235,16 +251,6 @@ impl DeviceComm {
         if let (Some(s), Some(order)) = (cuda_stream, self.order.as_mut()) {
             order.before(s)?;
         }
-        let c = Call {
-            input: call.input,
-            output: call.output,
-            len: call.len,
-            dtype: call.dtype,
-            stream: call.stream,
-            capture,
-            registered_only: call.registered_only,
-            norm: call.norm,
-        };
         // SAFETY: the caller's contract.
         unsafe { execute::execute(&mut self.set, &mut self.norm, self.ctx.as_ref(), &plan, &c) }?;
         if self.sync_calls && cuda_stream.is_some() {
