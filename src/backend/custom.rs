@@ -74,16 +74,17 @@ fn block_threads(kernel: Kernel) -> usize {
 /// [`protocol::MAX_BLOCKS`] blocks (within the shared-device cap). Measured on one H200 under
 /// MPS with 64 blocks of 512 threads against 36 (bench/RESULTS.md, "Late PDL release"; the same
 /// threads as 128 and 72 blocks of [`protocol::AR_THREADS`] now): one-shot wins from
-/// 2 MiB (2 ranks 16 MiB 43.93 -> 32.52 us; 512 KiB loses, 4.74 -> 5.19), the scratch
-/// two-shot from 8 MiB (4 ranks 16 MiB 70.35 -> 60.28; 2 MiB loses, 13.49 -> 16.00), the
-/// direct two-shot never: in blocks of 256 threads, 128 lost to 64 and 32 at 4 ranks 16 MiB in
-/// place (56.95 against 51.93 and 53.40 us; "Blocks of 256 threads"), and the small grid
-/// matches the large one at 8 ranks (97.62 against 96.54-97.54).
+/// 2 MiB (2 ranks 16 MiB 43.93 -> 32.52 us; 512 KiB loses, 4.74 -> 5.19). Since the rows live
+/// in registers (bench/RESULTS.md, "Large grids for both two-shots"; `TPCOMM_CUSTOM_MAX_BLOCKS`
+/// 128 against the default grid, graphs): the scratch two-shot from 4 MiB (out of place 4 ranks
+/// 14.64 -> 12.83 us, 8 ranks 32.43 -> 30.74; 2 MiB loses at 8 ranks, 15.99 -> 16.80), the direct
+/// two-shot from 8 MiB (in place 4 ranks 8 MiB 16.88 -> 16.18, 16 MiB 45.64 -> 40.14, 32 MiB
+/// 84.81 -> 74.40; 8 ranks level at 1-16 MiB, 76.01 -> 76.33 at 16 MiB).
 fn large_grid_bytes(kernel: Kernel) -> usize {
     match kernel {
         Kernel::OneShot => 2 << 20,
-        Kernel::TwoShot => 8 << 20,
-        Kernel::TwoShotDirect => usize::MAX,
+        Kernel::TwoShot => 4 << 20,
+        Kernel::TwoShotDirect => 8 << 20,
         Kernel::OneShotNorm => usize::MAX,
     }
 }
@@ -392,9 +393,9 @@ impl CustomAllreduce {
     /// Most blocks of a direct two-shot launch where its own shared-device cap is below the
     /// other limits (its register budget halves its blocks per SM); `None` where it is not.
     pub(crate) fn direct_cap_below_limits(&self) -> Option<usize> {
-        // Any size: the direct two-shot's grid never grows with it (large_grid_bytes).
+        // At the largest sizes, where its grid is widest (large_grid_bytes).
         let cap = self.caps[Kernel::TwoShotDirect as usize];
-        (cap < self.grid_limit(Kernel::TwoShotDirect, 0)).then_some(cap)
+        (cap < self.grid_limit(Kernel::TwoShotDirect, usize::MAX)).then_some(cap)
     }
 
     /// The most blocks of a `kernel` launch for a call of `bytes`, before the kernel's own
