@@ -484,6 +484,19 @@ fn exact_for<T: Element>(comm: &Communicator, device: bool) -> Result<usize, Str
                 let (res, out) = reduce_once(comm, &opts, device, in_place, &input);
                 let what = format!("{} len {len} algo {algo:?} in_place {in_place}", T::DTYPE);
                 res.map_err(|e| format!("{what}: {e}"))?;
+                if device {
+                    // What served the call is the forced algorithm or the dispatch's choice (the
+                    // stand-in's buffers never take the direct two-shot above the staging size).
+                    let planned = match (algo, in_place) {
+                        (Some(a), _) => Ok(*a),
+                        (None, false) => comm.device_algo::<T>(len),
+                        (None, true) => comm.device_algo_in_place::<T>(len),
+                    };
+                    let planned = planned.map_err(|e| format!("{what}: {e}"))?;
+                    if comm.last_device_algo() != Some(planned) {
+                        return Err(format!("{what}: served by {:?}, planned {planned}", comm.last_device_algo()));
+                    }
+                }
                 // Flat NCCL (above the IPC limit across nodes) sums over all ranks at once: on the
                 // stand-in in flat rank order (real NCCL in its own order, checked within a
                 // tolerance on the GPU).
