@@ -437,10 +437,15 @@ pub fn length_mismatch(world: &World, config: &Config, algo: Algo, tally: &mut T
 /// so rows and offsets are part of the call's tag. Cases: rank 0 at element 0 of a registered
 /// buffer and the others 64 bytes in (one-shot); rank 0 in place and the others out of place into
 /// a registered output (two-shot, stored directly); a registered input on rank 0 and a staged
-/// one elsewhere (one-shot).
+/// one elsewhere (one-shot); above a 1 MiB staging size, unforced and in place, a registered
+/// buffer on rank 0 (the direct two-shot) and a staged one elsewhere (chunks).
 pub fn layout_mismatch(world: &World, config: &Config, case: usize, tally: &mut Tally) -> Result<()> {
     let rank0 = world.rank() == 0;
-    let comm = Communicator::new(world, config.clone())?;
+    let config = match case {
+        3 => Config { algo: None, custom_max_bytes: MIB, ..config.clone() },
+        _ => config.clone(),
+    };
+    let comm = Communicator::new(world, config)?;
     comm.init_device()?;
     let ctx = comm.cuda_context()?;
     let s = ctx.new_stream()?;
@@ -462,13 +467,21 @@ pub fn layout_mismatch(world: &World, config: &Config, case: usize, tally: &mut 
             };
             ("in place on one rank, out of place on the others (twoshot)", r)
         }
-        _ => {
+        2 => {
             let opts = CallOptions::algo(Algo::OneShot);
             let r = match rank0 {
                 true => comm.all_reduce_with(&opts, &shared.slice(0..1000), &mut out, &s),
                 false => comm.all_reduce_with(&opts, &pool, &mut out, &s),
             };
             ("a registered input on one rank, staged on the others (oneshot)", r)
+        }
+        _ => {
+            let len = 3 * MIB / 4 + 3; // f32: 3 MiB and a tail, above the packet and staging sizes
+            let r = match rank0 {
+                true => comm.all_reduce_in_place(&mut comm.alloc_shared::<f32>(len)?, &s),
+                false => comm.all_reduce_in_place(&mut s.alloc_zeros::<f32>(len)?, &s),
+            };
+            ("beyond staging, registered in place on one rank, staged on the others (twoshot, chunked)", r)
         }
     };
     let r = r.and_then(|()| comm.synchronize(&s));

@@ -217,7 +217,7 @@ fn main() -> Result<()> {
             tally.step("norm: hidden mismatch", r);
         }
         if only.is_none() {
-            for case in 0..3 {
+            for case in 0..4 {
                 let r = cases::layout_mismatch(&world, &config, case, &mut tally);
                 tally.step(&format!("layout mismatch {case}"), r);
             }
