@@ -388,25 +388,26 @@ impl DispatchTable {
     /// The plan of `all_reduce_add_rms_norm`: the fused kernel where it serves and
     /// `fused_norm_max_bytes` (or [`Fusion::Fused`]) says so, else `plan` and the norm step.
     fn with_norm(&self, mut plan: Plan, req: &Request, norm: NormRequest) -> Result<Plan> {
-        let fusable = self.fusable(req);
-        let fuse = match norm.fusion {
-            Fusion::Split => false,
-            Fusion::Fused => match fusable {
-                Ok(()) => true,
+        let fused = self.fused_algo(req);
+        let algo = match norm.fusion {
+            Fusion::Split => None,
+            Fusion::Fused => match fused {
+                Ok(algo) => Some(algo),
                 Err(why) => return Err(Error::usage("the fused allreduce + RMSNorm (Fusion::Fused)", why)),
             },
-            Fusion::Auto => fusable.is_ok() && req.bytes() <= self.fused_norm_max_bytes,
+            Fusion::Auto => fused.ok().filter(|_| req.bytes() <= self.fused_norm_max_bytes),
         };
-        if fuse {
-            let op = Op::ReduceAddRmsNorm { algo: Algo::OneShot, group: Group::Node };
-            return Ok(Plan { algo: Algo::OneShot, steps: vec![Step { op, range: 0..req.len }], reason: "fused" });
+        if let Some(algo) = algo {
+            let op = Op::ReduceAddRmsNorm { algo, group: Group::Node };
+            return Ok(Plan { algo, steps: vec![Step { op, range: 0..req.len }], reason: "fused" });
         }
         plan.steps.push(Step { op: Op::AddRmsNorm, range: 0..req.len });
         Ok(plan)
     }
 
-    /// Why the fused kernel (one-shot on the custom backend) cannot serve `req`, if it cannot.
-    fn fusable(&self, req: &Request) -> std::result::Result<(), String> {
+    /// The fused kernel that can serve `req` (one-shot, or two-shot where it is forced), or why
+    /// none can.
+    fn fused_algo(&self, req: &Request) -> std::result::Result<Algo, String> {
         let s = req.shape;
         match req.forced.or(self.forced) {
             _ if s.world == 1 => Err("one rank: the allreduce is a copy".into()),
@@ -415,14 +416,22 @@ impl DispatchTable {
                 Err(format!("the custom kernels are not available: {}", req.caps.why_missing(BackendKind::Custom)))
             }
             _ if !req.aligned => Err("the pointers are not 16-byte aligned".into()),
+            // The fused two-shot stores each reduced piece into every rank's norm_out: no
+            // staging, no scratch, any size, but only where every peer reaches both buffers.
+            Some(Algo::TwoShot) if req.peer_rows => Ok(Algo::TwoShot),
+            Some(Algo::TwoShot) => Err("the fused two-shot writes every rank's norm_out, so the input and norm_out \
+                                        must lie in buffers every peer reaches (alloc_shared, or a captured graph)"
+                .into()),
             _ if req.bytes() > self.custom_max_bytes => {
                 Err(format!("{} bytes exceed TPCOMM_CUSTOM_MAX_BYTES ({})", req.bytes(), self.custom_max_bytes))
             }
-            Some(algo) if algo != Algo::OneShot => {
-                Err(format!("the allreduce is forced to {algo}, and the fused kernel is {}", Algo::OneShot))
-            }
+            Some(algo) if algo != Algo::OneShot => Err(format!(
+                "the allreduce is forced to {algo}, and the fused kernels are {} and {}",
+                Algo::OneShot,
+                Algo::TwoShot
+            )),
             None if self.quick_for(req).is_some() => Err("TPCOMM_QUICK serves this size".into()),
-            _ => Ok(()),
+            _ => Ok(Algo::OneShot),
         }
     }
 
@@ -1146,6 +1155,46 @@ mod tests {
     }
 
     #[test]
+    fn forced_two_shot_fuses_only_where_every_peer_reaches_the_buffers() {
+        let c = all();
+        let s = Shape::one_node(4, 0);
+        let t = table(Config::default(), 4);
+        let two = Op::ReduceAddRmsNorm { algo: Algo::TwoShot, group: Group::Node };
+        for (bytes, auto_fuses) in [(4096, true), (t.fused_norm_max_bytes() + 16, false), (4 << 20, false)] {
+            let len = bytes / 2;
+            for env in [false, true] {
+                let (t, forced) = if env {
+                    (table(Config { algo: Some(Algo::TwoShot), ..Config::default() }, 4), None)
+                } else {
+                    (table(Config::default(), 4), Some(Algo::TwoShot))
+                };
+                let what = format!("{bytes} bytes, two-shot forced (TPCOMM_ALGO: {env})");
+                // Buffers every peer reaches: the fused two-shot at any size when asked for,
+                // and under Auto up to the fused limit.
+                let reach = Request { forced, peer_rows: true, ..norm_req(&c, bytes, s, Fusion::Fused) };
+                let p = t.device(&reach).unwrap_or_else(|e| panic!("{what}: {e}"));
+                assert_eq!((p.algo, p.steps.clone()), (Algo::TwoShot, vec![Step { op: two.clone(), range: 0..len }]));
+                let auto = Request { norm: Some(NormRequest { hidden: 4096, fusion: Fusion::Auto }), ..reach };
+                if auto_fuses {
+                    assert_eq!(t.device(&auto).unwrap().steps, p.steps, "{what}, Auto");
+                } else {
+                    assert_split(&t, &auto, &format!("{what}, Auto"));
+                }
+                // Elsewhere refused, saying why; Auto splits.
+                let r = Request { forced, ..norm_req(&c, bytes, s, Fusion::Auto) };
+                assert_split(&t, &r, &format!("{what}, unreachable"));
+                assert_refused(&t, &r, "every peer reaches", &format!("{what}, unreachable"));
+            }
+        }
+        // Every layout refusal comes first.
+        let reach = Request { forced: Some(Algo::TwoShot), peer_rows: true, ..norm_req(&c, 4096, s, Fusion::Auto) };
+        let nodes = Shape { world: 4, nodes: 2, local_rank: 0, ranks_per_node: 2, min_ranks_per_node: 2 };
+        assert_refused(&t, &Request { shape: nodes, ..reach }, "2 nodes", "two nodes");
+        let misaligned = Request { aligned: false, ..reach };
+        assert!(matches!(t.device(&misaligned), Err(Error::InvalidArgument { .. })), "misaligned");
+    }
+
+    #[test]
     fn fused_where_the_kernel_cannot_serve_is_refused_and_auto_splits_there() {
         let c = all();
         let s = Shape::one_node(4, 0);
@@ -1187,8 +1236,8 @@ mod tests {
         assert_eq!((no_nccl.algo, no_nccl.steps.len()), (Algo::Chunked, 33), "32 chunks, then the norm");
         assert_eq!(t.device(&norm_req(&c, (8 << 20) + 16, s, Fusion::Auto)).unwrap().algo, Algo::Nccl);
         assert_refused(&t, &norm_req(&c, (8 << 20) + 16, s, Fusion::Auto), "TPCOMM_CUSTOM_MAX_BYTES", "over 8 MiB");
-        // The allreduce forced (per call or by TPCOMM_ALGO) to anything but one-shot.
-        for algo in [Algo::Packet, Algo::Lamport, Algo::PacketTwoPhase, Algo::TwoShot, Algo::Chunked, Algo::Nccl] {
+        // The allreduce forced (per call or by TPCOMM_ALGO) to anything but one-shot or two-shot.
+        for algo in [Algo::Packet, Algo::Lamport, Algo::PacketTwoPhase, Algo::Chunked, Algo::Nccl] {
             let r = Request { forced: Some(algo), ..norm_req(&c, 4096, s, Fusion::Auto) };
             assert_split(&t, &r, &format!("forced {algo}"));
             assert_eq!(t.device(&r).unwrap().algo, algo);
