@@ -32,10 +32,12 @@
 //! error against the exact sum (out of place).
 //!
 //! `--fused-norm HIDDEN` (device memory): time `all_reduce_add_rms_norm` on rows of HIDDEN
-//! elements for 1 to 4096 tokens, fused and split (tpcomm's allreduce, then its norm kernel),
-//! out of place (input registered) and in place (the engine's form), with the ratio split / fused
-//! (above 1: fusing wins) and the dispatch's choice; `#wrong` counts elements of either output
-//! whose bits differ from `tpcomm::verify::add_rms_norm_reference`, for both paths.
+//! elements for 1 to 4096 tokens (as far as `-e` allows), fused (`--algo oneshot|twoshot` picks
+//! the fused kernel; one-shot by default) and split (the dispatch's allreduce, then tpcomm's norm
+//! kernel), out of place (input and norm_out registered) and in place (the engine's form), with
+//! the ratio split / fused (above 1: fusing wins) and what the dispatch runs for those buffers
+//! (one more call of each form); `#wrong` counts elements of either output whose bits differ
+//! from `tpcomm::verify::add_rms_norm_reference`, for both paths.
 //!
 //! Eager mode (no `-G`) times `-n` calls enqueued back to back and waited for once (what an engine
 //! sees: the host never waits per call); `--eager-sync` waits for every call instead (launch,
@@ -747,7 +749,8 @@ mod device {
         // SAFETY: every buffer of this program is used on `s` only, or after a synchronize.
         unsafe { ctx.disable_event_tracking() };
         let s = ctx.new_stream().map_err(cuda("cuStreamCreate"))?;
-        let max_tokens = 4096;
+        // Token counts 1, 2, 4, ... 4096, as far as `-e` allows.
+        let max_tokens = (1..=4096).rev().find(|t| (t * hidden * size_of::<T>()) <= o.max_bytes).unwrap_or(1);
         let max = max_tokens * hidden;
         let mut x = comm.alloc_shared::<T>(max)?;
         let mut res = s.alloc_zeros::<T>(max).map_err(cuda("alloc"))?;

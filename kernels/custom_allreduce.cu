@@ -370,9 +370,11 @@ __device__ void twoshot_norm(const Ptrs* __restrict__ rd, u64 in_offset, const c
 // per SM, 64 registers a thread, for every kernel but the direct two-shot, which takes 512 per SM
 // (128 registers): at 8 ranks it holds 8 loaded vectors and 16 row pointers at once, and at 64 it
 // reloaded the pointers from local memory in its loop (8 ranks 2-8 MiB in place 5-7% slower
-// under MPS; bench/RESULTS.md "Register budget of the direct two-shot"). The fused two-shot takes
-// one block of TPCOMM_THREADS per SM (128 registers): it keeps both rows of pointers, the weight,
-// residual and residual_out vectors of its rows at once. The host computes
+// under MPS; bench/RESULTS.md "Register budget of the direct two-shot"). The fused two-shot keeps
+// both rows of pointers and the weight, residual and residual_out vectors of its rows at once:
+// one block of TPCOMM_THREADS per SM (128 registers) up to 6 ranks, where two would spill; two at
+// 7 and 8 (64 registers suffice there in bf16 and f16), where the shared device's cap would
+// otherwise leave 16-18 blocks for all rows. The host computes
 // the shared device's grid cap from the driver's occupancy of the kernels of each budget.
 #define TPCOMM_ENTRY(NAME, THREADS, BLOCKS_PER_SM, ALGO)                                                  \
     extern "C" __global__ void __launch_bounds__(THREADS, BLOCKS_PER_SM)                                  \
@@ -412,6 +414,7 @@ TPCOMM_ENTRY(twoshot_bf16, TPCOMM_AR_THREADS, 1024 / TPCOMM_AR_THREADS, TPCOMM_T
 TPCOMM_ENTRY(twoshot_direct_f32, TPCOMM_AR_THREADS, 512 / TPCOMM_AR_THREADS, TPCOMM_DIRECT(F32))
 TPCOMM_ENTRY(twoshot_direct_f16, TPCOMM_AR_THREADS, 512 / TPCOMM_AR_THREADS, TPCOMM_DIRECT(F16))
 TPCOMM_ENTRY(twoshot_direct_bf16, TPCOMM_AR_THREADS, 512 / TPCOMM_AR_THREADS, TPCOMM_DIRECT(BF16))
-TPCOMM_ENTRY(twoshot_norm_f32, TPCOMM_THREADS, 1, TPCOMM_TWOSHOT_NORM(F32))
-TPCOMM_ENTRY(twoshot_norm_f16, TPCOMM_THREADS, 1, TPCOMM_TWOSHOT_NORM(F16))
-TPCOMM_ENTRY(twoshot_norm_bf16, TPCOMM_THREADS, 1, TPCOMM_TWOSHOT_NORM(BF16))
+#define TPCOMM_TWOSHOT_NORM_PER_SM (TPCOMM_WORLD >= 7 ? 2 : 1)
+TPCOMM_ENTRY(twoshot_norm_f32, TPCOMM_THREADS, TPCOMM_TWOSHOT_NORM_PER_SM, TPCOMM_TWOSHOT_NORM(F32))
+TPCOMM_ENTRY(twoshot_norm_f16, TPCOMM_THREADS, TPCOMM_TWOSHOT_NORM_PER_SM, TPCOMM_TWOSHOT_NORM(F16))
+TPCOMM_ENTRY(twoshot_norm_bf16, TPCOMM_THREADS, TPCOMM_TWOSHOT_NORM_PER_SM, TPCOMM_TWOSHOT_NORM(BF16))

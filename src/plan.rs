@@ -269,18 +269,48 @@ pub(crate) const fn quick_min_bytes(world: usize) -> usize {
     }
 }
 
-/// Largest message (bytes per rank) for which `all_reduce_add_rms_norm` runs the fused kernel
-/// (one-shot with the norm as its epilogue) rather than the allreduce and the norm kernel.
-/// Fusing saves a launch and a round trip of the sums through memory, but the fused kernel is
-/// a one-shot whose blocks take rows in turns: where two-shot wins the split path does. Measured
-/// on one H200 shared by all ranks, bf16, graphs, at `893c771` (bench/RESULTS.md, "Rows in
-/// registers ..."): at 2 ranks fused wins through 512 KiB at hidden 4096 and 8192, out of place
-/// and in place (split/fused 1.15-1.47 at 512 KiB) and loses at 1 MiB (0.90 at hidden 4096); at
-/// 4 and 8 ranks it wins through 256 KiB (1.08-1.49) and loses in place at 512 KiB (4 ranks
-/// 0.98 at hidden 4096; 8 ranks 0.97 at 4096, 0.98 at 8192). 3 ranks takes the 4-rank limit
-/// (not measured). One limit serves both forms.
+/// Largest message (bytes per rank) `all_reduce_add_rms_norm` runs fused by default (one kernel:
+/// the fused one-shot up to [`fused_oneshot_max_bytes`], the fused two-shot from
+/// [`fused_twoshot_min_bytes`] where every peer reaches the input and norm_out); larger messages
+/// run the allreduce and then the norm kernel. Measured on one H200 shared by all ranks, bf16,
+/// graphs, hidden 4096 and 8192, at `15f7f26` (bench/RESULTS.md, "Fused two-shot"): the fused
+/// two-shot beats the split path at 4 ranks through 2 MiB (split/fused 1.05-1.23 out of place,
+/// 1.06-1.20 in place; 4 MiB is mixed) and at 8 ranks through 1 MiB (1.05-1.21; 2 MiB loses in
+/// place); at 2 ranks it never beats the fused one-shot or the split path, so the one-shot's
+/// limit stays the whole limit there. 3 and 5-7 ranks take the rule of 4 and 8 (not measured).
 pub(crate) const fn fused_norm_max_bytes(world: usize) -> usize {
     if world <= 2 {
+        512 << 10
+    } else if world <= 4 {
+        2 << 20
+    } else {
+        1 << 20
+    }
+}
+
+/// Largest message the fused one-shot takes under [`Fusion::Auto`] (within
+/// [`fused_norm_max_bytes`]). Its blocks take whole rows in turns, so where two-shot wins the
+/// split path does. Measured at `893c771` (bench/RESULTS.md, "Rows in registers ..."): at 2 ranks
+/// it wins through 512 KiB at hidden 4096 and 8192 (split/fused 1.15-1.47 at 512 KiB) and loses
+/// at 1 MiB (0.90 at hidden 4096); at 4 and 8 ranks it wins through 256 KiB (1.08-1.49) and loses
+/// in place at 512 KiB (4 ranks 0.98 at hidden 4096; 8 ranks 0.97 / 0.98 at 4096 / 8192).
+pub(crate) const fn fused_oneshot_max_bytes(world: usize) -> usize {
+    if world <= 2 {
+        512 << 10
+    } else {
+        256 << 10
+    }
+}
+
+/// Smallest message the fused two-shot takes under [`Fusion::Auto`] (where every peer reaches the
+/// input and norm_out): where it starts to beat the fused one-shot, at `15f7f26` (bench/RESULTS.md,
+/// "Fused two-shot"): 4 ranks 512 KiB (hidden 4096 in place 8.11 against 9.26 us; 256 KiB 6.82
+/// against 5.93), 8 ranks 256 KiB (hidden 4096 10.25 against 10.46; 128 KiB 9.10 against 8.45).
+/// Never at 1-2 ranks.
+pub(crate) const fn fused_twoshot_min_bytes(world: usize) -> usize {
+    if world <= 2 {
+        usize::MAX
+    } else if world <= 4 {
         512 << 10
     } else {
         256 << 10
@@ -385,17 +415,17 @@ impl DispatchTable {
         }
     }
 
-    /// The plan of `all_reduce_add_rms_norm`: the fused kernel where it serves and
-    /// `fused_norm_max_bytes` (or [`Fusion::Fused`]) says so, else `plan` and the norm step.
+    /// The plan of `all_reduce_add_rms_norm`: the fused kernel where it serves and [`Fusion::Auto`]
+    /// (its limits) or [`Fusion::Fused`] says so, else `plan` and the norm step.
     fn with_norm(&self, mut plan: Plan, req: &Request, norm: NormRequest) -> Result<Plan> {
-        let fused = self.fused_algo(req);
+        let forced = req.forced.or(self.forced);
         let algo = match norm.fusion {
             Fusion::Split => None,
-            Fusion::Fused => match fused {
+            Fusion::Fused => match self.fused_algo(req, forced) {
                 Ok(algo) => Some(algo),
                 Err(why) => return Err(Error::usage("the fused allreduce + RMSNorm (Fusion::Fused)", why)),
             },
-            Fusion::Auto => fused.ok().filter(|_| req.bytes() <= self.fused_norm_max_bytes),
+            Fusion::Auto => self.auto_fused(req, forced),
         };
         if let Some(algo) = algo {
             let op = Op::ReduceAddRmsNorm { algo, group: Group::Node };
@@ -405,11 +435,31 @@ impl DispatchTable {
         Ok(plan)
     }
 
-    /// The fused kernel that can serve `req` (one-shot, or two-shot where it is forced), or why
+    /// The fused kernel [`Fusion::Auto`] runs for `req`, if any: within `fused_norm_max_bytes`,
+    /// the fused two-shot from [`fused_twoshot_min_bytes`] where every peer reaches the buffers,
+    /// else the fused one-shot up to [`fused_oneshot_max_bytes`]; a forced allreduce keeps its
+    /// own algorithm (one-shot within its limit, two-shot where it can serve).
+    fn auto_fused(&self, req: &Request, forced: Option<Algo>) -> Option<Algo> {
+        let (bytes, world) = (req.bytes(), req.shape.world);
+        if bytes > self.fused_norm_max_bytes {
+            return None;
+        }
+        let two_shot = req.peer_rows && bytes >= fused_twoshot_min_bytes(world);
+        let one_shot = bytes <= fused_oneshot_max_bytes(world);
+        let algo = match forced {
+            None if two_shot => Algo::TwoShot,
+            None | Some(Algo::OneShot) if one_shot => Algo::OneShot,
+            Some(Algo::TwoShot) => Algo::TwoShot,
+            _ => return None,
+        };
+        self.fused_algo(req, forced.or(Some(algo))).ok().filter(|_| forced.is_some() || self.quick_for(req).is_none())
+    }
+
+    /// The fused kernel that serves `req` with the allreduce `algo` (`None`: one-shot), or why
     /// none can.
-    fn fused_algo(&self, req: &Request) -> std::result::Result<Algo, String> {
+    fn fused_algo(&self, req: &Request, algo: Option<Algo>) -> std::result::Result<Algo, String> {
         let s = req.shape;
-        match req.forced.or(self.forced) {
+        match algo {
             _ if s.world == 1 => Err("one rank: the allreduce is a copy".into()),
             _ if s.nodes > 1 => Err(format!("the ranks span {} nodes", s.nodes)),
             _ if !req.caps.has(BackendKind::Custom, Group::Node) => {
@@ -678,9 +728,11 @@ impl fmt::Display for DispatchTable {
         writeln!(f, "# device memory: bytes <= {:>10}: {}", self.custom_max_bytes, Algo::TwoShot)?;
         writeln!(
             f,
-            "# device memory: bytes <= {:>10}: allreduce + RMSNorm fused ({} with the norm), larger: split",
+            "# device memory: bytes <= {:>10}: allreduce + RMSNorm fused ({} with the norm, or at 3-8 ranks {} where \
+             every peer reaches the buffers), larger: split",
             self.fused_norm_max_bytes,
-            Algo::OneShot
+            Algo::OneShot,
+            Algo::TwoShot,
         )?;
         if let (Some(codec), false) = (self.quick, self.deterministic) {
             writeln!(
@@ -1083,8 +1135,9 @@ mod tests {
         let c = all();
         for world in [2, 4, 8] {
             let t = table(Config::default(), world);
-            let limit = fused_norm_max_bytes(world);
-            assert_eq!(t.fused_norm_max_bytes(), limit);
+            // Buffers no peer reaches: the fused one-shot up to its limit.
+            let limit = fused_oneshot_max_bytes(world);
+            assert_eq!(t.fused_norm_max_bytes(), fused_norm_max_bytes(world));
             for local_rank in [0, world - 1] {
                 let s = Shape::one_node(world, local_rank);
                 for in_place in [false, true] {
@@ -1113,12 +1166,31 @@ mod tests {
             assert_eq!(above.algo, want, "world {world}");
             // Forced fused, the limit does not apply (the IPC limit does).
             assert_fused(&t.device(&norm_req(&c, 8 << 20, s, Fusion::Fused)).unwrap(), 4 << 20, "fused at 8 MiB");
+            // Buffers every peer reaches: at 3-8 ranks the fused two-shot from its start through
+            // the fused limit, the fused one-shot below; at 2 ranks the one-shot's limit alone.
+            let max = fused_norm_max_bytes(world);
+            let reach = |bytes| Request { peer_rows: true, ..norm_req(&c, bytes, s, Fusion::Auto) };
+            let two = Op::ReduceAddRmsNorm { algo: Algo::TwoShot, group: Group::Node };
+            for bytes in [16, 4096, limit, fused_twoshot_min_bytes(world), max - 16, max, max + 16] {
+                let what = format!("world {world}, reachable: {bytes} bytes");
+                if bytes > max {
+                    assert_split(&t, &reach(bytes), &what);
+                } else if bytes >= fused_twoshot_min_bytes(world) {
+                    let p = t.device(&reach(bytes)).unwrap();
+                    assert_eq!((p.algo, p.steps), (Algo::TwoShot, vec![Step { op: two, range: 0..bytes / 2 }]));
+                } else if bytes <= limit {
+                    assert_fused(&t.device(&reach(bytes)).unwrap(), bytes / 2, &what);
+                } else {
+                    assert_split(&t, &reach(bytes), &what);
+                }
+            }
+            assert_eq!(world == 2, max == limit, "world {world}: the one-shot's limit is the whole limit at 2 ranks");
         }
         // Other element types: the limit is in bytes.
         let t = table(Config::default(), 4);
         let s = Shape::one_node(4, 0);
         let f32s = |bytes: usize| Request { len: bytes / 4, dtype: DType::F32, ..norm_req(&c, 0, s, Fusion::Auto) };
-        let lim = fused_norm_max_bytes(4);
+        let lim = fused_oneshot_max_bytes(4);
         assert_fused(&t.device(&f32s(lim)).unwrap(), lim / 4, "f32 at the limit");
         assert_split(&t, &f32s(lim + 16), "f32 above the limit");
     }
@@ -1173,7 +1245,7 @@ mod tests {
                 // and under Auto up to the fused limit.
                 let reach = Request { forced, peer_rows: true, ..norm_req(&c, bytes, s, Fusion::Fused) };
                 let p = t.device(&reach).unwrap_or_else(|e| panic!("{what}: {e}"));
-                assert_eq!((p.algo, p.steps.clone()), (Algo::TwoShot, vec![Step { op: two.clone(), range: 0..len }]));
+                assert_eq!((p.algo, p.steps.clone()), (Algo::TwoShot, vec![Step { op: two, range: 0..len }]));
                 let auto = Request { norm: Some(NormRequest { hidden: 4096, fusion: Fusion::Auto }), ..reach };
                 if auto_fuses {
                     assert_eq!(t.device(&auto).unwrap().steps, p.steps, "{what}, Auto");
@@ -1259,7 +1331,7 @@ mod tests {
             };
             let r = |bytes, fusion| Request { forced, ..norm_req(&c, bytes, s, fusion) };
             assert_fused(&t.device(&r(4096, Fusion::Auto)).unwrap(), 2048, "forced one-shot");
-            let lim = fused_norm_max_bytes(4);
+            let lim = fused_oneshot_max_bytes(4);
             assert_fused(&t.device(&r(lim, Fusion::Auto)).unwrap(), lim / 2, "forced one-shot at the limit");
             let above = r(lim + 16, Fusion::Auto);
             assert_split(&t, &above, "forced one-shot above the limit");
@@ -1296,7 +1368,7 @@ mod tests {
         let c = all();
         let s = Shape::one_node(4, 0);
         let t = table(Config { deterministic: true, ..Config::default() }, 4);
-        let lim = fused_norm_max_bytes(4);
+        let lim = fused_oneshot_max_bytes(4);
         for bytes in [16, 4096, lim] {
             assert_fused(&t.device(&norm_req(&c, bytes, s, Fusion::Auto)).unwrap(), bytes / 2, "deterministic");
         }
@@ -1318,9 +1390,11 @@ mod tests {
             assert_eq!(t.fused_norm_max_bytes(), 0);
             let s = Shape::one_node(world, 0);
             for bytes in [16, 4096, 64 << 10, 1 << 20] {
-                for in_place in [false, true] {
-                    let r = Request { in_place, ..norm_req(&c, bytes, s, Fusion::Auto) };
-                    assert_split(&t, &r, &format!("world {world}, limit 0: {bytes} bytes in place {in_place}"));
+                for (in_place, peer_rows) in [(false, false), (true, false), (false, true), (true, true)] {
+                    let r = Request { in_place, peer_rows, ..norm_req(&c, bytes, s, Fusion::Auto) };
+                    let what =
+                        format!("world {world}, limit 0: {bytes} bytes in place {in_place} reachable {peer_rows}");
+                    assert_split(&t, &r, &what);
                 }
             }
             // The limit is Auto's: the kernel can still be asked for.

@@ -60,7 +60,10 @@ pub(crate) const DEFAULT_MAX_BLOCKS: usize = 72;
 
 /// Block limit of the fused kernels (one-shot or two-shot + RMSNorm), whose blocks have
 /// [`protocol::THREADS`] threads (one block per row), before each kernel's shared-device cap.
-const NORM_MAX_BLOCKS: usize = 36;
+/// 64 lets a 2-rank one-shot of 64 rows give each block one row (36, the seed's grid, left 28 blocks
+/// with two); fewer rows than blocks are unaffected, and the fused two-shot's own cap is below
+/// it at 4-8 ranks.
+const NORM_MAX_BLOCKS: usize = 64;
 
 /// Threads per block of `kernel`'s launches.
 fn block_threads(kernel: Kernel) -> usize {
