@@ -81,6 +81,17 @@ __device__ __forceinline__ bool row_is_mine(const Ptrs& in, const char* local_in
     return false;
 }
 
+// The rows of a call that writes every rank's output: every rank's input (`rd`) and output
+// (`rd_out`), each checked to name our own buffer at our index before anything is read or
+// written through it.
+__device__ __forceinline__ bool load_rows(const Ptrs* __restrict__ rd, u64 in_offset, const char* local_in,
+                                          const Ptrs* __restrict__ rd_out, u64 out_offset, const char* out, int rank,
+                                          volatile u64* err, const Fault& fault, Ptrs* in, Ptrs* outs) {
+    load_row(rd, in_offset, in);
+    load_row(rd_out, out_offset, outs);
+    return row_is_mine(*in, local_in, rank, err, fault) && row_is_mine(*outs, out, rank, err, fault);
+}
+
 // ---------------------------------------------------------------------------------------------
 // One-shot: every rank reads every input and writes its whole output.
 //
@@ -270,9 +281,7 @@ __device__ void twoshot_direct(const Ptrs* __restrict__ rd, u64 in_offset, const
     if (threadIdx.x == 0) failed = 0;
     Signal* self = (Signal*)pick(sigs, rank);
     Ptrs in, outs;
-    load_row(rd, in_offset, &in);
-    load_row(rd_out, out_offset, &outs);
-    if (!row_is_mine(in, local_in, rank, err, fault) || !row_is_mine(outs, out, rank, err, fault)) return;
+    if (!load_rows(rd, in_offset, local_in, rd_out, out_offset, out, rank, err, fault, &in, &outs)) return;
     if (!barrier<false>(self, sigs, rank, TPCOMM_BARRIER_START, tag, timeout_ns, err, fault, &failed)) return;
     pdl_release_next();  // every peer's block b is resident (common.cuh)
     const u64 nvec = count / T::PER_VEC;
@@ -325,9 +334,7 @@ __device__ void twoshot_norm(const Ptrs* __restrict__ rd, u64 in_offset, const c
     if (threadIdx.x == 0) failed = 0;
     Signal* self = (Signal*)pick(sigs, rank);
     Ptrs in, outs;
-    load_row(rd, in_offset, &in);
-    load_row(rd_out, out_offset, &outs);
-    if (!row_is_mine(in, local_in, rank, err, fault) || !row_is_mine(outs, out, rank, err, fault)) return;
+    if (!load_rows(rd, in_offset, local_in, rd_out, out_offset, out, rank, err, fault, &in, &outs)) return;
     const u64 rows = count / norm.hidden;
     const u64 per_row = norm.hidden / T::PER_VEC;
     u64 p0, p1;

@@ -65,10 +65,10 @@ pub struct Config {
     /// (`TPCOMM_ONESHOT_MAX_BYTES`; `None` keeps the tuned or default value).
     pub oneshot_max_bytes: Option<usize>,
     /// `all_reduce_add_rms_norm` fuses messages up to this many bytes
-    /// (`TPCOMM_FUSED_NORM_MAX_BYTES`; `None` keeps the default: 512 KiB at 2 ranks, 2 MiB at 3-4,
-    /// 1 MiB at 5-8). Within it the fused one-shot takes up to 512 KiB at 2 ranks and 256 KiB at
-    /// 3-8, the fused two-shot from 512 KiB at 3-4 ranks and 256 KiB at 5-8 where every peer
-    /// reaches the input and norm_out (registered or captured buffers); other calls split.
+    /// (`TPCOMM_FUSED_NORM_MAX_BYTES`; `None` keeps the default, 2 MiB). Within it the fused
+    /// one-shot takes up to 2 MiB at 2-4 ranks and 256 KiB at 5-8, the fused two-shot larger ones
+    /// where every peer reaches the input and norm_out (registered or captured buffers); other
+    /// calls split.
     pub fused_norm_max_bytes: Option<usize>,
     /// A dispatch table tuned by [`crate::Communicator::tune`]: loaded at start when the file
     /// exists and was tuned for this machine and layout, written by `tune` (`TPCOMM_TUNE_FILE`).

@@ -196,6 +196,9 @@ pub struct DispatchTable {
     pub(crate) quick_min_bytes: usize,
     pub(crate) quick_max_bytes: usize,
     pub(crate) fused_norm_max_bytes: usize,
+    /// Within `fused_norm_max_bytes`: the fused one-shot's largest message under Auto
+    /// ([`fused_oneshot_max_bytes`]); the fused two-shot takes larger ones.
+    fused_oneshot_max_bytes: usize,
 }
 
 /// Largest host message (bytes per rank) reduced by one-shot for `world` ranks. One-shot makes
@@ -270,48 +273,30 @@ pub(crate) const fn quick_min_bytes(world: usize) -> usize {
 }
 
 /// Largest message (bytes per rank) `all_reduce_add_rms_norm` runs fused by default (one kernel:
-/// the fused one-shot up to [`fused_oneshot_max_bytes`], the fused two-shot from
-/// [`fused_twoshot_min_bytes`] where every peer reaches the input and norm_out); larger messages
-/// run the allreduce and then the norm kernel. Measured on one H200 shared by all ranks, bf16,
-/// graphs, hidden 4096 and 8192, at `15f7f26` (bench/RESULTS.md, "Fused two-shot"): the fused
-/// two-shot beats the split path at 4 ranks through 2 MiB (split/fused 1.05-1.23 out of place,
-/// 1.06-1.20 in place; 4 MiB is mixed) and at 8 ranks through 1 MiB (1.05-1.21; 2 MiB loses in
-/// place); at 2 ranks it never beats the fused one-shot or the split path, so the one-shot's
-/// limit stays the whole limit there. 3 and 5-7 ranks take the rule of 4 and 8 (not measured).
-pub(crate) const fn fused_norm_max_bytes(world: usize) -> usize {
-    if world <= 2 {
-        512 << 10
-    } else if world <= 4 {
-        2 << 20
-    } else {
-        1 << 20
-    }
+/// the fused one-shot up to [`fused_oneshot_max_bytes`], the fused two-shot above it where every
+/// peer reaches the input and norm_out); larger messages run the allreduce and then the norm
+/// kernel. Measured on one H200 shared by all ranks, bf16, graphs, hidden 4096 and 8192, at
+/// `2b8f02b` (bench/RESULTS.md, "Fused two-shot"; sweeps to 2 MiB): the fused kernel the rule
+/// below picks beats the split path at every size through 2 MiB at 2, 4 and 8 ranks, in place
+/// and not (split/fused 1.06-1.54); above 2 MiB it was not measured with these kernels (at
+/// `15f7f26` the fused kernels lost at 4 MiB at 2 and 8 ranks and at 8 MiB at 4). 3 and 5-7
+/// ranks follow 4 and 8 (not measured).
+pub(crate) const fn fused_norm_max_bytes(_world: usize) -> usize {
+    2 << 20
 }
 
 /// Largest message the fused one-shot takes under [`Fusion::Auto`] (within
-/// [`fused_norm_max_bytes`]). Its blocks take whole rows in turns, so where two-shot wins the
-/// split path does. Measured at `893c771` (bench/RESULTS.md, "Rows in registers ..."): at 2 ranks
-/// it wins through 512 KiB at hidden 4096 and 8192 (split/fused 1.15-1.47 at 512 KiB) and loses
-/// at 1 MiB (0.90 at hidden 4096); at 4 and 8 ranks it wins through 256 KiB (1.08-1.49) and loses
-/// in place at 512 KiB (4 ranks 0.98 at hidden 4096; 8 ranks 0.97 / 0.98 at 4096 / 8192).
+/// [`fused_norm_max_bytes`]); above it, at 5-8 ranks, the fused two-shot serves buffers every
+/// peer reaches, and other calls split. At `2b8f02b` (64 blocks of rows; bench/RESULTS.md, "Fused
+/// two-shot"): at 2 and 4 ranks the one-shot beats both the split path and the fused two-shot at
+/// every size through 2 MiB (4 ranks hidden 4096, 2 MiB: 14.11 / 14.93 us out of place / in place
+/// against the two-shot's 16.04 / 16.18 and split's 18.43 / 18.10); at 8 ranks, where the shared
+/// device leaves it 33 blocks, it ties the two-shot at 256 KiB (10.87 / 10.66 against 10.96 /
+/// 11.11 at hidden 4096, 9.82 / 10.32 against 9.74 / 9.74 at 8192) and loses from 512 KiB
+/// (14.55 / 14.70 against 12.94 / 13.06; split 14.58 / 14.68).
 pub(crate) const fn fused_oneshot_max_bytes(world: usize) -> usize {
-    if world <= 2 {
-        512 << 10
-    } else {
-        256 << 10
-    }
-}
-
-/// Smallest message the fused two-shot takes under [`Fusion::Auto`] (where every peer reaches the
-/// input and norm_out): where it starts to beat the fused one-shot, at `15f7f26` (bench/RESULTS.md,
-/// "Fused two-shot"): 4 ranks 512 KiB (hidden 4096 in place 8.11 against 9.26 us; 256 KiB 6.82
-/// against 5.93), 8 ranks 256 KiB (hidden 4096 10.25 against 10.46; 128 KiB 9.10 against 8.45).
-/// Never at 1-2 ranks.
-pub(crate) const fn fused_twoshot_min_bytes(world: usize) -> usize {
-    if world <= 2 {
-        usize::MAX
-    } else if world <= 4 {
-        512 << 10
+    if world <= 4 {
+        2 << 20
     } else {
         256 << 10
     }
@@ -335,6 +320,7 @@ impl DispatchTable {
             quick_min_bytes: config.quick_min_bytes.unwrap_or(quick_min_bytes(world_size)),
             quick_max_bytes: config.quick_max_bytes,
             fused_norm_max_bytes: config.fused_norm_max_bytes.unwrap_or(fused_norm_max_bytes(world_size)),
+            fused_oneshot_max_bytes: fused_oneshot_max_bytes(world_size),
         }
     }
 
@@ -361,6 +347,13 @@ impl DispatchTable {
     /// Largest message (bytes per rank) `all_reduce_add_rms_norm` fuses.
     pub fn fused_norm_max_bytes(&self) -> usize {
         self.fused_norm_max_bytes
+    }
+
+    /// Largest message (bytes per rank) `all_reduce_add_rms_norm` fuses into the one-shot (within
+    /// [`DispatchTable::fused_norm_max_bytes`]; larger ones take the fused two-shot where every
+    /// peer reaches the input and norm_out, and split elsewhere).
+    pub fn fused_oneshot_max_bytes(&self) -> usize {
+        self.fused_oneshot_max_bytes.min(self.fused_norm_max_bytes)
     }
 
     /// The host algorithm for `len` elements of `dtype`, or the forced one.
@@ -436,19 +429,18 @@ impl DispatchTable {
     }
 
     /// The fused kernel [`Fusion::Auto`] runs for `req`, if any: within `fused_norm_max_bytes`,
-    /// the fused two-shot from [`fused_twoshot_min_bytes`] where every peer reaches the buffers,
-    /// else the fused one-shot up to [`fused_oneshot_max_bytes`]; a forced allreduce keeps its
-    /// own algorithm (one-shot within its limit, two-shot where it can serve).
+    /// the fused one-shot up to [`fused_oneshot_max_bytes`], the fused two-shot above it where
+    /// every peer reaches the buffers; a forced allreduce keeps its own algorithm (one-shot
+    /// within its limit, two-shot where it can serve).
     fn auto_fused(&self, req: &Request, forced: Option<Algo>) -> Option<Algo> {
-        let (bytes, world) = (req.bytes(), req.shape.world);
+        let bytes = req.bytes();
         if bytes > self.fused_norm_max_bytes {
             return None;
         }
-        let two_shot = req.peer_rows && bytes >= fused_twoshot_min_bytes(world);
-        let one_shot = bytes <= fused_oneshot_max_bytes(world);
+        let one_shot = bytes <= self.fused_oneshot_max_bytes;
         let algo = match forced {
-            None if two_shot => Algo::TwoShot,
             None | Some(Algo::OneShot) if one_shot => Algo::OneShot,
+            None if req.peer_rows => Algo::TwoShot,
             Some(Algo::TwoShot) => Algo::TwoShot,
             _ => return None,
         };
@@ -728,11 +720,14 @@ impl fmt::Display for DispatchTable {
         writeln!(f, "# device memory: bytes <= {:>10}: {}", self.custom_max_bytes, Algo::TwoShot)?;
         writeln!(
             f,
-            "# device memory: bytes <= {:>10}: allreduce + RMSNorm fused ({} with the norm, or at 3-8 ranks {} where \
-             every peer reaches the buffers), larger: split",
+            "# device memory: bytes <= {:>10}: allreduce + RMSNorm fused ({} with the norm up to {}{}), larger: split",
             self.fused_norm_max_bytes,
             Algo::OneShot,
-            Algo::TwoShot,
+            self.fused_oneshot_max_bytes(),
+            match self.fused_oneshot_max_bytes() < self.fused_norm_max_bytes {
+                true => format!(", {} above it where every peer reaches the buffers", Algo::TwoShot),
+                false => String::new(),
+            },
         )?;
         if let (Some(codec), false) = (self.quick, self.deterministic) {
             writeln!(
@@ -1160,31 +1155,29 @@ mod tests {
             let mut want = one(Algo::Nccl, Group::World, 32 << 20);
             want.push(Step { op: Op::AddRmsNorm, range: 0..32 << 20 });
             assert_eq!(split.steps, want);
-            let above = t.device(&norm_req(&c, limit + 16, s, Fusion::Auto)).unwrap();
-            // One-shot's own limit is above the fused one at 2 and 4 ranks, below it at 8.
-            let want = if world == 8 { Algo::TwoShot } else { Algo::OneShot };
-            assert_eq!(above.algo, want, "world {world}");
+            let above = norm_req(&c, limit + 16, s, Fusion::Auto);
+            let plain = t.device(&Request { norm: None, ..above }).unwrap();
+            assert_eq!(t.device(&above).unwrap().algo, plain.algo, "world {world}");
             // Forced fused, the limit does not apply (the IPC limit does).
             assert_fused(&t.device(&norm_req(&c, 8 << 20, s, Fusion::Fused)).unwrap(), 4 << 20, "fused at 8 MiB");
-            // Buffers every peer reaches: at 3-8 ranks the fused two-shot from its start through
-            // the fused limit, the fused one-shot below; at 2 ranks the one-shot's limit alone.
+            // Buffers every peer reaches: the fused one-shot up to its limit, the fused two-shot
+            // above it through the fused limit (at 8 ranks; at 2 and 4 the one-shot's limit is
+            // the whole limit).
             let max = fused_norm_max_bytes(world);
             let reach = |bytes| Request { peer_rows: true, ..norm_req(&c, bytes, s, Fusion::Auto) };
             let two = Op::ReduceAddRmsNorm { algo: Algo::TwoShot, group: Group::Node };
-            for bytes in [16, 4096, limit, fused_twoshot_min_bytes(world), max - 16, max, max + 16] {
+            for bytes in [16, 4096, limit, limit + 16, max - 16, max, max + 16] {
                 let what = format!("world {world}, reachable: {bytes} bytes");
                 if bytes > max {
                     assert_split(&t, &reach(bytes), &what);
-                } else if bytes >= fused_twoshot_min_bytes(world) {
-                    let p = t.device(&reach(bytes)).unwrap();
-                    assert_eq!((p.algo, p.steps), (Algo::TwoShot, vec![Step { op: two, range: 0..bytes / 2 }]));
                 } else if bytes <= limit {
                     assert_fused(&t.device(&reach(bytes)).unwrap(), bytes / 2, &what);
                 } else {
-                    assert_split(&t, &reach(bytes), &what);
+                    let p = t.device(&reach(bytes)).unwrap();
+                    assert_eq!((p.algo, p.steps), (Algo::TwoShot, vec![Step { op: two, range: 0..bytes / 2 }]));
                 }
             }
-            assert_eq!(world == 2, max == limit, "world {world}: the one-shot's limit is the whole limit at 2 ranks");
+            assert_eq!(world == 8, limit < max, "world {world}: the one-shot's limit is the whole limit at 2-4 ranks");
         }
         // Other element types: the limit is in bytes.
         let t = table(Config::default(), 4);
@@ -1374,7 +1367,7 @@ mod tests {
         }
         let above = norm_req(&c, lim + 16, s, Fusion::Auto);
         assert_split(&t, &above, "deterministic, above the fused limit");
-        assert_eq!(t.device(&above).unwrap().algo, Algo::OneShot);
+        assert_eq!(t.device(&above).unwrap().algo, Algo::TwoShot);
         let huge = norm_req(&c, 64 << 20, s, Fusion::Auto);
         assert_split(&t, &huge, "deterministic, over the IPC limit");
         assert_eq!(t.device(&huge).unwrap().algo, Algo::Chunked, "never NCCL");

@@ -60,9 +60,10 @@ pub(crate) const DEFAULT_MAX_BLOCKS: usize = 72;
 
 /// Block limit of the fused kernels (one-shot or two-shot + RMSNorm), whose blocks have
 /// [`protocol::THREADS`] threads (one block per row), before each kernel's shared-device cap.
-/// 64 lets a 2-rank one-shot of 64 rows give each block one row (36, the seed's grid, left 28 blocks
-/// with two); fewer rows than blocks are unaffected, and the fused two-shot's own cap is below
-/// it at 4-8 ranks.
+/// 64 against 36 (the seed's grid) on one H200 under MPS, bf16, graphs (bench/RESULTS.md, "Fused
+/// two-shot"): the fused one-shot's blocks take fewer rows each, 2 ranks 64 tokens of 4096 5.86 ->
+/// 4.65 us, 4 ranks 128 tokens 13.02 -> 9.12; fewer rows than 36 unchanged. The shared device's
+/// cap is below 64 for the fused kernels at 5-8 ranks.
 const NORM_MAX_BLOCKS: usize = 64;
 
 /// Threads per block of `kernel`'s launches.
