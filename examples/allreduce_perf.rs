@@ -32,10 +32,12 @@
 //! error against the exact sum (out of place).
 //!
 //! `--fused-norm HIDDEN` (device memory): time `all_reduce_add_rms_norm` on rows of HIDDEN
-//! elements for 1 to 4096 tokens, fused and split (tpcomm's allreduce, then its norm kernel),
-//! out of place (input registered) and in place (the engine's form), with the ratio split / fused
-//! (above 1: fusing wins) and the dispatch's choice; `#wrong` counts elements of either output
-//! whose bits differ from `tpcomm::verify::add_rms_norm_reference`, for both paths.
+//! elements for 1 to 4096 tokens (as far as `-e` allows), fused (`--algo oneshot|twoshot` picks
+//! the fused kernel; one-shot by default) and split (the dispatch's allreduce, then tpcomm's norm
+//! kernel), out of place (input and norm_out registered) and in place (the engine's form), with
+//! the ratio split / fused (above 1: fusing wins) and what the dispatch runs for those buffers
+//! (one more call of each form); `#wrong` counts elements of either output whose bits differ
+//! from `tpcomm::verify::add_rms_norm_reference`, for both paths.
 //!
 //! Eager mode (no `-G`) times `-n` calls enqueued back to back and waited for once (what an engine
 //! sees: the host never waits per call); `--eager-sync` waits for every call instead (launch,
@@ -708,7 +710,7 @@ mod device {
         x: &'a tpcomm::DeviceBuffer<T>,
         res: &'a CudaSlice<T>,
         w: &'a CudaSlice<T>,
-        y: &'a mut CudaSlice<T>,
+        y: &'a mut tpcomm::DeviceBuffer<T>,
         ro: &'a mut CudaSlice<T>,
     }
 
@@ -747,11 +749,14 @@ mod device {
         // SAFETY: every buffer of this program is used on `s` only, or after a synchronize.
         unsafe { ctx.disable_event_tracking() };
         let s = ctx.new_stream().map_err(cuda("cuStreamCreate"))?;
-        let max_tokens = 4096;
+        // Token counts 1, 2, 4, ... 4096, as far as `-e` allows.
+        let max_tokens = (1..=4096).rev().find(|t| (t * hidden * size_of::<T>()) <= o.max_bytes).unwrap_or(1);
         let max = max_tokens * hidden;
         let mut x = comm.alloc_shared::<T>(max)?;
         let mut res = s.alloc_zeros::<T>(max).map_err(cuda("alloc"))?;
-        let mut y = s.alloc_zeros::<T>(max).map_err(cuda("alloc"))?;
+        // norm_out in a buffer every peer reaches, as an engine's tensors are inside its graphs:
+        // the fused two-shot (`--algo twoshot`) writes it on every rank.
+        let mut y = comm.alloc_shared::<T>(max)?;
         let mut ro = s.alloc_zeros::<T>(max).map_err(cuda("alloc"))?;
         let weight_host: Vec<T> = rank_input(0x3e3, 98, hidden);
         let w = s.clone_htod(&weight_host).map_err(cuda("memcpy_htod"))?;
@@ -782,8 +787,12 @@ mod device {
             let mut times = [0.0f64; 4];
             let mut wrong = 0;
             for (k, fusion) in [Fusion::Fused, Fusion::Split].into_iter().enumerate() {
-                let opts = CallOptions { norm: fusion, ..Default::default() };
-                let fusable = n > 1 && len * size_of::<T>() <= comm.dispatch_table().custom_max_bytes();
+                // `--algo` forces the fused kernel's allreduce (oneshot or twoshot); split always
+                // runs the dispatch's allreduce, as the engine's unfused layer would.
+                let algo = if fusion == Fusion::Fused { o.algo } else { None };
+                let opts = CallOptions { norm: fusion, algo, ..Default::default() };
+                let staged_limit = len * size_of::<T>() <= comm.dispatch_table().custom_max_bytes();
+                let fusable = n > 1 && (staged_limit || algo == Some(Algo::TwoShot));
                 if fusion == Fusion::Fused && !fusable {
                     times[k] = f64::NAN;
                     times[k + 2] = f64::NAN;
@@ -824,12 +833,24 @@ mod device {
             let mut all = 0usize;
             world.all_reduce_into(&wrong, &mut all, SystemOperation::sum());
             wrong_total += all;
+            // What the dispatch itself runs for these buffers: one call of each form.
+            let auto = CallOptions::default();
+            let served = |r: Result<()>| match (r, comm.last_norm_fused(), comm.last_device_algo()) {
+                (Ok(()), Some(fused), Some(algo)) => format!("{} {algo}", if fused { "fused" } else { "split" }),
+                _ => "-".into(),
+            };
+            let bufs = NormBufs { x: &x, res: &res, w: &w, y: &mut y, ro: &mut ro };
+            let choice_out = served(out_of_place(comm, &auto, bufs, len, hidden, &s));
+            let choice_in = served(comm.all_reduce_add_rms_norm_in_place_with(
+                &auto,
+                &mut x.slice_mut(0..len),
+                &mut res.slice_mut(0..len),
+                &w.slice(0..hidden),
+                1e-6,
+                &s,
+            ));
+            comm.synchronize(&s)?;
             if root {
-                let choice = |ip| match comm.norm_is_fused::<T>(len, hidden, ip) {
-                    Ok(true) => "fused",
-                    Ok(false) => "split",
-                    Err(_) => "-",
-                };
                 println!(
                     "{tokens:>8} {:>10}  {:>9.2} {:>9.2} {:>6.2}  {:>9.2} {:>9.2} {:>6.2}  {all:>6}  {}|{}",
                     len * size_of::<T>(),
@@ -839,8 +860,8 @@ mod device {
                     times[2],
                     times[3],
                     times[3] / times[2],
-                    choice(false),
-                    choice(true)
+                    choice_out,
+                    choice_in
                 );
                 let _ = std::io::stdout().flush();
             }

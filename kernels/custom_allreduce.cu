@@ -81,6 +81,17 @@ __device__ __forceinline__ bool row_is_mine(const Ptrs& in, const char* local_in
     return false;
 }
 
+// The rows of a call that writes every rank's output: every rank's input (`rd`) and output
+// (`rd_out`), each checked to name our own buffer at our index before anything is read or
+// written through it.
+__device__ __forceinline__ bool load_rows(const Ptrs* __restrict__ rd, u64 in_offset, const char* local_in,
+                                          const Ptrs* __restrict__ rd_out, u64 out_offset, const char* out, int rank,
+                                          volatile u64* err, const Fault& fault, Ptrs* in, Ptrs* outs) {
+    load_row(rd, in_offset, in);
+    load_row(rd_out, out_offset, outs);
+    return row_is_mine(*in, local_in, rank, err, fault) && row_is_mine(*outs, out, rank, err, fault);
+}
+
 // ---------------------------------------------------------------------------------------------
 // One-shot: every rank reads every input and writes its whole output.
 //
@@ -270,9 +281,7 @@ __device__ void twoshot_direct(const Ptrs* __restrict__ rd, u64 in_offset, const
     if (threadIdx.x == 0) failed = 0;
     Signal* self = (Signal*)pick(sigs, rank);
     Ptrs in, outs;
-    load_row(rd, in_offset, &in);
-    load_row(rd_out, out_offset, &outs);
-    if (!row_is_mine(in, local_in, rank, err, fault) || !row_is_mine(outs, out, rank, err, fault)) return;
+    if (!load_rows(rd, in_offset, local_in, rd_out, out_offset, out, rank, err, fault, &in, &outs)) return;
     if (!barrier<false>(self, sigs, rank, TPCOMM_BARRIER_START, tag, timeout_ns, err, fault, &failed)) return;
     pdl_release_next();  // every peer's block b is resident (common.cuh)
     const u64 nvec = count / T::PER_VEC;
@@ -296,6 +305,66 @@ __device__ void twoshot_direct(const Ptrs* __restrict__ rd, u64 in_offset, const
     barrier<true>(self, sigs, rank, TPCOMM_BARRIER_END, tag, timeout_ns, err, fault, &failed);
 }
 
+// The allreduce's sum of the rows of this call, read back from our norm_out, where every rank
+// stored its pieces (volatile: peers wrote it during this launch).
+struct StoredSum {
+    const char* p;
+    __device__ __forceinline__ Vec16 operator()(u64 i) const { return ld_volatile_v4(p + i * 16); }
+};
+
+// Two-shot fused with residual add + RMSNorm: `out` is norm_out, named on every rank by `rd_out`.
+// Block b owns rows b, b + gridDim.x, ... on every rank; each row is cut into WORLD pieces (shard
+// of the row's vectors), and piece s is reduced by rank s, which stores the sum (all_reduce's
+// bits) into every rank's norm_out (the direct two-shot's store as all-gather). After the end
+// barrier every rank's block b holds the sums of its own rows in its norm_out and finishes them
+// locally: residual_out = sum + residual, then norm_out over the sum, both by the standalone
+// kernel's code (rms_norm.cuh), so fused and split give the same bits.
+//
+// Safe as the direct two-shot is: piece s of a row, in every input and every norm_out, is
+// touched before the end barrier by rank s's block b alone, and each thread reads an element of
+// every input before it stores that element (so norm_out may be the input). The start barrier
+// says every rank's earlier work on its buffers is done; the end barrier (publishing, per block)
+// makes every peer's stores into our rows visible to our block b, which alone reads those rows,
+// and after it no peer touches our buffers in this call. residual and residual_out are local.
+template <typename T>
+__device__ void twoshot_norm(const Ptrs* __restrict__ rd, u64 in_offset, const char* local_in,
+                             const Ptrs* __restrict__ rd_out, u64 out_offset, const Ptrs& sigs, char* out, int rank,
+                             u64 count, u64 timeout_ns, u64* err, u32 tag, const Fault& fault, const NormArgs& norm) {
+    __shared__ int failed;
+    if (threadIdx.x == 0) failed = 0;
+    Signal* self = (Signal*)pick(sigs, rank);
+    Ptrs in, outs;
+    if (!load_rows(rd, in_offset, local_in, rd_out, out_offset, out, rank, err, fault, &in, &outs)) return;
+    const u64 rows = count / norm.hidden;
+    const u64 per_row = norm.hidden / T::PER_VEC;
+    u64 p0, p1;
+    shard(per_row, rank, &p0, &p1);
+    const u64 piece = p1 - p0;
+    // Local data, complete when the kernel starts: loaded before the barrier's round trip.
+    Vec16 w[TPCOMM_NORM_KEEP], res[TPCOMM_NORM_KEEP], keep[TPCOMM_NORM_KEEP];
+    load_weight<T>(norm, w);
+    if (blockIdx.x < rows) load_residual<T>(norm, blockIdx.x, res);
+    if (!barrier<false>(self, sigs, rank, TPCOMM_BARRIER_START, tag, timeout_ns, err, fault, &failed)) return;
+    pdl_release_next();  // every peer's block b is resident (common.cuh)
+    // Our piece of each of the block's rows, all pieces spread over the block's threads.
+    const u64 my_rows = blockIdx.x < rows ? (rows - 1 - blockIdx.x) / gridDim.x + 1 : 0;
+    for (u64 j = threadIdx.x; j < my_rows * piece; j += blockDim.x) {
+        const u64 row = blockIdx.x + (j / piece) * gridDim.x;
+        const u64 i = row * per_row + p0 + j % piece;
+        const Vec16 v = sum_vec<T>(in, i);
+#pragma unroll
+        for (int r = 0; r < TPCOMM_WORLD; r++) ((Vec16*)outs.p[r])[i] = v;
+    }
+    if (!barrier<true>(self, sigs, rank, TPCOMM_BARRIER_END, tag, timeout_ns, err, fault, &failed)) return;
+    // Every piece of our rows is in our norm_out: finish them here.
+    const StoredSum sums = {out};
+    for (u64 row = blockIdx.x; row < rows; row += gridDim.x) {
+        if (row != blockIdx.x) load_residual<T>(norm, row, res);
+        const float inv = add_residual_row<T>(sums, row, norm, res, keep);
+        norm_row<T, true>(row, norm, inv, keep, w, out);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Entry points, one per (algorithm, dtype), all with one signature:
 // (rank-data row, input offset into the row's buffers, our own input, the outputs' row and the
@@ -308,7 +377,11 @@ __device__ void twoshot_direct(const Ptrs* __restrict__ rd, u64 in_offset, const
 // per SM, 64 registers a thread, for every kernel but the direct two-shot, which takes 512 per SM
 // (128 registers): at 8 ranks it holds 8 loaded vectors and 16 row pointers at once, and at 64 it
 // reloaded the pointers from local memory in its loop (8 ranks 2-8 MiB in place 5-7% slower
-// under MPS; bench/RESULTS.md "Register budget of the direct two-shot"). The host computes
+// under MPS; bench/RESULTS.md "Register budget of the direct two-shot"). The fused two-shot keeps
+// both rows of pointers and the weight, residual and residual_out vectors of its rows at once:
+// one block of TPCOMM_THREADS per SM (128 registers) up to 6 ranks, where two would spill; two at
+// 7 and 8 (64 registers suffice there in bf16 and f16), where the shared device's cap would
+// otherwise leave 16-18 blocks for all rows. The host computes
 // the shared device's grid cap from the driver's occupancy of the kernels of each budget.
 #define TPCOMM_ENTRY(NAME, THREADS, BLOCKS_PER_SM, ALGO)                                                  \
     extern "C" __global__ void __launch_bounds__(THREADS, BLOCKS_PER_SM)                                  \
@@ -329,6 +402,9 @@ __device__ void twoshot_direct(const Ptrs* __restrict__ rd, u64 in_offset, const
 #define TPCOMM_TWOSHOT(T) \
     twoshot<T>(rd, in_offset, local_in, sigs, scratch, out, rank, count, timeout_ns, err, tag, fault)
 
+#define TPCOMM_TWOSHOT_NORM(T)                                                                            \
+    twoshot_norm<T>(rd, in_offset, local_in, rd_out, out_offset, sigs, out, rank, count, timeout_ns, err, tag, fault, \
+                    norm)
 #define TPCOMM_DIRECT(T)                                                                                  \
     twoshot_direct<T>(rd, in_offset, local_in, rd_out, out_offset, sigs, out, rank, count, timeout_ns, err, tag, \
                       fault)
@@ -345,3 +421,7 @@ TPCOMM_ENTRY(twoshot_bf16, TPCOMM_AR_THREADS, 1024 / TPCOMM_AR_THREADS, TPCOMM_T
 TPCOMM_ENTRY(twoshot_direct_f32, TPCOMM_AR_THREADS, 512 / TPCOMM_AR_THREADS, TPCOMM_DIRECT(F32))
 TPCOMM_ENTRY(twoshot_direct_f16, TPCOMM_AR_THREADS, 512 / TPCOMM_AR_THREADS, TPCOMM_DIRECT(F16))
 TPCOMM_ENTRY(twoshot_direct_bf16, TPCOMM_AR_THREADS, 512 / TPCOMM_AR_THREADS, TPCOMM_DIRECT(BF16))
+#define TPCOMM_TWOSHOT_NORM_PER_SM (TPCOMM_WORLD >= 7 ? 2 : 1)
+TPCOMM_ENTRY(twoshot_norm_f32, TPCOMM_THREADS, TPCOMM_TWOSHOT_NORM_PER_SM, TPCOMM_TWOSHOT_NORM(F32))
+TPCOMM_ENTRY(twoshot_norm_f16, TPCOMM_THREADS, TPCOMM_TWOSHOT_NORM_PER_SM, TPCOMM_TWOSHOT_NORM(F16))
+TPCOMM_ENTRY(twoshot_norm_bf16, TPCOMM_THREADS, TPCOMM_TWOSHOT_NORM_PER_SM, TPCOMM_TWOSHOT_NORM(BF16))

@@ -151,7 +151,8 @@ pub struct Communicator {
     table: RefCell<DispatchTable>,
     spec: DeviceSpec,
     finalized: Cell<bool>,
-    last_device_algo: Cell<Option<Algo>>,
+    /// The algorithm of this rank's last successful device call, and whether its norm was fused.
+    last_device_call: Cell<Option<(Algo, bool)>>,
 }
 
 impl Communicator {
@@ -204,7 +205,7 @@ impl Communicator {
             table: RefCell::new(table),
             spec,
             finalized: Cell::new(false),
-            last_device_algo: Cell::new(None),
+            last_device_call: Cell::new(None),
         })
     }
 
@@ -421,7 +422,15 @@ impl Communicator {
     /// call's buffers, which decide some choices (registered or captured buffers every peer
     /// reaches take the two-shot kernel above `TPCOMM_CUSTOM_MAX_BYTES`).
     pub fn last_device_algo(&self) -> Option<Algo> {
-        self.last_device_algo.get()
+        self.last_device_call.get().map(|(algo, _)| algo)
+    }
+
+    /// Whether this rank's last successful device call ran its residual add + RMSNorm fused
+    /// into the allreduce (`false` for a split call and for a plain allreduce), `None` before
+    /// the first: like [`Communicator::last_device_algo`] it knows the call's buffers, which
+    /// decide whether the fused two-shot can serve.
+    pub fn last_norm_fused(&self) -> Option<bool> {
+        self.last_device_call.get().map(|(_, fused)| fused)
     }
 
     /// The algorithm the dispatch picks for a device call of `len` elements of `T` with aligned
@@ -598,8 +607,8 @@ impl Communicator {
             norm,
         };
         // SAFETY: the caller's contract.
-        let algo = self.with_device(|d| unsafe { d.all_reduce(&self.boot, &table, &call) })?;
-        self.last_device_algo.set(Some(algo));
+        let served = self.with_device(|d| unsafe { d.all_reduce(&self.boot, &table, &call) })?;
+        self.last_device_call.set(Some(served));
         Ok(())
     }
 

@@ -49,7 +49,7 @@ pub struct Config {
     /// blocks of 256 threads, 512 for the fused one-shot + RMSNorm; `None`: 72, the threads of
     /// the seed's 36 blocks of 512, and 128 for large calls: one-shot from 2 MiB, two-shot
     /// through scratch from 8 MiB; both two-shots take at most 32 below those sizes at 3-8
-    /// ranks, the two-shot stored directly at every size there; the fused kernel at most 36),
+    /// ranks, the two-shot stored directly at every size there; the fused kernels at most 64),
     /// before the cap that keeps every rank's blocks resident on a shared GPU.
     pub custom_max_blocks: Option<usize>,
     /// Bytes of the largest message the packet kernels take; sizes each rank's LL scratch and
@@ -65,7 +65,10 @@ pub struct Config {
     /// (`TPCOMM_ONESHOT_MAX_BYTES`; `None` keeps the tuned or default value).
     pub oneshot_max_bytes: Option<usize>,
     /// `all_reduce_add_rms_norm` fuses messages up to this many bytes
-    /// (`TPCOMM_FUSED_NORM_MAX_BYTES`; `None` keeps the default: 512 KiB at 2 ranks, 256 KiB at 3-8).
+    /// (`TPCOMM_FUSED_NORM_MAX_BYTES`; `None` keeps the default, 2 MiB). Within it the fused
+    /// one-shot takes up to 2 MiB at 2-4 ranks and 256 KiB at 5-8, the fused two-shot larger ones
+    /// where every peer reaches the input and norm_out (registered or captured buffers); other
+    /// calls split.
     pub fused_norm_max_bytes: Option<usize>,
     /// A dispatch table tuned by [`crate::Communicator::tune`]: loaded at start when the file
     /// exists and was tuned for this machine and layout, written by `tune` (`TPCOMM_TUNE_FILE`).

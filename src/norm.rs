@@ -393,7 +393,9 @@ impl Communicator {
 
     /// Whether the dispatch fuses a call of `len` elements of `T` in rows of `hidden` (`true`:
     /// the fused kernel; `false`: allreduce then the norm kernel), with aligned buffers, in place
-    /// or not.
+    /// or not, that no peer reaches (plain device memory): buffers every peer reaches may also
+    /// take the fused two-shot at 5-8 ranks, which [`Communicator::last_norm_fused`] reports
+    /// after the call.
     ///
     /// # Errors
     /// As the call's dispatch would fail; [`Error::InvalidUsage`] before `init_device`.

@@ -196,6 +196,9 @@ pub struct DispatchTable {
     pub(crate) quick_min_bytes: usize,
     pub(crate) quick_max_bytes: usize,
     pub(crate) fused_norm_max_bytes: usize,
+    /// Within `fused_norm_max_bytes`: the fused one-shot's largest message under Auto
+    /// ([`fused_oneshot_max_bytes`]); the fused two-shot takes larger ones.
+    fused_oneshot_max_bytes: usize,
 }
 
 /// Largest host message (bytes per rank) reduced by one-shot for `world` ranks. One-shot makes
@@ -269,19 +272,31 @@ pub(crate) const fn quick_min_bytes(world: usize) -> usize {
     }
 }
 
-/// Largest message (bytes per rank) for which `all_reduce_add_rms_norm` runs the fused kernel
-/// (one-shot with the norm as its epilogue) rather than the allreduce and the norm kernel.
-/// Fusing saves a launch and a round trip of the sums through memory, but the fused kernel is
-/// a one-shot whose blocks take rows in turns: where two-shot wins the split path does. Measured
-/// on one H200 shared by all ranks, bf16, graphs, at `893c771` (bench/RESULTS.md, "Rows in
-/// registers ..."): at 2 ranks fused wins through 512 KiB at hidden 4096 and 8192, out of place
-/// and in place (split/fused 1.15-1.47 at 512 KiB) and loses at 1 MiB (0.90 at hidden 4096); at
-/// 4 and 8 ranks it wins through 256 KiB (1.08-1.49) and loses in place at 512 KiB (4 ranks
-/// 0.98 at hidden 4096; 8 ranks 0.97 at 4096, 0.98 at 8192). 3 ranks takes the 4-rank limit
-/// (not measured). One limit serves both forms.
-pub(crate) const fn fused_norm_max_bytes(world: usize) -> usize {
-    if world <= 2 {
-        512 << 10
+/// Largest message (bytes per rank) `all_reduce_add_rms_norm` runs fused by default (one kernel:
+/// the fused one-shot up to [`fused_oneshot_max_bytes`], the fused two-shot above it where every
+/// peer reaches the input and norm_out); larger messages run the allreduce and then the norm
+/// kernel. Measured on one H200 shared by all ranks, bf16, graphs, hidden 4096 and 8192, at
+/// `2b8f02b` (bench/RESULTS.md, "Fused two-shot"; sweeps to 2 MiB): the fused kernel the rule
+/// below picks beats the split path at every size through 2 MiB at 2, 4 and 8 ranks, in place
+/// and not (split/fused 1.06-1.54); above 2 MiB it was not measured with these kernels (at
+/// `15f7f26` the fused kernels lost at 4 MiB at 2 and 8 ranks and at 8 MiB at 4). 3 and 5-7
+/// ranks follow 4 and 8 (not measured).
+pub(crate) const fn fused_norm_max_bytes(_world: usize) -> usize {
+    2 << 20
+}
+
+/// Largest message the fused one-shot takes under [`Fusion::Auto`] (within
+/// [`fused_norm_max_bytes`]); above it, at 5-8 ranks, the fused two-shot serves buffers every
+/// peer reaches, and other calls split. At `2b8f02b` (64 blocks of rows; bench/RESULTS.md, "Fused
+/// two-shot"): at 2 and 4 ranks the one-shot beats both the split path and the fused two-shot at
+/// every size through 2 MiB (4 ranks hidden 4096, 2 MiB: 14.11 / 14.93 us out of place / in place
+/// against the two-shot's 16.04 / 16.18 and split's 18.43 / 18.10); at 8 ranks, where the shared
+/// device leaves it 33 blocks, it ties the two-shot at 256 KiB (10.87 / 10.66 against 10.96 /
+/// 11.11 at hidden 4096, 9.82 / 10.32 against 9.74 / 9.74 at 8192) and loses from 512 KiB
+/// (14.55 / 14.70 against 12.94 / 13.06; split 14.58 / 14.68).
+pub(crate) const fn fused_oneshot_max_bytes(world: usize) -> usize {
+    if world <= 4 {
+        2 << 20
     } else {
         256 << 10
     }
@@ -305,6 +320,7 @@ impl DispatchTable {
             quick_min_bytes: config.quick_min_bytes.unwrap_or(quick_min_bytes(world_size)),
             quick_max_bytes: config.quick_max_bytes,
             fused_norm_max_bytes: config.fused_norm_max_bytes.unwrap_or(fused_norm_max_bytes(world_size)),
+            fused_oneshot_max_bytes: fused_oneshot_max_bytes(world_size),
         }
     }
 
@@ -331,6 +347,13 @@ impl DispatchTable {
     /// Largest message (bytes per rank) `all_reduce_add_rms_norm` fuses.
     pub fn fused_norm_max_bytes(&self) -> usize {
         self.fused_norm_max_bytes
+    }
+
+    /// Largest message (bytes per rank) `all_reduce_add_rms_norm` fuses into the one-shot (within
+    /// [`DispatchTable::fused_norm_max_bytes`]; larger ones take the fused two-shot where every
+    /// peer reaches the input and norm_out, and split elsewhere).
+    pub fn fused_oneshot_max_bytes(&self) -> usize {
+        self.fused_oneshot_max_bytes.min(self.fused_norm_max_bytes)
     }
 
     /// The host algorithm for `len` elements of `dtype`, or the forced one.
@@ -385,44 +408,72 @@ impl DispatchTable {
         }
     }
 
-    /// The plan of `all_reduce_add_rms_norm`: the fused kernel where it serves and
-    /// `fused_norm_max_bytes` (or [`Fusion::Fused`]) says so, else `plan` and the norm step.
+    /// The plan of `all_reduce_add_rms_norm`: the fused kernel where it serves and [`Fusion::Auto`]
+    /// (its limits) or [`Fusion::Fused`] says so, else `plan` and the norm step.
     fn with_norm(&self, mut plan: Plan, req: &Request, norm: NormRequest) -> Result<Plan> {
-        let fusable = self.fusable(req);
-        let fuse = match norm.fusion {
-            Fusion::Split => false,
-            Fusion::Fused => match fusable {
-                Ok(()) => true,
+        let forced = req.forced.or(self.forced);
+        let algo = match norm.fusion {
+            Fusion::Split => None,
+            Fusion::Fused => match self.fused_algo(req, forced) {
+                Ok(algo) => Some(algo),
                 Err(why) => return Err(Error::usage("the fused allreduce + RMSNorm (Fusion::Fused)", why)),
             },
-            Fusion::Auto => fusable.is_ok() && req.bytes() <= self.fused_norm_max_bytes,
+            Fusion::Auto => self.auto_fused(req, forced),
         };
-        if fuse {
-            let op = Op::ReduceAddRmsNorm { algo: Algo::OneShot, group: Group::Node };
-            return Ok(Plan { algo: Algo::OneShot, steps: vec![Step { op, range: 0..req.len }], reason: "fused" });
+        if let Some(algo) = algo {
+            let op = Op::ReduceAddRmsNorm { algo, group: Group::Node };
+            return Ok(Plan { algo, steps: vec![Step { op, range: 0..req.len }], reason: "fused" });
         }
         plan.steps.push(Step { op: Op::AddRmsNorm, range: 0..req.len });
         Ok(plan)
     }
 
-    /// Why the fused kernel (one-shot on the custom backend) cannot serve `req`, if it cannot.
-    fn fusable(&self, req: &Request) -> std::result::Result<(), String> {
+    /// The fused kernel [`Fusion::Auto`] runs for `req`, if any: within `fused_norm_max_bytes`,
+    /// the fused one-shot up to [`fused_oneshot_max_bytes`], the fused two-shot above it where
+    /// every peer reaches the buffers; a forced allreduce keeps its own algorithm (one-shot
+    /// within its limit, two-shot where it can serve).
+    fn auto_fused(&self, req: &Request, forced: Option<Algo>) -> Option<Algo> {
+        let bytes = req.bytes();
+        if bytes > self.fused_norm_max_bytes {
+            return None;
+        }
+        let one_shot = bytes <= self.fused_oneshot_max_bytes;
+        let algo = match forced {
+            None | Some(Algo::OneShot) if one_shot => Algo::OneShot,
+            None if req.peer_rows => Algo::TwoShot,
+            Some(Algo::TwoShot) => Algo::TwoShot,
+            _ => return None,
+        };
+        self.fused_algo(req, forced.or(Some(algo))).ok().filter(|_| forced.is_some() || self.quick_for(req).is_none())
+    }
+
+    /// The fused kernel that serves `req` with the allreduce `algo` (`None`: one-shot), or why
+    /// none can.
+    fn fused_algo(&self, req: &Request, algo: Option<Algo>) -> std::result::Result<Algo, String> {
         let s = req.shape;
-        match req.forced.or(self.forced) {
+        match algo {
             _ if s.world == 1 => Err("one rank: the allreduce is a copy".into()),
             _ if s.nodes > 1 => Err(format!("the ranks span {} nodes", s.nodes)),
             _ if !req.caps.has(BackendKind::Custom, Group::Node) => {
                 Err(format!("the custom kernels are not available: {}", req.caps.why_missing(BackendKind::Custom)))
             }
             _ if !req.aligned => Err("the pointers are not 16-byte aligned".into()),
+            // The fused two-shot stores each reduced piece into every rank's norm_out: no
+            // staging, no scratch, any size, but only where every peer reaches both buffers.
+            Some(Algo::TwoShot) if req.peer_rows => Ok(Algo::TwoShot),
+            Some(Algo::TwoShot) => Err("the fused two-shot writes every rank's norm_out, so the input and norm_out \
+                                        must lie in buffers every peer reaches (alloc_shared, or a captured graph)"
+                .into()),
             _ if req.bytes() > self.custom_max_bytes => {
                 Err(format!("{} bytes exceed TPCOMM_CUSTOM_MAX_BYTES ({})", req.bytes(), self.custom_max_bytes))
             }
-            Some(algo) if algo != Algo::OneShot => {
-                Err(format!("the allreduce is forced to {algo}, and the fused kernel is {}", Algo::OneShot))
-            }
+            Some(algo) if algo != Algo::OneShot => Err(format!(
+                "the allreduce is forced to {algo}, and the fused kernels are {} and {}",
+                Algo::OneShot,
+                Algo::TwoShot
+            )),
             None if self.quick_for(req).is_some() => Err("TPCOMM_QUICK serves this size".into()),
-            _ => Ok(()),
+            _ => Ok(Algo::OneShot),
         }
     }
 
@@ -669,9 +720,14 @@ impl fmt::Display for DispatchTable {
         writeln!(f, "# device memory: bytes <= {:>10}: {}", self.custom_max_bytes, Algo::TwoShot)?;
         writeln!(
             f,
-            "# device memory: bytes <= {:>10}: allreduce + RMSNorm fused ({} with the norm), larger: split",
+            "# device memory: bytes <= {:>10}: allreduce + RMSNorm fused ({} with the norm up to {}{}), larger: split",
             self.fused_norm_max_bytes,
-            Algo::OneShot
+            Algo::OneShot,
+            self.fused_oneshot_max_bytes(),
+            match self.fused_oneshot_max_bytes() < self.fused_norm_max_bytes {
+                true => format!(", {} above it where every peer reaches the buffers", Algo::TwoShot),
+                false => String::new(),
+            },
         )?;
         if let (Some(codec), false) = (self.quick, self.deterministic) {
             writeln!(
@@ -1074,8 +1130,9 @@ mod tests {
         let c = all();
         for world in [2, 4, 8] {
             let t = table(Config::default(), world);
-            let limit = fused_norm_max_bytes(world);
-            assert_eq!(t.fused_norm_max_bytes(), limit);
+            // Buffers no peer reaches: the fused one-shot up to its limit.
+            let limit = fused_oneshot_max_bytes(world);
+            assert_eq!(t.fused_norm_max_bytes(), fused_norm_max_bytes(world));
             for local_rank in [0, world - 1] {
                 let s = Shape::one_node(world, local_rank);
                 for in_place in [false, true] {
@@ -1098,18 +1155,35 @@ mod tests {
             let mut want = one(Algo::Nccl, Group::World, 32 << 20);
             want.push(Step { op: Op::AddRmsNorm, range: 0..32 << 20 });
             assert_eq!(split.steps, want);
-            let above = t.device(&norm_req(&c, limit + 16, s, Fusion::Auto)).unwrap();
-            // One-shot's own limit is above the fused one at 2 and 4 ranks, below it at 8.
-            let want = if world == 8 { Algo::TwoShot } else { Algo::OneShot };
-            assert_eq!(above.algo, want, "world {world}");
+            let above = norm_req(&c, limit + 16, s, Fusion::Auto);
+            let plain = t.device(&Request { norm: None, ..above }).unwrap();
+            assert_eq!(t.device(&above).unwrap().algo, plain.algo, "world {world}");
             // Forced fused, the limit does not apply (the IPC limit does).
             assert_fused(&t.device(&norm_req(&c, 8 << 20, s, Fusion::Fused)).unwrap(), 4 << 20, "fused at 8 MiB");
+            // Buffers every peer reaches: the fused one-shot up to its limit, the fused two-shot
+            // above it through the fused limit (at 8 ranks; at 2 and 4 the one-shot's limit is
+            // the whole limit).
+            let max = fused_norm_max_bytes(world);
+            let reach = |bytes| Request { peer_rows: true, ..norm_req(&c, bytes, s, Fusion::Auto) };
+            let two = Op::ReduceAddRmsNorm { algo: Algo::TwoShot, group: Group::Node };
+            for bytes in [16, 4096, limit, limit + 16, max - 16, max, max + 16] {
+                let what = format!("world {world}, reachable: {bytes} bytes");
+                if bytes > max {
+                    assert_split(&t, &reach(bytes), &what);
+                } else if bytes <= limit {
+                    assert_fused(&t.device(&reach(bytes)).unwrap(), bytes / 2, &what);
+                } else {
+                    let p = t.device(&reach(bytes)).unwrap();
+                    assert_eq!((p.algo, p.steps), (Algo::TwoShot, vec![Step { op: two, range: 0..bytes / 2 }]));
+                }
+            }
+            assert_eq!(world == 8, limit < max, "world {world}: the one-shot's limit is the whole limit at 2-4 ranks");
         }
         // Other element types: the limit is in bytes.
         let t = table(Config::default(), 4);
         let s = Shape::one_node(4, 0);
         let f32s = |bytes: usize| Request { len: bytes / 4, dtype: DType::F32, ..norm_req(&c, 0, s, Fusion::Auto) };
-        let lim = fused_norm_max_bytes(4);
+        let lim = fused_oneshot_max_bytes(4);
         assert_fused(&t.device(&f32s(lim)).unwrap(), lim / 4, "f32 at the limit");
         assert_split(&t, &f32s(lim + 16), "f32 above the limit");
     }
@@ -1143,6 +1217,46 @@ mod tests {
         assert_eq!(p.steps.len(), 5, "{p:?}");
         let p = table(Config::default(), 4).device(&norm_req(&c, 4096, Shape::one_node(4, 0), Fusion::Split)).unwrap();
         assert_eq!(p.steps, vec![one(Algo::Lamport, Group::Node, 2048)[0].clone(), norm]);
+    }
+
+    #[test]
+    fn forced_two_shot_fuses_only_where_every_peer_reaches_the_buffers() {
+        let c = all();
+        let s = Shape::one_node(4, 0);
+        let t = table(Config::default(), 4);
+        let two = Op::ReduceAddRmsNorm { algo: Algo::TwoShot, group: Group::Node };
+        for (bytes, auto_fuses) in [(4096, true), (t.fused_norm_max_bytes() + 16, false), (4 << 20, false)] {
+            let len = bytes / 2;
+            for env in [false, true] {
+                let (t, forced) = if env {
+                    (table(Config { algo: Some(Algo::TwoShot), ..Config::default() }, 4), None)
+                } else {
+                    (table(Config::default(), 4), Some(Algo::TwoShot))
+                };
+                let what = format!("{bytes} bytes, two-shot forced (TPCOMM_ALGO: {env})");
+                // Buffers every peer reaches: the fused two-shot at any size when asked for,
+                // and under Auto up to the fused limit.
+                let reach = Request { forced, peer_rows: true, ..norm_req(&c, bytes, s, Fusion::Fused) };
+                let p = t.device(&reach).unwrap_or_else(|e| panic!("{what}: {e}"));
+                assert_eq!((p.algo, p.steps.clone()), (Algo::TwoShot, vec![Step { op: two, range: 0..len }]));
+                let auto = Request { norm: Some(NormRequest { hidden: 4096, fusion: Fusion::Auto }), ..reach };
+                if auto_fuses {
+                    assert_eq!(t.device(&auto).unwrap().steps, p.steps, "{what}, Auto");
+                } else {
+                    assert_split(&t, &auto, &format!("{what}, Auto"));
+                }
+                // Elsewhere refused, saying why; Auto splits.
+                let r = Request { forced, ..norm_req(&c, bytes, s, Fusion::Auto) };
+                assert_split(&t, &r, &format!("{what}, unreachable"));
+                assert_refused(&t, &r, "every peer reaches", &format!("{what}, unreachable"));
+            }
+        }
+        // Every layout refusal comes first.
+        let reach = Request { forced: Some(Algo::TwoShot), peer_rows: true, ..norm_req(&c, 4096, s, Fusion::Auto) };
+        let nodes = Shape { world: 4, nodes: 2, local_rank: 0, ranks_per_node: 2, min_ranks_per_node: 2 };
+        assert_refused(&t, &Request { shape: nodes, ..reach }, "2 nodes", "two nodes");
+        let misaligned = Request { aligned: false, ..reach };
+        assert!(matches!(t.device(&misaligned), Err(Error::InvalidArgument { .. })), "misaligned");
     }
 
     #[test]
@@ -1187,8 +1301,8 @@ mod tests {
         assert_eq!((no_nccl.algo, no_nccl.steps.len()), (Algo::Chunked, 33), "32 chunks, then the norm");
         assert_eq!(t.device(&norm_req(&c, (8 << 20) + 16, s, Fusion::Auto)).unwrap().algo, Algo::Nccl);
         assert_refused(&t, &norm_req(&c, (8 << 20) + 16, s, Fusion::Auto), "TPCOMM_CUSTOM_MAX_BYTES", "over 8 MiB");
-        // The allreduce forced (per call or by TPCOMM_ALGO) to anything but one-shot.
-        for algo in [Algo::Packet, Algo::Lamport, Algo::PacketTwoPhase, Algo::TwoShot, Algo::Chunked, Algo::Nccl] {
+        // The allreduce forced (per call or by TPCOMM_ALGO) to anything but one-shot or two-shot.
+        for algo in [Algo::Packet, Algo::Lamport, Algo::PacketTwoPhase, Algo::Chunked, Algo::Nccl] {
             let r = Request { forced: Some(algo), ..norm_req(&c, 4096, s, Fusion::Auto) };
             assert_split(&t, &r, &format!("forced {algo}"));
             assert_eq!(t.device(&r).unwrap().algo, algo);
@@ -1210,7 +1324,7 @@ mod tests {
             };
             let r = |bytes, fusion| Request { forced, ..norm_req(&c, bytes, s, fusion) };
             assert_fused(&t.device(&r(4096, Fusion::Auto)).unwrap(), 2048, "forced one-shot");
-            let lim = fused_norm_max_bytes(4);
+            let lim = fused_oneshot_max_bytes(4);
             assert_fused(&t.device(&r(lim, Fusion::Auto)).unwrap(), lim / 2, "forced one-shot at the limit");
             let above = r(lim + 16, Fusion::Auto);
             assert_split(&t, &above, "forced one-shot above the limit");
@@ -1247,13 +1361,13 @@ mod tests {
         let c = all();
         let s = Shape::one_node(4, 0);
         let t = table(Config { deterministic: true, ..Config::default() }, 4);
-        let lim = fused_norm_max_bytes(4);
+        let lim = fused_oneshot_max_bytes(4);
         for bytes in [16, 4096, lim] {
             assert_fused(&t.device(&norm_req(&c, bytes, s, Fusion::Auto)).unwrap(), bytes / 2, "deterministic");
         }
         let above = norm_req(&c, lim + 16, s, Fusion::Auto);
         assert_split(&t, &above, "deterministic, above the fused limit");
-        assert_eq!(t.device(&above).unwrap().algo, Algo::OneShot);
+        assert_eq!(t.device(&above).unwrap().algo, Algo::TwoShot);
         let huge = norm_req(&c, 64 << 20, s, Fusion::Auto);
         assert_split(&t, &huge, "deterministic, over the IPC limit");
         assert_eq!(t.device(&huge).unwrap().algo, Algo::Chunked, "never NCCL");
@@ -1269,9 +1383,11 @@ mod tests {
             assert_eq!(t.fused_norm_max_bytes(), 0);
             let s = Shape::one_node(world, 0);
             for bytes in [16, 4096, 64 << 10, 1 << 20] {
-                for in_place in [false, true] {
-                    let r = Request { in_place, ..norm_req(&c, bytes, s, Fusion::Auto) };
-                    assert_split(&t, &r, &format!("world {world}, limit 0: {bytes} bytes in place {in_place}"));
+                for (in_place, peer_rows) in [(false, false), (true, false), (false, true), (true, true)] {
+                    let r = Request { in_place, peer_rows, ..norm_req(&c, bytes, s, Fusion::Auto) };
+                    let what =
+                        format!("world {world}, limit 0: {bytes} bytes in place {in_place} reachable {peer_rows}");
+                    assert_split(&t, &r, &what);
                 }
             }
             // The limit is Auto's: the kernel can still be asked for.

@@ -58,14 +58,18 @@ pub(crate) fn meta_size() -> usize {
 /// (the threads of the seed's 36 blocks of 512 on H100), before the shared-device cap.
 pub(crate) const DEFAULT_MAX_BLOCKS: usize = 72;
 
-/// Block limit of the fused one-shot + RMSNorm, whose blocks have [`protocol::THREADS`] threads
-/// (one block per row), before the shared-device cap.
-const NORM_MAX_BLOCKS: usize = 36;
+/// Block limit of the fused kernels (one-shot or two-shot + RMSNorm), whose blocks have
+/// [`protocol::THREADS`] threads (one block per row), before each kernel's shared-device cap.
+/// 64 against 36 (the seed's grid) on one H200 under MPS, bf16, graphs (bench/RESULTS.md, "Fused
+/// two-shot"): the fused one-shot's blocks take fewer rows each, 2 ranks 64 tokens of 4096 5.86 ->
+/// 4.65 us, 4 ranks 128 tokens 13.02 -> 9.12; fewer rows than 36 unchanged. The shared device's
+/// cap is below 64 for the fused kernels at 5-8 ranks.
+const NORM_MAX_BLOCKS: usize = 64;
 
 /// Threads per block of `kernel`'s launches.
 fn block_threads(kernel: Kernel) -> usize {
     match kernel {
-        Kernel::OneShotNorm => protocol::THREADS,
+        Kernel::OneShotNorm | Kernel::TwoShotNorm => protocol::THREADS,
         Kernel::OneShot | Kernel::TwoShot | Kernel::TwoShotDirect => protocol::AR_THREADS,
     }
 }
@@ -85,7 +89,7 @@ fn large_grid_bytes(kernel: Kernel) -> usize {
         Kernel::OneShot => 2 << 20,
         Kernel::TwoShot => 4 << 20,
         Kernel::TwoShotDirect => 8 << 20,
-        Kernel::OneShotNorm => usize::MAX,
+        Kernel::OneShotNorm | Kernel::TwoShotNorm => usize::MAX,
     }
 }
 
@@ -110,7 +114,7 @@ fn small_grid_kernel(kernel: Kernel, world: usize) -> bool {
     match kernel {
         Kernel::TwoShot | Kernel::TwoShotDirect => world >= 3,
         Kernel::OneShot => world >= 4,
-        Kernel::OneShotNorm => false,
+        Kernel::OneShotNorm | Kernel::TwoShotNorm => false,
     }
 }
 
@@ -126,11 +130,15 @@ enum Kernel {
     /// Two-shot whose owner of each shard stores it straight into every rank's output (no
     /// scratch): serves [`Algo::TwoShot`] when every rank's input and output are named in rows.
     TwoShotDirect,
+    /// The direct two-shot by pieces of rows with residual add + RMSNorm as its epilogue (calls
+    /// carrying a norm whose input and norm_out every rank reaches).
+    TwoShotNorm,
 }
 
 impl Kernel {
     /// Every kernel, in the order of their index into per-kernel tables (`kernel as usize`).
-    const ALL: [Kernel; 4] = [Kernel::OneShot, Kernel::OneShotNorm, Kernel::TwoShot, Kernel::TwoShotDirect];
+    const ALL: [Kernel; 5] =
+        [Kernel::OneShot, Kernel::OneShotNorm, Kernel::TwoShot, Kernel::TwoShotDirect, Kernel::TwoShotNorm];
 
     fn of(algo: Algo) -> Result<Self> {
         match algo {
@@ -146,6 +154,7 @@ impl Kernel {
             Kernel::OneShotNorm => "oneshot_norm",
             Kernel::TwoShot => "twoshot",
             Kernel::TwoShotDirect => "twoshot_direct",
+            Kernel::TwoShotNorm => "twoshot_norm",
         }
     }
 }
@@ -541,6 +550,7 @@ impl DeviceBackend for CustomAllreduce {
         const OP: &str = "custom all_reduce";
         let kernel = match (Kernel::of(algo)?, call.norm) {
             (Kernel::OneShot, Some(_)) => Kernel::OneShotNorm,
+            (Kernel::TwoShot, Some(_)) => Kernel::TwoShotNorm,
             (k, None) => k,
             (k, Some(_)) => return Err(Error::Internal(format!("the norm cannot be fused into {}", k.name()))),
         };
@@ -578,12 +588,24 @@ impl DeviceBackend for CustomAllreduce {
         // The fused kernel's blocks own whole rows: one block per row, as many as allowed.
         let norm = call.norm.unwrap_or_default();
         let rows = call.len / norm.hidden.max(1);
-        let norm_blocks = rows.clamp(1, self.norm_max_blocks);
+        let norm_blocks = match kernel {
+            Kernel::TwoShotNorm => rows.clamp(1, self.norm_max_blocks.min(self.caps[kernel as usize])),
+            _ => rows.clamp(1, self.norm_max_blocks),
+        };
         let late = kernel == Kernel::OneShotNorm
             && in_place
             && !unreadable
             && rows.div_ceil(norm_blocks) <= protocol::NORM_LATE_ROWS;
         let stage = unreadable || (in_place && !late);
+        let unreachable = || Error::Unsupported {
+            what: "the fused two-shot allreduce + RMSNorm".into(),
+            reason: "it writes every rank's norm_out: the input and norm_out must lie in buffers every peer reaches \
+                     (alloc_shared, or a captured graph)"
+                .into(),
+        };
+        if kernel == Kernel::TwoShotNorm && stage {
+            return Err(unreachable());
+        }
         let max_bytes = self.max_bytes;
         let too_big =
             || Error::invalid(OP, format!("{bytes} bytes exceed the {max_bytes} bytes of the staging/scratch buffers"));
@@ -600,9 +622,12 @@ impl DeviceBackend for CustomAllreduce {
         // Two-shot stores the reduced shards straight into every rank's output when a row names
         // them all; a staged input's row names staging buffers, never the outputs.
         let direct = match kernel {
-            Kernel::TwoShot if !stage => self.output_row(call, row, in_offset)?,
+            Kernel::TwoShot | Kernel::TwoShotNorm if !stage => self.output_row(call, row, in_offset)?,
             _ => None,
         };
+        if kernel == Kernel::TwoShotNorm && direct.is_none() {
+            return Err(unreachable());
+        }
         // Only the direct two-shot needs neither staging nor scratch: any size.
         if kernel == Kernel::TwoShot && direct.is_none() && bytes > max_bytes {
             return Err(too_big());
@@ -610,7 +635,7 @@ impl DeviceBackend for CustomAllreduce {
         if call.capture.is_some() {
             self.record_call((row, direct.map(|d| d.0)));
         }
-        let kernel = if direct.is_some() { Kernel::TwoShotDirect } else { kernel };
+        let kernel = if kernel == Kernel::TwoShot && direct.is_some() { Kernel::TwoShotDirect } else { kernel };
         let (out_row, out_offset) = direct.unwrap_or((row, 0));
         if stage {
             // SAFETY: both ranges are device memory of `bytes` bytes (caller's contract, and
@@ -622,7 +647,7 @@ impl DeviceBackend for CustomAllreduce {
         let threads = block_threads(kernel);
         let blocks = match kernel {
             Kernel::OneShot => grid_blocks(nvec, threads, limit),
-            Kernel::OneShotNorm => norm_blocks,
+            Kernel::OneShotNorm | Kernel::TwoShotNorm => norm_blocks,
             Kernel::TwoShot | Kernel::TwoShotDirect => grid_blocks(nvec.div_ceil(self.world), threads, limit),
         };
         let func =

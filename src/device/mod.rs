@@ -190,7 +190,8 @@ impl DeviceComm {
         table.device(&Request { len, dtype, shape, caps: &self.set.caps, aligned, in_place, forced, peer_rows, norm })
     }
 
-    /// Enqueue one allreduce.
+    /// Enqueue one allreduce; returns the algorithm that served it and whether its norm (if it
+    /// carries one) was fused into it.
     ///
     /// # Safety
     /// `call`'s addresses are valid for `call.len` elements of `call.dtype` in the memory its
@@ -204,7 +205,7 @@ impl DeviceComm {
         boot: &Bootstrap,
         table: &DispatchTable,
         call: &DeviceCall,
-    ) -> Result<Algo> {
+    ) -> Result<(Algo, bool)> {
         self.release_graphs();
         // Errors of earlier device work come first: nothing new is enqueued after a failure.
         self.poll()?;
@@ -256,7 +257,7 @@ impl DeviceComm {
         if self.sync_calls && cuda_stream.is_some() {
             self.synchronize(call.stream)?;
         }
-        Ok(plan.algo)
+        Ok((plan.algo, plan.fused()))
     }
 
     /// One flag to and from every peer (a packet call of no data): the floor of any cross-rank

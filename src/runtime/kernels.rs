@@ -47,7 +47,7 @@ pub(crate) const CUSTOM: Family = Family {
         include_str!("../../kernels/rms_norm.cuh"),
         include_str!("../../kernels/custom_allreduce.cu")
     ),
-    algos: &["oneshot", "oneshot_norm", "twoshot", "twoshot_direct"],
+    algos: &["oneshot", "oneshot_norm", "twoshot", "twoshot_direct", "twoshot_norm"],
     defines: super::protocol::defines,
 };
 
@@ -182,7 +182,10 @@ mod tests {
                 "twoshot_bf16",
                 "twoshot_direct_f32",
                 "twoshot_direct_f16",
-                "twoshot_direct_bf16"
+                "twoshot_direct_bf16",
+                "twoshot_norm_f32",
+                "twoshot_norm_f16",
+                "twoshot_norm_bf16"
             ]
         );
         assert_eq!(entry("lamport", DType::F64), None);
