@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU benchmark of record: allreduce_perf on device memory for several rank counts sharing the
 # visible GPU(s) through MPS (started here, one server per run, stopped after), CUDA graphs of 10
-# calls and eager calls, bf16, 4 KiB..8 MiB, then the fused allreduce + RMSNorm sweep (hidden
-# 4096 and 8192), every run under `timeout`. Logs go to $OUT when set
+# calls and eager calls, bf16, 4 KiB..8 MiB, then the fused allreduce + RMSNorm sweeps (hidden
+# 4096 and 8192, one-shot and two-shot, to 2 MiB), every run under `timeout`. Logs go to $OUT when set
 # (the device machine's output folder), else ./gpu-bench-logs; a summary of every table is
 # printed last.
 #
@@ -48,10 +48,12 @@ done
 for n in $RANKS; do
     run eager "$n" -d bfloat16 -b 4K -e 8M -f 8 -n 30 -w 3 "$@"
 done
-# The fused allreduce + RMSNorm against the split path, hidden 4096 and 8192.
+# The fused allreduce + RMSNorm against the split path, hidden 4096 and 8192: the fused one-shot,
+# then the fused two-shot (what the dispatch takes above 256 KiB at 5-8 ranks).
 for n in $RANKS; do
     for hidden in 4096 8192; do
-        run fused-norm "$n" -d bfloat16 -n 20 -w 3 -G 10 --fused-norm "$hidden"
+        run fused-norm "$n" -d bfloat16 -n 20 -w 3 -G 10 -e 2M --fused-norm "$hidden"
+        run fused-norm-twoshot "$n" -d bfloat16 -n 20 -w 3 -G 10 -e 2M --fused-norm "$hidden" --algo twoshot
     done
 done
 grep -E "^===|^ +[0-9]|Out of bounds|rror" "$log"
