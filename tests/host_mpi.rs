@@ -670,9 +670,10 @@ fn norm_once<T: Element>(
 /// for bf16, f16 and f32, rows of 8, 128 and 4104 elements, 1, 3 and 17 tokens, each fusion
 /// choice, in place and not, both outputs bit for bit the reference's (the allreduce's exact sum
 /// of the plan in force, then `add_rms_norm_reference`). Auto fuses exactly where the layout and
-/// the limits allow it (asserted through `norm_is_fused`); `Fusion::Fused` elsewhere is refused
-/// on every rank and leaves the communicator usable, as f64 does; bad shapes are refused with
-/// InvalidArgument (which fails the group, so they come last, each on a fresh communicator).
+/// the limits allow it (asserted through `norm_is_fused` before the call and `last_norm_fused`
+/// after it); `Fusion::Fused` elsewhere is refused on every rank and leaves the communicator
+/// usable, as f64 does; bad shapes are refused with InvalidArgument (which fails the group, so
+/// they come last, each on a fresh communicator).
 fn mock_norm(comm: &Communicator, world: &World) -> Result<String, String> {
     comm.init_device().map_err(|e| format!("init_device: {e}"))?;
     let start = Instant::now();
@@ -774,6 +775,18 @@ fn mock_norm_for<T: Element<Acc = f32>>(comm: &Communicator, proved: &mut bool) 
                     res.map_err(|e| format!("{what}: {e}"))?;
                     if !intact {
                         return Err(format!("{what}: the call wrote its input or residual"));
+                    }
+                    // The path taken is reported after the call.
+                    let want_fused = match fusion {
+                        Fusion::Fused => true,
+                        Fusion::Split => false,
+                        Fusion::Auto => algo.is_none() && auto_fused,
+                    };
+                    if comm.last_norm_fused() != Some(want_fused) {
+                        return Err(format!(
+                            "{what}: last_norm_fused {:?}, expected {want_fused}",
+                            comm.last_norm_fused()
+                        ));
                     }
                     let sum: Vec<T> = if hier {
                         expected_hierarchical_sum(seed, &rank_to_node, len)
