@@ -616,6 +616,9 @@ impl DispatchTable {
         }
         let limit = match info.backend {
             Some(BackendKind::Packet) => Some((self.packet_buffer_bytes, "TPCOMM_PACKET_BUFFER_BYTES")),
+            // The direct two-shot needs neither staging nor scratch where every peer reaches the
+            // buffers: any size, as the unforced dispatch takes it above the limit.
+            Some(BackendKind::Custom) if algo == Algo::TwoShot && req.peer_rows => None,
             Some(BackendKind::Custom) => Some((self.custom_max_bytes, "TPCOMM_CUSTOM_MAX_BYTES")),
             Some(BackendKind::Quick) => Some((self.quick_max_bytes, "TPCOMM_QUICK_MAX_BYTES")),
             _ => None,
@@ -1251,6 +1254,15 @@ mod tests {
                 assert_refused(&t, &r, "every peer reaches", &format!("{what}, unreachable"));
             }
         }
+        // Beyond the staging size too, where every peer reaches the buffers (forced plain
+        // two-shot likewise); elsewhere the limit stands.
+        let big = Request { forced: Some(Algo::TwoShot), peer_rows: true, ..norm_req(&c, 64 << 20, s, Fusion::Fused) };
+        let p = t.device(&big).unwrap();
+        assert_eq!((p.algo, p.steps), (Algo::TwoShot, vec![Step { op: two, range: 0..32 << 20 }]));
+        let plain = t.device(&Request { norm: None, ..big }).unwrap();
+        assert_eq!(plain.steps, one(Algo::TwoShot, Group::Node, 32 << 20));
+        let staged = Request { peer_rows: false, norm: None, ..big };
+        assert!(matches!(t.device(&staged), Err(Error::InvalidUsage { .. })), "forced two-shot over the limit, staged");
         // Every layout refusal comes first.
         let reach = Request { forced: Some(Algo::TwoShot), peer_rows: true, ..norm_req(&c, 4096, s, Fusion::Auto) };
         let nodes = Shape { world: 4, nodes: 2, local_rank: 0, ranks_per_node: 2, min_ranks_per_node: 2 };
