@@ -107,6 +107,102 @@ pub fn compile_every_kernel(arch: (i32, i32)) -> Vec<(String, usize, Result<usiz
     out
 }
 
+/// What ptxas reports for one kernel entry: registers per thread and local memory (stack frame
+/// and spills, bytes). A row of a rank-data table indexed at run time, or too small a register
+/// budget, shows up here as stack or spills.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelResources {
+    pub family: String,
+    pub world: usize,
+    pub entry: String,
+    pub registers: u32,
+    pub stack_bytes: u32,
+    pub spill_stores: u32,
+    pub spill_loads: u32,
+}
+
+/// Compile `family` (every family when `None`) for each world size in `worlds` for `sm_{arch}`
+/// with `--ptxas-options=-v`, and read every entry's resources from the log.
+///
+/// # Errors
+/// [`crate::Error::InvalidArgument`] for an unknown family; [`crate::Error::Compile`] from NVRTC;
+/// [`crate::Error::Internal`] when an entry's report cannot be read from the log.
+#[cfg(not(feature = "rocm"))]
+pub fn kernel_resources(arch: (i32, i32), family: Option<&str>, worlds: &[usize]) -> Result<Vec<KernelResources>> {
+    use crate::runtime::cuda::module_cache;
+    use crate::runtime::kernels;
+    let families: Vec<_> = kernels::FAMILIES.iter().filter(|f| family.is_none_or(|name| f.name == name)).collect();
+    if families.is_empty() {
+        let names: Vec<&str> = kernels::FAMILIES.iter().map(|f| f.name).collect();
+        return Err(crate::Error::invalid("kernel_resources", format!("no family {family:?}; one of {names:?}")));
+    }
+    let mut out = Vec::new();
+    for f in families {
+        for &world in worlds {
+            let mut opts = (f.defines)(world);
+            opts.push("--ptxas-options=-v".into());
+            let (_, log) = module_cache::compile_with_log(f.name, f.source, &opts, arch)?;
+            let found = parse_ptxas_log(&log, f.name, world)?;
+            if let Some(e) = f.entries().into_iter().find(|e| !found.iter().any(|k| &k.entry == e)) {
+                return Err(crate::Error::Internal(format!(
+                    "ptxas reported nothing for {e} ({}, world {world})",
+                    f.name
+                )));
+            }
+            out.extend(found);
+        }
+    }
+    Ok(out)
+}
+
+/// The entries of one ptxas `-v` log: "Compiling entry function 'E'" opens an entry, "N bytes
+/// stack frame, S bytes spill stores, L bytes spill loads" (after "Function properties for E")
+/// and "Used R registers" describe it.
+#[cfg(not(feature = "rocm"))]
+fn parse_ptxas_log(log: &str, family: &str, world: usize) -> Result<Vec<KernelResources>> {
+    let number_before = |line: &str, unit: &str| -> Option<u32> {
+        let head = &line[..line.find(unit)?];
+        head.split(|c: char| !c.is_ascii_digit()).rfind(|w| !w.is_empty())?.parse().ok()
+    };
+    let mut out: Vec<KernelResources> = Vec::new();
+    // "Function properties for F" precedes F's stack line; F may be a non-inlined device function.
+    let mut props_of_entry = false;
+    for line in log.lines() {
+        if let Some(rest) = line.split("Function properties for ").nth(1) {
+            props_of_entry = out.last().is_some_and(|k| k.entry == rest.trim());
+            continue;
+        }
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            let entry = rest.split('\'').next().unwrap_or_default().to_string();
+            out.push(KernelResources {
+                family: family.to_string(),
+                world,
+                entry,
+                registers: 0,
+                stack_bytes: 0,
+                spill_stores: 0,
+                spill_loads: 0,
+            });
+            continue;
+        }
+        let Some(cur) = out.last_mut() else { continue };
+        if line.contains("bytes stack frame") && props_of_entry {
+            cur.stack_bytes = number_before(line, "bytes stack frame").unwrap_or(0);
+            cur.spill_stores = number_before(line, "bytes spill stores").unwrap_or(0);
+            cur.spill_loads = number_before(line, "bytes spill loads").unwrap_or(0);
+        } else if line.contains("registers") {
+            cur.registers = number_before(line, "registers").unwrap_or(0);
+        }
+    }
+    match out.iter().find(|k| k.registers == 0) {
+        Some(k) => Err(crate::Error::Internal(format!(
+            "ptxas reported no registers for {} ({family}, world {world})",
+            k.entry
+        ))),
+        None => Ok(out),
+    }
+}
+
 /// Compile the custom family without its protocol defines (must fail, naming them).
 #[cfg(not(feature = "rocm"))]
 pub fn compile_without_defines() -> Result<usize> {

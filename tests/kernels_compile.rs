@@ -53,6 +53,7 @@ fn main() {
         "every kernel compiles for sm_100",
         "the kernels need sm_80 (sm_75 is refused)",
         "missing protocol defines are a compile error with the log",
+        "ptxas reports every entry's registers and local memory (sm_90)",
     ];
     let mut t = Tally { passed: 0, failed: 0, skipped: 0 };
     if !testing::nvrtc_present() {
@@ -86,6 +87,13 @@ fn main() {
             Ok(_) => Err("compiled without its defines".into()),
         };
         t.check(checks[4], r);
+        // The report `examples/kernel_resources` prints: every entry of every family and world.
+        let r = match testing::kernel_resources((9, 0), None, &[1, 2, 3, 4, 5, 6, 7, 8]) {
+            Ok(rows) if rows.len() > 100 && rows.iter().all(|k| k.registers > 0) => Ok(()),
+            Ok(rows) => Err(format!("{} entries reported, some without registers", rows.len())),
+            Err(e) => Err(e.to_string()),
+        };
+        t.check(checks[5], r);
     }
     println!("kernels_compile: {} passed, {} failed, {} skipped", t.passed, t.failed, t.skipped);
     if t.failed > 0 {

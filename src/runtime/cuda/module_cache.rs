@@ -43,6 +43,15 @@ pub fn nvrtc_version() -> Result<(i32, i32)> {
 /// # Errors
 /// [`Error::Compile`] with the options and the log when NVRTC rejects the program.
 pub fn compile_cubin(name: &str, src: &str, options: &[String], arch: (i32, i32)) -> Result<Vec<u8>> {
+    compile_with_log(name, src, options, arch).map(|(bin, _)| bin)
+}
+
+/// As [`compile_cubin`], also returning NVRTC's log (with `--ptxas-options=-v` among `options`
+/// it holds ptxas's resource usage of every entry).
+///
+/// # Errors
+/// As [`compile_cubin`].
+pub fn compile_with_log(name: &str, src: &str, options: &[String], arch: (i32, i32)) -> Result<(Vec<u8>, String)> {
     let fail = |what: &str, e: &dyn std::fmt::Debug, log: &str| Error::Compile {
         kernel: name.to_string(),
         log: format!("{what}: {e:?}\noptions: {}\n{log}", options.join(" ")),
@@ -69,7 +78,7 @@ pub fn compile_cubin(name: &str, src: &str, options: &[String], arch: (i32, i32)
                         let mut bin = vec![0u8; size];
                         match nvrtc_sys::nvrtcGetCUBIN(prog, bin.as_mut_ptr().cast()).result() {
                             Err(e) => Err(fail("nvrtcGetCUBIN", &e, &log)),
-                            Ok(()) => Ok(bin),
+                            Ok(()) => Ok((bin, log)),
                         }
                     }
                 }
