@@ -25,11 +25,16 @@
 //! (a row of zeros with `eps = 0` gives NaN, as `x * rsqrt(0)` does).
 //!
 //! ## Paths
-//! The dispatch either runs the fused kernel (one-shot with the norm as its epilogue: every
-//! block owns whole rows, one kernel for the whole op) or the split path (the call's ordinary
-//! allreduce into `norm_out`, then tpcomm's own add + norm kernel): fused where it measured
-//! faster, split above its size limit, across nodes, through NCCL and on one rank. Both paths
-//! give the bits above. [`CallOptions::norm`] forces one.
+//! The dispatch either runs a fused kernel, one kernel for the whole op, or the split path (the
+//! call's ordinary allreduce into `norm_out`, then tpcomm's own add + norm kernel). The fused
+//! kernels: the one-shot with the norm as its epilogue (every block owns whole rows), and the
+//! two-shot by pieces of rows (rank s reduces piece s of every row and stores the sum into every
+//! rank's `norm_out`, then each rank finishes its rows), which needs an input and `norm_out` every
+//! peer reaches (registered, or captured under a registration). Fused where it measured faster
+//! (the one-shot up to 2 MiB at 2-4 ranks and 256 KiB at 5-8, the two-shot above it at 5-8 ranks,
+//! within `TPCOMM_FUSED_NORM_MAX_BYTES`), split elsewhere, across nodes, through NCCL and on one
+//! rank. Every path gives the bits above. [`CallOptions::norm`] forces one;
+//! [`Communicator::last_norm_fused`] says which one the last call took.
 //!
 //! ## Buffers
 //! `input`, `residual`, `norm_out` and `residual_out` have `tokens * hidden` elements, `weight`
