@@ -67,8 +67,8 @@ pub struct Config {
     /// `all_reduce_add_rms_norm` fuses messages up to this many bytes
     /// (`TPCOMM_FUSED_NORM_MAX_BYTES`; `None` keeps the default, 2 MiB). Within it the fused
     /// one-shot takes up to 2 MiB at 2-4 ranks and 256 KiB at 5-8, the fused two-shot larger ones
-    /// where every peer reaches the input and norm_out (registered or captured buffers); other
-    /// calls split.
+    /// (and at 5-8 ranks in place rows of 16 KiB or more) where every peer reaches the input and
+    /// norm_out (registered or captured buffers); other calls split.
     pub fused_norm_max_bytes: Option<usize>,
     /// A dispatch table tuned by [`crate::Communicator::tune`]: loaded at start when the file
     /// exists and was tuned for this machine and layout, written by `tune` (`TPCOMM_TUNE_FILE`).

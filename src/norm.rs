@@ -31,8 +31,9 @@
 //! two-shot by pieces of rows (rank s reduces piece s of every row and stores the sum into every
 //! rank's `norm_out`, then each rank finishes its rows), which needs an input and `norm_out` every
 //! peer reaches (registered, or captured under a registration). Fused where it measured faster
-//! (the one-shot up to 2 MiB at 2-4 ranks and 256 KiB at 5-8, the two-shot above it at 5-8 ranks,
-//! within `TPCOMM_FUSED_NORM_MAX_BYTES`), split elsewhere, across nodes, through NCCL and on one
+//! (the one-shot up to 2 MiB at 2-4 ranks and 256 KiB at 5-8, the two-shot above it at 5-8 ranks
+//! and there in place on rows of 16 KiB or more, within `TPCOMM_FUSED_NORM_MAX_BYTES`), split
+//! elsewhere, across nodes, through NCCL and on one
 //! rank. Every path gives the bits above. [`CallOptions::norm`] forces one;
 //! [`Communicator::last_norm_fused`] says which one the last call took.
 //!

@@ -302,6 +302,24 @@ pub(crate) const fn fused_oneshot_max_bytes(world: usize) -> usize {
     }
 }
 
+/// Rows of at least this many bytes take the fused two-shot in place under [`Fusion::Auto`] at
+/// every size within the fused limit (where every peer reaches the buffers): the fused one-shot
+/// in place writes norm_out only after its end barrier, and at 8 ranks its blocks read every
+/// rank's whole row. At `2b8f02b` (bench/RESULTS.md, "Fused two-shot"), 8 ranks, in place, the
+/// two-shot against the one-shot: hidden 8192 bf16 (16 KiB rows) 1 / 2 / 4 / 8 / 16 tokens 8.65 /
+/// 8.77 / 8.99 / 9.22 / 9.74 us against 9.06 / 9.02 / 9.27 / 9.54 / 10.32; hidden 4096 (8 KiB)
+/// 8.04 / 8.17 / 8.48 / 8.99 / 9.26 against 7.26 / 7.22 / 7.44 / 7.82 / 8.49 (the one-shot wins).
+/// Out of place the two are within 0.2 us at 16 KiB rows, so out of place keeps the byte rule.
+/// 2-4 ranks: never (the one-shot wins there at every size through 2 MiB); 5-7 ranks follow 8
+/// (not measured).
+pub(crate) const fn fused_twoshot_in_place_row_bytes(world: usize) -> usize {
+    if world <= 4 {
+        usize::MAX
+    } else {
+        16 << 10
+    }
+}
+
 impl DispatchTable {
     /// The table for a configuration and a world size.
     pub(crate) fn new(config: &Config, world_size: usize) -> Self {
@@ -418,7 +436,7 @@ impl DispatchTable {
                 Ok(algo) => Some(algo),
                 Err(why) => return Err(Error::usage("the fused allreduce + RMSNorm (Fusion::Fused)", why)),
             },
-            Fusion::Auto => self.auto_fused(req, forced),
+            Fusion::Auto => self.auto_fused(req, norm.hidden, forced),
         };
         if let Some(algo) = algo {
             let op = Op::ReduceAddRmsNorm { algo, group: Group::Node };
@@ -428,19 +446,21 @@ impl DispatchTable {
         Ok(plan)
     }
 
-    /// The fused kernel [`Fusion::Auto`] runs for `req`, if any: within `fused_norm_max_bytes`,
-    /// the fused one-shot up to [`fused_oneshot_max_bytes`], the fused two-shot above it where
-    /// every peer reaches the buffers; a forced allreduce keeps its own algorithm (one-shot
-    /// within its limit, two-shot where it can serve).
-    fn auto_fused(&self, req: &Request, forced: Option<Algo>) -> Option<Algo> {
+    /// The fused kernel [`Fusion::Auto`] runs for `req` (rows of `hidden`), if any: within
+    /// `fused_norm_max_bytes`, the fused one-shot up to [`fused_oneshot_max_bytes`], the fused
+    /// two-shot above it, and in place on rows of [`fused_twoshot_in_place_row_bytes`], where every
+    /// peer reaches the buffers; a forced allreduce keeps its own algorithm (one-shot within its
+    /// limit, two-shot where it can serve).
+    fn auto_fused(&self, req: &Request, hidden: usize, forced: Option<Algo>) -> Option<Algo> {
         let bytes = req.bytes();
         if bytes > self.fused_norm_max_bytes {
             return None;
         }
         let one_shot = bytes <= self.fused_oneshot_max_bytes;
+        let long_rows = req.in_place && hidden * req.dtype.size() >= fused_twoshot_in_place_row_bytes(req.shape.world);
         let algo = match forced {
+            None if req.peer_rows && (!one_shot || long_rows) => Algo::TwoShot,
             None | Some(Algo::OneShot) if one_shot => Algo::OneShot,
-            None if req.peer_rows => Algo::TwoShot,
             Some(Algo::TwoShot) => Algo::TwoShot,
             _ => return None,
         };
@@ -1220,6 +1240,32 @@ mod tests {
         assert_eq!(p.steps.len(), 5, "{p:?}");
         let p = table(Config::default(), 4).device(&norm_req(&c, 4096, Shape::one_node(4, 0), Fusion::Split)).unwrap();
         assert_eq!(p.steps, vec![one(Algo::Lamport, Group::Node, 2048)[0].clone(), norm]);
+    }
+
+    #[test]
+    fn long_rows_in_place_take_the_fused_two_shot_at_5_to_8_ranks() {
+        let c = all();
+        let two = |p: &Plan| p.fused() && p.algo == Algo::TwoShot;
+        for world in [2, 4, 5, 8] {
+            let t = table(Config::default(), world);
+            let s = Shape::one_node(world, 0);
+            for (hidden, bytes) in [(8192, 16 << 10), (8192, 256 << 10), (4096, 16 << 10), (16384, 64 << 10)] {
+                let r = |in_place, peer_rows| Request {
+                    in_place,
+                    peer_rows,
+                    norm: Some(NormRequest { hidden, fusion: Fusion::Auto }),
+                    ..req(&c, bytes, s)
+                };
+                let long = hidden * 2 >= 16 << 10 && world >= 5;
+                let what = format!("world {world}, hidden {hidden}, {bytes} bytes");
+                assert_eq!(two(&t.device(&r(true, true)).unwrap()), long, "{what}, in place, reachable");
+                // Out of place, or buffers no peer reaches: the byte rule's one-shot.
+                for (in_place, peer_rows) in [(false, true), (true, false), (false, false)] {
+                    let p = t.device(&r(in_place, peer_rows)).unwrap();
+                    assert_fused(&p, bytes / 2, &format!("{what}, in place {in_place}, reachable {peer_rows}"));
+                }
+            }
+        }
     }
 
     #[test]
