@@ -218,7 +218,8 @@ pub(crate) struct CustomAllreduce {
     world: usize,
     funcs: HashMap<(Kernel, DType), Function>,
     max_blocks: usize,
-    /// The fused kernel's grid limit ([`NORM_MAX_BLOCKS`]; `max_blocks` when the user set it).
+    /// The fused kernels' grid limit ([`NORM_MAX_BLOCKS`]; `max_blocks` when the user set it),
+    /// within the fused one-shot's cap (each launch also takes its own kernel's cap).
     norm_max_blocks: usize,
     /// The grid limit of large calls (`max_blocks` when the user set it).
     large_blocks: usize,
@@ -585,13 +586,11 @@ impl DeviceBackend for CustomAllreduce {
         // fused kernel instead writes its output after the end barrier (`late`) where each block
         // can hold its rows' norms that long.
         let in_place = call.input == call.output && matches!(kernel, Kernel::OneShot | Kernel::OneShotNorm);
-        // The fused kernel's blocks own whole rows: one block per row, as many as allowed.
+        // The fused kernels' blocks own whole rows: one block per row, as many as the limit and
+        // the kernel's own shared-device cap allow.
         let norm = call.norm.unwrap_or_default();
         let rows = call.len / norm.hidden.max(1);
-        let norm_blocks = match kernel {
-            Kernel::TwoShotNorm => rows.clamp(1, self.norm_max_blocks.min(self.caps[kernel as usize])),
-            _ => rows.clamp(1, self.norm_max_blocks),
-        };
+        let norm_blocks = rows.clamp(1, self.norm_max_blocks.min(self.caps[kernel as usize]));
         let late = kernel == Kernel::OneShotNorm
             && in_place
             && !unreadable
