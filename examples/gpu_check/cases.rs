@@ -321,19 +321,24 @@ pub fn local_bad_arguments(world: &World, config: &Config, tally: &mut Tally) ->
     Ok(())
 }
 
+/// How [`skipped_call`] makes its calls.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum SkipForm {
+    /// Out of place on pool memory.
+    OutOfPlace,
+    /// In place on a buffer from `alloc_shared` (two-shot then stores into the peers' buffers
+    /// directly).
+    InPlaceRegistered,
+    /// `all_reduce_add_rms_norm` fused into `algo` (one-shot or two-shot), in place on a buffer
+    /// from `alloc_shared`, rows of 128.
+    FusedNorm,
+}
+
 /// A rank that skips a call of `algo`: the others learn it from `synchronize` (the kernels time
 /// out and record it) as PeerTimeout naming it, within the timeout; the skipping rank's next
 /// call, made after that, must be an error and never pair with what its peers abandoned (the
-/// silent wrong result the LL and Lamport paths once gave). `in_place_registered` runs the calls
-/// in place on a buffer from `alloc_shared` (two-shot then stores into the peers' buffers
-/// directly) instead of out of place on pool memory.
-pub fn skipped_call(
-    world: &World,
-    config: &Config,
-    algo: Algo,
-    in_place_registered: bool,
-    tally: &mut Tally,
-) -> Result<()> {
+/// silent wrong result the LL and Lamport paths once gave). `form` says how the calls are made.
+pub fn skipped_call(world: &World, config: &Config, algo: Algo, form: SkipForm, tally: &mut Tally) -> Result<()> {
     let n = world.size() as usize;
     let rank = world.rank() as usize;
     let cfg = Config { timeout: Duration::from_millis(1500), ..config.clone() };
@@ -344,12 +349,24 @@ pub fn skipped_call(
     let inp = s.alloc_zeros::<f32>(4096)?;
     let mut out = s.alloc_zeros::<f32>(4096)?;
     let mut shared = comm.alloc_shared::<f32>(4096)?;
-    let opts = CallOptions::algo(algo);
-    let mut call = || match in_place_registered {
-        true => comm.all_reduce_in_place_with(&opts, &mut shared, &s),
-        false => comm.all_reduce_with(&opts, &inp, &mut out, &s),
+    let mut residual = s.alloc_zeros::<f32>(4096)?;
+    let weight = s.clone_htod(&[1.0f32; 128])?;
+    let opts = match form {
+        SkipForm::FusedNorm => CallOptions { algo: Some(algo), norm: tpcomm::Fusion::Fused, ..Default::default() },
+        _ => CallOptions::algo(algo),
     };
-    let algo = if in_place_registered { format!("{algo}, in place, registered") } else { algo.to_string() };
+    let mut call = || match form {
+        SkipForm::OutOfPlace => comm.all_reduce_with(&opts, &inp, &mut out, &s),
+        SkipForm::InPlaceRegistered => comm.all_reduce_in_place_with(&opts, &mut shared, &s),
+        SkipForm::FusedNorm => {
+            comm.all_reduce_add_rms_norm_in_place_with(&opts, &mut shared, &mut residual, &weight, 1e-6, &s)
+        }
+    };
+    let algo = match form {
+        SkipForm::OutOfPlace => algo.to_string(),
+        SkipForm::InPlaceRegistered => format!("{algo}, in place, registered"),
+        SkipForm::FusedNorm => format!("{algo} + RMSNorm fused, in place, registered"),
+    };
     call()?;
     comm.synchronize(&s)?;
     let skipper = n - 1;

@@ -24,8 +24,8 @@
 //! - refusals every rank makes alike (oversize forced calls, f64, `copy` with several ranks),
 //!   after which the communicator still works; local bad arguments (misaligned, mismatched,
 //!   unregistered), which fail the group at once on every rank;
-//! - a rank that skips a call (the others: `PeerTimeout` from `synchronize`; the skipper's next
-//!   call: an error, never its peers' abandoned data), ranks capturing different numbers of calls
+//! - a rank that skips a call, plain or fused with the norm (the others: `PeerTimeout` from
+//!   `synchronize`; the skipper's next call: an error, never its peers' abandoned data), ranks capturing different numbers of calls
 //!   and ranks passing different lengths (`Error::Mismatch`);
 //! - NCCL: at world size 1, forced NCCL calls give the reference bits; with ranks sharing a GPU,
 //!   forcing NCCL gives `Error::Unsupported` naming the duplicate GPU on every rank; several
@@ -195,11 +195,11 @@ fn main() -> Result<()> {
     };
     if n > 1 {
         for algo in faults(Algo::QuickInt8) {
-            let r = cases::skipped_call(&world, &config, algo, false, &mut tally);
+            let r = cases::skipped_call(&world, &config, algo, cases::SkipForm::OutOfPlace, &mut tally);
             tally.step(&format!("timeout ({algo})"), r);
         }
         if only.is_none() {
-            let r = cases::skipped_call(&world, &config, Algo::TwoShot, true, &mut tally);
+            let r = cases::skipped_call(&world, &config, Algo::TwoShot, cases::SkipForm::InPlaceRegistered, &mut tally);
             tally.step("timeout (twoshot, in place, registered)", r);
         }
         if only.is_none() {
@@ -215,6 +215,11 @@ fn main() -> Result<()> {
         if only.is_none() || only.as_deref() == Some("norm") {
             let r = norm::hidden_mismatch(&world, &config, &mut tally);
             tally.step("norm: hidden mismatch", r);
+            // A rank skips a fused call, of either fused kernel.
+            for algo in [Algo::OneShot, Algo::TwoShot] {
+                let r = cases::skipped_call(&world, &config, algo, cases::SkipForm::FusedNorm, &mut tally);
+                tally.step(&format!("timeout ({algo} + RMSNorm fused)"), r);
+            }
         }
         if only.is_none() {
             for case in 0..4 {
