@@ -16,16 +16,14 @@
 //                   rank s's inbox, stage-1 slot [rank] (its own shard through its own inbox).
 //   mid barrier     (fenced) every contribution to our shard is in our inbox.
 //   phase 2         the owner decodes the WORLD contributions in rank order 0..WORLD-1, sums in
-//                   fp32, re-encodes its reduced shard once and stores it into its own inbox's
-//                   stage-2 slot.
-//   gather barrier  (fenced) every owner's reduced shard is in its inbox.
-//   phase 3         every rank reads every reduced shard from its owner's inbox and decodes it
-//                   into its output: the same bytes on every rank, so every rank gets the same
-//                   bits.
+//                   fp32, re-encodes its reduced shard and stores it into every rank's inbox,
+//                   stage-2 slot [owner].
+//   gather barrier  (fenced) every reduced shard is in every inbox.
+//   phase 3         every rank decodes every reduced shard into its output: the same bytes on
+//                   every rank, so every rank gets the same bits.
 // Inputs are read only in phase 1 and the output written only in phase 3, so in place is safe.
-// No end barrier: every write into an inbox (a peer's stage 1 into ours, our stage 2 into our
-// own) comes after the next call's start barrier, which no rank enters before its phase 3 is
-// done.
+// No end barrier: a peer writes our inbox again only after the next call's start barrier,
+// which we enter only after phase 3 is done.
 //
 // A block handles the same groups in every phase on every rank (the same grid-stride formula
 // over the same grid): the per-block barriers order exactly the data each block exchanges.
@@ -254,8 +252,7 @@ __device__ __forceinline__ void group_shard(u64 groups, int r, u64* start, u64* 
 
 // ---------------------------------------------------------------------------------------------
 // inbox:  every rank's inbox; each holds stage 1 (WORLD slots, by source rank) then stage 2
-//         (one slot: the owner's encoded reduced shard), each slot `slot_bytes(ceil(groups /
-//         WORLD))`.
+//         (WORLD slots, by owner), each slot `slot_bytes(ceil(groups / WORLD))`.
 template <typename T, typename C>
 __device__ void quick(const Ptrs& sigs, const Ptrs& inbox, const char* in, char* out, int rank, u64 count,
                       u64 timeout_ns, u64* err, u32 tag, const Fault& fault) {
@@ -269,7 +266,6 @@ __device__ void quick(const Ptrs& sigs, const Ptrs& inbox, const char* in, char*
     const u32 mask = 0xfu << (threadIdx.x & 28);
     const u64 quad = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 2;
     const u64 quads = ((u64)gridDim.x * blockDim.x) >> 2;
-    // Stage 1 slot `index` (by source rank) or the stage-2 slot (stage 1, index 0) of `owner`'s inbox.
     const auto slot = [&](int owner, int stage, int index) {
         return Slot<C>{(char*)pick(inbox, owner) + (u64)(stage * TPCOMM_WORLD + index) * stride, per_slot};
     };
@@ -311,15 +307,17 @@ __device__ void quick(const Ptrs& sigs, const Ptrs& inbox, const char* in, char*
 #pragma unroll
         for (int i = 0; i < 8; i++)
             if (first + i >= count) acc[i] = 0.0f;
-        // Encoded once, stored into our own inbox: every rank reads it from there in phase 3.
-        store<C>(encode<C>(acc, mask), slot(rank, 1, 0), g, lane);
+        // Encoded once, stored into every rank's inbox.
+        const Encoded q = encode<C>(acc, mask);
+#pragma unroll 1
+        for (int p = 0; p < TPCOMM_WORLD; p++) store<C>(q, slot(p, 1, rank), g, lane);
     }
     if (!barrier<true>(self, sigs, rank, TPCOMM_BARRIER_GATHER, tag, timeout_ns, err, fault, &failed)) return;
-    // Phase 3: every reduced shard, from its owner's inbox, into our output.
+    // Phase 3: every reduced shard, from our own inbox, into our output.
 #pragma unroll 1
     for (int s = 0; s < TPCOMM_WORLD; s++) {
         group_shard(groups, s, &start, &len);
-        const Slot<C> src = slot(s, 1, 0);
+        const Slot<C> src = slot(rank, 1, s);
         for (u64 g0 = quad; g0 < len; g0 += quads * BATCH) {
             float y[BATCH][8];
 #pragma unroll

@@ -15,11 +15,10 @@
 //! - **signal** ([`protocol::signal_bytes`] for [`protocol::QUICK_MAX_BLOCKS`]): the barrier
 //!   mailboxes of `kernels/barrier.cuh`.
 //! - **inbox** ([`inbox_bytes`]): stage 1, one slot per source rank for the encoded
-//!   contributions to this rank's shard; stage 2, one slot for this rank's encoded reduced
-//!   shard, which every rank reads from here. Every call lays its slots out from its own length,
-//!   so calls of any size may follow each other and graphs need no registration: a kernel reads
-//!   only the caller's input and the inboxes, and writes only the caller's output and the
-//!   inboxes, whose addresses never change.
+//!   contributions to this rank's shard; stage 2, one slot per owner for the encoded reduced
+//!   shards. Every call lays its slots out from its own length, so calls of any size may
+//!   follow each other and graphs need no registration: a kernel reads only the caller's input,
+//!   writes only the caller's output and the peers' inboxes, whose addresses never change.
 //!
 //! Preconditions (as for every collective): all ranks make the same calls in the same order with
 //! the same length, dtype and codec (another call is [`Error::Mismatch`] through the barriers'
@@ -69,11 +68,11 @@ pub(crate) fn slot_bytes(codec: Codec, groups: usize) -> usize {
 }
 
 /// Bytes of one rank's inbox for messages up to `max_bytes` of 16-bit data (the most groups)
-/// among `world` ranks, in the widest codec: `world` slots of stage 1 and one of stage 2.
+/// among `world` ranks, in the widest codec: two stages of `world` slots.
 pub(crate) fn inbox_bytes(world: usize, max_bytes: usize) -> usize {
     let groups = (max_bytes / 2).div_ceil(GROUP);
     let widest = Codec::ALL.into_iter().map(|c| slot_bytes(c, groups.div_ceil(world))).max().unwrap_or(0);
-    (world + 1) * widest
+    2 * world * widest
 }
 
 /// Blocks for a call of `len` elements among `world` ranks: one quad of threads per group of
@@ -266,12 +265,12 @@ mod tests {
 
     #[test]
     fn inboxes_hold_the_largest_message_in_the_widest_codec() {
-        // 64 MiB of bf16: 2^20 groups; 8 ranks: 2^17 groups per slot of 36 bytes, 8 + 1 slots.
-        assert_eq!(inbox_bytes(8, 64 << 20), 9 * (1 << 17) * 36);
+        // 64 MiB of bf16: 2^20 groups; 8 ranks: 2^17 groups per slot of 36 bytes, 16 slots.
+        assert_eq!(inbox_bytes(8, 64 << 20), 16 * (1 << 17) * 36);
         assert_eq!(slot_bytes(Codec::Int4, 3), 64);
         assert_eq!(slot_bytes(Codec::Int6, 4), 112);
         // Uneven shards: the first shards are one group longer, and the slot holds them.
-        assert!(inbox_bytes(3, 4096) >= 4 * slot_bytes(Codec::Int8, (2048usize).div_ceil(32).div_ceil(3)));
+        assert!(inbox_bytes(3, 4096) >= 6 * slot_bytes(Codec::Int8, (2048usize).div_ceil(32).div_ceil(3)));
     }
 
     #[test]
