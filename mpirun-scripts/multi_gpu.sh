@@ -10,7 +10,10 @@
 #   4. deterministic mode against the default mode, 1 MiB..1 GiB;
 #   5. every quick codec against tpcomm's exact two-shot in the same run, 1..64 MiB, with its
 #      error columns (NCCL's times for the same sizes are in perf_graph_nccl: the INT4 target
-#      is at least 2x NCCL's bus bandwidth from 16 MiB on 8 GPUs).
+#      is at least 2x NCCL's bus bandwidth from 16 MiB on 8 GPUs). Built from commit 2264130
+#      instead, the same step measures the quick variant whose ranks read the reduced shards
+#      from their owners' inboxes (12-15% faster at 8 ranks on one shared GPU, where reads and
+#      writes of an inbox are local): keep it if it also wins across GPUs.
 # Every run is under `timeout`; logs go to $OUT (default ./multi-gpu-logs). On a machine with one
 # GPU it runs what fits (1 rank), which is the dry run of this script.
 #
